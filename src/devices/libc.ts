@@ -1,0 +1,126 @@
+// The few libc calls Bun does not expose, through bun:ffi: fallocate (hole punching and zero
+// ranges), lseek with SEEK_DATA/SEEK_HOLE (sparse extents), OFD byte-range locks (compatible with
+// QEMU's image locking) and sendfile. Each wrapper throws an Error with a `code` like Node's
+// (e.g. "EOPNOTSUPP") so errors map to NBD errnos in one place. If libc cannot be loaded, `libc`
+// is null and callers fall back to portable paths.
+import { dlopen, FFIType, read, ptr } from "bun:ffi";
+
+const ERRNO_NAMES: Record<number, string> = {
+  1: "EPERM", 2: "ENOENT", 5: "EIO", 6: "ENXIO", 9: "EBADF", 11: "EAGAIN", 12: "ENOMEM", 13: "EACCES",
+  16: "EBUSY", 22: "EINVAL", 27: "EFBIG", 28: "ENOSPC", 29: "ESPIPE", 30: "EROFS", 38: "ENOSYS",
+  75: "EOVERFLOW", 95: "EOPNOTSUPP", 122: "EDQUOT",
+};
+
+export const FALLOC_FL_KEEP_SIZE = 0x01;
+export const FALLOC_FL_PUNCH_HOLE = 0x02;
+export const FALLOC_FL_ZERO_RANGE = 0x10;
+const SEEK_DATA = 3;
+const SEEK_HOLE = 4;
+const F_OFD_GETLK = 36;
+const F_OFD_SETLK = 37;
+export const F_RDLCK = 0;
+export const F_WRLCK = 1;
+export const F_UNLCK = 2;
+
+type Lib = ReturnType<typeof load>;
+function load() {
+  return dlopen("libc.so.6", {
+    fallocate: { args: [FFIType.i32, FFIType.i32, FFIType.i64, FFIType.i64], returns: FFIType.i32 },
+    lseek: { args: [FFIType.i32, FFIType.i64, FFIType.i32], returns: FFIType.i64_fast },
+    fcntl: { args: [FFIType.i32, FFIType.i32, FFIType.ptr], returns: FFIType.i32 },
+    sendfile: { args: [FFIType.i32, FFIType.i32, FFIType.ptr, FFIType.u64], returns: FFIType.i64_fast },
+    __errno_location: { args: [], returns: FFIType.ptr },
+  }).symbols;
+}
+
+let lib: Lib | null = null;
+try {
+  lib = load();
+} catch {
+  lib = null;
+}
+export const haveLibc = lib !== null;
+
+function errno(): number {
+  return read.i32(lib!.__errno_location()!, 0);
+}
+
+export function errnoError(syscall: string, e: number, path?: string): Error {
+  const code = ERRNO_NAMES[e] ?? `E${e}`;
+  const err = new Error(`${syscall}${path ? ` ${path}` : ""}: ${code}`) as Error & { code: string; errno: number; syscall: string };
+  err.code = code;
+  err.errno = e;
+  err.syscall = syscall;
+  return err;
+}
+
+/** fallocate(2). Throws with code EOPNOTSUPP where the filesystem lacks the mode. */
+export function fallocate(fd: number, mode: number, offset: number, length: number): void {
+  if (!lib) throw errnoError("fallocate", 95);
+  if (lib.fallocate(fd, mode, offset, length) !== 0) throw errnoError("fallocate", errno());
+}
+
+/**
+ * lseek(2) with SEEK_DATA / SEEK_HOLE. Returns the offset found, or -1 when there is no more data
+ * (ENXIO past the last data). Throws on other errors (EINVAL: filesystem lacks support).
+ */
+export function seekData(fd: number, offset: number): number {
+  return seek(fd, offset, SEEK_DATA);
+}
+export function seekHole(fd: number, offset: number): number {
+  return seek(fd, offset, SEEK_HOLE);
+}
+function seek(fd: number, offset: number, whence: number): number {
+  if (!lib) throw errnoError("lseek", 22);
+  const r = Number(lib.lseek(fd, offset, whence));
+  if (r >= 0) return r;
+  const e = errno();
+  if (e === 6) return -1; // ENXIO
+  throw errnoError("lseek", e);
+}
+
+/** sendfile(2) from `inFd` at `offset` to `outFd`. Returns bytes sent (may be short), or -EAGAIN as -11. */
+const sendfileOffset = new BigInt64Array(1);
+export function sendfile(outFd: number, inFd: number, offset: number, count: number): number {
+  if (!lib) throw errnoError("sendfile", 38);
+  sendfileOffset[0] = BigInt(offset);
+  const r = Number(lib.sendfile(outFd, inFd, ptr(sendfileOffset), count));
+  if (r >= 0) return r;
+  const e = errno();
+  if (e === 11) return -11;
+  throw errnoError("sendfile", e);
+}
+
+// struct flock on x86_64/aarch64 Linux: short l_type, short l_whence, (pad), off_t l_start,
+// off_t l_len, pid_t l_pid (+pad) = 32 bytes.
+const flockBuf = new ArrayBuffer(32);
+const flockView = new DataView(flockBuf);
+const flockBytes = new Uint8Array(flockBuf);
+function setFlock(type: number, start: number, len: number): void {
+  flockBytes.fill(0);
+  flockView.setInt16(0, type, true);
+  flockView.setInt16(2, 0 /* SEEK_SET */, true);
+  flockView.setBigInt64(8, BigInt(start), true);
+  flockView.setBigInt64(16, BigInt(len), true);
+}
+
+/**
+ * Take (or release, with F_UNLCK) an open-file-description byte-range lock without waiting.
+ * Returns false if another open file description holds a conflicting lock.
+ */
+export function ofdLock(fd: number, type: number, start: number, len: number): boolean {
+  if (!lib) return true; // no libc: locking is best effort
+  setFlock(type, start, len);
+  if (lib.fcntl(fd, F_OFD_SETLK, ptr(flockBytes)) === 0) return true;
+  const e = errno();
+  if (e === 11 || e === 13) return false; // EAGAIN / EACCES: conflict
+  throw errnoError("fcntl(F_OFD_SETLK)", e);
+}
+
+/** Would a lock of `type` on the range conflict? Returns the conflicting lock type or F_UNLCK. */
+export function ofdTestLock(fd: number, type: number, start: number, len: number): number {
+  if (!lib) return F_UNLCK;
+  setFlock(type, start, len);
+  if (lib.fcntl(fd, F_OFD_GETLK, ptr(flockBytes)) !== 0) throw errnoError("fcntl(F_OFD_GETLK)", errno());
+  return flockView.getInt16(0, true);
+}

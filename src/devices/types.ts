@@ -1,0 +1,104 @@
+// The block device interface shared by plugins (which own bytes: raw file, memory, CD image) and
+// filters (which wrap another device: overlay, CD track view, offset). Shaped like nbdkit's
+// callbacks. Methods may complete synchronously (return void) or return a Promise; callers await
+// only when given a Promise (`isPromise`).
+//
+// Offsets and lengths are plain numbers (exact up to 2^53). Flags are our own internal bits (below),
+// translated from wire flags once, in dispatch.
+
+export type Maybe<T = void> = T | Promise<T>;
+
+/** Internal request flags (not wire values). */
+export const FUA = 1;        // make this write durable before completing
+export const MAY_TRIM = 2;   // zero(): the range may be deallocated (wire: NO_HOLE not set)
+export const FAST_ZERO = 4;  // zero(): fail with ENOTSUP unless zeroing is fast
+export const REQ_ONE = 8;    // extents(): one extent is enough
+
+export interface BlockSize {
+  /** Smallest addressable unit (power of two, 1..65536). */
+  minimum: number;
+  /** Preferred I/O size (power of two, >= max(minimum, 512)). */
+  preferred: number;
+  /** Largest payload accepted. */
+  maximum: number;
+}
+
+export interface Capabilities {
+  canWrite: boolean;
+  canFlush: boolean;
+  /** The device honours FUA itself; if false but canFlush, FUA is emulated with a flush. */
+  canFua: boolean;
+  canTrim: boolean;
+  /** The device has an efficient zero(); if false (and writable), zero is emulated with writes. */
+  canZero: boolean;
+  /** zero() with FAST_ZERO can succeed quickly (some ranges at least). */
+  canFastZero: boolean;
+  canCache: boolean;
+  /** extents() reports real allocation (otherwise everything is reported as data). */
+  canExtents: boolean;
+  /** A flush on one connection is visible to all (no per-connection cache). */
+  canMultiConn: boolean;
+  isRotational: boolean;
+}
+
+/** Extent type bits, the same as NBD_STATE_HOLE / NBD_STATE_ZERO of base:allocation. */
+export const EXTENT_HOLE = 1;
+export const EXTENT_ZERO = 2;
+
+/**
+ * Receives extents in increasing offset order. A device adds contiguous extents starting at (or
+ * before) the requested offset; the collector clips, merges neighbours with the same type and
+ * stops early when told.
+ */
+export interface ExtentSink {
+  /** Add [offset, offset+length) with `type` bits. Returns false when no more are wanted. */
+  add(offset: number, length: number, type: number): boolean;
+}
+
+/** An extra metadata context a device offers (e.g. "qemu:allocation-depth"). */
+export interface MetaContextProvider {
+  readonly name: string;
+  /** Like extents(), but `type` is the context's own 32-bit status value. */
+  extents(offset: number, length: number, flags: number, sink: ExtentSink): Maybe;
+}
+
+export interface BlockDevice {
+  /** Export size in bytes. Fixed while the device is open. */
+  size(): number;
+  /** Block size constraints; undefined means the defaults (1 / 4096 / 32 MiB). */
+  blockSize?(): BlockSize | undefined;
+  /** Asked once after open; the result is frozen by the checked wrapper. */
+  capabilities(): Capabilities;
+
+  pread(buf: Uint8Array, offset: number, flags: number): Maybe;
+  pwrite?(buf: Uint8Array, offset: number, flags: number): Maybe;
+  flush?(flags: number): Maybe;
+  trim?(offset: number, length: number, flags: number): Maybe;
+  zero?(offset: number, length: number, flags: number): Maybe;
+  extents?(offset: number, length: number, flags: number, sink: ExtentSink): Maybe;
+  cache?(offset: number, length: number, flags: number): Maybe;
+  /** Extra metadata contexts (base:allocation is always offered, from extents()). */
+  metaContexts?(): MetaContextProvider[];
+  /** Release files and resources. Called once at shutdown, after a final flush. */
+  close?(): Maybe;
+}
+
+/** An export as the server sees it: a name, a description and a device stack. */
+export interface ExportSpec {
+  name: string;
+  description?: string;
+  device: BlockDevice;
+}
+
+export function isPromise(x: unknown): x is Promise<unknown> {
+  return x !== undefined && x !== null && typeof (x as Promise<unknown>).then === "function";
+}
+
+/** Everything false except canWrite/canFlush as given; convenient base for plugins. */
+export function caps(partial: Partial<Capabilities>): Capabilities {
+  return {
+    canWrite: false, canFlush: false, canFua: false, canTrim: false, canZero: false,
+    canFastZero: false, canCache: false, canExtents: false, canMultiConn: true, isRotational: false,
+    ...partial,
+  };
+}
