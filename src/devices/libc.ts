@@ -29,6 +29,7 @@ function load() {
     lseek: { args: [FFIType.i32, FFIType.i64, FFIType.i32], returns: FFIType.i64_fast },
     fcntl: { args: [FFIType.i32, FFIType.i32, FFIType.ptr], returns: FFIType.i32 },
     sendfile: { args: [FFIType.i32, FFIType.i32, FFIType.ptr, FFIType.u64], returns: FFIType.i64_fast },
+    posix_fadvise: { args: [FFIType.i32, FFIType.i64, FFIType.i64, FFIType.i32], returns: FFIType.i32 },
     __errno_location: { args: [], returns: FFIType.ptr },
   }).symbols;
 }
@@ -77,6 +78,13 @@ function seek(fd: number, offset: number, whence: number): number {
   const e = errno();
   if (e === 6) return -1; // ENXIO
   throw errnoError("lseek", e);
+}
+
+/** posix_fadvise(POSIX_FADV_WILLNEED): start reading the range into the page cache, without waiting. */
+export function willNeed(fd: number, offset: number, length: number): void {
+  if (!lib) return;
+  const r = lib.posix_fadvise(fd, offset, length, 3);
+  if (r !== 0) throw errnoError("posix_fadvise", r);
 }
 
 /** sendfile(2) from `inFd` at `offset` to `outFd`. Returns bytes sent (may be short), or -EAGAIN as -11. */

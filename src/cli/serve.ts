@@ -1,0 +1,150 @@
+// `bun-nbd serve [options] FILE...`: parse flags, open exports, listen, print how to connect, and
+// shut down cleanly on SIGINT/SIGTERM. Wiring only.
+import { parseArgs } from "node:util";
+import { openExports } from "../devices/open.ts";
+import { createLogger } from "../server/log.ts";
+import { NbdServer } from "../server/server.ts";
+import { formatSize } from "./format.ts";
+import { VERSION } from "../version.ts";
+
+const HELP = `usage: bun-nbd serve [options] FILE...
+
+Serve disk images over NBD. Each FILE becomes an export named after the file without its
+extension (disk.img -> "disk"); the first one is also the default export "".
+Raw images (.img, .raw, anything else) are served byte for byte; CD images (.cue, .ccd, or a
+lone raw-sector .bin/.img) as cooked and raw track views.
+
+options:
+  -p, --port PORT      TCP port (default 10809; 0 picks a free one)
+  -b, --bind ADDR      address to listen on (default 127.0.0.1; repeatable, e.g. -b ::1).
+                       Only loopback is served by default: to serve other hosts, bind their
+                       interface address (or 0.0.0.0 / ::) and mind that NBD has no authentication.
+  -k, --socket PATH    listen on a unix socket (TCP is then off unless -p or -b is given too)
+  -r, --read-only      export read-only (files are opened read-only)
+  -n, --name NAME      export name (one FILE only)
+  -o, --overlay FILE   send every write to this qcow2 overlay (created if missing); FILE is the
+                       base image and is never modified
+  -s, --snapshot       like --overlay with a temporary overlay that is deleted at exit
+      --compat         create overlays with standard L2 entries (for QEMU older than 5.2)
+  -v, --verbose        log every request (debug)
+  -q, --quiet          log only warnings and errors
+  -h, --help           this help
+  -V, --version        print the version
+
+Connect with, for example:
+  qemu-system-x86_64 -drive file=nbd://127.0.0.1:10809/NAME,format=raw
+  nbdinfo nbd://127.0.0.1:10809/NAME
+  nbd-client 127.0.0.1 10809 /dev/nbd0 -N NAME`;
+
+export async function main(argv: string[]): Promise<number> {
+  let args;
+  try {
+    args = parseArgs({
+      args: argv,
+      allowPositionals: true,
+      options: {
+        port: { type: "string", short: "p" },
+        bind: { type: "string", short: "b", multiple: true },
+        socket: { type: "string", short: "k" },
+        "read-only": { type: "boolean", short: "r" },
+        name: { type: "string", short: "n" },
+        overlay: { type: "string", short: "o" },
+        snapshot: { type: "boolean", short: "s" },
+        compat: { type: "boolean" },
+        verbose: { type: "boolean", short: "v" },
+        quiet: { type: "boolean", short: "q" },
+        help: { type: "boolean", short: "h" },
+        version: { type: "boolean", short: "V" },
+      },
+    });
+  } catch (e) {
+    console.error(`bun-nbd serve: ${(e as Error).message}\n(see bun-nbd serve --help)`);
+    return 2;
+  }
+  const o = args.values;
+  if (o.help) { console.log(HELP); return 0; }
+  if (o.version) { console.log(VERSION); return 0; }
+  if (args.positionals.length === 0) {
+    console.error("bun-nbd serve: no FILE given (see bun-nbd serve --help)");
+    return 2;
+  }
+  let port = 10809;
+  if (o.port !== undefined) {
+    port = Number(o.port);
+    if (!/^\d+$/.test(o.port) || port > 65535) {
+      console.error(`bun-nbd serve: invalid port "${o.port}"`);
+      return 2;
+    }
+  }
+  if (o.overlay && o.snapshot) {
+    console.error("bun-nbd serve: --overlay and --snapshot cannot be used together");
+    return 2;
+  }
+  const useTcp = !o.socket || o.port !== undefined || o.bind !== undefined;
+  const binds = o.bind ?? ["127.0.0.1"];
+  const log = createLogger(o.verbose ? "debug" : o.quiet ? "warn" : "info");
+
+  let specs;
+  try {
+    specs = await openExports(args.positionals, {
+      readOnly: o["read-only"], name: o.name, overlay: o.overlay, snapshot: o.snapshot, compat: o.compat,
+      log: (m) => log.warn(m),
+    });
+  } catch (e) {
+    console.error(`bun-nbd serve: ${(e as Error).message}`);
+    return 1;
+  }
+
+  let server: NbdServer;
+  try {
+    server = new NbdServer(specs, { readOnly: o["read-only"], log });
+  } catch (e) {
+    console.error(`bun-nbd serve: ${(e as Error).message}`);
+    for (const s of specs) await s.device.close?.();
+    return 1;
+  }
+  const uris: string[][] = [];
+  try {
+    if (useTcp) {
+      for (const host of binds) {
+        const { port: bound } = server.listenTcp(host, port);
+        port = bound; // with -p 0, every address uses the port the first one got
+        const h = host.includes(":") ? `[${host}]` : host;
+        uris.push(server.exports.map((e) => `nbd://${h}:${bound}/${encodeURIComponent(e.name)}`));
+      }
+    }
+    if (o.socket) {
+      server.listenUnix(o.socket);
+      uris.push(server.exports.map((e) => `nbd+unix:///${encodeURIComponent(e.name)}?socket=${o.socket}`));
+    }
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    const msg = code === "EADDRINUSE" ? `port ${port} is already in use (choose another with -p)`
+      : code === "EADDRNOTAVAIL" ? `cannot bind ${binds.join(", ")}: no such local address`
+      : code === "EACCES" ? `permission denied listening on port ${port}` : (e as Error).message;
+    console.error(`bun-nbd serve: ${msg}`);
+    await server.close(0);
+    return 1;
+  }
+
+  const w = Math.max(...server.exports.map((e) => e.name.length));
+  console.log(`bun-nbd ${VERSION}: serving ${server.exports.length} export${server.exports.length > 1 ? "s" : ""}`);
+  server.exports.forEach((e, i) => {
+    const mode = e.caps.canWrite ? "read-write" : "read-only";
+    const where = uris.map((u) => u[i]).join("  ");
+    console.log(`  ${e.name.padEnd(w)}  ${formatSize(e.size).padStart(9)}  ${mode.padEnd(10)}  ${where}${i === 0 ? "  (default export)" : ""}`);
+  });
+  console.log("Ready. Press Ctrl-C to stop.");
+
+  return await new Promise<number>((resolve) => {
+    let stopping = false;
+    const stop = (sig: string) => {
+      if (stopping) return;
+      stopping = true;
+      log.info(`${sig}: finishing in-flight requests and closing`);
+      server.close().then(() => resolve(0), (e: Error) => { log.error(e.message); resolve(1); });
+    };
+    process.on("SIGINT", () => stop("SIGINT"));
+    process.on("SIGTERM", () => stop("SIGTERM"));
+  });
+}

@@ -1,0 +1,201 @@
+// The raw image file plugin: a regular file exported byte for byte. Reads and writes are
+// synchronous positional I/O (fs.readSync/writeSync: 0.6 µs for a page-cached 4 KiB read against
+// 32 µs for an awaited FileHandle.read, see DESIGN.md). FLUSH and FUA use fdatasync; TRIM punches
+// holes; WRITE_ZEROES uses FALLOC_FL_ZERO_RANGE or hole punching, with a write fallback; extents
+// come from SEEK_DATA/SEEK_HOLE.
+import fs from "node:fs";
+import { enotsup } from "../protocol/errors.ts";
+import {
+  fallocate, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, haveLibc, seekData, seekHole, willNeed,
+} from "./libc.ts";
+import {
+  type BlockDevice, type Capabilities, type ExtentSink, caps, EXTENT_HOLE, EXTENT_ZERO, FAST_ZERO, FUA, MAY_TRIM,
+} from "./types.ts";
+
+const ZERO_CHUNK = 1024 * 1024;
+
+export class RawFile implements BlockDevice {
+  readonly path: string;
+  readonly fd: number;
+  readonly readOnly: boolean;
+  private readonly bytes: number;
+  private canPunch = haveLibc;
+  private canZeroRange = haveLibc;
+  private canSeekHoles = haveLibc;
+  private closed = false;
+
+  private constructor(path: string, fd: number, size: number, readOnly: boolean) {
+    this.path = path;
+    this.fd = fd;
+    this.bytes = size;
+    this.readOnly = readOnly;
+  }
+
+  /** Open a regular file (read-only with `readOnly`). Throws a clear Error if it is missing or unreadable. */
+  static open(path: string, opts: { readOnly?: boolean } = {}): RawFile {
+    const readOnly = opts.readOnly ?? false;
+    let fd: number;
+    try {
+      fd = fs.openSync(path, readOnly ? "r" : "r+");
+    } catch (e) {
+      const code = (e as NodeJS.ErrnoException).code;
+      const why = code === "ENOENT" ? "no such file" : code === "EACCES" ? "permission denied"
+        : code === "EISDIR" ? "is a directory" : code === "EROFS" ? "read-only file system (use -r)" : String(code ?? e);
+      throw new Error(`cannot open ${path}: ${why}`);
+    }
+    const st = fs.fstatSync(fd);
+    if (st.isDirectory()) {
+      fs.closeSync(fd);
+      throw new Error(`cannot open ${path}: is a directory`);
+    }
+    let size = st.size;
+    if (st.isBlockDevice()) {
+      // fstat reports 0 for block devices; the end of the device is where lseek(SEEK_END) lands.
+      size = blockDeviceSize(fd);
+    }
+    return new RawFile(path, fd, size, readOnly);
+  }
+
+  size(): number { return this.bytes; }
+
+  capabilities(): Capabilities {
+    return caps({
+      canWrite: !this.readOnly, canFlush: !this.readOnly, canFua: !this.readOnly,
+      canTrim: !this.readOnly, canZero: !this.readOnly, canFastZero: !this.readOnly && haveLibc,
+      canCache: true, canExtents: haveLibc, canMultiConn: true,
+    });
+  }
+
+  pread(buf: Uint8Array, offset: number): void {
+    let done = 0;
+    while (done < buf.length) {
+      const n = fs.readSync(this.fd, buf, done, buf.length - done, offset + done);
+      if (n === 0) {
+        // Past the end of file (the file shrank under us): the rest reads as zeros.
+        buf.fill(0, done);
+        return;
+      }
+      done += n;
+    }
+  }
+
+  pwrite(buf: Uint8Array, offset: number, flags: number): void {
+    let done = 0;
+    while (done < buf.length) {
+      done += fs.writeSync(this.fd, buf, done, buf.length - done, offset + done);
+    }
+    if (flags & FUA) fs.fdatasyncSync(this.fd);
+  }
+
+  flush(): void {
+    fs.fdatasyncSync(this.fd);
+  }
+
+  trim(offset: number, length: number, flags: number): void {
+    // TRIM is a hint: where the filesystem cannot punch holes we do nothing.
+    if (this.canPunch) {
+      try {
+        fallocate(this.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
+      } catch (e) {
+        if (!notSupported(e)) throw e;
+        this.canPunch = false;
+      }
+    }
+    if (flags & FUA) fs.fdatasyncSync(this.fd);
+  }
+
+  zero(offset: number, length: number, flags: number): void {
+    if (this.zeroFast(offset, length, flags)) {
+      if (flags & FUA) fs.fdatasyncSync(this.fd);
+      return;
+    }
+    if (flags & FAST_ZERO) throw enotsup("this file system cannot zero a range quickly");
+    const z = new Uint8Array(Math.min(ZERO_CHUNK, length));
+    for (let o = offset, end = offset + length; o < end; o += z.length) {
+      const n = Math.min(z.length, end - o);
+      this.pwrite(n === z.length ? z : z.subarray(0, n), o, 0);
+    }
+    if (flags & FUA) fs.fdatasyncSync(this.fd);
+  }
+
+  private zeroFast(offset: number, length: number, flags: number): boolean {
+    if (flags & MAY_TRIM && this.canPunch) {
+      try {
+        fallocate(this.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
+        return true;
+      } catch (e) {
+        if (!notSupported(e)) throw e;
+        this.canPunch = false;
+      }
+    }
+    if (this.canZeroRange) {
+      try {
+        fallocate(this.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length);
+        return true;
+      } catch (e) {
+        if (!notSupported(e)) throw e;
+        this.canZeroRange = false;
+      }
+    }
+    return false;
+  }
+
+  extents(offset: number, length: number, _flags: number, sink: ExtentSink): void {
+    const end = offset + length;
+    if (!this.canSeekHoles) {
+      sink.add(offset, length, 0);
+      return;
+    }
+    let pos = offset;
+    try {
+      while (pos < end) {
+        const data = seekData(this.fd, pos);
+        if (data < 0 || data >= end) { // hole to the end of the range (or of the file)
+          sink.add(pos, end - pos, EXTENT_HOLE | EXTENT_ZERO);
+          return;
+        }
+        if (data > pos && !sink.add(pos, data - pos, EXTENT_HOLE | EXTENT_ZERO)) return;
+        let hole = seekHole(this.fd, data);
+        if (hole < 0 || hole > end) hole = end;
+        if (!sink.add(data, hole - data, 0)) return;
+        pos = hole;
+      }
+    } catch (e) {
+      if (!notSupported(e)) throw e;
+      this.canSeekHoles = false;
+      sink.add(pos, end - pos, 0);
+    }
+  }
+
+  cache(offset: number, length: number): void {
+    // Advisory prefetch: ask the kernel to read the range ahead, without blocking the event loop.
+    willNeed(this.fd, offset, length);
+  }
+
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    if (!this.readOnly) {
+      try { fs.fdatasyncSync(this.fd); } catch { /* reported by the last flush, if any */ }
+    }
+    fs.closeSync(this.fd);
+  }
+}
+
+function notSupported(e: unknown): boolean {
+  const code = (e as { code?: string }).code;
+  return code === "EOPNOTSUPP" || code === "ENOTSUP" || code === "ENOSYS" || code === "EINVAL";
+}
+
+function blockDeviceSize(fd: number): number {
+  // Read backwards in powers of two to find the device end without an ioctl.
+  const b = new Uint8Array(1);
+  let lo = 0;
+  let hi = 1;
+  while (fs.readSync(fd, b, 0, 1, hi * 512 - 1) === 1) { lo = hi; hi *= 2; }
+  while (hi - lo > 1) {
+    const mid = Math.floor((lo + hi) / 2);
+    if (fs.readSync(fd, b, 0, 1, mid * 512 - 1) === 1) lo = mid; else hi = mid;
+  }
+  return lo * 512;
+}

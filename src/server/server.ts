@@ -1,0 +1,179 @@
+// The only code that touches sockets: Bun.listen on TCP (IPv4/IPv6) and unix sockets, one Session
+// per connection, and the reply writer. Bun's socket.write() sends what the kernel takes and
+// returns the count without queueing the rest, so the writer keeps the tail and resends it on
+// `drain`; while too much output is queued the session stops reading requests.
+import type { Socket, TCPSocketListener, UnixSocketListener } from "bun";
+import { rmSync, statSync } from "node:fs";
+import { CheckedExport } from "../devices/checked.ts";
+import { type ExportSpec, isPromise } from "../devices/types.ts";
+import { type ExportTable, Session, type Transport } from "./session.ts";
+import { type Logger, silentLogger } from "./log.ts";
+
+interface Conn {
+  session: Session | null;
+  transport: SocketTransport | null;
+}
+
+class SocketTransport implements Transport {
+  private readonly q: Uint8Array[] = [];
+  private bytes = 0;
+  private ending = false;
+  session: Session | null = null;
+  constructor(private readonly sock: Socket<Conn>) {}
+
+  send(b: Uint8Array): void {
+    if (this.q.length === 0) {
+      const n = this.sock.write(b);
+      if (n === b.length || n < 0) return; // all sent, or the socket is gone
+      b = b.subarray(n);
+    }
+    this.q.push(b);
+    this.bytes += b.length;
+    this.session?.checkBackpressure();
+  }
+  queued(): number { return this.bytes; }
+  pause(): void { this.sock.pause(); }
+  resume(): void { this.sock.resume(); }
+  end(): void {
+    this.ending = true;
+    if (this.q.length === 0) this.sock.end();
+  }
+  destroy(): void {
+    this.q.length = 0;
+    this.bytes = 0;
+    this.sock.terminate();
+  }
+  /** The kernel can take more: send what is queued. */
+  drain(): void {
+    while (this.q.length) {
+      const b = this.q[0]!;
+      const n = this.sock.write(b);
+      if (n < 0) { this.q.length = 0; this.bytes = 0; return; }
+      this.bytes -= n;
+      if (n < b.length) { this.q[0] = b.subarray(n); return; }
+      this.q.shift();
+    }
+    if (this.ending) this.sock.end();
+  }
+}
+
+export interface ServerOptions {
+  /** Serve every export read-only, whatever its device can do. */
+  readOnly?: boolean;
+  log?: Logger;
+}
+
+export class NbdServer implements ExportTable {
+  readonly exports: CheckedExport[];
+  private readonly byName = new Map<string, CheckedExport>();
+  private readonly log: Logger;
+  private readonly listeners: (TCPSocketListener<Conn> | UnixSocketListener<Conn>)[] = [];
+  private readonly unixPaths: string[] = [];
+  private readonly sessions = new Set<Session>();
+  private closing = false;
+
+  constructor(specs: ExportSpec[], opts: ServerOptions = {}) {
+    if (specs.length === 0) throw new Error("no exports to serve");
+    this.log = opts.log ?? silentLogger;
+    this.exports = specs.map((s) => new CheckedExport(s, { readOnly: opts.readOnly }));
+    for (const e of this.exports) {
+      if (this.byName.has(e.name)) throw new Error(`two exports are named "${e.name}": use --name or rename a file`);
+      this.byName.set(e.name, e);
+    }
+  }
+
+  get(name: string): CheckedExport | undefined {
+    return this.byName.get(name) ?? (name === "" ? this.exports[0] : undefined);
+  }
+  list(): readonly CheckedExport[] { return this.exports; }
+  shuttingDown(): boolean { return this.closing; }
+  /** Connections currently open. */
+  get connections(): number { return this.sessions.size; }
+
+  private handlers() {
+    const self = this;
+    return {
+      open(sock: Socket<Conn>) {
+        if (self.closing) { sock.terminate(); return; }
+        sock.setNoDelay?.(true);
+        const t = new SocketTransport(sock);
+        const peer = sock.remoteAddress ? `${sock.remoteAddress}` : "unix";
+        const s = new Session(t, self, self.log, peer);
+        t.session = s;
+        sock.data = { session: s, transport: t };
+        self.sessions.add(s);
+        self.log.info(`[${s.id}] connection from ${peer}`);
+      },
+      data(sock: Socket<Conn>, chunk: Uint8Array) {
+        const s = sock.data?.session;
+        if (!s) return;
+        try {
+          s.onData(chunk);
+        } catch (e) {
+          // A bug must not take the server down: close this connection only.
+          self.log.error(`[${s.id}] internal error, closing the connection: ${(e as Error).stack ?? e}`);
+          sock.terminate();
+        }
+      },
+      drain(sock: Socket<Conn>) {
+        const c = sock.data;
+        if (!c?.transport) return;
+        c.transport.drain();
+        c.session?.onDrain();
+      },
+      close(sock: Socket<Conn>) {
+        const s = sock.data?.session;
+        if (!s) return;
+        s.onClose();
+        self.sessions.delete(s);
+        self.log.info(`[${s.id}] closed`);
+      },
+      error(sock: Socket<Conn>, err: Error) {
+        const s = sock.data?.session;
+        self.log.warn(`[${s?.id ?? "?"}] socket error: ${err.message}`);
+      },
+    };
+  }
+
+  /** Listen on TCP. Port 0 picks a free port; the bound port is returned. */
+  listenTcp(hostname: string, port: number): { hostname: string; port: number } {
+    const l = Bun.listen<Conn>({ hostname, port, socket: this.handlers(), data: { session: null, transport: null } });
+    this.listeners.push(l);
+    return { hostname, port: l.port };
+  }
+
+  /** Listen on a unix socket (a stale socket file left by a dead server is replaced). */
+  listenUnix(path: string): void {
+    try {
+      if (statSync(path).isSocket()) rmSync(path);
+    } catch { /* does not exist */ }
+    const l = Bun.listen<Conn>({ unix: path, socket: this.handlers(), data: { session: null, transport: null } });
+    this.listeners.push(l);
+    this.unixPaths.push(path);
+  }
+
+  /**
+   * Stop accepting, let in-flight requests finish (new ones get ESHUTDOWN), close connections,
+   * flush and close every export. Resolves when done or after `graceMs`.
+   */
+  async close(graceMs = 5000): Promise<void> {
+    if (this.closing) return;
+    this.closing = true;
+    for (const l of this.listeners) l.stop(false);
+    for (const s of this.sessions) s.shutdown();
+    const limit = Date.now() + graceMs;
+    while (this.sessions.size > 0 && Date.now() < limit) await Bun.sleep(10);
+    for (const l of this.listeners) l.stop(true);
+    for (const p of this.unixPaths) rmSync(p, { force: true });
+    for (const e of this.exports) {
+      try {
+        const f = e.flush();
+        if (isPromise(f)) await f;
+        const c = e.close();
+        if (isPromise(c)) await c;
+      } catch (err) {
+        this.log.error(`closing export "${e.name}": ${(err as Error).message}`);
+      }
+    }
+  }
+}
