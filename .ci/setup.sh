@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Install what the test suite needs on a Debian machine: the npm dependencies (Bun, uvu, mitata,
+# TypeScript) and the real NBD consumers and peers the interop tests drive (QEMU, libnbd tools,
+# nbdkit, nbd-client, fio, xorriso, e2fsprogs). Idempotent: skips apt-get when everything is there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PKGS=(qemu-utils qemu-system-x86 libnbd-bin python3-libnbd nbdkit nbd-client fio xorriso genisoimage
+      e2fsprogs binutils busybox-static procps)
+# Commands that prove the packages are there (one per package, same order).
+CMDS=(qemu-img qemu-system-x86_64 nbdinfo /usr/lib/python3/dist-packages/nbd.py nbdkit nbd-client fio xorriso isoinfo
+      mke2fs as /bin/busybox ps)
+
+missing=()
+for i in "${!PKGS[@]}"; do
+  c=${CMDS[$i]}
+  if [[ $c == /* ]]; then [ -e "$c" ] || missing+=("${PKGS[$i]}")
+  else PATH=/usr/bin:/usr/sbin:/bin:/sbin:$PATH command -v "$c" >/dev/null || missing+=("${PKGS[$i]}"); fi
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO=sudo
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+[ -x node_modules/.bin/bun ] || npm install --no-audit --no-fund
+echo "setup: ready ($(node_modules/.bin/bun --version) bun, $(qemu-img --version | head -1))"
