@@ -47,7 +47,7 @@ export class CheckedExport {
     this.description = spec.description ?? "";
     this.device = dev;
     const size = dev.size();
-    if (!Number.isSafeInteger(size) || size < 0 || size > MAX_SAFE_OFFSET) {
+    if (!Number.isInteger(size) || size < 0 || size > MAX_SAFE_OFFSET) {
       throw new Error(`export ${spec.name}: size ${size} is not representable (max 2^53)`);
     }
     this.size = size;

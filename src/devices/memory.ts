@@ -8,7 +8,7 @@ const PAGE = 4096;
 export class MemoryDevice implements BlockDevice {
   private readonly pages = new Map<number, Uint8Array>();
   constructor(private readonly bytes: number) {
-    if (!Number.isSafeInteger(bytes) || bytes < 0) throw new Error(`invalid memory device size ${bytes}`);
+    if (!Number.isInteger(bytes) || bytes < 0 || bytes > 2 ** 53) throw new Error(`invalid memory device size ${bytes}`);
   }
   size(): number { return this.bytes; }
   capabilities(): Capabilities {

@@ -1,0 +1,32 @@
+// The device conformance suite run against the plugins the core owns (other devices run it in
+// their own test files): the memory device, and the raw file device read-write and read-only.
+import { copyFileSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { MemoryDevice } from "../src/devices/memory.ts";
+import { RawFile } from "../src/devices/file.ts";
+import { conformance } from "./helpers/conformance.ts";
+import { scratch } from "./helpers/env.ts";
+
+const dir = scratch();
+const base = join(dir, "base.img");
+const content = Uint8Array.from({ length: 3 * 1024 * 1024 + 1234 }, (_, i) => (i * 13) & 255);
+writeFileSync(base, content);
+let n = 0;
+
+conformance("MemoryDevice", { make: async () => ({ device: new MemoryDevice(5 * 1024 * 1024 + 512) }) });
+
+conformance("RawFile read-write", {
+  make: async () => {
+    const p = join(dir, `rw${n++}.img`);
+    copyFileSync(base, p);
+    const device = RawFile.open(p);
+    return { device, cleanup: () => device.close() };
+  },
+});
+
+conformance("RawFile read-only", {
+  make: async () => {
+    const device = RawFile.open(base, { readOnly: true });
+    return { device, expected: content, cleanup: () => device.close() };
+  },
+});
