@@ -1,13 +1,13 @@
 // QEMU boots from bun-nbd exports (SeaBIOS int 13h): IDE and virtio disks against a copy of
 // examples/boot.img and against an 8 GiB sparse image (its last-LBA read is above 4 GiB), and an
-// El Torito CD-ROM served read-only. Checked from the host: QEMU exit status 33, every serial line
+// El Torito CD-ROM served read-only, and an overlay export (writes go to a qcow2, the base stays). Checked from the host: QEMU exit status 33, every serial line
 // in order, and the sector the guest wrote, both over a fresh NBD connection and in the file.
 import { suite } from "uvu";
 import * as assert from "uvu/assert";
-import { copyFileSync, mkdirSync, statSync } from "node:fs";
+import { copyFileSync, mkdirSync, readFileSync, statSync } from "node:fs";
 import { join } from "node:path";
 import { bytesEqual } from "./helpers/assert.ts";
-import { need, ROOT, scratch } from "./helpers/env.ts";
+import { need, ROOT, run, runOk, scratch } from "./helpers/env.ts";
 import { boot, fileBytes, type BootMode } from "./e2e/boot.ts";
 import { expectedWrittenSector, GiB, hdExpectations, makeCdIso, makeHdImage, MiB } from "./e2e/images.ts";
 import { nbdRead, nbdSize } from "./e2e/nbdhost.ts";
@@ -17,7 +17,7 @@ const test = suite("boot");
 const dir = scratch("bun-nbd-boot-");
 const timings: string[] = [];
 
-test.before(() => need("qemu-system-x86_64", "xorriso"));
+test.before(() => need("qemu-system-x86_64", "qemu-img", "xorriso"));
 test.after(() => console.log(`  boot tests (${BACKEND}): ${timings.join(", ")}`));
 
 async function hdCase(mode: BootMode, image: string, size: number) {
@@ -59,6 +59,28 @@ test("IDE disk: 8 GiB sparse image (last LBA above 4 GiB)", async () => {
   assert.ok(statSync(p).blocks * 512 < 16 * MiB, "image stays sparse");
 });
 test("virtio disk: 8 GiB sparse image", () => hdCase("virtio", bigImage("virtio-8g"), 8 * GiB));
+
+test("IDE disk: overlay export (--overlay), base image unchanged", async () => {
+  if (BACKEND !== "bun-nbd") return console.log("  (overlay case needs bun-nbd)");
+  const base = copyOfExample("overlay");
+  const ov = join(dir, "overlay", "boot-overlay.qcow2");
+  const want = hdExpectations(4 * MiB);
+  const server = await startServer([base], { extra: ["--overlay", ov] });
+  try {
+    const { run, problems } = await boot("ide", server.uri("boot"), want.expect, join(dir, "log-overlay"));
+    timings.push(`ide overlay qemu ${run.seconds.toFixed(2)}s`);
+    assert.ok(problems.length === 0, problems.join("\n"));
+    bytesEqual(await nbdRead(server.uri("boot"), want.writeLba * 512, 512), expectedWrittenSector(), "written sector over a fresh NBD connection");
+  } finally {
+    assert.is(await server.stop(), 0, "server exit status after SIGTERM");
+  }
+  bytesEqual(readFileSync(base), readFileSync(join(ROOT, "examples/boot.img")), "base image after the boot");
+  const check = await run(["qemu-img", "check", ov], { timeoutMs: 60_000 });
+  assert.is(check.code, 0, `qemu-img check: ${check.stdout}${check.stderr}`);
+  const raw = join(dir, "overlay", "flat.raw");
+  await runOk(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", ov, raw], { timeoutMs: 60_000 });
+  bytesEqual(fileBytes(raw, want.writeLba * 512, 512), expectedWrittenSector(), "written sector in the overlay (qemu-img convert)");
+});
 
 test("CD-ROM: El Torito ISO served read-only (-r)", async () => {
   const iso = await makeCdIso(join(dir, "cd.iso"), dir);
