@@ -1,0 +1,87 @@
+// Shared pieces of the interop, differential and size tests (no tests here): libnbd's python
+// module as an independent client, sparse image builders, and starting nbdkit for comparisons.
+import { existsSync, openSync, writeSync, closeSync, ftruncateSync } from "node:fs";
+import { join } from "node:path";
+import type { Subprocess } from "bun";
+import { runOk, SYSTEM_PATH } from "./helpers/env.ts";
+
+export const PY = "/usr/bin/python3";
+
+/**
+ * Run python with libnbd: `h` is a connected handle (strict mode off, so range and flag errors
+ * reach the server), `uri` the URI, `out` a dict printed as JSON at the end. `err(fn)` returns the
+ * errno name an nbd.Error carried, or "ok".
+ */
+export async function nbdpy(uri: string, code: string, opts: { connect?: boolean; timeoutMs?: number; stdin?: Uint8Array } = {}): Promise<any> {
+  const prelude = [
+    "import nbd, json, sys, os",
+    `uri = ${JSON.stringify(uri)}`,
+    "out = {}",
+    "def err(fn):",
+    "    try:",
+    "        fn()",
+    "        return 'ok'",
+    "    except nbd.Error as e:",
+    "        return e.errno or ('errnum %d: %s' % (e.errnum, e.string))",
+    "h = nbd.NBD()",
+    "h.set_strict_mode(0)",
+    "h.add_meta_context('base:allocation')",
+  ];
+  if (opts.connect !== false) prelude.push("h.connect_uri(uri)");
+  const epilogue = ["", "sys.stdout.write('\\n@@JSON@@' + json.dumps(out))"];
+  const r = await runOk([PY, "-c", [...prelude, code, ...epilogue].join("\n")], { timeoutMs: opts.timeoutMs ?? 60_000, stdin: opts.stdin });
+  const i = r.stdout.lastIndexOf("@@JSON@@");
+  if (i < 0) throw new Error(`no JSON from python:\n${r.stdout}\n${r.stderr}`);
+  return JSON.parse(r.stdout.slice(i + 8));
+}
+
+/** A sparse file of `size` bytes with `data` written at each offset. */
+export function sparseFile(path: string, size: number, data: [number, Uint8Array][] = []): string {
+  const fd = openSync(path, "w");
+  try {
+    ftruncateSync(fd, size);
+    for (const [off, b] of data) writeSync(fd, b, 0, b.length, off);
+  } finally {
+    closeSync(fd);
+  }
+  return path;
+}
+
+export interface Nbdkit {
+  proc: Subprocess;
+  uri: string;
+  stop(): Promise<void>;
+}
+
+/** nbdkit's file plugin on a unix socket, in the foreground. */
+export async function nbdkitFile(file: string, sock: string, extra: string[] = []): Promise<Nbdkit> {
+  const proc = Bun.spawn(["nbdkit", "-f", "-U", sock, ...extra, "file", `file=${file}`], {
+    stdout: "ignore", stderr: "pipe", stdin: "ignore", env: { ...process.env, PATH: SYSTEM_PATH },
+  });
+  const limit = Date.now() + 10_000;
+  while (!existsSync(sock)) {
+    if (proc.exitCode !== null) throw new Error(`nbdkit exited ${proc.exitCode}: ${await new Response(proc.stderr).text()}`);
+    if (Date.now() > limit) { proc.kill("SIGKILL"); throw new Error("nbdkit did not create its socket"); }
+    await Bun.sleep(20);
+  }
+  return {
+    proc, uri: `nbd+unix:///?socket=${sock}`,
+    stop: async () => {
+      if (proc.exitCode === null) proc.kill("SIGTERM");
+      const t = setTimeout(() => proc.kill("SIGKILL"), 5000);
+      await proc.exited;
+      clearTimeout(t);
+    },
+  };
+}
+
+/** `nbdinfo ARGS...` and parse stdout as JSON. */
+export async function nbdinfoJson(...args: string[]): Promise<any> {
+  const r = await runOk(["nbdinfo", "--json", ...args], { timeoutMs: 30_000 });
+  return JSON.parse(r.stdout);
+}
+
+export const KiB = 1024;
+export const MiB = 1024 * 1024;
+export const GiB = 1024 * MiB;
+export { join };
