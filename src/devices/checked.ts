@@ -11,7 +11,7 @@ import {
 } from "../protocol/constants.ts";
 import { NbdError } from "../protocol/errors.ts";
 import {
-  type BlockDevice, type BlockSize, type Capabilities, type ExtentSink, type ExportSpec, type Maybe,
+  type BlockDevice, type BlockSize, type Capabilities, type ExtentSink, type ExportSpec, type FileRange, type Maybe,
   type MetaContextProvider, FAST_ZERO, FUA, isPromise,
 } from "./types.ts";
 
@@ -98,6 +98,15 @@ export class CheckedExport {
   }
   private checkWritable(what: string): void {
     if (!this.caps.canWrite) throw new NbdError(NBD_EPERM, `${what} on a read-only export`);
+  }
+
+  /**
+   * Where [offset, +length) lives verbatim in a file, for sendfile(2); false when the stack
+   * transforms the bytes (or the range is out of bounds: read() reports that error).
+   */
+  fileRange(offset: number, length: number, out: FileRange): boolean {
+    if (!this.device.fileRange || offset + length > this.size) return false;
+    return this.device.fileRange(offset, length, out);
   }
 
   read(buf: Uint8Array, offset: number): Maybe {

@@ -9,7 +9,7 @@ import {
   fallocate, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, haveLibc, seekData, seekHole, willNeed,
 } from "./libc.ts";
 import {
-  type BlockDevice, type Capabilities, type ExtentSink, caps, EXTENT_HOLE, EXTENT_ZERO, FAST_ZERO, FUA, MAY_TRIM,
+  type BlockDevice, type Capabilities, type ExtentSink, type FileRange, caps, EXTENT_HOLE, EXTENT_ZERO, FAST_ZERO, FUA, MAY_TRIM,
 } from "./types.ts";
 
 const ZERO_CHUNK = 1024 * 1024;
@@ -64,6 +64,12 @@ export class RawFile implements BlockDevice {
       canTrim: !this.readOnly, canZero: !this.readOnly, canFastZero: !this.readOnly && haveLibc,
       canCache: true, canExtents: haveLibc, canMultiConn: true,
     });
+  }
+
+  fileRange(offset: number, _length: number, out: FileRange): boolean {
+    out.fd = this.fd;
+    out.offset = offset;
+    return true;
   }
 
   pread(buf: Uint8Array, offset: number): void {

@@ -55,6 +55,12 @@ export interface ExtentSink {
   add(offset: number, length: number, type: number): boolean;
 }
 
+/** Where a byte range lives in a file (see BlockDevice.fileRange). */
+export interface FileRange {
+  fd: number;
+  offset: number;
+}
+
 /** An extra metadata context a device offers (e.g. "qemu:allocation-depth"). */
 export interface MetaContextProvider {
   readonly name: string;
@@ -77,6 +83,13 @@ export interface BlockDevice {
   zero?(offset: number, length: number, flags: number): Maybe;
   extents?(offset: number, length: number, flags: number, sink: ExtentSink): Maybe;
   cache?(offset: number, length: number, flags: number): Maybe;
+  /**
+   * Zero-copy source for reads: if [offset, offset+length) is stored verbatim in a file, set
+   * `out.fd` and `out.offset` and return true, so the server can send it with sendfile(2). Only
+   * plugins that own plain files implement this; filters must not forward it (Passthrough does
+   * not) unless they pass bytes through unchanged.
+   */
+  fileRange?(offset: number, length: number, out: FileRange): boolean;
   /** Extra metadata contexts (base:allocation is always offered, from extents()). */
   metaContexts?(): MetaContextProvider[];
   /** Release files and resources. Called once at shutdown, after a final flush. */

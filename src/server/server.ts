@@ -3,7 +3,8 @@
 // returns the count without queueing the rest, so the writer keeps the tail and resends it on
 // `drain`; while too much output is queued the session stops reading requests.
 import type { Socket, TCPSocketListener, UnixSocketListener } from "bun";
-import { rmSync, statSync } from "node:fs";
+import { readSync, rmSync, statSync } from "node:fs";
+import { sendfile } from "../devices/libc.ts";
 import { CheckedExport } from "../devices/checked.ts";
 import { type ExportSpec, isPromise } from "../devices/types.ts";
 import { type ExportTable, Session, type Transport } from "./session.ts";
@@ -14,33 +15,102 @@ interface Conn {
   transport: SocketTransport | null;
 }
 
+/** Sends below this size are copied into the cork batch; larger ones go out directly. */
+const BATCH_SIZE = 256 * 1024;
+const SMALL_SEND = 64 * 1024;
+
 class SocketTransport implements Transport {
   private readonly q: Uint8Array[] = [];
   private bytes = 0;
   private ending = false;
+  private corked = false;
+  private readonly batch = new Uint8Array(BATCH_SIZE);
+  private batchLen = 0;
   session: Session | null = null;
   constructor(private readonly sock: Socket<Conn>) {}
 
   send(b: Uint8Array): void {
+    if (this.corked) {
+      if (b.length <= SMALL_SEND) {
+        if (this.batchLen + b.length > BATCH_SIZE) this.flushBatch();
+        this.batch.set(b, this.batchLen);
+        this.batchLen += b.length;
+        return;
+      }
+      this.flushBatch();
+    }
+    this.write(b, false);
+  }
+
+  sendTransient(b: Uint8Array): void {
+    if (this.corked) { this.send(b); return; }
+    this.write(b, true);
+  }
+
+  /** Header, then `length` bytes of file `fd` at `offset` with sendfile(2); what the socket does not take at once is read and queued. */
+  sendFile(header: Uint8Array, fd: number, offset: number, length: number): void {
+    this.flushBatch();
+    if (this.q.length === 0) {
+      const n = this.sock.write(header);
+      if (n < 0) return;
+      if (n === header.length) {
+        const sfd = (this.sock as unknown as { fd: number }).fd; // present at run time, missing from the typings
+        while (length > 0) {
+          const r = sendfile(sfd, fd, offset, length);
+          if (r <= 0) break; // EAGAIN (socket full) or end of file
+          offset += r;
+          length -= r;
+        }
+        if (length === 0) return;
+        header = EMPTY;
+      } else {
+        header = header.subarray(n);
+      }
+    }
+    const b = Buffer.allocUnsafe(header.length + length);
+    b.set(header, 0);
+    readFully(fd, b.subarray(header.length), offset);
+    this.write(b, false);
+  }
+
+  cork(): void { this.corked = true; }
+  uncork(): void {
+    this.corked = false;
+    this.flushBatch();
+  }
+
+  private flushBatch(): void {
+    if (this.batchLen === 0) return;
+    const b = this.batch.subarray(0, this.batchLen);
+    this.batchLen = 0;
+    this.write(b, true);
+  }
+
+  private write(b: Uint8Array, transient: boolean): void {
     if (this.q.length === 0) {
       const n = this.sock.write(b);
       if (n === b.length || n < 0) return; // all sent, or the socket is gone
-      b = b.subarray(n);
+      b = transient ? b.slice(n) : b.subarray(n);
+    } else if (transient) {
+      b = b.slice();
     }
     this.q.push(b);
     this.bytes += b.length;
     this.session?.checkBackpressure();
   }
-  queued(): number { return this.bytes; }
+
+  queued(): number { return this.bytes + this.batchLen; }
   pause(): void { this.sock.pause(); }
   resume(): void { this.sock.resume(); }
   end(): void {
+    this.flushBatch();
     this.ending = true;
     if (this.q.length === 0) this.sock.end();
   }
   destroy(): void {
     this.q.length = 0;
     this.bytes = 0;
+    this.batchLen = 0;
     this.sock.terminate();
   }
   /** The kernel can take more: send what is queued. */
@@ -54,6 +124,17 @@ class SocketTransport implements Transport {
       this.q.shift();
     }
     if (this.ending) this.sock.end();
+  }
+}
+
+const EMPTY = new Uint8Array(0);
+
+function readFully(fd: number, b: Uint8Array, offset: number): void {
+  let done = 0;
+  while (done < b.length) {
+    const n = readSync(fd, b, done, b.length - done, offset + done);
+    if (n === 0) { b.fill(0, done); return; }
+    done += n;
   }
 }
 
@@ -107,8 +188,11 @@ export class NbdServer implements ExportTable {
       data(sock: Socket<Conn>, chunk: Uint8Array) {
         const s = sock.data?.session;
         if (!s) return;
+        const t = sock.data!.transport!;
+        t.cork();
         try {
           s.onData(chunk);
+          t.uncork();
         } catch (e) {
           // A bug must not take the server down: close this connection only.
           self.log.error(`[${s.id}] internal error, closing the connection: ${(e as Error).stack ?? e}`);

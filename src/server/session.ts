@@ -22,13 +22,17 @@ import {
 } from "../protocol/codec.ts";
 import { NbdError, toNbdErrno } from "../protocol/errors.ts";
 import { type CheckedExport, type ExportContext, ExtentList } from "../devices/checked.ts";
-import { FAST_ZERO, FUA, MAY_TRIM, REQ_ONE, isPromise } from "../devices/types.ts";
+import { type FileRange, FAST_ZERO, FUA, MAY_TRIM, REQ_ONE, isPromise } from "../devices/types.ts";
 import type { Logger } from "./log.ts";
 
 /** What a session needs from its connection. */
 export interface Transport {
-  /** Queue bytes for sending (the transport keeps any part the socket did not take). */
+  /** Queue bytes for sending; the transport may keep a view of `b` until it is sent. */
   send(b: Uint8Array): void;
+  /** Like send(), but the caller reuses `b` at once: the transport copies whatever it must keep. */
+  sendTransient(b: Uint8Array): void;
+  /** Optional zero-copy path: `header`, then `length` bytes of file `fd` at `offset`. */
+  sendFile?(header: Uint8Array, fd: number, offset: number, length: number): void;
   /** Bytes queued but not yet taken by the kernel. */
   queued(): number;
   pause(): void;
@@ -59,6 +63,8 @@ const MAX_IN_FLIGHT = 64;
 const MAX_OPTION_LENGTH = 1024 * 1024;
 /** Reads at least this large consult extents to send holes as OFFSET_HOLE chunks. */
 const HOLE_SCAN_MIN = 65536;
+/** Reads at least this large from a plain file go out with sendfile(2) where the transport can. */
+const SENDFILE_MIN = 32768;
 const MAX_ERROR_MESSAGE = 4096;
 
 const VALID_FLAGS: number[] = [];
@@ -97,6 +103,11 @@ export class Session {
   private rx = Rx.Header;
   private readonly hdr = newRequestHeader();
   private readonly hdrBuf = new Uint8Array(NBD_REQUEST_SIZE);
+  /** Preallocated reply headers, sent with sendTransient (the transport copies if it must keep them). */
+  private readonly rep16 = new Uint8Array(16);
+  private readonly rep20 = new Uint8Array(20);
+  private readonly rep28 = new Uint8Array(28);
+  private readonly range: FileRange = { fd: -1, offset: 0 };
   private hdrFill = 0;
   private payload: Uint8Array = EMPTY;
   private payloadFill = 0;
@@ -106,6 +117,8 @@ export class Session {
   private inFlight = 0;
   private paused = false;
   private backlog: Uint8Array | null = null;
+  /** Extents of the current large read (synchronous devices only; reused). */
+  private readonly readExtents = new ExtentList();
   private disconnecting = false;
 
   constructor(private readonly t: Transport, private readonly exports: ExportTable, log: Logger, readonly peer: string) {
@@ -507,13 +520,11 @@ export class Session {
   private ok(req: PendingRequest): void {
     if (this.phase === Phase.Closed) return;
     if (this.structured) {
-      const b = new Uint8Array(20);
-      putChunkHeader(b, 0, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, req.cookieHi, req.cookieLo, 0);
-      this.t.send(b);
+      putChunkHeader(this.rep20, 0, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, req.cookieHi, req.cookieLo, 0);
+      this.t.sendTransient(this.rep20);
     } else {
-      const b = new Uint8Array(16);
-      putSimpleReply(b, 0, 0, req.cookieHi, req.cookieLo);
-      this.t.send(b);
+      putSimpleReply(this.rep16, 0, 0, req.cookieHi, req.cookieLo);
+      this.t.sendTransient(this.rep16);
     }
   }
 
@@ -545,7 +556,13 @@ export class Session {
     const exp = this.exp!;
     const len = req.length;
     if (len > HARD_MAX_PAYLOAD) throw new NbdError(NBD_EINVAL, `read of ${len} bytes exceeds the maximum ${HARD_MAX_PAYLOAD}`);
+    const zeroCopy = len >= SENDFILE_MIN && this.t.sendFile !== undefined;
     if (!this.structured) {
+      if (zeroCopy && exp.fileRange(req.offset, len, this.range)) {
+        putSimpleReply(this.rep16, 0, 0, req.cookieHi, req.cookieLo);
+        this.t.sendFile!(this.rep16, this.range.fd, this.range.offset, len);
+        return;
+      }
       const b = Buffer.allocUnsafe(16 + len);
       const r = exp.read(b.subarray(16), req.offset);
       if (isPromise(r)) return r.then(() => this.sendSimpleRead(req, b));
@@ -558,7 +575,16 @@ export class Session {
       return;
     }
     if (len >= HOLE_SCAN_MIN && exp.caps.canExtents && !(req.flags & NBD_CMD_FLAG_DF)) {
-      return this.sparseRead(req);
+      const list = this.readExtents;
+      const r = exp.extents(exp.contexts[0]!, req.offset, len, 0, list);
+      if (isPromise(r)) return this.sparseRead(req, r, list);
+      if (list.lengths.length > 1 || list.types[0]! & NBD_STATE_ZERO) return this.sparseRead(req, undefined, list);
+    }
+    if (zeroCopy && exp.fileRange(req.offset, len, this.range)) {
+      putChunkHeader(this.rep28, 0, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, req.cookieHi, req.cookieLo, 8 + len);
+      putU64(this.rep28, 20, req.offset);
+      this.t.sendFile!(this.rep28, this.range.fd, this.range.offset, len);
+      return;
     }
     const b = Buffer.allocUnsafe(28 + len);
     const r = exp.read(b.subarray(28), req.offset);
@@ -580,11 +606,11 @@ export class Session {
   }
 
   /** A large structured read: zero extents become OFFSET_HOLE chunks, the rest OFFSET_DATA. */
-  private async sparseRead(req: PendingRequest): Promise<void> {
+  private async sparseRead(req: PendingRequest, pending: Promise<unknown> | undefined, shared: ExtentList): Promise<void> {
     const exp = this.exp!;
-    const list = new ExtentList();
-    const r = exp.extents(exp.contexts[0]!, req.offset, req.length, 0, list);
-    if (isPromise(r)) await r;
+    if (pending) await pending;
+    // Copy the extents: the shared list is reused by the next request while we await reads.
+    const list = { lengths: shared.lengths.slice(), types: shared.types.slice() };
     const n = list.lengths.length;
     let off = req.offset;
     const end = req.offset + req.length;

@@ -16,6 +16,7 @@ export class FakeTransport implements Transport {
   destroyed = false;
   paused = false;
   send(b: Uint8Array): void { for (const x of b) this.out.push(x); }
+  sendTransient(b: Uint8Array): void { this.send(b); }
   queued(): number { return 0; }
   pause(): void { this.paused = true; }
   resume(): void { this.paused = false; }
