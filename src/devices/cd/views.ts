@@ -59,6 +59,11 @@ export class CookedTrackView implements BlockDevice {
         const bytes = Math.min(len - done, n * COOKED_SECTOR - within);
         this.disc.readFile(this.file, buf, done, bytes, this.pos0 + sector * COOKED_SECTOR + within);
         done += bytes;
+      } else if (n === 1 && this.submode < 0) {
+        // Within one sector and no Form 2 check: read the user bytes straight into buf.
+        const take = Math.min(COOKED_SECTOR - within, len - done);
+        this.disc.readFile(this.file, buf, done, take, this.pos0 + sector * ss + this.co + within);
+        done += take;
       } else {
         const src = this.disc.scratch(n * ss);
         this.disc.readFile(this.file, src, 0, n * ss, this.pos0 + sector * ss);
