@@ -65,6 +65,17 @@ export interface Limits {
   maxPayload: number;
 }
 
+/** Counters of what the server sent (cheap integer increments; handy for tests and tuning). */
+export interface ClientStats {
+  /** Requests sent (after splitting). */
+  requests: number;
+  simpleReplies: number;
+  dataChunks: number;
+  holeChunks: number;
+  blockStatusChunks: number;
+  errorChunks: number;
+}
+
 /** The largest payload this client ever puts in one request (interoperable servers accept 32 MiB). */
 const MAX_PAYLOAD_CAP = 32 * 1024 * 1024;
 /** Payload-less commands are split at 2 GiB (a multiple of every legal minimum block size). */
@@ -118,6 +129,8 @@ export class NbdClient {
   readonly limits: Limits;
   /** Resolves once the connection is closed (by us or by the server); never rejects. */
   readonly closed: Promise<void>;
+  /** What went over the wire so far. */
+  readonly stats: ClientStats = { requests: 0, simpleReplies: 0, dataChunks: 0, holeChunks: 0, blockStatusChunks: 0, errorChunks: 0 };
 
   private readonly socket: Socket;
   private readonly timeoutMs: number;
@@ -379,6 +392,7 @@ export class NbdClient {
       };
       this.reqs[id] = req;
       this.pendingCount++;
+      this.stats.requests++;
       if (!this.sweeper) this.startSweeper();
       if (type === NBD_CMD_WRITE) {
         if (length <= COPY_PAYLOAD_MAX) {
@@ -614,6 +628,7 @@ export class NbdClient {
     const r = this.lookup(b, o + 8);
     if (!r) return;
     const errno = u32(b, o + 4);
+    this.stats.simpleReplies++;
     if (errno !== 0) {
       r.error = new NbdRequestError(errno, r.type, r.offset, r.length);
       this.complete(r);
@@ -699,6 +714,7 @@ export class NbdClient {
       return;
     }
     r.got += n;
+    this.stats.dataChunks++;
     this.dataPos = offset - r.offset;
     this.dataLeft = n;
     this.state = S_DATA;
@@ -717,6 +733,7 @@ export class NbdClient {
       }
       r.buf!.fill(0, offset - r.offset, offset - r.offset + n);
       r.got += n;
+      this.stats.holeChunks++;
     } else if (type === NBD_REPLY_TYPE_BLOCK_STATUS) {
       const name = this.contextNames.get(u32(p, 0));
       if (name === undefined) {
@@ -735,6 +752,7 @@ export class NbdClient {
         pos += length;
       }
       (r.extents ??= new Map()).set(name, list);
+      this.stats.blockStatusChunks++;
     } else {
       // An error chunk (ERROR, ERROR_OFFSET, or an unknown type with the error bit).
       let errno = u32(p, 0);
@@ -744,6 +762,7 @@ export class NbdClient {
         return;
       }
       if (errno === 0) errno = NBD_EIO;
+      this.stats.errorChunks++;
       const msg = p.toString("utf8", 6, 6 + msgLen);
       let off = r.offset;
       if (type === 0x8002 && p.length >= 6 + msgLen + 8) off = u64(p, 6 + msgLen);

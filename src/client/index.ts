@@ -28,7 +28,7 @@ import { Negotiation, type ConnectOptions, type ExportInfo, type ExportListing, 
 import { parseNbdUri, type NbdTarget } from "./uri.ts";
 
 export { NbdClient, isConnectionError } from "./client.ts";
-export type { BlockStatusOptions, Extent, Limits, ReadOptions, WriteOptions, ZeroOptions } from "./client.ts";
+export type { BlockStatusOptions, ClientStats, Extent, Limits, ReadOptions, WriteOptions, ZeroOptions } from "./client.ts";
 export {
   NbdClosedError, NbdConnectionError, NbdDisconnectedError, NbdOptionError, NbdProtocolViolation, NbdRequestError,
   NbdTimeoutError, NbdUsageError, type UsageErrorCode,
