@@ -11,8 +11,8 @@ import { BUN, CLI, need, run, runOk, scratch } from "./helpers/env.ts";
 import { serve, type Served } from "./helpers/server.ts";
 import { fix, H, fileSha } from "./cd-helpers.ts";
 
-const test = suite("cd e2e");
-const dir = scratch("bun-nbd-cde2e-");
+const test = suite("cd serve");
+const dir = scratch("bun-nbd-cdserve-");
 const cdboot = fix("boot/cdboot.bin");
 let server: Served | null = null;
 let expectSerial: string[] = [];
