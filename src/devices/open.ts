@@ -51,8 +51,8 @@ async function openOne(file: string, opts: OpenOptions): Promise<ExportSpec[]> {
     const what = opts.overlay ? `overlay ${opts.overlay}` : "throw-away snapshot";
     return [{ name, description: `${basename(file)} through ${what}`, device }];
   }
-  const cd = await import("./cd/index.ts").catch(() => null);
-  if (cd && cd.isCdImage(file)) return cd.openCdImage(file, { name: opts.name, log: opts.log });
+  const cd = await import("./cd/index.ts");
+  if (cd.isCdImage(file)) return cd.openCdImage(file, { name: opts.name, log: opts.log });
   const device = RawFile.open(file, { readOnly: opts.readOnly });
   return [{ name, description: `raw image ${basename(file)}`, device }];
 }
