@@ -88,7 +88,7 @@ export async function main(argv: string[]): Promise<number> {
   try {
     specs = await openExports(args.positionals, {
       readOnly: o["read-only"], name: o.name, overlay: o.overlay, snapshot: o.snapshot, compat: o.compat,
-      log: (m) => log.warn(m),
+      log: (m) => log.warn(m), info: (m) => log.info(m),
     });
   } catch (e) {
     console.error(`bun-nbd serve: ${(e as Error).message}`);

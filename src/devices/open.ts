@@ -15,7 +15,10 @@ export interface OpenOptions {
   snapshot?: boolean;
   /** Create standard-L2 overlays (for QEMU older than 5.2). */
   compat?: boolean;
+  /** Warnings (e.g. a partial CD sector dropped). */
   log: (msg: string) => void;
+  /** Notices (e.g. an overlay was created). */
+  info?: (msg: string) => void;
 }
 
 /** The export name a file gets by default: its file name without the extension. */
@@ -47,7 +50,7 @@ async function openOne(file: string, opts: OpenOptions): Promise<ExportSpec[]> {
   const name = opts.name ?? exportNameFor(file);
   if (opts.overlay !== undefined || opts.snapshot) {
     const { openOverlay } = await import("./qcow2/index.ts");
-    const device = await openOverlay({ base: file, overlay: opts.overlay, compat: opts.compat, log: opts.log });
+    const device = await openOverlay({ base: file, overlay: opts.overlay, compat: opts.compat, readOnly: opts.readOnly, log: opts.info ?? opts.log });
     const what = opts.overlay ? `overlay ${opts.overlay}` : "throw-away snapshot";
     return [{ name, description: `${basename(file)} through ${what}`, device }];
   }
