@@ -12,7 +12,7 @@ export const PY = "/usr/bin/python3";
  * reach the server), `uri` the URI, `out` a dict printed as JSON at the end. `err(fn)` returns the
  * errno name an nbd.Error carried, or "ok".
  */
-export async function nbdpy(uri: string, code: string, opts: { connect?: boolean; timeoutMs?: number; stdin?: Uint8Array } = {}): Promise<any> {
+export async function nbdpy(uri: string, code: string, opts: { connect?: boolean; timeoutMs?: number; stdin?: Uint8Array; env?: Record<string, string> } = {}): Promise<any> {
   const prelude = [
     "import nbd, json, sys, os",
     `uri = ${JSON.stringify(uri)}`,
@@ -29,7 +29,7 @@ export async function nbdpy(uri: string, code: string, opts: { connect?: boolean
   ];
   if (opts.connect !== false) prelude.push("h.connect_uri(uri)");
   const epilogue = ["", "sys.stdout.write('\\n@@JSON@@' + json.dumps(out))"];
-  const r = await runOk([PY, "-c", [...prelude, code, ...epilogue].join("\n")], { timeoutMs: opts.timeoutMs ?? 60_000, stdin: opts.stdin });
+  const r = await runOk([PY, "-c", [...prelude, code, ...epilogue].join("\n")], { timeoutMs: opts.timeoutMs ?? 60_000, stdin: opts.stdin, env: opts.env });
   const i = r.stdout.lastIndexOf("@@JSON@@");
   if (i < 0) throw new Error(`no JSON from python:\n${r.stdout}\n${r.stderr}`);
   return JSON.parse(r.stdout.slice(i + 8));
