@@ -2,7 +2,7 @@
 // line as it arrives so tests can react to a line while the guest runs (e.g. kill a server) and
 // report where the time went. Bounded twice: `timeout -s KILL` around QEMU (so a crashed test
 // process leaves nothing behind for long) and a timer here.
-import { mkdirSync, writeFileSync } from "node:fs";
+import { appendFileSync, mkdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { SYSTEM_PATH } from "../helpers/env.ts";
 
@@ -34,7 +34,19 @@ export async function runQemu(args: string[], opts: QemuOptions): Promise<QemuRe
     stdin: "ignore", stdout: "pipe", stderr: "pipe", env: { ...process.env, PATH: SYSTEM_PATH },
   });
   let timedOut = false;
-  const timer = setTimeout(() => { timedOut = true; proc.kill("SIGKILL"); }, opts.timeoutMs);
+  // SIGTERM to `timeout` is forwarded to QEMU; SIGKILL would orphan QEMU, so only as a last resort
+  let hard: ReturnType<typeof setTimeout> | undefined;
+  const timer = setTimeout(() => {
+    timedOut = true;
+    proc.kill("SIGTERM");
+    hard = setTimeout(() => proc.kill("SIGKILL"), 5_000);
+  }, opts.timeoutMs);
+  let log: string | undefined;
+  if (opts.logDir) {
+    mkdirSync(opts.logDir, { recursive: true });
+    log = join(opts.logDir, "serial.txt");
+    writeFileSync(log, "");
+  }
   const lines: SerialLine[] = [];
   let serial = "";
   let partial = "";
@@ -50,6 +62,7 @@ export async function runQemu(args: string[], opts: QemuOptions): Promise<QemuRe
         partial = partial.slice(i + 1);
         const t = (performance.now() - t0) / 1000;
         lines.push({ t, text });
+        if (log) appendFileSync(log, `${t.toFixed(2).padStart(7)} ${text}\n`);
         try { opts.onLine?.(text, t); } catch (e) { console.error("onLine:", e); }
       }
     }
@@ -57,11 +70,10 @@ export async function runQemu(args: string[], opts: QemuOptions): Promise<QemuRe
   };
   const [stderr, , code] = await Promise.all([new Response(proc.stderr).text(), pump(), proc.exited]);
   clearTimeout(timer);
+  clearTimeout(hard);
   const seconds = (performance.now() - t0) / 1000;
   if (code === 137 || code === 124) timedOut = true;
   if (opts.logDir) {
-    mkdirSync(opts.logDir, { recursive: true });
-    writeFileSync(join(opts.logDir, "serial.txt"), lines.map((l) => `${l.t.toFixed(2).padStart(7)} ${l.text}`).join("\n") + "\n");
     writeFileSync(join(opts.logDir, "qemu.err"), stderr);
   }
   return { code: timedOut ? null : code, timedOut, lines, serial, stderr, seconds };
