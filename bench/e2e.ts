@@ -1,0 +1,218 @@
+// End-to-end benchmark: the same 1 GiB raw image served by bun-nbd, nbdkit (file plugin) and
+// qemu-nbd, one after another, each driven by the same fio nbd-engine workloads and by
+// `nbdcopy URI null:`. Prints a Markdown table of MB/s or IOPS per server, the ratios
+// bun-nbd/nbdkit and bun-nbd/qemu-nbd, and server CPU seconds per GiB moved (utime+stime from
+// /proc/PID/stat around each workload).
+//
+//   bun bench/e2e.ts [--quick] [--runtime SECONDS] [--dir DIR] [--servers bun,nbdkit,qemu]
+//                    [--unix] [--json FILE]
+//
+// The image lives in DIR (default: the OS temp directory; the script prints its filesystem type:
+// run it on a disk-backed filesystem, not tmpfs, or writes measure nothing real). Servers listen
+// on 127.0.0.1 ports 12510-12512 (or unix sockets with --unix). Server flags:
+//   bun-nbd   bun src/cli.ts serve -q -p 12510 IMG
+//   nbdkit    nbdkit -f -p 12511 -i 127.0.0.1 file file=IMG           (defaults: 16 threads, parallel)
+//   qemu-nbd  qemu-nbd -f raw -t -e 8 -p 12512 -b 127.0.0.1 IMG       (defaults: cache=writeback,
+//             aio=threads; -e 8 lets nbdcopy open several connections, like the other two allow)
+import { spawn, spawnSync, type Subprocess } from "bun";
+import { closeSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync, writeSync } from "node:fs";
+import { cpus, tmpdir, totalmem } from "node:os";
+import { join } from "node:path";
+import { parseArgs } from "node:util";
+
+const ROOT = new URL("..", import.meta.url).pathname.replace(/\/$/, "");
+const PATH = `/usr/bin:/usr/sbin:/bin:/sbin:${process.env.PATH ?? ""}`;
+const GiB = 1024 ** 3;
+const MiB = 1024 ** 2;
+
+const { values: opt } = parseArgs({
+  options: {
+    quick: { type: "boolean" },
+    runtime: { type: "string" },
+    dir: { type: "string" },
+    servers: { type: "string" },
+    unix: { type: "boolean" },
+    json: { type: "string" },
+    help: { type: "boolean", short: "h" },
+  },
+});
+if (opt.help) {
+  console.log(readFileSync(new URL(import.meta.url)).toString().split("\n").filter((l) => l.startsWith("//")).map((l) => l.slice(3)).join("\n"));
+  process.exit(0);
+}
+const RUNTIME = Number(opt.runtime ?? (opt.quick ? 3 : 10));
+const SIZE = opt.quick ? GiB / 4 : GiB;
+const SERVERS = (opt.servers ?? "bun,nbdkit,qemu").split(",");
+const CLK_TCK = Number(spawnSync(["getconf", "CLK_TCK"]).stdout.toString().trim()) || 100;
+
+interface Workload { id: string; label: string; unit: "MB/s" | "IOPS"; fio?: string[]; nbdcopy?: boolean }
+const WORKLOADS: Workload[] = [
+  { id: "seqread-1m-qd16", label: "1 MiB sequential read, QD16", unit: "MB/s", fio: ["--rw=read", "--bs=1m", "--iodepth=16"] },
+  { id: "randread-4k-qd1", label: "4 KiB random read, QD1", unit: "IOPS", fio: ["--rw=randread", "--bs=4k", "--iodepth=1"] },
+  { id: "randread-4k-qd32", label: "4 KiB random read, QD32", unit: "IOPS", fio: ["--rw=randread", "--bs=4k", "--iodepth=32"] },
+  { id: "randwrite-4k-qd32", label: "4 KiB random write, QD32", unit: "IOPS", fio: ["--rw=randwrite", "--bs=4k", "--iodepth=32"] },
+  { id: "seqwrite-64k-qd8", label: "64 KiB sequential write, QD8", unit: "MB/s", fio: ["--rw=write", "--bs=64k", "--iodepth=8"] },
+  { id: "nbdcopy-null", label: "nbdcopy URI null: (whole image)", unit: "MB/s", nbdcopy: true },
+];
+
+interface Result { value: number; bytes: number; cpu: number; seconds: number }
+type Results = Record<string, Record<string, Result>>;
+
+const dir = mkdtempSync(join(opt.dir ?? tmpdir(), "bun-nbd-e2e-"));
+let current: Subprocess | null = null;
+const cleanup = () => {
+  if (current && current.exitCode === null) current.kill("SIGKILL");
+  rmSync(dir, { recursive: true, force: true });
+};
+process.on("exit", cleanup);
+process.on("SIGINT", () => { cleanup(); process.exit(130); });
+
+function fsType(path: string): string {
+  const r = spawnSync(["df", "--output=fstype", path]);
+  return r.stdout.toString().trim().split("\n").at(-1) ?? "?";
+}
+
+function cpuTicks(pid: number): number {
+  // fields after the ")" of comm: state is field 3; utime and stime are fields 14 and 15
+  const s = readFileSync(`/proc/${pid}/stat`, "utf8");
+  const f = s.slice(s.lastIndexOf(")") + 2).split(" ");
+  return Number(f[11]) + Number(f[12]);
+}
+
+function makeImage(path: string): void {
+  const fd = openSync(path, "w");
+  const block = new Uint8Array(MiB);
+  let x = 0x9e3779b9;
+  for (let p = 0; p < SIZE; p += MiB) {
+    for (let i = 0; i < block.length; i += 4) {
+      x ^= x << 13; x ^= x >>> 17; x ^= x << 5;
+      block[i] = x; block[i + 1] = x >>> 8; block[i + 2] = x >>> 16; block[i + 3] = x >>> 24;
+    }
+    writeSync(fd, block, 0, MiB, p);
+  }
+  closeSync(fd);
+  spawnSync(["sync"]);
+}
+
+interface Started { proc: Subprocess; uri: string; pid: number }
+
+async function waitPort(uri: string, proc: Subprocess, what: string): Promise<void> {
+  const limit = Date.now() + 20_000;
+  for (;;) {
+    const r = spawnSync(["nbdinfo", "--size", uri], { env: { ...process.env, PATH } });
+    if (r.exitCode === 0) return;
+    if (proc.exitCode !== null) throw new Error(`${what} exited ${proc.exitCode}`);
+    if (Date.now() > limit) throw new Error(`${what} did not come up`);
+    await Bun.sleep(100);
+  }
+}
+
+async function start(server: string, img: string): Promise<Started> {
+  const port = { bun: 12510, nbdkit: 12511, qemu: 12512 }[server]!;
+  const sock = join(dir, `${server}.sock`);
+  const tcp = !opt.unix;
+  let cmd: string[];
+  let uri: string;
+  if (server === "bun") {
+    cmd = [process.execPath, join(ROOT, "src/cli.ts"), "serve", "-q", ...(tcp ? ["-p", String(port)] : ["-k", sock]), img];
+    uri = tcp ? `nbd://127.0.0.1:${port}/` : `nbd+unix:///?socket=${sock}`;
+  } else if (server === "nbdkit") {
+    cmd = ["nbdkit", "-f", ...(tcp ? ["-p", String(port), "-i", "127.0.0.1"] : ["-U", sock]), "file", `file=${img}`];
+    uri = tcp ? `nbd://127.0.0.1:${port}/` : `nbd+unix:///?socket=${sock}`;
+  } else if (server === "qemu") {
+    cmd = ["qemu-nbd", "-f", "raw", "-t", "-e", "8", ...(tcp ? ["-p", String(port), "-b", "127.0.0.1"] : ["-k", sock]), img];
+    uri = tcp ? `nbd://127.0.0.1:${port}/` : `nbd+unix:///?socket=${sock}`;
+  } else throw new Error(`unknown server ${server}`);
+  const proc = spawn(cmd, { stdout: "ignore", stderr: "inherit", stdin: "ignore", env: { ...process.env, PATH } });
+  current = proc;
+  await waitPort(uri, proc, server);
+  return { proc, uri, pid: proc.pid };
+}
+
+async function stop(s: Started): Promise<void> {
+  s.proc.kill("SIGTERM");
+  const t = setTimeout(() => s.proc.kill("SIGKILL"), 10_000);
+  await s.proc.exited;
+  clearTimeout(t);
+  current = null;
+}
+
+function runFio(uri: string, w: Workload): { value: number; bytes: number } {
+  const r = spawnSync(["fio", `--name=${w.id}`, "--ioengine=nbd", `--uri=${uri}`, ...w.fio!, `--size=${SIZE}`,
+    "--time_based", `--runtime=${RUNTIME}`, "--randrepeat=1", "--random_generator=lfsr",
+    "--norandommap", "--output-format=json"], { env: { ...process.env, PATH } });
+  if (r.exitCode !== 0) throw new Error(`fio ${w.id} failed: ${r.stderr.toString()}`);
+  const out = r.stdout.toString();
+  const j = JSON.parse(out.slice(out.indexOf("{")));
+  const job = j.jobs[0];
+  const rw = w.fio!.some((a) => a.includes("write")) ? job.write : job.read;
+  const bytes = job.read.io_bytes + job.write.io_bytes;
+  return { value: w.unit === "IOPS" ? rw.iops : rw.bw_bytes / 1e6, bytes };
+}
+
+function runNbdcopy(uri: string): { value: number; bytes: number } {
+  const t0 = performance.now();
+  const r = spawnSync(["nbdcopy", uri, "null:"], { env: { ...process.env, PATH } });
+  const secs = (performance.now() - t0) / 1000;
+  if (r.exitCode !== 0) throw new Error(`nbdcopy failed: ${r.stderr.toString()}`);
+  return { value: SIZE / secs / 1e6, bytes: SIZE };
+}
+
+function fmt(v: number | undefined, unit: string): string {
+  if (v === undefined || !Number.isFinite(v)) return "-";
+  return unit === "IOPS" ? Math.round(v).toLocaleString("en-US") : v.toFixed(0);
+}
+const ratio = (a?: Result, b?: Result) => (a && b && b.value > 0 ? `${(a.value / b.value).toFixed(2)}x` : "-");
+const cpu = (r?: Result) => (r ? (r.cpu / (r.bytes / GiB)).toFixed(2) : "-");
+
+function machine(): string {
+  const cpuModel = cpus()[0]?.model ?? "?";
+  const kernel = spawnSync(["uname", "-r"]).stdout.toString().trim();
+  const v = (cmd: string[]) => spawnSync(cmd, { env: { ...process.env, PATH } }).stdout.toString().split("\n")[0]!.trim();
+  return [
+    `${cpus().length} x ${cpuModel}, ${(totalmem() / GiB).toFixed(0)} GiB RAM, Linux ${kernel}`,
+    `image: ${(SIZE / GiB).toFixed(2)} GiB in ${dir} (${fsType(dir)}), transport ${opt.unix ? "unix socket" : "TCP 127.0.0.1"}`,
+    `Bun ${Bun.version}; ${v(["nbdkit", "--version"])}; ${v(["qemu-nbd", "--version"])}; ${v(["fio", "--version"])}; nbdcopy ${v(["nbdcopy", "--version"]).replace(/^nbdcopy /, "")}`,
+    `fio: ioengine=nbd, time_based runtime=${RUNTIME}s (no ramp, so CPU and bytes cover the same interval), size=${SIZE / MiB} MiB, one job`,
+  ].join("\n");
+}
+
+async function main(): Promise<void> {
+  const img = join(dir, "bench.img");
+  const type = fsType(dir);
+  console.error(`# creating a ${(SIZE / GiB).toFixed(2)} GiB image in ${dir} (${type})`);
+  if (type === "tmpfs" || type === "ramfs") console.error("# warning: the image is on tmpfs; use --dir on a disk-backed filesystem");
+  makeImage(img);
+  const results: Results = {};
+  for (const server of SERVERS) {
+    results[server] = {};
+    const s = await start(server, img);
+    try {
+      for (const w of WORKLOADS) {
+        const c0 = cpuTicks(s.pid);
+        const t0 = performance.now();
+        const r = w.nbdcopy ? runNbdcopy(s.uri) : runFio(s.uri, w);
+        const seconds = (performance.now() - t0) / 1000;
+        const cpuS = (cpuTicks(s.pid) - c0) / CLK_TCK;
+        results[server]![w.id] = { ...r, cpu: cpuS, seconds };
+        console.error(`# ${server.padEnd(6)} ${w.id.padEnd(18)} ${fmt(r.value, w.unit).padStart(9)} ${w.unit}  server CPU ${cpuS.toFixed(2)} s for ${(r.bytes / GiB).toFixed(2)} GiB`);
+      }
+    } finally {
+      await stop(s);
+    }
+  }
+  const name = (s: string) => ({ bun: "bun-nbd", nbdkit: "nbdkit", qemu: "qemu-nbd" }[s] ?? s);
+  const lines = [
+    `| workload | unit | ${SERVERS.map(name).join(" | ")} | bun-nbd/nbdkit | bun-nbd/qemu-nbd | CPU s/GiB ${SERVERS.map(name).join(" / ")} |`,
+    `|---|---|${SERVERS.map(() => "---:").join("|")}|---:|---:|---:|`,
+  ];
+  for (const w of WORKLOADS) {
+    const r = (s: string) => results[s]?.[w.id];
+    lines.push(`| ${w.label} | ${w.unit} | ${SERVERS.map((s) => fmt(r(s)?.value, w.unit)).join(" | ")} | ${ratio(r("bun"), r("nbdkit"))} | ${ratio(r("bun"), r("qemu"))} | ${SERVERS.map((s) => cpu(r(s))).join(" / ")} |`);
+  }
+  console.log(`\n${machine()}\n\n${lines.join("\n")}`);
+  if (opt.json) writeFileSync(opt.json, JSON.stringify({ machine: machine(), runtime: RUNTIME, size: SIZE, results }, null, 2));
+}
+
+await main();
+
