@@ -62,8 +62,11 @@ async function openNbd(uri: string, connections: number, timeoutMs: number): Pro
   const first = await connect(uri, { requestTimeoutMs: timeoutMs });
   const clients: NbdClient[] = [first];
   try {
-    if (first.info.canMultiConn) {
-      while (clients.length < connections) clients.push(await connect(uri, { requestTimeoutMs: timeoutMs }));
+    if (first.info.canMultiConn && connections > 1) {
+      const more = await Promise.allSettled(Array.from({ length: connections - 1 }, () => connect(uri, { requestTimeoutMs: timeoutMs })));
+      for (const r of more) if (r.status === "fulfilled") clients.push(r.value);
+      const failed = more.find((r) => r.status === "rejected");
+      if (failed) throw failed.reason;
     }
   } catch (e) {
     await Promise.all(clients.map((c) => c.close()));

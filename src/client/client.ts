@@ -181,14 +181,15 @@ export class NbdClient {
     const max = Math.min(bs ? bs.maximum : MAX_PAYLOAD_CAP, MAX_PAYLOAD_CAP);
     this.limits = { minimum, preferred, maxPayload: Math.max(minimum, max - (max % minimum)) };
     this.closed = new Promise((r) => (this.resolveClosed = r));
-    this.socket.on("data", (c: Buffer) => this.onData(c));
+    if (n.rx) n.rx.on = (b: Buffer, len: number) => this.onData(b, len);
+    else this.socket.on("data", (c: Buffer) => this.onData(c, c.length));
     this.socket.on("error", (e: Error) => this.fail(new NbdDisconnectedError(`connection error: ${e.message}`, { cause: e })));
     this.socket.on("end", () => this.fail(new NbdDisconnectedError("the server closed the connection")));
     this.socket.on("close", () => {
       this.fail(new NbdDisconnectedError("the connection closed"));
       this.resolveClosed();
     });
-    for (const c of n.leftover) this.onData(c);
+    for (const c of n.leftover) this.onData(c, c.length);
   }
 
   /** Requests sent and not yet answered. */
@@ -526,8 +527,8 @@ export class NbdClient {
   // ---------------------------------------------------------------------------------------------
   // Receiving
 
-  private onData(chunk: Buffer): void {
-    const n = chunk.length;
+  /** Parses `chunk[0..n)`. Keeps no reference to `chunk`: the caller may reuse it. */
+  private onData(chunk: Buffer, n: number): void {
     let i = 0;
     while (i < n && !this.dead) {
       switch (this.state) {

@@ -29,6 +29,8 @@ export interface CopyDestination {
   /** Called once with the source size before anything is written. */
   prepare(size: number): Promise<void> | void;
   write(buf: Uint8Array, offset: number, lane: number): Promise<void> | void;
+  /** False when zero ranges cost nothing more than data (a null sink): skip looking for zero blocks. */
+  readonly sparse?: boolean;
   /** Makes [offset, offset+length) read as zeros, deallocating it where possible. */
   zero(offset: number, length: number, lane: number): Promise<void> | void;
   flush(): Promise<void> | void;
@@ -85,7 +87,7 @@ export async function copy(src: CopySource, dst: CopyDestination, opts: CopyOpti
   let requestSize = opts.requestSize ?? 256 * 1024;
   requestSize = Math.max(align, requestSize - (requestSize % align));
   const workers = Math.max(1, opts.workers ?? 16);
-  const detect = opts.detectZeroes !== false;
+  const detect = opts.detectZeroes !== false && dst.sparse !== false;
   await dst.prepare(size);
 
   const units: Unit[] = [];
@@ -309,6 +311,7 @@ export class FileDestination implements CopyDestination {
 /** A destination that discards everything (`null:`), for benchmarks and verification with sha256. */
 export class NullEndpoint implements CopyDestination {
   readonly size = undefined;
+  readonly sparse = false;
   readonly blockSize = 1;
   prepare(): void {}
   write(): void {}

@@ -156,12 +156,33 @@ class ByteQueue {
   }
 }
 
+/**
+ * Where a socket's incoming bytes go. Sockets are opened with `onread`, so the runtime reads into
+ * one reused buffer per connection instead of allocating a Buffer per chunk; `on` sees
+ * `buf[0..n)` and must copy whatever it keeps, because the buffer is refilled after it returns.
+ */
+export interface Rx {
+  on: (buf: Buffer, n: number) => void;
+}
+
+/** Size of the per-connection receive buffer. */
+const RX_BUFFER = 256 * 1024;
+
 /** Opens a socket to the target, failing with NbdDisconnectedError("CONNECT_FAILED") or NbdTimeoutError. */
-export function openSocket(target: NbdTarget, timeoutMs: number): Promise<Socket> {
+export function openSocket(target: NbdTarget, timeoutMs: number): Promise<{ socket: Socket; rx: Rx }> {
   return new Promise((resolve, reject) => {
+    const rx: Rx = { on: () => {} };
+    const rxBuf = Buffer.allocUnsafe(RX_BUFFER);
+    const onread = {
+      buffer: rxBuf,
+      callback: (n: number) => {
+        rx.on(rxBuf, n);
+        return true;
+      },
+    };
     const socket = target.transport === "tcp"
-      ? netConnect({ host: target.host, port: target.port })
-      : netConnect({ path: target.path });
+      ? netConnect({ host: target.host, port: target.port, onread })
+      : netConnect({ path: target.path, onread });
     const where = target.transport === "tcp" ? `${target.host}:${target.port}` : target.path;
     const timer = setTimeout(() => {
       socket.destroy();
@@ -177,7 +198,7 @@ export function openSocket(target: NbdTarget, timeoutMs: number): Promise<Socket
       clearTimeout(timer);
       socket.off("error", onError);
       socket.setNoDelay(true);
-      resolve(socket);
+      resolve({ socket, rx });
     });
   });
 }
@@ -185,6 +206,8 @@ export function openSocket(target: NbdTarget, timeoutMs: number): Promise<Socket
 /** The result of GO/EXPORT_NAME: everything the transmission phase needs. */
 export interface Negotiated {
   socket: Socket;
+  /** The socket's receive hook (absent: the client listens for "data" events instead). */
+  rx?: Rx;
   info: ExportInfo;
   structured: boolean;
   /** Selected meta contexts: name → id. */
@@ -210,11 +233,11 @@ export class Negotiation {
   private oldstyleInfo: ExportInfo | null;
   private finished = false;
   private readonly queue = new ByteQueue();
-  private readonly onData = (c: Buffer) => this.queue.push(c);
+  private readonly onData = (b: Buffer, n: number) => this.queue.push(Buffer.from(b.subarray(0, n)));
   private readonly onError = (e: Error) => this.queue.fail(new NbdDisconnectedError(`connection error during the handshake: ${e.message}`, { cause: e }));
   private readonly onClose = () => this.queue.fail(new NbdDisconnectedError("the server closed the connection during the handshake"));
 
-  private constructor(private readonly socket: Socket, private readonly timeoutMs: number, style: HandshakeStyle, noZeroes: boolean, oldstyleInfo: ExportInfo | null) {
+  private constructor(private readonly socket: Socket, private readonly rx: Rx, private readonly timeoutMs: number, style: HandshakeStyle, noZeroes: boolean, oldstyleInfo: ExportInfo | null) {
     this.style = style;
     this.noZeroes = noZeroes;
     this.oldstyleInfo = oldstyleInfo;
@@ -223,12 +246,11 @@ export class Negotiation {
   /** Connects and reads the greeting. */
   static async open(target: NbdTarget, opts: ConnectOptions = {}): Promise<Negotiation> {
     const timeoutMs = opts.connectTimeoutMs ?? 10_000;
-    const socket = await openSocket(target, timeoutMs);
+    const { socket, rx } = await openSocket(target, timeoutMs);
     const queue = new ByteQueue();
-    const onData = (c: Buffer) => queue.push(c);
+    rx.on = (b: Buffer, n: number) => queue.push(Buffer.from(b.subarray(0, n)));
     const onError = (e: Error) => queue.fail(new NbdDisconnectedError(`connection error during the handshake: ${e.message}`, { cause: e }));
     const onClose = () => queue.fail(new NbdDisconnectedError("the server closed the connection during the greeting"));
-    socket.on("data", onData);
     socket.on("error", onError);
     socket.on("close", onClose);
     try {
@@ -244,16 +266,15 @@ export class Negotiation {
         const cf = Buffer.alloc(4);
         put32(cf, 0, (fixed ? NBD_FLAG_C_FIXED_NEWSTYLE : 0) | (noZeroes ? NBD_FLAG_C_NO_ZEROES : 0));
         socket.write(cf);
-        neg = new Negotiation(socket, timeoutMs, fixed ? "newstyle-fixed" : "newstyle", noZeroes, null);
+        neg = new Negotiation(socket, rx, timeoutMs, fixed ? "newstyle-fixed" : "newstyle", noZeroes, null);
       } else if (u32(g, 8) === CLISERV_MAGIC_HI && u32(g, 12) === CLISERV_MAGIC_LO) {
         const b = await queue.read(8 + 4 + 124, timeoutMs, "the oldstyle export header");
         const size = u64(b, 0);
         if (!Number.isFinite(size)) throw new NbdProtocolViolation("SIZE_TOO_LARGE", "export size is 2^53 or more");
-        neg = new Negotiation(socket, timeoutMs, "oldstyle", false, describeExport("", size, u32(b, 8) & 0xffff, false));
+        neg = new Negotiation(socket, rx, timeoutMs, "oldstyle", false, describeExport("", size, u32(b, 8) & 0xffff, false));
       } else {
         throw new NbdProtocolViolation("BAD_GREETING", "unknown handshake magic after NBDMAGIC");
       }
-      socket.off("data", onData);
       socket.off("error", onError);
       socket.off("close", onClose);
       neg.attach(queue.rest());
@@ -266,13 +287,13 @@ export class Negotiation {
 
   private attach(early: Buffer[]): void {
     for (const c of early) this.queue.push(c);
-    this.socket.on("data", this.onData);
+    this.rx.on = this.onData;
     this.socket.on("error", this.onError);
     this.socket.on("close", this.onClose);
   }
 
   private detach(): Buffer[] {
-    this.socket.off("data", this.onData);
+    this.rx.on = () => {};
     this.socket.off("error", this.onError);
     this.socket.off("close", this.onClose);
     return this.queue.rest();
@@ -498,7 +519,7 @@ export class Negotiation {
     if (!info && this.style === "newstyle-fixed") info = await this.infoOrGo(NBD_OPT_GO, name);
     if (!info) info = await this.exportName(name);
     this.finished = true;
-    return { socket: this.socket, info, structured: this.structured, metaContexts: this.metaContexts, leftover: this.detach(), style: this.style };
+    return { socket: this.socket, rx: this.rx, info, structured: this.structured, metaContexts: this.metaContexts, leftover: this.detach(), style: this.style };
   }
 
   private async exportName(name: string): Promise<ExportInfo> {
