@@ -6,16 +6,14 @@
 // whose last change was a TRIM: the spec leaves those undefined until rewritten, so they are
 // excluded from read comparisons and zeroed through NBD on both servers at the end; then the two
 // files must be byte-identical and equal to the model. Set DIFF_SEED to replay a seed.
-import { suite } from "uvu";
 import * as assert from "uvu/assert";
 import { readFileSync } from "node:fs";
 import { bytesEqual, deadline } from "./helpers/assert.ts";
 import { need, scratch } from "./helpers/env.ts";
 import { serve } from "./helpers/server.ts";
-import { join, MiB, nbdkitFile, nbdpy, sparseFile } from "./interop-lib.ts";
+import { MiB, guardedSuite, join, nbdkitFile, nbdpy, sparseFile } from "./interop-lib.ts";
 import { pattern } from "./robustness-wire.ts";
 
-const test = suite("differential-nbdkit");
 const dir = scratch("bun-nbd-diff-");
 
 const SCRIPT = `
@@ -184,7 +182,7 @@ async function differential(seed: number, size: number, regions: [number, Uint8A
 const OPS = Number(process.env.DIFF_OPS ?? 2500);
 const seeds = process.env.DIFF_SEED ? [Number(process.env.DIFF_SEED)] : [1, 2];
 
-test.before(() => need("nbdkit", "nbdsh"));
+const { test, run: runSuite } = guardedSuite("differential-nbdkit", () => need("nbdkit", "nbdsh"));
 
 for (const seed of seeds) {
   test(`seed ${seed}: ${OPS} random operations, bun-nbd vs nbdkit vs model`, () => deadline(170_000, `seed ${seed}`, async () => {
@@ -196,4 +194,4 @@ for (const seed of seeds) {
   }));
 }
 
-test.run();
+runSuite();

@@ -1,6 +1,7 @@
 // Shared pieces of the interop, differential and size tests (no tests here): libnbd's python
 // module as an independent client, sparse image builders, and starting nbdkit for comparisons.
 import { existsSync, openSync, writeSync, closeSync, ftruncateSync } from "node:fs";
+import { suite } from "uvu";
 import { join } from "node:path";
 import type { Subprocess } from "bun";
 import { runOk, SYSTEM_PATH } from "./helpers/env.ts";
@@ -87,3 +88,25 @@ export const KiB = 1024;
 export const MiB = 1024 * 1024;
 export const GiB = 1024 * MiB;
 export { join };
+
+/**
+ * A uvu suite whose setup errors fail every test. uvu 0.5.6 swallows errors thrown by before/after
+ * hooks: the suite prints "(0 / N)" and the process still exits 0. Here a failed setup is
+ * remembered and rethrown by each test; teardown that asserts anything belongs in a last test.
+ */
+export function guardedSuite(name: string, setup: () => unknown) {
+  const s = suite(name);
+  let failure: unknown = null;
+  s.before(async () => {
+    try {
+      await setup();
+    } catch (e) {
+      failure = e;
+    }
+  });
+  const test = (title: string, fn: () => unknown) => s(title, async () => {
+    if (failure) throw new Error(`${name} setup failed: ${(failure as Error)?.stack ?? failure}`);
+    await fn();
+  });
+  return { test, after: s.after, run: () => s.run() };
+}

@@ -2,16 +2,14 @@
 // errnos the spec asks for, structured read chunks (holes as OFFSET_HOLE), DF reads, block status
 // with and without REQ_ONE, FUA and flush, write-zeroes with NO_HOLE and FAST_ZERO, trim, cache,
 // and a read-only export. Strict mode is off so out-of-range requests reach the server.
-import { suite } from "uvu";
 import * as assert from "uvu/assert";
 import { readFileSync } from "node:fs";
 import { bytesEqual, deadline } from "./helpers/assert.ts";
 import { need, scratch } from "./helpers/env.ts";
 import { serve, type Served } from "./helpers/server.ts";
-import { join, MiB, nbdpy, sparseFile } from "./interop-lib.ts";
+import { MiB, guardedSuite, join, nbdpy, sparseFile } from "./interop-lib.ts";
 import { pattern } from "./robustness-wire.ts";
 
-const test = suite("interop-nbdsh");
 const dir = scratch("bun-nbd-nbdsh-");
 const SIZE = 16 * MiB;
 // layout: data [0, 1 MiB), hole [1, 4 MiB), data [4 MiB, 4 MiB + 64 KiB), hole to the end
@@ -21,17 +19,13 @@ const roImg = join(dir, "ro.img");
 let rw: Served, ro: Served;
 let uris: [string, string][] = []; // [label, uri]
 
-test.before(async () => {
+const { test, after, run: runSuite } = guardedSuite("interop-nbdsh", async () => {
   need("nbdsh");
   sparseFile(img, SIZE, [[0, DATA1], [4 * MiB, DATA2]]);
   sparseFile(roImg, MiB, [[0, pattern(4096, 0, 5)]]);
   rw = await serve(["-p", "0", img], { socket: join(dir, "rw.sock") });
   ro = await serve(["-r", roImg], { socket: join(dir, "ro.sock") });
   uris = [["tcp", `nbd://127.0.0.1:${rw.port}/disk`], ["unix", rw.uri("disk")]];
-});
-test.after(async () => {
-  if (rw) assert.is(await rw.stop(), 0, "rw server exit status");
-  if (ro) assert.is(await ro.stop(), 0, "ro server exit status");
 });
 
 test("capabilities as libnbd sees them", () => deadline(20_000, "caps", async () => {
@@ -129,8 +123,8 @@ out['small_hole_read'] = small
     const want = Buffer.concat([DATA1, Buffer.alloc(3 * MiB), DATA2, Buffer.alloc(8 * MiB - 4 * MiB - 65536)]);
     assert.is(o.md5, new Bun.CryptoHasher("md5").update(want).digest("hex"), `${label}: bytes of the structured read`);
     assert.is(o.df.length, 1, `${label}: DF read gives one chunk`);
-    assert.equal(o.df[0], [1, MiB - 4096, 65536], `${label}: DF chunk is OFFSET_DATA covering the range`);
-    const small = o.small_hole_read.reduce((n: number, c: number[]) => n + c[2], 0);
+    assert.equal(o.df[0]!, [1, MiB - 4096, 65536], `${label}: DF chunk is OFFSET_DATA covering the range`);
+    const small = o.small_hole_read.reduce((n: number, c: number[]) => n + c[2]!, 0);
     assert.is(small, 4096, `${label}: a small read of a hole is covered`);
   }
 }));
@@ -249,4 +243,12 @@ out['size'] = h.get_size()
   assert.is(o.size, SIZE);
 }));
 
-test.run();
+after(async () => {
+  for (const s of [rw, ro]) if (s?.proc.exitCode === null) await s.stop("SIGKILL");
+});
+test("both servers exit 0 on SIGTERM", async () => {
+  assert.is(await rw.stop(), 0, rw.output().slice(-3000));
+  assert.is(await ro.stop(), 0, ro.output().slice(-3000));
+});
+
+runSuite();

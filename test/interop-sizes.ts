@@ -3,15 +3,13 @@
 // with sparse files. Each export: the size as nbdinfo, libnbd and qemu-img see it, writes that end
 // exactly at the last byte and straddle the 2^31/2^32 boundaries (checked in the file), the
 // errnos one byte past the end, and block status near the end.
-import { suite } from "uvu";
 import * as assert from "uvu/assert";
 import { closeSync, existsSync, mkdtempSync, openSync, readSync, rmSync, statSync } from "node:fs";
 import { bytesEqual, deadline } from "./helpers/assert.ts";
 import { need, run, runOk, scratch } from "./helpers/env.ts";
 import { serve, type Served } from "./helpers/server.ts";
-import { GiB, join, nbdpy, sparseFile } from "./interop-lib.ts";
+import { GiB, guardedSuite, join, nbdpy, sparseFile } from "./interop-lib.ts";
 
-const test = suite("interop-sizes");
 const dir = scratch("bun-nbd-sizes-");
 const EXT4_MAX = 2 ** 44 - 4096;
 const shm = existsSync("/dev/shm") ? mkdtempSync("/dev/shm/bun-nbd-sizes-") : null;
@@ -41,19 +39,11 @@ function fileBytes(path: string, offset: number, length: number): Buffer {
 }
 const fill = (n: number, seed: number) => Buffer.from(Array.from({ length: n }, (_, i) => (i * 13 + seed) & 0xff));
 
-test.before(async () => {
-  try {
-    need("nbdinfo", "qemu-img", "qemu-io");
-    const paths = sizes.map(([name, size, where]) => sparseFile(join(where, `${name}.img`), size));
-    srv = await serve(["-q", ...paths]);
-    if (!shm) console.log("  /dev/shm missing: 2^53 not tested with a file");
-  } catch (e) {
-    console.error("interop-sizes setup failed:", e); // uvu does not report errors thrown by hooks
-    throw e;
-  }
-});
-test.after(async () => {
-  if (srv) assert.is(await srv.stop(), 0);
+const { test, after, run: runSuite } = guardedSuite("interop-sizes", async () => {
+  need("nbdinfo", "qemu-img", "qemu-io");
+  const paths = sizes.map(([name, size, where]) => sparseFile(join(where, `${name}.img`), size));
+  srv = await serve(["-q", ...paths]);
+  if (!shm) console.log("  /dev/shm missing: 2^53 not tested with a file");
 });
 
 test("sizes are exact in nbdinfo --list, libnbd and qemu-img info", () => deadline(30_000, "sizes", async () => {
@@ -134,4 +124,9 @@ test("qemu-io and nbdinfo --map at the far end", () => deadline(30_000, "qemu-io
   }
 }));
 
-test.run();
+after(async () => { if (srv?.proc.exitCode === null) await srv.stop("SIGKILL"); });
+test("the server exits 0 on SIGTERM", async () => {
+  assert.is(await srv.stop(), 0, srv.output().slice(-3000));
+});
+
+runSuite();

@@ -1,16 +1,14 @@
 // Real clients against bun-nbd over TCP and a unix socket: nbdinfo (--json, --list, --map,
 // --can/--is), qemu-io, qemu-img (compare, map, info), nbdcopy in and out, fio's nbd engine with
 // crc32c verification, nbd-client -l, and IPv6 (-b ::1). Results are checked against the files.
-import { suite } from "uvu";
 import * as assert from "uvu/assert";
 import { copyFileSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { bytesEqual, deadline } from "./helpers/assert.ts";
 import { need, run, runOk, scratch } from "./helpers/env.ts";
 import { serve, type Served } from "./helpers/server.ts";
-import { join, KiB, MiB, nbdinfoJson, sparseFile } from "./interop-lib.ts";
+import { KiB, MiB, guardedSuite, join, nbdinfoJson, sparseFile } from "./interop-lib.ts";
 import { pattern } from "./robustness-wire.ts";
 
-const test = suite("interop-tools");
 const dir = scratch("bun-nbd-tools-");
 const DISK = 8 * MiB, SPARSE = 64 * MiB, OTHER = MiB, FIO = 8 * MiB;
 const files = {
@@ -24,7 +22,7 @@ let srv: Served;
 /** [label, uri(name)] for TCP and the unix socket. */
 let transports: [string, (name: string) => string][] = [];
 
-test.before(async () => {
+const { test, after, run: runSuite } = guardedSuite("interop-tools", async () => {
   need("nbdinfo", "qemu-io", "qemu-img", "nbdcopy", "fio", "nbd-client");
   writeFileSync(files.disk, pattern(DISK, 0, 3));
   sparseFile(files.sparse, SPARSE, [[0, pattern(64 * KiB, 0, 4)], [32 * MiB, pattern(MiB, 32 * MiB, 5)]]);
@@ -35,9 +33,6 @@ test.before(async () => {
     ["tcp", (n) => `nbd://127.0.0.1:${srv.port}/${n}`],
     ["unix", (n) => `nbd+unix:///${n}?socket=${sock}`],
   ];
-});
-test.after(async () => {
-  if (srv) assert.is(await srv.stop(), 0, `server exit status\n${srv.output().slice(-2000)}`);
 });
 
 test("nbdinfo --json: size, flags, block sizes, description", () => deadline(20_000, "nbdinfo", async () => {
@@ -162,7 +157,7 @@ test("qemu-img compare and info against the file", () => deadline(30_000, "qemu-
   const copy = join(dir, "disk-modified.img");
   copyFileSync(files.disk, copy);
   const f = readFileSync(copy);
-  f[5 * MiB + 17] ^= 0xff;
+  f[5 * MiB + 17] = f[5 * MiB + 17]! ^ 0xff;
   writeFileSync(copy, f);
   const r = await run(["qemu-img", "compare", "-f", "raw", "-F", "raw", copy, transports[0]![1]("disk")]);
   assert.is(r.code, 1, `compare of a modified copy: ${r.stdout}`);
@@ -237,4 +232,9 @@ test("IPv6: -b ::1 (and both families at once)", () => deadline(30_000, "ipv6", 
   }
 }));
 
-test.run();
+after(async () => { if (srv?.proc.exitCode === null) await srv.stop("SIGKILL"); });
+test("the server exits 0 on SIGTERM", async () => {
+  assert.is(await srv.stop(), 0, srv.output().slice(-3000));
+});
+
+runSuite();

@@ -2,29 +2,25 @@
 // own connection (or is answered with the errno/option error the spec asks for), and the server
 // keeps serving the next client. One server for the whole file; every test ends by checking that a
 // fresh client still gets a working export.
-import { suite } from "uvu";
 import * as assert from "uvu/assert";
 import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { bytesEqual, deadline } from "./helpers/assert.ts";
 import { scratch } from "./helpers/env.ts";
+import { guardedSuite } from "./interop-lib.ts";
 import { serve, type Served } from "./helpers/server.ts";
 import { CMD, ERR, OPT, REP, Wire, infoData, metaContextData, pattern, request, u32, type Target } from "./robustness-wire.ts";
 
-const test = suite("robustness-protocol");
 const dir = scratch("bun-nbd-robust-");
 const SIZE = 4 * 1024 * 1024;
 const img = join(dir, "disk.img");
 let srv: Served;
 let tcp: Target;
 
-test.before(async () => {
+const { test, after, run: runSuite } = guardedSuite("robustness-protocol", async () => {
   writeFileSync(img, pattern(SIZE, 0, 7));
   srv = await serve([img]);
   tcp = { port: srv.port };
-});
-test.after(async () => {
-  if (srv) assert.is(await srv.stop(), 0, "server exit status");
 });
 
 /** A fresh client can still negotiate and read: the server survived whatever came before. */
@@ -362,4 +358,9 @@ test("unknown command and invalid flags: EINVAL, session continues", () => deadl
   }
 }));
 
-test.run();
+after(async () => { if (srv?.proc.exitCode === null) await srv.stop("SIGKILL"); });
+test("the server exits 0 on SIGTERM after all of the above", async () => {
+  assert.is(await srv.stop(), 0, srv.output().slice(-3000));
+});
+
+runSuite();
