@@ -7,13 +7,14 @@ import { suite } from "uvu";
 import * as assert from "uvu/assert";
 import { copyFileSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { BUN, CLI, need, run, runOk, scratch } from "./helpers/env.ts";
+import { BUN, CLI, need, ROOT, run, runOk, scratch } from "./helpers/env.ts";
 import { serve, type Served } from "./helpers/server.ts";
 import { fix, H, fileSha } from "./cd-helpers.ts";
 
 const test = suite("cd serve");
 const dir = scratch("bun-nbd-cdserve-");
-const cdboot = fix("boot/cdboot.bin");
+// The El Torito boot program is shared with the boot tests (source: test/e2e/boot/cdboot.S).
+const cdboot = join(ROOT, "test/e2e/boot/cdboot.bin");
 let server: Served | null = null;
 let expectSerial: string[] = [];
 
