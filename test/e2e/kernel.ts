@@ -47,7 +47,7 @@ export async function runGuest(opts: GuestOptions): Promise<GuestRun> {
   const base = await Bun.file(g.initramfs).bytes();
   const timeoutMs = opts.timeoutMs ?? Number(process.env.BUN_NBD_E2E_KERNEL_TIMEOUT_MS || 240_000);
   // the guest's own watchdog fires well before the host's timeout, so a hang still gets diagnosed
-  const stepsSh = `watchdog ${Math.max(20, Math.floor(timeoutMs / 1000) - 25)}\n${opts.steps}\n`;
+  const stepsSh = `watchdog ${Math.max(20, Math.floor(timeoutMs / 1000) - 40)}\n${opts.steps}\n`;
   const extra = overlayArchive({ "steps.sh": { data: stepsSh, mode: 0o644 } });
   writeFileSync(initrd, Buffer.concat([base, extra]));
   writeFileSync(join(opts.logDir, "steps.sh"), stepsSh);
