@@ -12,6 +12,7 @@ import { bytesEqual } from "./helpers/assert.ts";
 import { need, run, runOk, scratch } from "./helpers/env.ts";
 import { fileBytes } from "./e2e/boot.ts";
 import { GiB, makePatternedImage, MiB } from "./e2e/images.ts";
+import { CACHE } from "./e2e/initramfs.ts";
 import { fields, guestPattern, reads, runGuest, type GuestRun, type StepResult } from "./e2e/kernel.ts";
 import { md5, nbdRead } from "./e2e/nbdhost.ts";
 import { BACKEND, startServer, type E2EServer } from "./e2e/server.ts";
@@ -70,7 +71,7 @@ function runBootA(): Promise<Boot> {
     ovBaseMd5Before = md5(readFileSync(IMG.ovbase.path));
     const servers = [
       await startServer([IMG.disk.path, IMG.odd512.path, IMG.odd.path, IMG.big.path, IMG.fs.path]),
-      await startServer([IMG.ro.path], { readOnly: true }),
+      await startServer([IMG.ro.path], { readOnly: true, verbose: true }),
       await startServer([IMG.dur.path], { verbose: true }),
     ];
     if (withOverlay) servers.push(await startServer([IMG.ovbase.path], { extra: ["--overlay", OVERLAY] }));
@@ -96,7 +97,7 @@ function runBootA(): Promise<Boot> {
     const exitCodes = await stopAll(servers);
     report.push(timingLine("boot A (1 vCPU)", r));
     const c = Object.entries(r.cacheTimings).map(([k, v]) => `${k} ${v.toFixed(1)}s`).join(", ");
-    if (c) report.push(`guest files (download/extract/initramfs, cached in ~/.cache/bun-nbd-e2e): ${c}`);
+    if (c) report.push(`guest files (download/extract/initramfs, cached in ${CACHE}): ${c}`);
     warnings.push(...r.warnings);
     return { run: r, servers, exitCodes };
   })();
@@ -237,6 +238,13 @@ test("read-only export (-r): reads work, writes fail in the guest, the file is u
   const dw = s.lines.find((l) => l.startsWith("direct-write"));
   assert.ok(dw && !dw.startsWith("direct-write rc=0 "), `O_DIRECT write must fail: ${dw}`);
   assert.is(md5(readFileSync(IMG.ro.path)), roMd5Before, "read-only image unchanged");
+  // the kernel honours the export's READ_ONLY flag (the device is ro=1), so the writes are refused
+  // in the guest's block layer with EPERM and never reach the server
+  const counts = requestsPerConnection(b.servers[1]!.output());
+  if (BACKEND === "bun-nbd") {
+    assert.ok([...counts.values()].some((c) => (c.READ ?? 0) > 0), `reads reached the read-only server: ${describeCounts(counts)}`);
+    assert.ok([...counts.values()].every((c) => !c.WRITE), `no write reached the read-only server: ${describeCounts(counts)}`);
+  }
   report.push(`read-only: guest saw "${s.lines.find((l) => l.startsWith("write "))?.slice(0, 120)}"`);
 });
 

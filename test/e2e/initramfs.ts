@@ -94,7 +94,7 @@ function moduleDepends(ko: Uint8Array): string[] {
 // ---- newc cpio writer (what `cpio -o -H newc` writes), owner root, mtime 0 -------------------
 export interface CpioEntry { name: string; mode: number; data?: Uint8Array }
 
-export function cpioNewc(entries: CpioEntry[]): Uint8Array {
+export function cpioNewc(entries: CpioEntry[]): Uint8Array<ArrayBuffer> {
   const parts: Uint8Array[] = [];
   let len = 0;
   const push = (b: Uint8Array) => { parts.push(b); len += b.length; };
