@@ -82,6 +82,22 @@ test("IDE disk: overlay export (--overlay), base image unchanged", async () => {
   bytesEqual(fileBytes(raw, want.writeLba * 512, 512), expectedWrittenSector(), "written sector in the overlay (qemu-img convert)");
 });
 
+test("virtio disk: --snapshot export, writes seen during the session, base unchanged", async () => {
+  if (BACKEND !== "bun-nbd") return console.log("  (snapshot case needs bun-nbd)");
+  const base = copyOfExample("snapshot");
+  const want = hdExpectations(4 * MiB);
+  const server = await startServer([base], { extra: ["--snapshot"] });
+  try {
+    const { run, problems } = await boot("virtio", server.uri("boot"), want.expect, join(dir, "log-snapshot"));
+    timings.push(`virtio snapshot qemu ${run.seconds.toFixed(2)}s`);
+    assert.ok(problems.length === 0, problems.join("\n"));
+    bytesEqual(await nbdRead(server.uri("boot"), want.writeLba * 512, 512), expectedWrittenSector(), "written sector over a fresh NBD connection");
+  } finally {
+    assert.is(await server.stop(), 0, "server exit status after SIGTERM");
+  }
+  bytesEqual(readFileSync(base), readFileSync(join(ROOT, "examples/boot.img")), "base image after the boot");
+});
+
 test("CD-ROM: El Torito ISO served read-only (-r)", async () => {
   const iso = await makeCdIso(join(dir, "cd.iso"), dir);
   const server = await startServer([iso.path], { readOnly: true });
