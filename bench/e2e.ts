@@ -5,7 +5,7 @@
 // /proc/PID/stat around each workload).
 //
 //   bun bench/e2e.ts [--quick] [--runtime SECONDS] [--rounds N] [--dir DIR]
-//                    [--servers bun,nbdkit,qemu] [--unix] [--json FILE]
+//                    [--servers bun,nbdkit,qemu] [--only WORKLOAD,...] [--unix] [--json FILE]
 //
 // --quick: a 256 MiB image and 3 s per workload. --rounds N: run the whole sequence (every server,
 // one after another) N times and keep each server's best result per workload, which filters out
@@ -36,6 +36,7 @@ const { values: opt } = parseArgs({
     rounds: { type: "string" },
     dir: { type: "string" },
     servers: { type: "string" },
+    only: { type: "string" },
     unix: { type: "boolean" },
     json: { type: "string" },
     help: { type: "boolean", short: "h" },
@@ -60,6 +61,12 @@ const WORKLOADS: Workload[] = [
   { id: "seqwrite-64k-qd8", label: "64 KiB sequential write, QD8", unit: "MB/s", fio: ["--rw=write", "--bs=64k", "--iodepth=8"] },
   { id: "nbdcopy-null", label: "nbdcopy URI null: (whole image)", unit: "MB/s", nbdcopy: true },
 ];
+
+if (opt.only) {
+  const keep = opt.only.split(",");
+  for (const id of keep) if (!WORKLOADS.some((w) => w.id === id)) throw new Error(`unknown workload ${id} (one of ${WORKLOADS.map((w) => w.id).join(", ")})`);
+  WORKLOADS.splice(0, WORKLOADS.length, ...WORKLOADS.filter((w) => keep.includes(w.id)));
+}
 
 interface Result { value: number; bytes: number; cpu: number; seconds: number }
 type Results = Record<string, Record<string, Result>>;
