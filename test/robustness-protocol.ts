@@ -209,6 +209,35 @@ test("EXPORT_NAME of a known export: size, flags and (with NO_ZEROES) no padding
   w.destroy();
 }));
 
+test("EXPORT_NAME without NO_ZEROES: 124 bytes of zero padding after size and flags", () => deadline(15_000, "padding", async () => {
+  const w = await Wire.open(tcp);
+  await w.greeting();
+  w.write(u32(1)); // FIXED_NEWSTYLE only
+  w.sendOption(OPT.EXPORT_NAME, Buffer.from("disk"));
+  const r = await w.read(10 + 124);
+  assert.is(Number(r.readBigUInt64BE(0)), SIZE);
+  bytesEqual(r.subarray(10), Buffer.alloc(124), "padding");
+  w.write(request(CMD.READ, 6n, 0, 16));
+  assert.is((await w.simpleReply(16)).cookie, 6n);
+  w.destroy();
+}));
+
+test("requests pipelined in the same packet as GO are served", () => deadline(15_000, "pipelined after GO", async () => {
+  const w = await Wire.open(tcp);
+  await w.greeting();
+  const go = Buffer.concat([Buffer.from("IHAVEOPT"), u32(OPT.GO), u32(infoData("disk").length), infoData("disk")]);
+  w.write(Buffer.concat([u32(3), go, request(CMD.READ, 1n, 0, 64), request(CMD.READ, 2n, 64, 64)]));
+  const rs = await w.optionReplies();
+  assert.is(rs.at(-1)!.type, REP.ACK);
+  const want = readFileSync(img).subarray(0, 128);
+  for (const c of [1n, 2n]) {
+    const r = await w.simpleReply(64);
+    assert.is(r.cookie, c);
+    bytesEqual(r.data!, want.subarray(Number(c - 1n) * 64, Number(c) * 64), `read ${c}`);
+  }
+  w.destroy();
+}));
+
 // ------------------------------------------------------------------ transmission ----------
 
 test("bad request magic: connection closes, server survives", () => deadline(15_000, "bad magic", async () => {
@@ -261,6 +290,27 @@ test("WRITE immediately followed by DISC in one packet: applied and answered bef
     assert.is(w.pending, 0, "nothing after the write reply (DISC has no reply)");
     bytesEqual(readFileSync(img).subarray(12288, 12288 + 8192), data, "write applied to the file");
   }
+}));
+
+test("DISC after 64 pipelined reads and writes: every request answered before the close", () => deadline(15_000, "disc in flight", async () => {
+  const w = await transmitting({ structured: true });
+  const parts: Buffer[] = [];
+  for (let i = 0; i < 64; i++) {
+    parts.push(i % 2 ? request(CMD.READ, BigInt(i), i * 65536, 65536)
+      : request(CMD.WRITE, BigInt(i), 2 * 1024 * 1024 + i * 4096, 4096, 0, pattern(4096, i, 31)));
+  }
+  parts.push(request(CMD.DISC, 999n, 0, 0));
+  w.write(Buffer.concat(parts));
+  const done = new Set<bigint>();
+  while (done.size < 64) {
+    const c = await w.chunk();
+    assert.ok(c.type === 0 || c.type === 1 || c.type === 2, `chunk type ${c.type}`);
+    if (c.flags & 1) { assert.not.ok(done.has(c.cookie), "DONE twice"); done.add(c.cookie); }
+  }
+  assert.ok(await w.closedWithin(5000), "closed after answering everything");
+  assert.is(w.pending, 0, "nothing after the last reply");
+  const f = readFileSync(img);
+  for (let i = 0; i < 64; i += 2) bytesEqual(f.subarray(2 * 1024 * 1024 + i * 4096, 2 * 1024 * 1024 + (i + 1) * 4096), pattern(4096, i, 31), `write ${i}`);
 }));
 
 test("WRITE of 64 MiB + 4 KiB: error reply, payload consumed, next request answered", () => deadline(60_000, "huge write", async () => {

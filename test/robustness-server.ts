@@ -135,6 +135,33 @@ test("SIGTERM and SIGINT with clients connected (in options and in transmission)
   }
 }));
 
+test("SIGTERM with 200 reads in flight: each answered (data or ESHUTDOWN) or cut off by the close, exit 0", () => deadline(30_000, "sigterm busy", async () => {
+  const img = join(dir, "busy.img");
+  writeFileSync(img, pattern(16 * MiB, 0, 4));
+  const srv = await serve(["-q", img]);
+  const w = await Wire.open({ port: srv.port });
+  await w.hello();
+  await w.go("busy");
+  const reqs: Buffer[] = [];
+  for (let i = 0; i < 200; i++) reqs.push(request(CMD.READ, BigInt(i), (i % 16) * MiB, MiB));
+  w.write(Buffer.concat(reqs));
+  await Bun.sleep(5);
+  const code = srv.stop();
+  const seen = new Set<bigint>();
+  try {
+    for (;;) {
+      const r = await w.simpleReply();
+      assert.ok(r.error === 0 || r.error === 108, `errno ${r.error}`);
+      assert.not.ok(seen.has(r.cookie), "answered twice");
+      seen.add(r.cookie);
+      if (r.error === 0) await w.read(MiB);
+    }
+  } catch (e) {
+    assert.ok(w.closed, `stopped reading replies for a reason other than the close: ${(e as Error).message}`);
+  }
+  assert.is(await code, 0, `exit status\n${srv.output()}`);
+}));
+
 test("a flushed write and a FUA write survive kill -9 of the server", () => deadline(30_000, "kill -9", async () => {
   const img = join(dir, "k9.img");
   writeFileSync(img, Buffer.alloc(MiB));
