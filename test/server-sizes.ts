@@ -31,4 +31,20 @@ for (const size of sizes) {
   });
 }
 
+test("2^53 export: a request whose end rounds to 2^53 in floating point is still out of range", () => {
+  const size = 2 ** 53;
+  const { t, s } = fakeSession([{ name: "big", device: new MemoryDevice(size) }]);
+  s.onData(cat(clientFlags(), option(NBD_OPT_GO, encodeInfoRequest("big", []))));
+  t.out = [];
+  // (2^53 - 1) + 2 is 2^53 + 1, which a double rounds to 2^53: the naive check would pass.
+  const at = (b: Uint8Array) => { b.set([0x00, 0x1f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff], 16); return b; };
+  s.onData(cat(
+    at(request(NBD_CMD_WRITE, { cookie: 1, payload: new Uint8Array(2) })),
+    at(request(NBD_CMD_READ, { cookie: 2, length: 2 })),
+    at(request(NBD_CMD_WRITE, { cookie: 3, payload: new Uint8Array(1) })),
+  ));
+  const r = parseServer(t.bytes()) as Extract<Msg, { kind: "simple" }>[];
+  assert.equal(r.map((m) => [m.cookie, m.error]), [[1, NBD_ENOSPC], [2, NBD_EINVAL], [3, 0]]);
+});
+
 test.run();

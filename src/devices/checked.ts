@@ -90,9 +90,11 @@ export class CheckedExport {
     this.contexts = [base, ...extra];
   }
 
-  // Range checks. `offset` and `length` are exact integers < 2^53 (the codec rejects larger).
+  // Range checks. `offset` < 2^53 and `length` < 2^32 are exact (the codec rejects larger
+  // offsets), but their sum may not be: 2^53-1 + 2 rounds to 2^53. Subtract instead, which is
+  // exact; once this passes, offset + length <= size <= 2^53 is exact too.
   private checkRange(offset: number, length: number, errno: number): void {
-    if (offset + length > this.size) {
+    if (offset > this.size || length > this.size - offset) {
       throw new NbdError(errno, `request [${offset}, +${length}) is beyond the export size ${this.size}`);
     }
   }
@@ -105,7 +107,7 @@ export class CheckedExport {
    * transforms the bytes (or the range is out of bounds: read() reports that error).
    */
   fileRange(offset: number, length: number, out: FileRange): boolean {
-    if (!this.device.fileRange || offset + length > this.size) return false;
+    if (!this.device.fileRange || offset > this.size || length > this.size - offset) return false;
     return this.device.fileRange(offset, length, out);
   }
 
