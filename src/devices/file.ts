@@ -23,6 +23,13 @@ export class RawFile implements BlockDevice {
   private canZeroRange = haveLibc;
   private canSeekHoles = haveLibc;
   private closed = false;
+  /**
+   * The last run found to be data by SEEK_DATA/SEEK_HOLE. Large reads ask for extents (to send
+   * holes as holes); inside this run the two lseek calls are skipped. Reporting data is always
+   * safe (status 0), so writes need not touch it; trims and zeroes, which can make holes, reset it.
+   */
+  private dataStart = 0;
+  private dataEnd = 0;
 
   private constructor(path: string, fd: number, size: number, readOnly: boolean) {
     this.path = path;
@@ -98,6 +105,7 @@ export class RawFile implements BlockDevice {
   }
 
   trim(offset: number, length: number, flags: number): void {
+    this.dataEnd = 0;
     // TRIM is a hint: where the filesystem cannot punch holes we do nothing.
     if (this.canPunch) {
       try {
@@ -111,6 +119,7 @@ export class RawFile implements BlockDevice {
   }
 
   zero(offset: number, length: number, flags: number): void {
+    this.dataEnd = 0;
     if (this.zeroFast(offset, length, flags)) {
       if (flags & FUA) fs.fdatasyncSync(this.fd);
       return;
@@ -152,6 +161,10 @@ export class RawFile implements BlockDevice {
       sink.add(offset, length, 0);
       return;
     }
+    if (offset >= this.dataStart && end <= this.dataEnd) {
+      sink.add(offset, length, 0);
+      return;
+    }
     let pos = offset;
     try {
       while (pos < end) {
@@ -162,6 +175,7 @@ export class RawFile implements BlockDevice {
         }
         if (data > pos && !sink.add(pos, data - pos, EXTENT_HOLE | EXTENT_ZERO)) return;
         let hole = seekHole(this.fd, data);
+        if (hole >= 0) { this.dataStart = data; this.dataEnd = hole; }
         if (hole < 0 || hole > end) hole = end;
         if (!sink.add(data, hole - data, 0)) return;
         pos = hole;

@@ -20,7 +20,7 @@ const BATCH_SIZE = 256 * 1024;
 const SMALL_SEND = 64 * 1024;
 
 class SocketTransport implements Transport {
-  private readonly q: Uint8Array[] = [];
+  private readonly q: (Uint8Array | FileSegment)[] = [];
   private bytes = 0;
   private ending = false;
   private corked = false;
@@ -47,30 +47,59 @@ class SocketTransport implements Transport {
     this.write(b, true);
   }
 
-  /** Header, then `length` bytes of file `fd` at `offset` with sendfile(2); what the socket does not take at once is read and queued. */
+  /**
+   * Header, then `length` bytes of file `fd` at `offset` with sendfile(2). When the socket fills,
+   * the rest stays queued as a file segment and continues with sendfile on `drain`.
+   */
   sendFile(header: Uint8Array, fd: number, offset: number, length: number): void {
     this.flushBatch();
+    const seg: FileSegment = { fd, offset, length };
+    this.bytes += length;
     if (this.q.length === 0) {
       const n = this.sock.write(header);
-      if (n < 0) return;
+      if (n < 0) { this.bytes -= length; return; }
       if (n === header.length) {
-        const sfd = (this.sock as unknown as { fd: number }).fd; // present at run time, missing from the typings
-        while (length > 0) {
-          const r = sendfile(sfd, fd, offset, length);
-          if (r <= 0) break; // EAGAIN (socket full) or end of file
-          offset += r;
-          length -= r;
-        }
-        if (length === 0) return;
-        header = EMPTY;
-      } else {
-        header = header.subarray(n);
+        const rest = this.pumpFile(seg);
+        if (rest) this.q.push(rest);
+        if (seg.length > 0) this.q.push(seg);
+        this.session?.checkBackpressure();
+        return;
       }
+      header = header.subarray(n);
     }
-    const b = Buffer.allocUnsafe(header.length + length);
-    b.set(header, 0);
-    readFully(fd, b.subarray(header.length), offset);
-    this.write(b, false);
+    this.q.push(header.slice());
+    this.bytes += header.length;
+    this.q.push(seg);
+    this.session?.checkBackpressure();
+  }
+
+  /**
+   * sendfile() `seg` (updated in place) until it is sent or the socket is full. Bun reports
+   * `drain` only after one of its own writes came up short, so on a full socket read a small
+   * piece of the file and write it through Bun: its unwritten remainder is returned, to be sent
+   * before what is left of `seg`. Returns null once `seg` is fully sent (or the socket is gone).
+   */
+  private pumpFile(seg: FileSegment): Uint8Array | null {
+    const sfd = (this.sock as unknown as { fd: number }).fd; // present at run time, missing from the typings
+    for (;;) {
+      while (seg.length > 0) {
+        const r = sendfile(sfd, seg.fd, seg.offset, seg.length);
+        if (r <= 0) break; // EAGAIN (socket full), or end of file (handled by the read below)
+        seg.offset += r;
+        seg.length -= r;
+        this.bytes -= r;
+      }
+      if (seg.length === 0) return null;
+      const k = Math.min(seg.length, 65536);
+      const b = Buffer.allocUnsafe(k);
+      readFully(seg.fd, b, seg.offset);
+      seg.offset += k;
+      seg.length -= k;
+      const n = this.sock.write(b);
+      if (n < 0) { this.bytes -= seg.length + k; seg.length = 0; return null; }
+      this.bytes -= n;
+      if (n < k) return b.subarray(n);
+    }
   }
 
   cork(): void { this.corked = true; }
@@ -116,15 +145,28 @@ class SocketTransport implements Transport {
   /** The kernel can take more: send what is queued. */
   drain(): void {
     while (this.q.length) {
-      const b = this.q[0]!;
-      const n = this.sock.write(b);
-      if (n < 0) { this.q.length = 0; this.bytes = 0; return; }
-      this.bytes -= n;
-      if (n < b.length) { this.q[0] = b.subarray(n); return; }
-      this.q.shift();
+      const item = this.q[0]!;
+      if (item instanceof Uint8Array) {
+        const n = this.sock.write(item);
+        if (n < 0) { this.q.length = 0; this.bytes = 0; return; }
+        this.bytes -= n;
+        if (n < item.length) { this.q[0] = item.subarray(n); return; }
+        this.q.shift();
+      } else {
+        const rest = this.pumpFile(item);
+        if (item.length === 0) this.q.shift();
+        if (rest) { this.q.unshift(rest); return; }
+      }
     }
     if (this.ending) this.sock.end();
   }
+}
+
+/** Part of a file still to be sent with sendfile(2). */
+interface FileSegment {
+  fd: number;
+  offset: number;
+  length: number;
 }
 
 const EMPTY = new Uint8Array(0);
