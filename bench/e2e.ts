@@ -24,8 +24,7 @@ import { cpus, tmpdir, totalmem } from "node:os";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
 
-const ROOT = new URL("..", import.meta.url).pathname.replace(/\/$/, "");
-const PATH = `/usr/bin:/usr/sbin:/bin:/sbin:${process.env.PATH ?? ""}`;
+import { CLK_TCK, cpuTicks, fio, fsType, PATH, ROOT, waitPort } from "./lib/harness.ts";
 const GiB = 1024 ** 3;
 const MiB = 1024 ** 2;
 
@@ -50,7 +49,6 @@ const RUNTIME = Number(opt.runtime ?? (opt.quick ? 3 : 10));
 const SIZE = opt.quick ? GiB / 4 : GiB;
 const ROUNDS = Math.max(1, Number(opt.rounds ?? 1));
 const SERVERS = (opt.servers ?? "bun,nbdkit,qemu").split(",");
-const CLK_TCK = Number(spawnSync(["getconf", "CLK_TCK"]).stdout.toString().trim()) || 100;
 
 interface Workload { id: string; label: string; unit: "MB/s" | "IOPS"; fio?: string[]; nbdcopy?: boolean }
 const WORKLOADS: Workload[] = [
@@ -80,18 +78,6 @@ const cleanup = () => {
 process.on("exit", cleanup);
 process.on("SIGINT", () => { cleanup(); process.exit(130); });
 
-function fsType(path: string): string {
-  const r = spawnSync(["df", "--output=fstype", path]);
-  return r.stdout.toString().trim().split("\n").at(-1) ?? "?";
-}
-
-function cpuTicks(pid: number): number {
-  // fields after the ")" of comm: state is field 3; utime and stime are fields 14 and 15
-  const s = readFileSync(`/proc/${pid}/stat`, "utf8");
-  const f = s.slice(s.lastIndexOf(")") + 2).split(" ");
-  return Number(f[11]) + Number(f[12]);
-}
-
 function makeImage(path: string): void {
   const fd = openSync(path, "w");
   const block = new Uint8Array(MiB);
@@ -108,17 +94,6 @@ function makeImage(path: string): void {
 }
 
 interface Started { proc: Subprocess; uri: string; pid: number }
-
-async function waitPort(uri: string, proc: Subprocess, what: string): Promise<void> {
-  const limit = Date.now() + 20_000;
-  for (;;) {
-    const r = spawnSync(["nbdinfo", "--size", uri], { env: { ...process.env, PATH } });
-    if (r.exitCode === 0) return;
-    if (proc.exitCode !== null) throw new Error(`${what} exited ${proc.exitCode}`);
-    if (Date.now() > limit) throw new Error(`${what} did not come up`);
-    await Bun.sleep(100);
-  }
-}
 
 async function start(server: string, img: string): Promise<Started> {
   const port = { bun: 12510, nbdkit: 12511, qemu: 12512 }[server]!;
@@ -151,16 +126,8 @@ async function stop(s: Started): Promise<void> {
 }
 
 function runFio(uri: string, w: Workload): { value: number; bytes: number } {
-  const r = spawnSync(["fio", `--name=${w.id}`, "--ioengine=nbd", `--uri=${uri}`, ...w.fio!, `--size=${SIZE}`,
-    "--time_based", `--runtime=${RUNTIME}`, "--randrepeat=1", "--random_generator=lfsr",
-    "--norandommap", "--output-format=json"], { env: { ...process.env, PATH } });
-  if (r.exitCode !== 0) throw new Error(`fio ${w.id} failed: ${r.stderr.toString()}`);
-  const out = r.stdout.toString();
-  const j = JSON.parse(out.slice(out.indexOf("{")));
-  const job = j.jobs[0];
-  const rw = w.fio!.some((a) => a.includes("write")) ? job.write : job.read;
-  const bytes = job.read.io_bytes + job.write.io_bytes;
-  return { value: w.unit === "IOPS" ? rw.iops : rw.bw_bytes / 1e6, bytes };
+  const r = fio(w.id, uri, w.fio!, SIZE, RUNTIME);
+  return { value: w.unit === "IOPS" ? r.iops : r.mbps, bytes: r.bytes };
 }
 
 function runNbdcopy(uri: string): { value: number; bytes: number } {

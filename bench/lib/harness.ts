@@ -1,0 +1,48 @@
+// Shared pieces of the end-to-end benchmark scripts: the PATH the tools need, a server's CPU
+// ticks, waiting for an NBD server to answer, and one fio nbd-engine run.
+import { spawnSync, type Subprocess } from "bun";
+import { readFileSync } from "node:fs";
+
+export const ROOT = new URL("../..", import.meta.url).pathname.replace(/\/$/, "");
+/** /usr/bin first: the system python3 has the libnbd module, and the Debian tools live there. */
+export const PATH = `/usr/bin:/usr/sbin:/bin:/sbin:${process.env.PATH ?? ""}`;
+export const CLK_TCK = Number(spawnSync(["getconf", "CLK_TCK"]).stdout.toString().trim()) || 100;
+
+export function fsType(path: string): string {
+  const r = spawnSync(["df", "--output=fstype", path]);
+  return r.stdout.toString().trim().split("\n").at(-1) ?? "?";
+}
+
+/** utime + stime of a process, in clock ticks. */
+export function cpuTicks(pid: number): number {
+  // fields after the ")" of comm: state is field 3; utime and stime are fields 14 and 15
+  const s = readFileSync(`/proc/${pid}/stat`, "utf8");
+  const f = s.slice(s.lastIndexOf(")") + 2).split(" ");
+  return Number(f[11]) + Number(f[12]);
+}
+
+/** Poll with `nbdinfo --size` until the server answers. */
+export async function waitPort(uri: string, proc: Subprocess, what: string): Promise<void> {
+  const limit = Date.now() + 20_000;
+  for (;;) {
+    const r = spawnSync(["nbdinfo", "--size", uri], { env: { ...process.env, PATH } });
+    if (r.exitCode === 0) return;
+    if (proc.exitCode !== null) throw new Error(`${what} exited ${proc.exitCode}`);
+    if (Date.now() > limit) throw new Error(`${what} did not come up`);
+    await Bun.sleep(100);
+  }
+}
+
+export interface FioResult { iops: number; mbps: number; bytes: number }
+
+/** One time-based fio job with the nbd engine; `args` are fio's --rw/--bs/--iodepth options. */
+export function fio(name: string, uri: string, args: string[], size: number, runtime: number): FioResult {
+  const r = spawnSync(["fio", `--name=${name}`, "--ioengine=nbd", `--uri=${uri}`, ...args, `--size=${size}`,
+    "--time_based", `--runtime=${runtime}`, "--randrepeat=1", "--random_generator=lfsr",
+    "--norandommap", "--output-format=json"], { env: { ...process.env, PATH } });
+  if (r.exitCode !== 0) throw new Error(`fio ${name} failed: ${r.stderr.toString()}`);
+  const out = r.stdout.toString();
+  const job = JSON.parse(out.slice(out.indexOf("{"))).jobs[0];
+  const rw = args.some((a) => a.includes("write")) ? job.write : job.read;
+  return { iops: rw.iops, mbps: rw.bw_bytes / 1e6, bytes: job.read.io_bytes + job.write.io_bytes };
+}
