@@ -1,6 +1,10 @@
 // End-to-end copy benchmark: `bun-nbd copy URI null:` against `nbdcopy URI null:` on the same
 // export, side by side, several rounds, printing MB/s per run and the ratio of medians. Run with:
-//   bun bench/copy-e2e.ts [--rounds N] [--size-mib N] [--image PATH] [--sparse]
+//   bun bench/copy-e2e.ts [--rounds N] [--size-mib N] [--image PATH] [--sparse] [--tcp]
+//                         [--baseline DIR] [--transport node]
+// --baseline DIR adds a third tool, `bun DIR/src/cli.ts copy`, e.g. an export of an older commit
+// (`mkdir /tmp/before && git archive HEAD src | tar -x -C /tmp/before`), for before/after ratios in
+// the same run. --transport node also times this tree with BUN_NBD_TRANSPORT=node (node:net).
 // The export is nbdkit's file plugin over a fully random image (page-cached), served on a unix
 // socket and on TCP 127.0.0.1:12040; --sparse uses a half-allocated image instead (holes are
 // skipped by both tools, so that run measures block status and hole handling as much as reads).
@@ -19,6 +23,8 @@ const { values } = parseArgs({
     image: { type: "string" },
     sparse: { type: "boolean", default: false },
     tcp: { type: "boolean", default: false },
+    baseline: { type: "string" },
+    transport: { type: "string" },
   },
 });
 const rounds = Number(values.rounds);
@@ -71,9 +77,9 @@ for (let i = 0; ; i++) {
 const uri = values.tcp ? `nbd://127.0.0.1:${port}/` : `nbd+unix:///?socket=${sock}`;
 const bytes = sizeMiB * 1024 * 1024;
 
-function timed(cmd: string[]): number {
+function timed(cmd: string[], env: Record<string, string> = {}): number {
   const t0 = performance.now();
-  const r = spawnSync(cmd[0]!, cmd.slice(1), { env: { ...process.env, PATH }, stdio: ["ignore", "ignore", "inherit"] });
+  const r = spawnSync(cmd[0]!, cmd.slice(1), { env: { ...process.env, PATH, ...env }, stdio: ["ignore", "ignore", "inherit"] });
   const ms = performance.now() - t0;
   if (r.status !== 0) throw new Error(`${cmd.join(" ")} exited ${r.status}`);
   return bytes / 1e6 / (ms / 1000);
@@ -83,17 +89,27 @@ const tools: Record<string, string[]> = {
   nbdcopy: ["nbdcopy", uri, "null:"],
   "bun-nbd copy": [process.execPath, join(ROOT, "src/cli.ts"), "copy", "-q", uri, "null:"],
 };
-const results: Record<string, number[]> = { nbdcopy: [], "bun-nbd copy": [] };
+const envs: Record<string, Record<string, string>> = {};
+if (values.baseline) tools["baseline copy"] = [process.execPath, join(values.baseline, "src/cli.ts"), "copy", "-q", uri, "null:"];
+if (values.transport) {
+  const name = `bun-nbd copy (${values.transport})`;
+  tools[name] = tools["bun-nbd copy"]!;
+  envs[name] = { BUN_NBD_TRANSPORT: values.transport };
+}
+const results: Record<string, number[]> = Object.fromEntries(Object.keys(tools).map((k) => [k, []]));
 console.log(`${sizeMiB} MiB ${values.sparse ? "half-sparse" : "random"} image, nbdkit file plugin, ${uri.startsWith("nbd://") ? "TCP" : "unix socket"}, ${rounds} rounds`);
 for (let r = 0; r < rounds; r++) {
   const order = r % 2 === 0 ? Object.keys(tools) : Object.keys(tools).reverse();
-  for (const name of order) results[name]!.push(timed(tools[name]!));
+  for (const name of order) results[name]!.push(timed(tools[name]!, envs[name]));
   console.log(`round ${r + 1}: ${Object.entries(results).map(([n, v]) => `${n} ${v[r]!.toFixed(0)} MB/s`).join(", ")}`);
 }
 const median = (v: number[]) => [...v].sort((a, b) => a - b)[Math.floor(v.length / 2)]!;
-const ours = median(results["bun-nbd copy"]!);
 const theirs = median(results.nbdcopy!);
-console.log(`median: bun-nbd copy ${ours.toFixed(0)} MB/s, nbdcopy ${theirs.toFixed(0)} MB/s, ratio ${(ours / theirs).toFixed(2)}x`);
+for (const name of Object.keys(tools)) {
+  if (name === "nbdcopy") continue;
+  const ours = median(results[name]!);
+  console.log(`median: ${name} ${ours.toFixed(0)} MB/s, nbdcopy ${theirs.toFixed(0)} MB/s, ratio ${(ours / theirs).toFixed(2)}x`);
+}
 server.kill("SIGTERM");
 await server.exited;
 server = null;

@@ -6,7 +6,6 @@
 // tick; replies are parsed in place from the socket's chunks with plain byte arithmetic (no
 // DataView, no BigInt, no Buffer.concat); READ payloads are copied once, from the socket chunk into
 // the caller's buffer. A header that straddles two chunks is gathered in a small scratch buffer.
-import type { Socket } from "node:net";
 import {
   NBD_CMD_BLOCK_STATUS, NBD_CMD_CACHE, NBD_CMD_DISC, NBD_CMD_FLAG_DF, NBD_CMD_FLAG_FAST_ZERO, NBD_CMD_FLAG_FUA,
   NBD_CMD_FLAG_NO_HOLE, NBD_CMD_FLAG_REQ_ONE, NBD_CMD_FLUSH, NBD_CMD_READ, NBD_CMD_TRIM, NBD_CMD_WRITE,
@@ -19,6 +18,7 @@ import {
   NbdUsageError,
 } from "./errors.ts";
 import type { ExportInfo, HandshakeStyle, Negotiated } from "./negotiate.ts";
+import type { Conn } from "./transport.ts";
 import { put16, put32, put64, u16, u32, u64 } from "./wire.ts";
 
 /** One extent of a metadata context: `flags` is the context's status (for base:allocation, NBD_STATE_HOLE/ZERO bits). */
@@ -97,6 +97,9 @@ interface Req {
   offset: number;
   length: number;
   buf: Uint8Array | null;
+  /** READ by views ({@link NbdClient.readViews}): the data as views of the received chunks, and where each goes. */
+  views: Uint8Array[] | null;
+  viewPos: number[] | null;
   /** Bytes of READ data (or holes) received. */
   got: number;
   error: Error | null;
@@ -132,7 +135,9 @@ export class NbdClient {
   /** What went over the wire so far. */
   readonly stats: ClientStats = { requests: 0, simpleReplies: 0, dataChunks: 0, holeChunks: 0, blockStatusChunks: 0, errorChunks: 0 };
 
-  private readonly socket: Socket;
+  private readonly socket: Conn;
+  /** The transport hands over buffers it never reuses, so READ data may be kept as views. */
+  private readonly rxOwned: boolean;
   private readonly timeoutMs: number;
   private readonly contextNames = new Map<number, string>();
   private readonly reqs: (Req | undefined)[] = [];
@@ -168,6 +173,7 @@ export class NbdClient {
   /** @internal Use {@link connect}. */
   constructor(n: Negotiated, requestTimeoutMs = 60_000) {
     this.socket = n.socket;
+    this.rxOwned = n.rx?.owned === true;
     this.info = n.info;
     this.size = n.info.size;
     this.structured = n.structured;
@@ -219,6 +225,35 @@ export class NbdClient {
     const bad = this.check(NBD_CMD_READ, offset, buf.length);
     if (bad) return bad;
     return this.split(NBD_CMD_READ, flags, offset, buf.length, buf, this.limits.maxPayload);
+  }
+
+  /**
+   * Reads `length` bytes at `offset` without copying them: the data comes back as consecutive views
+   * of the buffers the socket received (their lengths add up to `length`; hole chunks come back as
+   * views of a shared zero buffer, which must not be written to). The views stay valid for good.
+   * Returns null when the transport reuses its receive buffer (node:net), so only {@link pread} works.
+   */
+  readViews(offset: number, length: number, opts?: ReadOptions): Promise<Uint8Array[]> | null {
+    if (!this.rxOwned) return null;
+    let flags = 0;
+    if (opts?.df) {
+      if (!this.info.canDf) return this.usage("UNSUPPORTED", "the server does not support DF (or structured replies are off)");
+      flags |= NBD_CMD_FLAG_DF;
+    }
+    if (opts?.fua) {
+      if (!this.info.canFua) return this.usage("UNSUPPORTED", "the server does not support FUA");
+      flags |= NBD_CMD_FLAG_FUA;
+    }
+    const bad = this.check(NBD_CMD_READ, offset, length);
+    if (bad) return bad;
+    if (length === 0) return this.dead ? Promise.reject(this.dead) : Promise.resolve([]);
+    const max = this.limits.maxPayload;
+    if (length <= max) return this.submit(NBD_CMD_READ, flags, offset, length, null, true);
+    const parts: Promise<Uint8Array[]>[] = [];
+    for (let done = 0; done < length; done += max) {
+      parts.push(this.submit(NBD_CMD_READ, flags, offset + done, Math.min(max, length - done), null, true));
+    }
+    return Promise.all(parts).then((lists) => lists.flat());
   }
 
   /** Reads `length` bytes at `offset` into a new buffer. */
@@ -379,13 +414,13 @@ export class NbdClient {
     return Promise.all(parts).then(() => undefined as T);
   }
 
-  private submit<T>(type: number, flags: number, offset: number, length: number, buf: Uint8Array | null): Promise<T> {
+  private submit<T>(type: number, flags: number, offset: number, length: number, buf: Uint8Array | null, views = false): Promise<T> {
     if (this.dead) return Promise.reject(this.dead);
     if (this.closing) return Promise.reject(new NbdClosedError("close() was called: no new requests"));
     return new Promise<T>((resolve, reject) => {
       const id = this.freeIds.length ? this.freeIds.pop()! : this.reqs.length;
       const req: Req = {
-        id, type, flags, offset, length, buf, got: 0, error: null,
+        id, type, flags, offset, length, buf, views: views ? [] : null, viewPos: views ? [] : null, got: 0, error: null,
         deadline: performance.now() + this.timeoutMs,
         extents: null,
         resolve: resolve as (v: never) => void,
@@ -520,7 +555,8 @@ export class NbdClient {
         return;
       }
       r.resolve(r.extents as never);
-    } else r.resolve(undefined as never);
+    } else if (r.views) r.resolve(orderViews(r.views, r.viewPos!) as never);
+    else r.resolve(undefined as never);
     if (this.pendingCount === 0) this.wakeDrain();
   }
 
@@ -571,7 +607,11 @@ export class NbdClient {
         }
         case S_DATA: {
           const take = Math.min(this.dataLeft, n - i);
-          chunk.copy(this.cur!.buf!, this.dataPos, i, i + take);
+          const r = this.cur!;
+          if (r.views) {
+            r.views.push(chunk.subarray(i, i + take));
+            r.viewPos!.push(this.dataPos);
+          } else chunk.copy(r.buf!, this.dataPos, i, i + take);
           i += take;
           this.dataPos += take;
           this.dataLeft -= take;
@@ -732,7 +772,13 @@ export class NbdClient {
         this.violation("HOLE_OUT_OF_RANGE", `OFFSET_HOLE at ${offset} (+${n}) outside READ at ${r.offset} (+${r.length})`);
         return;
       }
-      r.buf!.fill(0, offset - r.offset, offset - r.offset + n);
+      if (r.views) {
+        const z = zeroView(n);
+        for (let pos = 0; pos < n; pos += z.length) {
+          r.views.push(pos + z.length <= n ? z : z.subarray(0, n - pos));
+          r.viewPos!.push(offset - r.offset + pos);
+        }
+      } else r.buf!.fill(0, offset - r.offset, offset - r.offset + n);
       r.got += n;
       this.stats.holeChunks++;
     } else if (type === NBD_REPLY_TYPE_BLOCK_STATUS) {
@@ -783,6 +829,21 @@ export class NbdClient {
     }
     this.complete(r);
   }
+}
+
+/** A shared zero buffer for holes read by views (never written to). */
+let zeroes: Uint8Array | null = null;
+function zeroView(n: number): Uint8Array {
+  zeroes ??= new Uint8Array(1024 * 1024);
+  return n < zeroes.length ? zeroes.subarray(0, n) : zeroes;
+}
+
+/** Views in offset order (structured replies may send a READ's chunks in any order). */
+function orderViews(views: Uint8Array[], pos: number[]): Uint8Array[] {
+  let sorted = true;
+  for (let i = 1; i < pos.length; i++) if (pos[i]! < pos[i - 1]!) sorted = false;
+  if (sorted) return views;
+  return views.map((v, i) => [pos[i]!, v] as const).sort((a, b) => a[0] - b[0]).map((e) => e[1]);
 }
 
 /** True for the errors that mean the whole connection is gone. */

@@ -17,6 +17,11 @@ export interface CopySource {
   /** Extents covering the whole source in order; `flags & NBD_STATE_ZERO` means the range reads as zeros. */
   extents(): Promise<Extent[]>;
   read(buf: Uint8Array, offset: number, lane: number): Promise<void> | void;
+  /**
+   * Optional: reads [offset, offset+length) without copying, as consecutive views that stay valid
+   * (e.g. of the socket's receive buffers). Returns null when not possible; then `read` is used.
+   */
+  readViews?(offset: number, length: number, lane: number): Promise<Uint8Array[]> | null;
   close(): Promise<void> | void;
 }
 
@@ -29,6 +34,11 @@ export interface CopyDestination {
   /** Called once with the source size before anything is written. */
   prepare(size: number): Promise<void> | void;
   write(buf: Uint8Array, offset: number, lane: number): Promise<void> | void;
+  /**
+   * Optional: writes consecutive pieces (of any lengths, not aligned) starting at `offset`. Only
+   * destinations that accept any alignment define it; the copy then reads by views, without copying.
+   */
+  writev?(views: Uint8Array[], offset: number, lane: number): Promise<void> | void;
   /** False when zero ranges cost nothing more than data (a null sink): skip looking for zero blocks. */
   readonly sparse?: boolean;
   /** Makes [offset, offset+length) read as zeros, deallocating it where possible. */
@@ -77,6 +87,14 @@ function zeroBuffer(min: number): Buffer {
   return zeroes;
 }
 
+function allZero(views: Uint8Array[]): boolean {
+  for (const v of views) {
+    const z = zeroBuffer(v.length);
+    if (z.compare(v, 0, v.length, 0, v.length) !== 0) return false;
+  }
+  return true;
+}
+
 /** Copies every byte of `src` to `dst`. Closes neither endpoint. */
 export async function copy(src: CopySource, dst: CopyDestination, opts: CopyOptions = {}): Promise<CopyResult> {
   const size = src.size;
@@ -88,6 +106,7 @@ export async function copy(src: CopySource, dst: CopyDestination, opts: CopyOpti
   requestSize = Math.max(align, requestSize - (requestSize % align));
   const workers = Math.max(1, opts.workers ?? 16);
   const detect = opts.detectZeroes !== false && dst.sparse !== false;
+  const byViews = typeof src.readViews === "function" && typeof dst.writev === "function";
   await dst.prepare(size);
 
   const units: Unit[] = [];
@@ -110,8 +129,9 @@ export async function copy(src: CopySource, dst: CopyDestination, opts: CopyOpti
   const hash: Hash | null = opts.sha256 ? createHash("sha256") : null;
   let hashTurn = 0;
   const hashWaiters = new Map<number, () => void>();
-  const hashUnit = (i: number, data: Uint8Array | null, length: number) => {
-    if (data) hash!.update(data);
+  const hashUnit = (i: number, data: Uint8Array | Uint8Array[] | null, length: number) => {
+    if (data instanceof Uint8Array) hash!.update(data);
+    else if (data) for (const d of data) hash!.update(d);
     else {
       const z = zeroBuffer(ZERO_CHUNK);
       for (let left = length; left > 0; left -= ZERO_CHUNK) hash!.update(left >= ZERO_CHUNK ? z : z.subarray(0, left));
@@ -131,13 +151,22 @@ export async function copy(src: CopySource, dst: CopyDestination, opts: CopyOpti
   let failed: unknown = null;
 
   const worker = async (lane: number) => {
-    const buf = Buffer.allocUnsafe(requestSize);
+    let buffer: Buffer | null = null;
     while (failed === null && next < units.length) {
       const i = next++;
       const u = units[i]!;
       let isZero = u.zero;
       let view: Uint8Array | null = null;
-      if (!isZero) {
+      let views: Uint8Array[] | null = null;
+      if (!isZero && byViews) {
+        const r = src.readViews!(u.offset, u.length, lane);
+        if (r) {
+          views = await r;
+          if (detect && allZero(views)) isZero = true;
+        }
+      }
+      if (!isZero && !views) {
+        const buf = (buffer ??= Buffer.allocUnsafe(requestSize));
         view = u.length === requestSize ? buf : buf.subarray(0, u.length);
         const r = src.read(view, u.offset, lane);
         if (r) await r;
@@ -146,9 +175,9 @@ export async function copy(src: CopySource, dst: CopyDestination, opts: CopyOpti
       if (hash) {
         if (hashTurn !== i) await new Promise<void>((res) => hashWaiters.set(i, res));
         if (failed !== null) return;
-        hashUnit(i, isZero ? null : view, u.length);
+        hashUnit(i, isZero ? null : views ?? view, u.length);
       }
-      const w = isZero ? dst.zero(u.offset, u.length, lane) : dst.write(view!, u.offset, lane);
+      const w = isZero ? dst.zero(u.offset, u.length, lane) : views ? dst.writev!(views, u.offset, lane) : dst.write(view!, u.offset, lane);
       if (w) await w;
       if (isZero) zeroBytes += u.length;
       else dataBytes += u.length;
@@ -207,6 +236,9 @@ export class NbdEndpoint implements CopySource, CopyDestination {
   }
   read(buf: Uint8Array, offset: number, lane: number): Promise<void> {
     return this.pick(lane).pread(buf, offset);
+  }
+  readViews(offset: number, length: number, lane: number): Promise<Uint8Array[]> | null {
+    return this.pick(lane).readViews(offset, length);
   }
   prepare(): void {
     if (this.clients[0]!.info.readOnly) throw new NbdUsageError("READ_ONLY", "the destination export is read-only");
@@ -294,6 +326,13 @@ export class FileDestination implements CopyDestination {
     let put = 0;
     while (put < buf.length) put += writeSync(this.fd, buf, put, buf.length - put, offset + put);
   }
+  writev(views: Uint8Array[], offset: number): void {
+    let pos = offset;
+    for (const v of views) {
+      this.write(v, pos);
+      pos += v.length;
+    }
+  }
   zero(offset: number, length: number): void {
     if (this.fresh) return;
     const z = zeroBuffer(Math.min(length, ZERO_CHUNK));
@@ -315,6 +354,7 @@ export class NullEndpoint implements CopyDestination {
   readonly blockSize = 1;
   prepare(): void {}
   write(): void {}
+  writev(): void {}
   zero(): void {}
   flush(): void {}
   close(): void {}

@@ -2,7 +2,6 @@
 // option haggling (LIST, INFO, GO, STRUCTURED_REPLY, LIST/SET_META_CONTEXT, ABORT), the
 // EXPORT_NAME fallback, and oldstyle servers. A Negotiation ends in go()/exportName(), which hand
 // the socket to an NbdClient, or in abort().
-import { connect as netConnect, type Socket } from "node:net";
 import {
   IHAVEOPT_HI, IHAVEOPT_LO, NBD_FLAG_C_FIXED_NEWSTYLE, NBD_FLAG_C_NO_ZEROES, NBD_FLAG_CAN_MULTI_CONN,
   NBD_FLAG_FIXED_NEWSTYLE, NBD_FLAG_NO_ZEROES, NBD_FLAG_READ_ONLY, NBD_FLAG_ROTATIONAL, NBD_FLAG_SEND_CACHE,
@@ -16,6 +15,7 @@ import {
 import {
   NbdClosedError, NbdDisconnectedError, NbdOptionError, NbdProtocolViolation, NbdTimeoutError, NbdUsageError,
 } from "./errors.ts";
+import { openConn, type Conn, type Rx } from "./transport.ts";
 import type { NbdTarget } from "./uri.ts";
 import { put16, put32, u16, u32, u64 } from "./wire.ts";
 
@@ -156,56 +156,16 @@ class ByteQueue {
   }
 }
 
-/**
- * Where a socket's incoming bytes go. Sockets are opened with `onread`, so the runtime reads into
- * one reused buffer per connection instead of allocating a Buffer per chunk; `on` sees
- * `buf[0..n)` and must copy whatever it keeps, because the buffer is refilled after it returns.
- */
-export interface Rx {
-  on: (buf: Buffer, n: number) => void;
-}
+export type { Conn, Rx } from "./transport.ts";
 
-/** Size of the per-connection receive buffer. */
-const RX_BUFFER = 256 * 1024;
-
-/** Opens a socket to the target, failing with NbdDisconnectedError("CONNECT_FAILED") or NbdTimeoutError. */
-export function openSocket(target: NbdTarget, timeoutMs: number): Promise<{ socket: Socket; rx: Rx }> {
-  return new Promise((resolve, reject) => {
-    const rx: Rx = { on: () => {} };
-    const rxBuf = Buffer.allocUnsafe(RX_BUFFER);
-    const onread = {
-      buffer: rxBuf,
-      callback: (n: number) => {
-        rx.on(rxBuf, n);
-        return true;
-      },
-    };
-    const socket = target.transport === "tcp"
-      ? netConnect({ host: target.host, port: target.port, onread })
-      : netConnect({ path: target.path, onread });
-    const where = target.transport === "tcp" ? `${target.host}:${target.port}` : target.path;
-    const timer = setTimeout(() => {
-      socket.destroy();
-      reject(new NbdTimeoutError(`connecting to ${where} took longer than ${timeoutMs} ms`));
-    }, timeoutMs);
-    const onError = (err: Error) => {
-      clearTimeout(timer);
-      socket.destroy();
-      reject(new NbdDisconnectedError(`cannot connect to ${where}: ${err.message}`, { cause: err }, "CONNECT_FAILED"));
-    };
-    socket.once("error", onError);
-    socket.once("connect", () => {
-      clearTimeout(timer);
-      socket.off("error", onError);
-      socket.setNoDelay(true);
-      resolve({ socket, rx });
-    });
-  });
+/** Opens a connection to the target (transport-bun.ts under Bun, node:net elsewhere). */
+export function openSocket(target: NbdTarget, timeoutMs: number): Promise<{ socket: Conn; rx: Rx }> {
+  return openConn(target, timeoutMs);
 }
 
 /** The result of GO/EXPORT_NAME: everything the transmission phase needs. */
 export interface Negotiated {
-  socket: Socket;
+  socket: Conn;
   /** The socket's receive hook (absent: the client listens for "data" events instead). */
   rx?: Rx;
   info: ExportInfo;
@@ -237,7 +197,7 @@ export class Negotiation {
   private readonly onError = (e: Error) => this.queue.fail(new NbdDisconnectedError(`connection error during the handshake: ${e.message}`, { cause: e }));
   private readonly onClose = () => this.queue.fail(new NbdDisconnectedError("the server closed the connection during the handshake"));
 
-  private constructor(private readonly socket: Socket, private readonly rx: Rx, private readonly timeoutMs: number, style: HandshakeStyle, noZeroes: boolean, oldstyleInfo: ExportInfo | null) {
+  private constructor(private readonly socket: Conn, private readonly rx: Rx, private readonly timeoutMs: number, style: HandshakeStyle, noZeroes: boolean, oldstyleInfo: ExportInfo | null) {
     this.style = style;
     this.noZeroes = noZeroes;
     this.oldstyleInfo = oldstyleInfo;

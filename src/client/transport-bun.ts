@@ -1,0 +1,186 @@
+// The Bun transport: `Bun.connect` (TCP or unix) behind the client's Conn interface. Loaded only
+// under Bun, through a dynamic import in transport.ts, so the library still runs under Node.
+//
+// Receiving: Bun's data callback hands a fresh Buffer per read that Bun never touches again, so the
+// receiver may keep views of it (`rx.owned`). Sending: Bun's `socket.write` writes what the kernel
+// takes and returns the count without queueing the rest; this adapter keeps the unsent tails
+// (views, no copy: callers do not modify written buffers) and resends them on `drain`, in order.
+import type { Socket } from "bun";
+import { NbdDisconnectedError, NbdTimeoutError } from "./errors.ts";
+import type { Conn, Opened, Rx } from "./transport.ts";
+import type { NbdTarget } from "./uri.ts";
+
+type Listener = (arg?: unknown) => void;
+
+class BunConn implements Conn {
+  sock: Socket<BunConn> | null = null;
+  /** Bytes that arrived before a receiver was attached (kept, not lost). */
+  private early: Buffer[] | null = [];
+  private receiver: ((b: Buffer, n: number) => void) | null = null;
+  readonly rx: Rx = makeRx(this);
+  private queue: Uint8Array[] = [];
+  private queueHead = 0;
+  private endPending = false;
+  private closed = false;
+  private readonly listeners: Record<string, Listener[]> = { error: [], end: [], close: [], data: [] };
+
+  /** Hands one incoming chunk to the receiver. */
+  deliver(b: Buffer): void {
+    const f = this.receiver;
+    if (f) f(b, b.length);
+    else this.early?.push(b);
+    if (this.listeners.data!.length) this.emit("data", b);
+  }
+
+  setReceiver(f: (b: Buffer, n: number) => void): void {
+    this.receiver = f;
+    const early = this.early;
+    this.early = null;
+    if (early) for (const b of early) f(b, b.length);
+  }
+
+  getReceiver(): (b: Buffer, n: number) => void {
+    return this.receiver ?? (() => {});
+  }
+
+  write(data: Uint8Array): boolean {
+    const s = this.sock;
+    if (!s || this.closed || data.length === 0) return !this.closed;
+    if (this.queueHead < this.queue.length) {
+      this.queue.push(data);
+      return false;
+    }
+    const n = s.write(data);
+    if (n >= data.length) return true;
+    this.queue.push(n > 0 ? data.subarray(n) : data);
+    return false;
+  }
+
+  /** Called on `drain`: sends the queued tails until the kernel stops taking them. */
+  drain(): void {
+    const s = this.sock;
+    if (!s || this.closed) return;
+    const q = this.queue;
+    while (this.queueHead < q.length) {
+      const d = q[this.queueHead]!;
+      const n = s.write(d);
+      if (n < d.length) {
+        if (n > 0) q[this.queueHead] = d.subarray(n);
+        return;
+      }
+      q[this.queueHead++] = EMPTY;
+    }
+    this.queue = [];
+    this.queueHead = 0;
+    if (this.endPending) {
+      this.endPending = false;
+      s.end();
+    }
+  }
+
+  end(): void {
+    if (!this.sock || this.closed) return;
+    if (this.queueHead < this.queue.length) this.endPending = true;
+    else this.sock.end();
+  }
+
+  destroy(): void {
+    if (this.closed) return;
+    this.sock?.terminate();
+    this.onClosed();
+  }
+
+  /** The socket is gone (closed by either side): "close" once, asynchronously, as node:net does. */
+  onClosed(): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.queue = [];
+    this.queueHead = 0;
+    queueMicrotask(() => this.emit("close"));
+  }
+
+  emit(event: string, arg?: unknown): void {
+    const l = this.listeners[event]!;
+    if (l.length === 1) l[0]!(arg);
+    else for (const f of [...l]) f(arg);
+  }
+
+  on(event: string, f: (...a: never[]) => void): this {
+    this.listeners[event]!.push(f as Listener);
+    return this;
+  }
+
+  off(event: string, f: (...a: never[]) => void): this {
+    const l = this.listeners[event]!;
+    const i = l.indexOf(f as Listener);
+    if (i >= 0) l.splice(i, 1);
+    return this;
+  }
+}
+
+const EMPTY = new Uint8Array(0);
+
+function makeRx(c: BunConn): Rx {
+  return {
+    owned: true,
+    get on() {
+      return c.getReceiver();
+    },
+    set on(f: (b: Buffer, n: number) => void) {
+      c.setReceiver(f);
+    },
+  };
+}
+
+const handlers = {
+  binaryType: "buffer" as const,
+  open(s: Socket<BunConn>) {
+    s.data.sock = s;
+  },
+  data(s: Socket<BunConn>, b: Buffer) {
+    s.data.deliver(b);
+  },
+  drain(s: Socket<BunConn>) {
+    s.data.drain();
+  },
+  end(s: Socket<BunConn>) {
+    s.data.emit("end");
+  },
+  error(s: Socket<BunConn>, e: Error) {
+    s.data.emit("error", e);
+  },
+  close(s: Socket<BunConn>) {
+    s.data.onClosed();
+  },
+};
+
+export async function openBunConn(target: NbdTarget, timeoutMs: number): Promise<Opened> {
+  const conn = new BunConn();
+  const where = target.transport === "tcp" ? `${target.host}:${target.port}` : target.path;
+  let timedOut = false;
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => {
+      timedOut = true;
+      reject(new NbdTimeoutError(`connecting to ${where} took longer than ${timeoutMs} ms`));
+    }, timeoutMs);
+  });
+  const connecting = target.transport === "tcp"
+    ? Bun.connect<BunConn>({ hostname: target.host, port: target.port, data: conn, socket: { ...handlers, connectError() {} } })
+    : Bun.connect<BunConn>({ unix: target.path, data: conn, socket: { ...handlers, connectError() {} } });
+  try {
+    const s = await Promise.race([connecting, timeout]);
+    conn.sock = s;
+    if (target.transport === "tcp") s.setNoDelay(true);
+    return { socket: conn, rx: conn.rx };
+  } catch (e) {
+    if (timedOut) {
+      connecting.then((s) => s.terminate(), () => {});
+      throw e;
+    }
+    const err = e as Error;
+    throw new NbdDisconnectedError(`cannot connect to ${where}: ${err.message}`, { cause: err }, "CONNECT_FAILED");
+  } finally {
+    clearTimeout(timer);
+  }
+}
