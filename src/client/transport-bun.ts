@@ -178,8 +178,9 @@ export async function openBunConn(target: NbdTarget, timeoutMs: number): Promise
       connecting.then((s) => s.terminate(), () => {});
       throw e;
     }
-    const err = e as Error;
-    throw new NbdDisconnectedError(`cannot connect to ${where}: ${err.message}`, { cause: err }, "CONNECT_FAILED");
+    const err = e as Error & { code?: string };
+    const code = err.code && !err.message.includes(err.code) ? ` ${err.code}` : "";
+    throw new NbdDisconnectedError(`cannot connect to ${where}: ${err.message}${code}`, { cause: err }, "CONNECT_FAILED");
   } finally {
     clearTimeout(timer);
   }
