@@ -1,5 +1,6 @@
 // The device conformance suite run against the plugins the core owns (other devices run it in
-// their own test files): the memory device, and the raw file device read-write and read-only.
+// their own test files): the memory device, the raw file device read-write and read-only, and
+// qcow2 overlays over a raw base.
 import { copyFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { MemoryDevice } from "../src/devices/memory.ts";
@@ -29,4 +30,23 @@ conformance("RawFile read-only", {
     const device = RawFile.open(base, { readOnly: true });
     return { device, expected: content, cleanup: () => device.close() };
   },
+});
+
+conformance("qcow2 overlay over a raw base", {
+  make: async () => {
+    const { openOverlay } = await import("../src/devices/qcow2/index.ts");
+    const ov = join(dir, `ov${n++}.qcow2`);
+    const device = await openOverlay({ base, overlay: ov, log: () => {} });
+    return { device, cleanup: () => device.close?.() };
+  },
+});
+
+conformance("qcow2 overlay, standard L2, read-only view of the base", {
+  make: async () => {
+    const { openOverlay } = await import("../src/devices/qcow2/index.ts");
+    const ov = join(dir, `ovc${n++}.qcow2`);
+    const device = await openOverlay({ base, overlay: ov, compat: true, log: () => {} });
+    return { device, expected: content, cleanup: () => device.close?.() };
+  },
+  ops: 100,
 });
