@@ -4,10 +4,10 @@
 // export, and reply encoding. It never touches the socket directly: it talks to a Transport, so
 // the same code runs over Bun.listen TCP and unix sockets (and in tests over anything).
 import {
-  BASE_ALLOCATION, HARD_MAX_PAYLOAD, NBD_CMD_BLOCK_STATUS, NBD_CMD_CACHE, NBD_CMD_DISC, NBD_CMD_FLAG_DF,
+  HARD_MAX_PAYLOAD, NBD_CMD_BLOCK_STATUS, NBD_CMD_CACHE, NBD_CMD_DISC, NBD_CMD_FLAG_DF,
   NBD_CMD_FLAG_FAST_ZERO, NBD_CMD_FLAG_FUA, NBD_CMD_FLAG_NO_HOLE, NBD_CMD_FLAG_REQ_ONE, NBD_CMD_FLUSH, NBD_CMD_READ,
   NBD_CMD_TRIM, NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES, NBD_EINVAL, NBD_ENOSPC, NBD_ESHUTDOWN, NBD_FLAG_C_FIXED_NEWSTYLE,
-  NBD_FLAG_C_NO_ZEROES, NBD_FLAG_SEND_DF, NBD_INFO_BLOCK_SIZE, NBD_INFO_DESCRIPTION, NBD_INFO_EXPORT, NBD_INFO_NAME,
+  NBD_FLAG_C_NO_ZEROES, NBD_FLAG_SEND_DF, NBD_INFO_DESCRIPTION, NBD_INFO_NAME,
   NBD_OPT_ABORT, NBD_OPT_EXPORT_NAME, NBD_OPT_GO, NBD_OPT_INFO, NBD_OPT_LIST, NBD_OPT_LIST_META_CONTEXT,
   NBD_OPT_SET_META_CONTEXT, NBD_OPT_STARTTLS, NBD_OPT_STRUCTURED_REPLY, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS,
   NBD_REPLY_TYPE_ERROR, NBD_REPLY_TYPE_NONE, NBD_REPLY_TYPE_OFFSET_DATA, NBD_REPLY_TYPE_OFFSET_HOLE, NBD_REP_ACK,
@@ -308,7 +308,6 @@ export class Session {
     if (exp.description) this.reply(option, NBD_REP_INFO, encodeInfoString(NBD_INFO_DESCRIPTION, exp.description));
     const bs = exp.blockSize;
     this.reply(option, NBD_REP_INFO, encodeInfoBlockSize(bs.minimum, bs.preferred, bs.maximum));
-    void NBD_INFO_EXPORT; void NBD_INFO_BLOCK_SIZE;
     this.reply(option, NBD_REP_ACK);
     if (option === NBD_OPT_GO) {
       if (this.metaExport !== exp.name) this.metaSelected = [];
@@ -350,7 +349,6 @@ export class Session {
       this.metaIds = chosen.map((i) => i + 1);
     }
     this.reply(option, NBD_REP_ACK);
-    void BASE_ALLOCATION;
   }
 
   private startTransmission(exp: CheckedExport): void {
@@ -655,26 +653,23 @@ export class Session {
     }
     if (req.length === 0) throw new NbdError(NBD_EINVAL, "BLOCK_STATUS of zero length");
     const flags = req.flags & NBD_CMD_FLAG_REQ_ONE ? REQ_ONE : 0;
-    if (this.metaSelected.length === 1) {
+    // One BLOCK_STATUS chunk per selected context, DONE on the last.
+    const n = this.metaSelected.length;
+    const lists: ExtentList[] = [];
+    let pending: Promise<unknown>[] | null = null;
+    for (let i = 0; i < n; i++) {
       const list = new ExtentList();
-      const r = exp.extents(this.metaSelected[0]!, req.offset, req.length, flags, list);
-      if (isPromise(r)) return r.then(() => this.sendBlockStatus(req, [this.encodeStatusChunk(req, this.metaIds[0]!, list, true)]));
-      this.sendBlockStatus(req, [this.encodeStatusChunk(req, this.metaIds[0]!, list, true)]);
-      return;
-    }
-    return this.multiBlockStatus(req, flags);
-  }
-
-  private async multiBlockStatus(req: PendingRequest, flags: number): Promise<void> {
-    const exp = this.exp!;
-    const out: Uint8Array[] = [];
-    for (let i = 0; i < this.metaSelected.length; i++) {
-      const list = new ExtentList();
+      lists.push(list);
       const r = exp.extents(this.metaSelected[i]!, req.offset, req.length, flags, list);
-      if (isPromise(r)) await r;
-      out.push(this.encodeStatusChunk(req, this.metaIds[i]!, list, i === this.metaSelected.length - 1));
+      if (isPromise(r)) (pending ??= []).push(r);
     }
-    this.sendBlockStatus(req, out);
+    const ids = this.metaIds;
+    const send = () => {
+      if (this.phase === Phase.Closed) return;
+      for (let i = 0; i < n; i++) this.t.send(this.encodeStatusChunk(req, ids[i]!, lists[i]!, i === n - 1));
+    };
+    if (pending) return Promise.all(pending).then(send);
+    send();
   }
 
   private encodeStatusChunk(req: PendingRequest, id: number, list: ExtentList, last: boolean): Uint8Array {
@@ -687,11 +682,6 @@ export class Session {
       putU32(b, 28 + 8 * i, list.types[i]!);
     }
     return b;
-  }
-
-  private sendBlockStatus(_req: PendingRequest, chunks: Uint8Array[]): void {
-    if (this.phase === Phase.Closed) return;
-    for (const c of chunks) this.t.send(c);
   }
 
   // ---------------------------------------------------------------- flow control ---------------
