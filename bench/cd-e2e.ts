@@ -8,11 +8,11 @@
 //
 // Servers listen on 127.0.0.1 ports 12520-12522.
 import { spawn, spawnSync, type Subprocess } from "bun";
-import { closeSync, mkdtempSync, openSync, rmSync, writeSync } from "node:fs";
+import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
-import { CLK_TCK, cpuTicks, fio, fsType, PATH, ROOT, waitPort } from "./lib/harness.ts";
+import { CLK_TCK, cpuTicks, fio, fsType, PATH, ROOT, waitPort, writeRandomImage } from "./lib/harness.ts";
 
 const { values: opt } = parseArgs({
   options: { "size-mib": { type: "string" }, runtime: { type: "string" }, rounds: { type: "string" }, dir: { type: "string" } },
@@ -41,17 +41,7 @@ const SERVERS = [
 ] as const;
 
 function makeIso(path: string): void {
-  const fd = openSync(path, "w");
-  const block = new Uint8Array(MiB);
-  let x = 0x2545f491;
-  for (let p = 0; p < SIZE; p += MiB) {
-    for (let i = 0; i < block.length; i += 4) {
-      x ^= x << 13; x ^= x >>> 17; x ^= x << 5;
-      block[i] = x; block[i + 1] = x >>> 8; block[i + 2] = x >>> 16; block[i + 3] = x >>> 24;
-    }
-    writeSync(fd, block, 0, MiB, p);
-  }
-  closeSync(fd);
+  writeRandomImage(path, SIZE, 0x2545f491);
 }
 
 async function start(server: (typeof SERVERS)[number], iso: string, cue: string) {

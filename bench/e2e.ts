@@ -19,12 +19,12 @@
 //   qemu-nbd  qemu-nbd -f raw -t -e 8 -p 12512 -b 127.0.0.1 IMG       (defaults: cache=writeback,
 //             aio=threads; -e 8 lets nbdcopy open several connections, like the other two allow)
 import { spawn, spawnSync, type Subprocess } from "bun";
-import { closeSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync, writeSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { cpus, tmpdir, totalmem } from "node:os";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
 
-import { CLK_TCK, cpuTicks, fio, fsType, PATH, ROOT, waitPort } from "./lib/harness.ts";
+import { CLK_TCK, cpuTicks, fio, fsType, PATH, ROOT, waitPort, writeRandomImage } from "./lib/harness.ts";
 const GiB = 1024 ** 3;
 const MiB = 1024 ** 2;
 
@@ -79,17 +79,7 @@ process.on("exit", cleanup);
 process.on("SIGINT", () => { cleanup(); process.exit(130); });
 
 function makeImage(path: string): void {
-  const fd = openSync(path, "w");
-  const block = new Uint8Array(MiB);
-  let x = 0x9e3779b9;
-  for (let p = 0; p < SIZE; p += MiB) {
-    for (let i = 0; i < block.length; i += 4) {
-      x ^= x << 13; x ^= x >>> 17; x ^= x << 5;
-      block[i] = x; block[i + 1] = x >>> 8; block[i + 2] = x >>> 16; block[i + 3] = x >>> 24;
-    }
-    writeSync(fd, block, 0, MiB, p);
-  }
-  closeSync(fd);
+  writeRandomImage(path, SIZE, 0x9e3779b9);
   spawnSync(["sync"]);
 }
 

@@ -1,7 +1,7 @@
 // Shared pieces of the end-to-end benchmark scripts: the PATH the tools need, a server's CPU
 // ticks, waiting for an NBD server to answer, and one fio nbd-engine run.
 import { spawnSync, type Subprocess } from "bun";
-import { readFileSync } from "node:fs";
+import { closeSync, openSync, readFileSync, writeSync } from "node:fs";
 
 export const ROOT = new URL("../..", import.meta.url).pathname.replace(/\/$/, "");
 /** /usr/bin first: the system python3 has the libnbd module, and the Debian tools live there. */
@@ -45,4 +45,20 @@ export function fio(name: string, uri: string, args: string[], size: number, run
   const job = JSON.parse(out.slice(out.indexOf("{"))).jobs[0];
   const rw = args.some((a) => a.includes("write")) ? job.write : job.read;
   return { iops: rw.iops, mbps: rw.bw_bytes / 1e6, bytes: job.read.io_bytes + job.write.io_bytes };
+}
+
+/** Write `size` bytes of seeded xorshift32 noise (fully allocated, incompressible) to `path`. */
+export function writeRandomImage(path: string, size: number, seed: number): void {
+  const MiB = 1024 * 1024;
+  const fd = openSync(path, "w");
+  const block = new Uint8Array(MiB);
+  let x = seed | 0 || 1;
+  for (let p = 0; p < size; p += MiB) {
+    for (let i = 0; i < block.length; i += 4) {
+      x ^= x << 13; x ^= x >>> 17; x ^= x << 5;
+      block[i] = x; block[i + 1] = x >>> 8; block[i + 2] = x >>> 16; block[i + 3] = x >>> 24;
+    }
+    writeSync(fd, block, 0, Math.min(MiB, size - p), p);
+  }
+  closeSync(fd);
 }
