@@ -1,6 +1,6 @@
 // `bun-nbd copy SRC DST`: copy between NBD exports, local files and a null sink, sparse-aware.
 // Wiring only: the copy engine lives in src/client/copy.ts.
-import { parseArgs } from "node:util";
+import { commandArgs } from "./args.ts";
 import { NBD_STATE_HOLE, NBD_STATE_ZERO } from "../protocol/constants.ts";
 import {
   connect, copy, FileDestination, FileSource, NbdEndpoint, NullEndpoint, type CopyDestination, type CopySource,
@@ -93,36 +93,18 @@ function progressBar(quiet: boolean): ((done: number, total: number) => void) | 
 }
 
 export async function main(argv: string[]): Promise<number> {
-  let args;
-  try {
-    args = parseArgs({
-      args: argv,
-      allowPositionals: true,
-      options: {
-        sha256: { type: "boolean" },
-        flush: { type: "boolean" },
-        quiet: { type: "boolean", short: "q" },
-        connections: { type: "string", short: "C" },
-        requests: { type: "string", short: "R" },
-        "request-size": { type: "string" },
-        "no-zero-detect": { type: "boolean" },
-        timeout: { type: "string" },
-        help: { type: "boolean", short: "h" },
-      },
-    });
-  } catch (e) {
-    console.error(`bun-nbd copy: ${(e as Error).message}\n\n${HELP}`);
-    return 2;
-  }
+  const args = commandArgs("copy", HELP, argv, {
+    sha256: { type: "boolean" },
+    flush: { type: "boolean" },
+    quiet: { type: "boolean", short: "q" },
+    connections: { type: "string", short: "C" },
+    requests: { type: "string", short: "R" },
+    "request-size": { type: "string" },
+    "no-zero-detect": { type: "boolean" },
+    timeout: { type: "string" },
+  }, { min: 2, max: 2, what: "SRC and DST" });
+  if (typeof args === "number") return args;
   const o = args.values;
-  if (o.help) {
-    console.log(HELP);
-    return 0;
-  }
-  if (args.positionals.length !== 2) {
-    console.error(`bun-nbd copy: expected SRC and DST\n\n${HELP}`);
-    return 2;
-  }
   const [srcArg, dstArg] = args.positionals as [string, string];
   let src: CopySource | null = null;
   let dst: CopyDestination | null = null;

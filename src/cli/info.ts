@@ -1,6 +1,6 @@
 // `bun-nbd info URI [--json]`: what nbdinfo prints about one export (size, flags, block sizes,
 // description, meta contexts). Wiring only: src/client does the talking and the formatting.
-import { parseArgs } from "node:util";
+import { commandArgs } from "./args.ts";
 import { inspectExport, parseNbdUri } from "../client/index.ts";
 import { formatListingJson, formatListingText } from "../client/report.ts";
 
@@ -16,25 +16,8 @@ options:
   --timeout MS  deadline for the connection and each reply (default 10000)`;
 
 export async function main(argv: string[]): Promise<number> {
-  let args;
-  try {
-    args = parseArgs({
-      args: argv,
-      allowPositionals: true,
-      options: { json: { type: "boolean" }, size: { type: "boolean" }, timeout: { type: "string" }, help: { type: "boolean", short: "h" } },
-    });
-  } catch (e) {
-    console.error(`bun-nbd info: ${(e as Error).message}\n\n${HELP}`);
-    return 2;
-  }
-  if (args.values.help) {
-    console.log(HELP);
-    return 0;
-  }
-  if (args.positionals.length !== 1) {
-    console.error(`bun-nbd info: expected one URI\n\n${HELP}`);
-    return 2;
-  }
+  const args = commandArgs("info", HELP, argv, { json: { type: "boolean" }, size: { type: "boolean" }, timeout: { type: "string" } }, { min: 1, max: 1, what: "one URI" });
+  if (typeof args === "number") return args;
   try {
     const target = parseNbdUri(args.positionals[0]!);
     const timeout = args.values.timeout ? Number(args.values.timeout) : 10_000;

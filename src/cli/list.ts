@@ -1,6 +1,6 @@
 // `bun-nbd list URI [--json]`: every export of a server with its size, description and flags,
 // as `nbdinfo --list` prints them. Wiring only.
-import { parseArgs } from "node:util";
+import { commandArgs } from "./args.ts";
 import { listExports, parseNbdUri } from "../client/index.ts";
 import { formatListingJson, formatListingText } from "../client/report.ts";
 
@@ -14,25 +14,8 @@ options:
   --timeout MS  deadline for the connection and each reply (default 10000)`;
 
 export async function main(argv: string[]): Promise<number> {
-  let args;
-  try {
-    args = parseArgs({
-      args: argv,
-      allowPositionals: true,
-      options: { json: { type: "boolean" }, timeout: { type: "string" }, help: { type: "boolean", short: "h" } },
-    });
-  } catch (e) {
-    console.error(`bun-nbd list: ${(e as Error).message}\n\n${HELP}`);
-    return 2;
-  }
-  if (args.values.help) {
-    console.log(HELP);
-    return 0;
-  }
-  if (args.positionals.length !== 1) {
-    console.error(`bun-nbd list: expected one URI\n\n${HELP}`);
-    return 2;
-  }
+  const args = commandArgs("list", HELP, argv, { json: { type: "boolean" }, timeout: { type: "string" } }, { min: 1, max: 1, what: "one URI" });
+  if (typeof args === "number") return args;
   try {
     const target = parseNbdUri(args.positionals[0]!);
     const timeout = args.values.timeout ? Number(args.values.timeout) : 10_000;

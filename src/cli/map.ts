@@ -1,6 +1,6 @@
 // `bun-nbd map URI [--json] [--totals] [--context NAME]`: an export's extents for one meta
 // context (base:allocation by default), merged, as `nbdinfo --map` prints them. Wiring only.
-import { parseArgs } from "node:util";
+import { commandArgs } from "./args.ts";
 import { BASE_ALLOCATION } from "../protocol/constants.ts";
 import { connect } from "../client/index.ts";
 import { formatMapJson, formatMapText, formatMapTotals, formatMapTotalsJson } from "../client/report.ts";
@@ -17,29 +17,11 @@ options:
   --timeout MS      deadline of every request (default 60000)`;
 
 export async function main(argv: string[]): Promise<number> {
-  let args;
-  try {
-    args = parseArgs({
-      args: argv,
-      allowPositionals: true,
-      options: {
-        json: { type: "boolean" }, totals: { type: "boolean" }, context: { type: "string" }, timeout: { type: "string" },
-        help: { type: "boolean", short: "h" },
-      },
-    });
-  } catch (e) {
-    console.error(`bun-nbd map: ${(e as Error).message}\n\n${HELP}`);
-    return 2;
-  }
+  const args = commandArgs("map", HELP, argv, {
+    json: { type: "boolean" }, totals: { type: "boolean" }, context: { type: "string" }, timeout: { type: "string" },
+  }, { min: 1, max: 1, what: "one URI" });
+  if (typeof args === "number") return args;
   const o = args.values;
-  if (o.help) {
-    console.log(HELP);
-    return 0;
-  }
-  if (args.positionals.length !== 1) {
-    console.error(`bun-nbd map: expected one URI\n\n${HELP}`);
-    return 2;
-  }
   const context = o.context ?? BASE_ALLOCATION;
   const timeout = o.timeout ? Number(o.timeout) : 60_000;
   let client;

@@ -1,6 +1,6 @@
 // `bun-nbd serve [options] FILE...`: parse flags, open exports, listen, print how to connect, and
 // shut down cleanly on SIGINT/SIGTERM. Wiring only.
-import { parseArgs } from "node:util";
+import { commandArgs } from "./args.ts";
 import { openExports } from "../devices/open.ts";
 import { createLogger } from "../server/log.ts";
 import { NbdServer } from "../server/server.ts";
@@ -37,32 +37,21 @@ Connect with, for example:
   nbd-client 127.0.0.1 10809 /dev/nbd0 -N NAME`;
 
 export async function main(argv: string[]): Promise<number> {
-  let args;
-  try {
-    args = parseArgs({
-      args: argv,
-      allowPositionals: true,
-      options: {
-        port: { type: "string", short: "p" },
-        bind: { type: "string", short: "b", multiple: true },
-        socket: { type: "string", short: "k" },
-        "read-only": { type: "boolean", short: "r" },
-        name: { type: "string", short: "n" },
-        overlay: { type: "string", short: "o" },
-        snapshot: { type: "boolean", short: "s" },
-        compat: { type: "boolean" },
-        verbose: { type: "boolean", short: "v" },
-        quiet: { type: "boolean", short: "q" },
-        help: { type: "boolean", short: "h" },
-        version: { type: "boolean", short: "V" },
-      },
-    });
-  } catch (e) {
-    console.error(`bun-nbd serve: ${(e as Error).message}\n(see bun-nbd serve --help)`);
-    return 2;
-  }
+  const args = commandArgs("serve", HELP, argv, {
+    port: { type: "string", short: "p" },
+    bind: { type: "string", short: "b", multiple: true },
+    socket: { type: "string", short: "k" },
+    "read-only": { type: "boolean", short: "r" },
+    name: { type: "string", short: "n" },
+    overlay: { type: "string", short: "o" },
+    snapshot: { type: "boolean", short: "s" },
+    compat: { type: "boolean" },
+    verbose: { type: "boolean", short: "v" },
+    quiet: { type: "boolean", short: "q" },
+    version: { type: "boolean", short: "V" },
+  }, { min: 0, max: Infinity, what: "FILE..." });
+  if (typeof args === "number") return args;
   const o = args.values;
-  if (o.help) { console.log(HELP); return 0; }
   if (o.version) { console.log(VERSION); return 0; }
   if (args.positionals.length === 0) {
     console.error("bun-nbd serve: no FILE given (see bun-nbd serve --help)");
