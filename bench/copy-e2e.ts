@@ -6,7 +6,7 @@
 // (`mkdir /tmp/before && git archive HEAD src | tar -x -C /tmp/before`), for before/after ratios in
 // the same run. --transport node also times this tree with BUN_NBD_TRANSPORT=node (node:net).
 // The export is nbdkit's file plugin over a fully random image (page-cached), served on a unix
-// socket and on TCP 127.0.0.1:12040; --sparse uses a half-allocated image instead (holes are
+// socket, or with --tcp on 127.0.0.1:12040; --sparse uses a half-allocated image instead (holes are
 // skipped by both tools, so that run measures block status and hole handling as much as reads).
 // Both tools are timed as whole processes (start-up included), alternating, same export.
 import { spawnSync } from "node:child_process";
@@ -62,12 +62,14 @@ spawnSync("cat", [image], { stdio: ["ignore", "ignore", "ignore"] }); // warm th
 
 const sock = join(dir, "nbdkit.sock");
 const port = 12040;
-server = Bun.spawn(["nbdkit", "-f", "-U", sock, ...(values.tcp ? ["-i", "127.0.0.1", "-p", String(port)] : []), "file", image], {
+// nbdkit listens on one of the two (it refuses -U together with -p).
+server = Bun.spawn(["nbdkit", "-f", ...(values.tcp ? ["-i", "127.0.0.1", "-p", String(port)] : ["-U", sock]), "file", image], {
   stdout: "ignore", stderr: "inherit", env: { ...process.env, PATH },
 });
 for (let i = 0; ; i++) {
   try {
-    await (await Negotiation.open({ transport: "unix", path: sock, exportName: "" }, { connectTimeoutMs: 500 })).abort();
+    const target = values.tcp ? { transport: "tcp" as const, host: "127.0.0.1", port, exportName: "" } : { transport: "unix" as const, path: sock, exportName: "" };
+    await (await Negotiation.open(target, { connectTimeoutMs: 500 })).abort();
     break;
   } catch (e) {
     if (i > 200) throw e;

@@ -140,7 +140,7 @@ function fakeClient(timeoutMs = 5000): { client: NbdClient; sock: FakeSocket } {
   const client = new NbdClient({
     socket: sock as unknown as Socket, info: describeExport("", SIZE, FLAGS, true), structured: true,
     metaContexts: new Map([["base:allocation", 7]]), leftover: [], style: "newstyle-fixed",
-  }, timeoutMs);
+  }, { requestTimeoutMs: timeoutMs });
   return { client, sock };
 }
 

@@ -4,7 +4,7 @@ import { commandArgs } from "./args.ts";
 import { NBD_STATE_HOLE, NBD_STATE_ZERO } from "../protocol/constants.ts";
 import {
   connect, copy, FileDestination, FileSource, NbdEndpoint, NullEndpoint, type CopyDestination, type CopySource,
-  type Extent, type NbdClient,
+  type ClientOptions, type Extent, type NbdClient,
 } from "../client/index.ts";
 import { haveLibc, seekData, seekHole } from "../devices/libc.ts";
 
@@ -19,10 +19,12 @@ options:
   --sha256              print the SHA-256 of the bytes copied
   --flush               flush the destination at the end
   -q, --quiet           no progress bar
-  -C, --connections N   connections per NBD export when it allows multi-conn (default 4)
-  -R, --requests N      requests in flight per connection (default 16)
+  -C, --connections N   connections per NBD export when it allows multi-conn (default 2)
+  -R, --requests N      requests in flight per connection (default 32)
   --request-size BYTES  bytes per read/write request (default 262144)
   --no-zero-detect      write all-zero data blocks as data
+  --busy-poll US        poll a connection for replies for up to US microseconds
+                        before waiting on the event loop (default 200; 0: never)
   --timeout MS          deadline of every request (default 60000)`;
 
 function isUri(s: string): boolean {
@@ -58,12 +60,12 @@ function probeFile(fd: number, size: number): Extent[] | null {
   return out;
 }
 
-async function openNbd(uri: string, connections: number, timeoutMs: number): Promise<NbdEndpoint> {
-  const first = await connect(uri, { requestTimeoutMs: timeoutMs });
+async function openNbd(uri: string, connections: number, opts: ClientOptions): Promise<NbdEndpoint> {
+  const first = await connect(uri, opts);
   const clients: NbdClient[] = [first];
   try {
     if (first.info.canMultiConn && connections > 1) {
-      const more = await Promise.allSettled(Array.from({ length: connections - 1 }, () => connect(uri, { requestTimeoutMs: timeoutMs })));
+      const more = await Promise.allSettled(Array.from({ length: connections - 1 }, () => connect(uri, opts)));
       for (const r of more) if (r.status === "fulfilled") clients.push(r.value);
       const failed = more.find((r) => r.status === "rejected");
       if (failed) throw failed.reason;
@@ -101,6 +103,7 @@ export async function main(argv: string[]): Promise<number> {
     requests: { type: "string", short: "R" },
     "request-size": { type: "string" },
     "no-zero-detect": { type: "boolean" },
+    "busy-poll": { type: "string" },
     timeout: { type: "string" },
   }, { min: 2, max: 2, what: "SRC and DST" });
   if (typeof args === "number") return args;
@@ -109,13 +112,16 @@ export async function main(argv: string[]): Promise<number> {
   let src: CopySource | null = null;
   let dst: CopyDestination | null = null;
   try {
-    const connections = positiveInt(o.connections, "connections", 4);
-    const requests = positiveInt(o.requests, "requests", 16);
+    const connections = positiveInt(o.connections, "connections", 2);
+    const requests = positiveInt(o.requests, "requests", 32);
     const requestSize = positiveInt(o["request-size"], "request-size", 256 * 1024);
-    const timeoutMs = positiveInt(o.timeout, "timeout", 60_000);
-    src = isUri(srcArg) ? await openNbd(srcArg, connections, timeoutMs) : new FileSource(srcArg, probeFile);
+    const nbdOpts: ClientOptions = {
+      requestTimeoutMs: positiveInt(o.timeout, "timeout", 60_000),
+      busyPollMicros: o["busy-poll"] === "0" ? 0 : positiveInt(o["busy-poll"], "busy-poll", 200),
+    };
+    src = isUri(srcArg) ? await openNbd(srcArg, connections, nbdOpts) : new FileSource(srcArg, probeFile);
     if (dstArg === "null:" || dstArg === "/dev/null") dst = new NullEndpoint();
-    else if (isUri(dstArg)) dst = await openNbd(dstArg, connections, timeoutMs);
+    else if (isUri(dstArg)) dst = await openNbd(dstArg, connections, nbdOpts);
     else dst = new FileDestination(dstArg);
     const lanes = Math.max(src instanceof NbdEndpoint ? src.connections : 1, dst instanceof NbdEndpoint ? dst.connections : 1);
     const result = await copy(src, dst, {

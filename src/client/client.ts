@@ -6,6 +6,13 @@
 // tick; replies are parsed in place from the socket's chunks with plain byte arithmetic (no
 // DataView, no BigInt, no Buffer.concat); READ payloads are copied once, from the socket chunk into
 // the caller's buffer. A header that straddles two chunks is gathered in a small scratch buffer.
+//
+// Receiving in place: where the transport offers `rx.recv` (Bun with libc), the receiver also
+// pulls from the socket itself after every chunk: exactly the bytes the current state needs, READ
+// payloads straight into the caller's buffer (one kernel copy, no intermediate buffer). After each
+// completed request it continues in a microtask, so the continuations that submit new requests run
+// (and their requests go out) before it drains more. Optionally it busy-polls for a while when the
+// socket is momentarily empty but replies are due (`busyPollMicros`).
 import {
   NBD_CMD_BLOCK_STATUS, NBD_CMD_CACHE, NBD_CMD_DISC, NBD_CMD_FLAG_DF, NBD_CMD_FLAG_FAST_ZERO, NBD_CMD_FLAG_FUA,
   NBD_CMD_FLAG_NO_HOLE, NBD_CMD_FLAG_REQ_ONE, NBD_CMD_FLUSH, NBD_CMD_READ, NBD_CMD_TRIM, NBD_CMD_WRITE,
@@ -169,9 +176,17 @@ export class NbdClient {
   private dataLeft = 0;
   private payload: Buffer | null = null;
   private payloadHave = 0;
+  /** The transport's in-place receive, or null (then every byte arrives through `onData`). */
+  private readonly recvIn: ((dst: Uint8Array, off: number, len: number) => number) | null;
+  private readonly busyPollMs: number;
+  private readonly headerIn = Buffer.allocUnsafe(32);
+  private completions = 0;
+  private pullQueued = false;
+  private readonly pullBound = () => this.pull();
 
   /** @internal Use {@link connect}. */
-  constructor(n: Negotiated, requestTimeoutMs = 60_000) {
+  constructor(n: Negotiated, opts: { requestTimeoutMs?: number; busyPollMicros?: number } = {}) {
+    const requestTimeoutMs = opts.requestTimeoutMs ?? 60_000;
     this.socket = n.socket;
     this.rxOwned = n.rx?.owned === true;
     this.info = n.info;
@@ -187,7 +202,14 @@ export class NbdClient {
     const max = Math.min(bs ? bs.maximum : MAX_PAYLOAD_CAP, MAX_PAYLOAD_CAP);
     this.limits = { minimum, preferred, maxPayload: Math.max(minimum, max - (max % minimum)) };
     this.closed = new Promise((r) => (this.resolveClosed = r));
-    if (n.rx) n.rx.on = (b: Buffer, len: number) => this.onData(b, len);
+    this.recvIn = n.rx?.recv ?? null;
+    this.busyPollMs = Math.max(0, opts.busyPollMicros ?? 0) / 1000;
+    if (n.rx && this.recvIn) {
+      n.rx.on = (b: Buffer, len: number) => {
+        this.onData(b, len);
+        this.pull();
+      };
+    } else if (n.rx) n.rx.on = (b: Buffer, len: number) => this.onData(b, len);
     else this.socket.on("data", (c: Buffer) => this.onData(c, c.length));
     this.socket.on("error", (e: Error) => this.fail(new NbdDisconnectedError(`connection error: ${e.message}`, { cause: e })));
     this.socket.on("end", () => this.fail(new NbdDisconnectedError("the server closed the connection")));
@@ -201,6 +223,14 @@ export class NbdClient {
   /** Requests sent and not yet answered. */
   get inFlight(): number {
     return this.pendingCount;
+  }
+
+  /**
+   * True when READ payloads go from the socket straight into the buffer given to {@link pread}
+   * (the transport receives in place); then `pread` into a reused buffer beats {@link readViews}.
+   */
+  get receivesInPlace(): boolean {
+    return this.recvIn !== null;
   }
 
   /** Set once the connection failed or was closed: the error every new request fails with. */
@@ -545,6 +575,7 @@ export class NbdClient {
   }
 
   private complete(r: Req): void {
+    this.completions++;
     this.reqs[r.id] = undefined;
     this.freeIds.push(r.id);
     this.pendingCount--;
@@ -562,6 +593,61 @@ export class NbdClient {
 
   // ---------------------------------------------------------------------------------------------
   // Receiving
+
+  /**
+   * Receives in place (see the top of the file) until the socket is empty or a request completes;
+   * in the second case it goes on in a microtask, after the continuations of that request and
+   * after sending what they staged.
+   */
+  private pull(): void {
+    this.pullQueued = false;
+    if (this.flushQueued) this.sendStaged();
+    const done = this.completions;
+    while (!this.dead) {
+      if (this.state === S_DATA) {
+        const r = this.cur!;
+        if (!r.buf) return; // READ by views: those keep the transport's own chunks
+        const n = this.recvWait(r.buf, this.dataPos, this.dataLeft);
+        if (n === 0) return;
+        this.dataPos += n;
+        this.dataLeft -= n;
+        if (this.dataLeft === 0) this.endOfPayload();
+      } else if (this.state === S_PAYLOAD) {
+        const p = this.payload!;
+        const n = this.recvWait(p, this.payloadHave, p.length - this.payloadHave);
+        if (n === 0) return;
+        this.payloadHave += n;
+        if (this.payloadHave === p.length) this.onPayload(p);
+      } else {
+        // A header or a data offset: exactly the bytes still missing (16 first for a header, the
+        // shorter of the two reply headers), so nothing that follows them is taken here.
+        if (this.pendingCount === 0) return;
+        const need = this.state === S_OFFSET ? 8 - this.scratchHave : this.scratchNeed === 0 ? 16 : this.scratchNeed - this.scratchHave;
+        const n = this.recvWait(this.headerIn, 0, need);
+        if (n === 0) return;
+        this.onData(this.headerIn, n);
+      }
+      if (this.completions !== done) {
+        if (!this.pullQueued && !this.dead) {
+          this.pullQueued = true;
+          queueMicrotask(this.pullBound);
+        }
+        return;
+      }
+    }
+  }
+
+  /** One in-place receive, busy-polling up to `busyPollMs` while the socket is empty. */
+  private recvWait(dst: Uint8Array, off: number, len: number): number {
+    const recv = this.recvIn!;
+    let n = recv(dst, off, len);
+    if (n === 0 && this.busyPollMs > 0) {
+      const until = performance.now() + this.busyPollMs;
+      do n = recv(dst, off, len);
+      while (n === 0 && performance.now() < until && !this.dead);
+    }
+    return n;
+  }
 
   /** Parses `chunk[0..n)`. Keeps no reference to `chunk`: the caller may reuse it. */
   private onData(chunk: Buffer, n: number): void {

@@ -238,7 +238,8 @@ export class NbdEndpoint implements CopySource, CopyDestination {
     return this.pick(lane).pread(buf, offset);
   }
   readViews(offset: number, length: number, lane: number): Promise<Uint8Array[]> | null {
-    return this.pick(lane).readViews(offset, length);
+    const c = this.pick(lane);
+    return c.receivesInPlace ? null : c.readViews(offset, length);
   }
   prepare(): void {
     if (this.clients[0]!.info.readOnly) throw new NbdUsageError("READ_ONLY", "the destination export is read-only");

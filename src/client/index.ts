@@ -80,7 +80,7 @@ export async function connect(target: Target, opts: ClientOptions = {}): Promise
       const wanted = opts.metaContexts ?? [BASE_ALLOCATION];
       if (wanted.length) await neg.setMetaContexts(t.exportName, wanted);
     }
-    return new NbdClient(await neg.go(t.exportName), opts.requestTimeoutMs);
+    return new NbdClient(await neg.go(t.exportName), opts);
   } catch (e) {
     await neg.abort();
     throw e;
@@ -134,7 +134,7 @@ export async function inspectExport(target: Target, opts: ConnectOptions & { exp
     if (neg.style !== "newstyle-fixed") {
       const n = await neg.go(t.exportName);
       done = true;
-      const c = new NbdClient(n, opts.requestTimeoutMs);
+      const c = new NbdClient(n, opts);
       await c.close();
       return { style: neg.style, structured: false, exports: [{ ...n.info, listDescription: "", contexts: [] }] };
     }

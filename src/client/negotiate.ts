@@ -69,6 +69,13 @@ export interface ConnectOptions {
   connectTimeoutMs?: number;
   /** Deadline for each request in the transmission phase, in ms (default 60000). */
   requestTimeoutMs?: number;
+  /**
+   * Busy-poll for replies for up to this many microseconds before going back to the event loop
+   * (default 0: never). Only where the transport receives in place (Bun with libc reachable). It
+   * trades CPU for throughput when many requests are in flight: bytes that would otherwise wait
+   * for the next loop turn (and an extra buffer and copy) go straight into the READ buffers.
+   */
+  busyPollMicros?: number;
 }
 
 // The oldstyle cliserv_magic 0x0000420281861253, split into 32-bit halves.

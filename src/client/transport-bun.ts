@@ -5,7 +5,13 @@
 // receiver may keep views of it (`rx.owned`). Sending: Bun's `socket.write` writes what the kernel
 // takes and returns the count without queueing the rest; this adapter keeps the unsent tails
 // (views, no copy: callers do not modify written buffers) and resends them on `drain`, in order.
+//
+// Receiving in place: Bun's data callback costs a fresh buffer and a copy per read. Where libc is
+// reachable through bun:ffi, `rx.recv` also reads the socket's fd directly (recv with
+// MSG_DONTWAIT), so the client can take READ payloads straight into their destination buffers.
+// Bun still owns the fd: it polls it, and reports end of stream and errors as usual.
 import type { Socket } from "bun";
+import { haveLibc, recvNow } from "../devices/libc.ts";
 import { NbdDisconnectedError, NbdTimeoutError } from "./errors.ts";
 import type { Conn, Opened, Rx } from "./transport.ts";
 import type { NbdTarget } from "./uri.ts";
@@ -23,6 +29,14 @@ class BunConn implements Conn {
   private endPending = false;
   private closed = false;
   private readonly listeners: Record<string, Listener[]> = { error: [], end: [], close: [], data: [] };
+
+  /** recv(2) on the socket while it is open; 0 once closed (the fd number may be reused). */
+  recv(dst: Uint8Array, off: number, len: number): number {
+    return this.closed || this.fd < 0 ? 0 : recvNow(this.fd, dst, off, len);
+  }
+
+  /** The socket's fd, for receiving in place (-1 when unknown). */
+  fd = -1;
 
   /** Hands one incoming chunk to the receiver. */
   deliver(b: Buffer): void {
@@ -123,6 +137,7 @@ const EMPTY = new Uint8Array(0);
 function makeRx(c: BunConn): Rx {
   return {
     owned: true,
+    recv: haveLibc ? (dst, off, len) => c.recv(dst, off, len) : undefined,
     get on() {
       return c.getReceiver();
     },
@@ -171,6 +186,8 @@ export async function openBunConn(target: NbdTarget, timeoutMs: number): Promise
   try {
     const s = await Promise.race([connecting, timeout]);
     conn.sock = s;
+    const fd = (s as unknown as { fd?: number }).fd; // present at run time, missing from the typings
+    if (typeof fd === "number" && fd >= 0) conn.fd = fd;
     if (target.transport === "tcp") s.setNoDelay(true);
     return { socket: conn, rx: conn.rx };
   } catch (e) {

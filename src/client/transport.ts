@@ -2,7 +2,7 @@
 // handshake and the transmission phase see a `Conn`: the small part of a node:net Socket they use.
 // Two implementations, each loaded only when chosen:
 // - transport-bun.ts on Bun's native sockets (connect) when running under Bun: its data callback hands over a fresh
-//   buffer per read with no stream machinery in between;
+//   buffer per read with no stream machinery in between, and `rx.recv` reads the socket directly;
 // - transport-node.ts on node:net (Node 20+): reads into one reused buffer per connection (onread).
 // Nothing here imports a runtime API, so the library still loads under Node.
 import type { NbdTarget } from "./uri.ts";
@@ -30,6 +30,13 @@ export interface Rx {
   on: (buf: Buffer, n: number) => void;
   /** True when every buffer handed to `on` is fresh and never written again by the transport. */
   readonly owned: boolean;
+  /**
+   * Optional: receives what the socket holds right now straight into `dst[off, off+len)`, without
+   * waiting and without passing through `on`. Returns the byte count; 0 means nothing is there now
+   * (end of stream and errors then arrive through the usual events). Lets the receiver put READ
+   * payloads where they belong with one kernel copy and no intermediate buffer.
+   */
+  recv?: (dst: Uint8Array, off: number, len: number) => number;
 }
 
 /** An open connection and its receive hook. */

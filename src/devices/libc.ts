@@ -1,9 +1,19 @@
 // The few libc calls Bun does not expose, through bun:ffi: fallocate (hole punching and zero
 // ranges), lseek with SEEK_DATA/SEEK_HOLE (sparse extents), OFD byte-range locks (compatible with
-// QEMU's image locking) and sendfile. Each wrapper throws an Error with a `code` like Node's
+// QEMU's image locking), sendfile, and recv without waiting (the client's in-place receive). Each wrapper throws an Error with a `code` like Node's
 // (e.g. "EOPNOTSUPP") so errors map to NBD errnos in one place. If libc cannot be loaded, `libc`
 // is null and callers fall back to portable paths.
-import { dlopen, FFIType, read, ptr } from "bun:ffi";
+//
+// bun:ffi is imported dynamically: a static import would be hoisted into any bundle that contains
+// this module (the client's Bun transport uses it), and that bundle would then fail to load under
+// Node. Under Node the import fails, `haveLibc` is false and the portable paths are taken.
+type Ffi = typeof import("bun:ffi");
+let ffi: Ffi | null = null;
+try {
+  ffi = await import("bun:ffi");
+} catch {
+  ffi = null;
+}
 
 const ERRNO_NAMES: Record<number, string> = {
   1: "EPERM", 2: "ENOENT", 5: "EIO", 6: "ENXIO", 9: "EBADF", 11: "EAGAIN", 12: "ENOMEM", 13: "EACCES",
@@ -23,20 +33,24 @@ export const F_WRLCK = 1;
 export const F_UNLCK = 2;
 
 type Lib = ReturnType<typeof load>;
-function load() {
-  return dlopen("libc.so.6", {
+function load(f: Ffi) {
+  const { FFIType } = f;
+  return f.dlopen("libc.so.6", {
     fallocate: { args: [FFIType.i32, FFIType.i32, FFIType.i64, FFIType.i64], returns: FFIType.i32 },
     lseek: { args: [FFIType.i32, FFIType.i64, FFIType.i32], returns: FFIType.i64_fast },
     fcntl: { args: [FFIType.i32, FFIType.i32, FFIType.ptr], returns: FFIType.i32 },
     sendfile: { args: [FFIType.i32, FFIType.i32, FFIType.ptr, FFIType.u64], returns: FFIType.i64_fast },
+    recv: { args: [FFIType.i32, FFIType.ptr, FFIType.u64, FFIType.i32], returns: FFIType.i64_fast },
     posix_fadvise: { args: [FFIType.i32, FFIType.i64, FFIType.i64, FFIType.i32], returns: FFIType.i32 },
     __errno_location: { args: [], returns: FFIType.ptr },
   }).symbols;
 }
 
 let lib: Lib | null = null;
+// Without bun:ffi these are never called: every wrapper checks `lib` first.
+const { ptr, read } = ffi ?? { ptr: () => 0, read: { i32: () => 0 } };
 try {
-  lib = load();
+  lib = ffi ? load(ffi) : null;
 } catch {
   lib = null;
 }
@@ -97,6 +111,17 @@ export function sendfile(outFd: number, inFd: number, offset: number, count: num
   const e = errno();
   if (e === 11) return -11;
   throw errnoError("sendfile", e);
+}
+
+const MSG_DONTWAIT = 0x40;
+/**
+ * recv(2) with MSG_DONTWAIT into `dst[off, off+len)`: what the socket holds now, without waiting.
+ * Returns the byte count, or 0 when nothing is there (EAGAIN), at end of stream or on an error: the
+ * event loop that owns the socket sees those itself and reports them through its own callbacks.
+ */
+export function recvNow(fd: number, dst: Uint8Array, off: number, len: number): number {
+  const r = lib!.recv(fd, ptr(dst, off), len, MSG_DONTWAIT) as number;
+  return r > 0 ? r : 0;
 }
 
 // struct flock on x86_64/aarch64 Linux: short l_type, short l_whence, (pad), off_t l_start,
