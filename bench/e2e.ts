@@ -2,7 +2,9 @@
 // qemu-nbd, one after another, each driven by the same fio nbd-engine workloads and by
 // `nbdcopy URI null:`. Prints a Markdown table of MB/s or IOPS per server, the ratios
 // bun-nbd/nbdkit and bun-nbd/qemu-nbd, and server CPU seconds per GiB moved (utime+stime from
-// /proc/PID/stat around each workload).
+// /proc/PID/stat around each workload). Then the clients side by side: `bun-nbd copy URI null:`
+// against `nbdcopy URI null:` on each server's export (bench/copy-e2e.ts does that one in more
+// rounds and variants).
 //
 //   bun bench/e2e.ts [--quick] [--runtime SECONDS] [--rounds N] [--dir DIR]
 //                    [--servers bun,nbdkit,qemu] [--only WORKLOAD,...] [--unix] [--json FILE]
@@ -50,14 +52,15 @@ const SIZE = opt.quick ? GiB / 4 : GiB;
 const ROUNDS = Math.max(1, Number(opt.rounds ?? 1));
 const SERVERS = (opt.servers ?? "bun,nbdkit,qemu").split(",");
 
-interface Workload { id: string; label: string; unit: "MB/s" | "IOPS"; fio?: string[]; nbdcopy?: boolean }
+interface Workload { id: string; label: string; unit: "MB/s" | "IOPS"; fio?: string[]; copy?: string[] }
 const WORKLOADS: Workload[] = [
   { id: "seqread-1m-qd16", label: "1 MiB sequential read, QD16", unit: "MB/s", fio: ["--rw=read", "--bs=1m", "--iodepth=16"] },
   { id: "randread-4k-qd1", label: "4 KiB random read, QD1", unit: "IOPS", fio: ["--rw=randread", "--bs=4k", "--iodepth=1"] },
   { id: "randread-4k-qd32", label: "4 KiB random read, QD32", unit: "IOPS", fio: ["--rw=randread", "--bs=4k", "--iodepth=32"] },
   { id: "randwrite-4k-qd32", label: "4 KiB random write, QD32", unit: "IOPS", fio: ["--rw=randwrite", "--bs=4k", "--iodepth=32"] },
   { id: "seqwrite-64k-qd8", label: "64 KiB sequential write, QD8", unit: "MB/s", fio: ["--rw=write", "--bs=64k", "--iodepth=8"] },
-  { id: "nbdcopy-null", label: "nbdcopy URI null: (whole image)", unit: "MB/s", nbdcopy: true },
+  { id: "nbdcopy-null", label: "nbdcopy URI null: (whole image)", unit: "MB/s", copy: ["nbdcopy"] },
+  { id: "bun-copy-null", label: "bun-nbd copy URI null: (whole image)", unit: "MB/s", copy: [process.execPath, join(ROOT, "src/cli.ts"), "copy", "-q"] },
 ];
 
 if (opt.only) {
@@ -120,11 +123,12 @@ function runFio(uri: string, w: Workload): { value: number; bytes: number } {
   return { value: w.unit === "IOPS" ? r.iops : r.mbps, bytes: r.bytes };
 }
 
-function runNbdcopy(uri: string): { value: number; bytes: number } {
+/** A whole-image copy to a null sink, timed as a whole process (start-up included). */
+function runCopy(uri: string, w: Workload): { value: number; bytes: number } {
   const t0 = performance.now();
-  const r = spawnSync(["nbdcopy", uri, "null:"], { env: { ...process.env, PATH } });
+  const r = spawnSync([...w.copy!, uri, "null:"], { env: { ...process.env, PATH } });
   const secs = (performance.now() - t0) / 1000;
-  if (r.exitCode !== 0) throw new Error(`nbdcopy failed: ${r.stderr.toString()}`);
+  if (r.exitCode !== 0) throw new Error(`${w.copy!.join(" ")} failed: ${r.stderr.toString()}`);
   return { value: SIZE / secs / 1e6, bytes: SIZE };
 }
 
@@ -162,7 +166,7 @@ async function main(): Promise<void> {
         for (const w of WORKLOADS) {
           const c0 = cpuTicks(s.pid);
           const t0 = performance.now();
-          const r = w.nbdcopy ? runNbdcopy(s.uri) : runFio(s.uri, w);
+          const r = w.copy ? runCopy(s.uri, w) : runFio(s.uri, w);
           const seconds = (performance.now() - t0) / 1000;
           const cpuS = (cpuTicks(s.pid) - c0) / CLK_TCK;
           const prev = results[server]![w.id];
@@ -180,10 +184,18 @@ async function main(): Promise<void> {
     `|---|---|${SERVERS.map(() => "---:").join("|")}|---:|---:|---:|`,
   ];
   for (const w of WORKLOADS) {
+    if (w.id === "bun-copy-null") continue; // a client workload: in the second table
     const r = (s: string) => results[s]?.[w.id];
     lines.push(`| ${w.label} | ${w.unit} | ${SERVERS.map((s) => fmt(r(s)?.value, w.unit)).join(" | ")} | ${ratio(r("bun"), r("nbdkit"))} | ${ratio(r("bun"), r("qemu"))} | ${SERVERS.map((s) => cpu(r(s))).join(" / ")} |`);
   }
-  console.log(`\n${machine()}\n\n${lines.join("\n")}`);
+  const clients = ["", "Clients on the same export, whole image to null: (MB/s, best of the rounds):", "",
+    `| client | ${SERVERS.map(name).join(" | ")} |`, `|---|${SERVERS.map(() => "---:").join("|")}|`];
+  const copyOf = (id: string, s: string) => results[s]?.[id];
+  clients.push(`| nbdcopy | ${SERVERS.map((s) => fmt(copyOf("nbdcopy-null", s)?.value, "MB/s")).join(" | ")} |`);
+  clients.push(`| bun-nbd copy | ${SERVERS.map((s) => fmt(copyOf("bun-copy-null", s)?.value, "MB/s")).join(" | ")} |`);
+  clients.push(`| bun-nbd copy / nbdcopy | ${SERVERS.map((s) => ratio(copyOf("bun-copy-null", s), copyOf("nbdcopy-null", s))).join(" | ")} |`);
+  const haveClients = WORKLOADS.some((w) => w.id === "bun-copy-null");
+  console.log(`\n${machine()}\n\n${lines.join("\n")}${haveClients ? `\n${clients.join("\n")}` : ""}`);
   if (opt.json) writeFileSync(opt.json, JSON.stringify({ machine: machine(), runtime: RUNTIME, size: SIZE, results }, null, 2));
 }
 

@@ -24,7 +24,7 @@ options:
   --request-size BYTES  bytes per read/write request (default 262144)
   --no-zero-detect      write all-zero data blocks as data
   --busy-poll US        poll a connection for replies for up to US microseconds
-                        before waiting on the event loop (default 200; 0: never)
+                        before waiting on the event loop (default 50; 0: never)
   --timeout MS          deadline of every request (default 60000)`;
 
 function isUri(s: string): boolean {
@@ -117,7 +117,7 @@ export async function main(argv: string[]): Promise<number> {
     const requestSize = positiveInt(o["request-size"], "request-size", 256 * 1024);
     const nbdOpts: ClientOptions = {
       requestTimeoutMs: positiveInt(o.timeout, "timeout", 60_000),
-      busyPollMicros: o["busy-poll"] === "0" ? 0 : positiveInt(o["busy-poll"], "busy-poll", 200),
+      busyPollMicros: o["busy-poll"] === "0" ? 0 : positiveInt(o["busy-poll"], "busy-poll", 50),
     };
     src = isUri(srcArg) ? await openNbd(srcArg, connections, nbdOpts) : new FileSource(srcArg, probeFile);
     if (dstArg === "null:" || dstArg === "/dev/null") dst = new NullEndpoint();
