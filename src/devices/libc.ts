@@ -4,13 +4,15 @@
 // (e.g. "EOPNOTSUPP") so errors map to NBD errnos in one place. If libc cannot be loaded, `libc`
 // is null and callers fall back to portable paths.
 //
-// bun:ffi is imported dynamically: a static import would be hoisted into any bundle that contains
-// this module (the client's Bun transport uses it), and that bundle would then fail to load under
-// Node. Under Node the import fails, `haveLibc` is false and the portable paths are taken.
+// bun:ffi is loaded with require, not imported: a static import would be hoisted into any bundle
+// that contains this module (the client's Bun transport uses it), and that bundle would then fail to
+// load under Node; a top-level await would make every importer an async module, which CommonJS
+// loaders (uvu's runner) refuse. Under Node the require fails, `haveLibc` is false and the
+// portable paths are taken.
 type Ffi = typeof import("bun:ffi");
 let ffi: Ffi | null = null;
 try {
-  ffi = await import("bun:ffi");
+  ffi = require("bun:ffi") as Ffi;
 } catch {
   ffi = null;
 }
