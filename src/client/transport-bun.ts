@@ -30,13 +30,13 @@ class BunConn implements Conn {
   private closed = false;
   private readonly listeners: Record<string, Listener[]> = { error: [], end: [], close: [], data: [] };
 
+  /** The socket's fd, for receiving in place (-1 when unknown). */
+  fd = -1;
+
   /** recv(2) on the socket while it is open; 0 once closed (the fd number may be reused). */
   recv(dst: Uint8Array, off: number, len: number): number {
     return this.closed || this.fd < 0 ? 0 : recvNow(this.fd, dst, off, len);
   }
-
-  /** The socket's fd, for receiving in place (-1 when unknown). */
-  fd = -1;
 
   /** Hands one incoming chunk to the receiver. */
   deliver(b: Buffer): void {

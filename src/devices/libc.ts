@@ -1,7 +1,8 @@
 // The few libc calls Bun does not expose, through bun:ffi: fallocate (hole punching and zero
 // ranges), lseek with SEEK_DATA/SEEK_HOLE (sparse extents), OFD byte-range locks (compatible with
-// QEMU's image locking), sendfile, and recv without waiting (the client's in-place receive). Each wrapper throws an Error with a `code` like Node's
-// (e.g. "EOPNOTSUPP") so errors map to NBD errnos in one place. If libc cannot be loaded, `libc`
+// QEMU's image locking), sendfile, and recv without waiting (the client's in-place receive). Each
+// wrapper throws an Error with a `code` like Node's (e.g. "EOPNOTSUPP") so errors map to NBD
+// errnos in one place. If libc cannot be loaded, `libc`
 // is null and callers fall back to portable paths.
 //
 // bun:ffi is loaded with require, not imported: a static import would be hoisted into any bundle
