@@ -9,8 +9,7 @@ import { join } from "node:path";
 import { test } from "uvu";
 import * as assert from "uvu/assert";
 import {
-  NBD_FLAG_HAS_FLAGS, NBD_FLAG_SEND_FLUSH, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, NBD_REPLY_TYPE_OFFSET_HOLE, NBD_SIMPLE_REPLY_MAGIC,
-  NBD_STRUCTURED_REPLY_MAGIC,
+  NBD_FLAG_HAS_FLAGS, NBD_FLAG_SEND_FLUSH, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, NBD_REPLY_TYPE_OFFSET_HOLE,
 } from "../src/protocol/constants.ts";
 import {
   connect, copy, describeExport, FileDestination, Negotiation, NbdClient, NbdDisconnectedError, NbdEndpoint,
@@ -18,6 +17,7 @@ import {
 import type { Conn, Rx } from "../src/client/transport.ts";
 import { useTransport } from "../src/client/transport.ts";
 import { bytesEqual, deadline } from "./helpers/assert.ts";
+import { replyChunk, simpleReply } from "./helpers/wire.ts";
 import { need, scratch, SYSTEM_PATH } from "./helpers/env.ts";
 
 need("nbdkit");
@@ -47,24 +47,6 @@ class FakeConn extends EventEmitter {
 function cookieOf(w: Buffer, i: number): number {
   return w.readUInt32BE(28 * i + 12);
 }
-function simple(cookie: number, data: Uint8Array): Buffer {
-  const b = Buffer.alloc(16 + data.length);
-  b.writeUInt32BE(NBD_SIMPLE_REPLY_MAGIC, 0);
-  b.writeUInt32BE(cookie, 12);
-  b.set(data, 16);
-  return b;
-}
-function chunk(cookie: number, flags: number, type: number, payload: Uint8Array): Buffer {
-  const b = Buffer.alloc(20 + payload.length);
-  b.writeUInt32BE(NBD_STRUCTURED_REPLY_MAGIC, 0);
-  b.writeUInt16BE(flags, 4);
-  b.writeUInt16BE(type, 6);
-  b.writeUInt32BE(cookie, 12);
-  b.writeUInt32BE(payload.length, 16);
-  b.set(payload, 20);
-  return b;
-}
-
 function fake(owned: boolean) {
   const sock = new FakeConn();
   const rx = { on: (_b: Buffer, _n: number) => {}, owned };
@@ -92,7 +74,7 @@ test("readViews: simple reply split over chunks, structured data out of order, h
   await Promise.resolve();
   const w = sock.written[0]!;
   // Simple reply for p1, cut at every chunk boundary the receiver may see.
-  const r1 = simple(cookieOf(w, 0), a);
+  const r1 = simpleReply(cookieOf(w, 0), 0, a);
   feed(Buffer.from(r1.subarray(0, 20)));
   feed(Buffer.from(r1.subarray(20, 170)));
   feed(Buffer.from(r1.subarray(170)));
@@ -102,14 +84,14 @@ test("readViews: simple reply split over chunks, structured data out of order, h
     const p = Buffer.alloc(8 + d.length);
     p.writeUInt32BE(4096 + off, 4);
     p.set(d, 8);
-    return chunk(c2, 0, NBD_REPLY_TYPE_OFFSET_DATA, p);
+    return replyChunk(c2, 0, NBD_REPLY_TYPE_OFFSET_DATA, p);
   };
   const hole = Buffer.alloc(12);
   hole.writeUInt32BE(4096 + 200, 4);
   hole.writeUInt32BE(600, 8);
   const tail = randomBytes(200);
-  feed(Buffer.concat([data(800, tail), chunk(c2, 0, NBD_REPLY_TYPE_OFFSET_HOLE, hole), data(0, b).subarray(0, 100)]));
-  feed(Buffer.concat([data(0, b).subarray(100), chunk(c2, NBD_REPLY_FLAG_DONE, 0, new Uint8Array(0))]));
+  feed(Buffer.concat([data(800, tail), replyChunk(c2, 0, NBD_REPLY_TYPE_OFFSET_HOLE, hole), data(0, b).subarray(0, 100)]));
+  feed(Buffer.concat([data(0, b).subarray(100), replyChunk(c2, NBD_REPLY_FLAG_DONE, 0, new Uint8Array(0))]));
   bytesEqual(concat(await p1), a, "simple reply by views");
   bytesEqual(concat(await p2), Buffer.concat([b, Buffer.alloc(600), tail]), "structured reply by views");
   await client.close();
@@ -184,7 +166,7 @@ test("in-place receive: every reply kind, arriving in pieces of any size, mixed 
         const p = Buffer.alloc(8 + d.length);
         p.writeUInt32BE(base + off, 4);
         p.set(d, 8);
-        return chunk(cookie, flags, NBD_REPLY_TYPE_OFFSET_DATA, p);
+        return replyChunk(cookie, flags, NBD_REPLY_TYPE_OFFSET_DATA, p);
       };
       const hole = Buffer.alloc(12);
       hole.writeUInt32BE(8192 + 2000, 4);
@@ -199,16 +181,16 @@ test("in-place receive: every reply kind, arriving in pieces of any size, mixed 
       bs.writeUInt32BE(0, 8);
       bs.writeUInt32BE(61440, 12);
       bs.writeUInt32BE(3, 16);
-      const done = (cookie: number) => chunk(cookie, NBD_REPLY_FLAG_DONE, 0, new Uint8Array(0));
+      const done = (cookie: number) => replyChunk(cookie, NBD_REPLY_FLAG_DONE, 0, new Uint8Array(0));
       const stream = Buffer.concat([
-        simple(cookieOf(w, 0), a),
-        simple(cookieOf(w, 6), d7),
+        simpleReply(cookieOf(w, 0), 0, a),
+        simpleReply(cookieOf(w, 6), 0, d7),
         data(cookieOf(w, 2), 8192, 0, c),
         data(cookieOf(w, 1), 4096, 0, b, NBD_REPLY_FLAG_DONE),
-        chunk(cookieOf(w, 3), NBD_REPLY_FLAG_DONE, 1 + 0x8000, err),
-        chunk(cookieOf(w, 5), NBD_REPLY_FLAG_DONE, 5, bs),
-        simple(cookieOf(w, 4), new Uint8Array(0)),
-        chunk(cookieOf(w, 2), NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_HOLE, hole),
+        replyChunk(cookieOf(w, 3), NBD_REPLY_FLAG_DONE, 1 + 0x8000, err),
+        replyChunk(cookieOf(w, 5), NBD_REPLY_FLAG_DONE, 5, bs),
+        simpleReply(cookieOf(w, 4), 0, new Uint8Array(0)),
+        replyChunk(cookieOf(w, 2), NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_HOLE, hole),
       ]);
       for (let i = 0; i < stream.length; i += piece) await arrive(stream.subarray(i, i + piece), chunkSize);
       const what = `pieces of ${piece}, chunks of ${chunkSize}`;
@@ -236,7 +218,7 @@ test("in-place receive: busy-polling gives up when nothing comes; a dropped conn
   await Promise.resolve();
   // Ten bytes of the reply header come through the data callback; the rest never does. The pull
   // polls for about 2 ms, then hands the loop back.
-  const head = Buffer.from(simple(cookieOf(sock.written[0]!, 0), new Uint8Array(0)).subarray(0, 10));
+  const head = Buffer.from(simpleReply(cookieOf(sock.written[0]!, 0), 0, new Uint8Array(0)).subarray(0, 10));
   const t0 = performance.now();
   rx.on(head, head.length);
   const spent = performance.now() - t0;

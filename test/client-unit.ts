@@ -10,7 +10,7 @@ import {
   NBD_FLAG_FIXED_NEWSTYLE, NBD_FLAG_NO_ZEROES, NBD_OPT_ABORT, NBD_OPT_EXPORT_NAME, NBD_OPT_GO, NBD_OPT_SET_META_CONTEXT,
   NBD_OPT_STRUCTURED_REPLY, NBD_REP_ACK, NBD_REP_ERR_UNSUP, NBD_REP_INFO, NBD_REP_META_CONTEXT,
   NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS, NBD_REPLY_TYPE_ERROR, NBD_REPLY_TYPE_NONE,
-  NBD_REPLY_TYPE_OFFSET_DATA, NBD_REPLY_TYPE_OFFSET_HOLE, NBD_SIMPLE_REPLY_MAGIC, NBD_STRUCTURED_REPLY_MAGIC,
+  NBD_REPLY_TYPE_OFFSET_DATA, NBD_REPLY_TYPE_OFFSET_HOLE,
   NBD_FLAG_SEND_TRIM, NBD_FLAG_SEND_WRITE_ZEROES,
 } from "../src/protocol/constants.ts";
 import {
@@ -18,6 +18,7 @@ import {
   NbdRequestError, NbdTimeoutError, NbdUsageError, parseNbdUri, formatNbdUri, type Extent,
 } from "../src/client/index.ts";
 import { bytesEqual, deadline, rejects } from "./helpers/assert.ts";
+import { replyChunk, simpleReply } from "./helpers/wire.ts";
 
 // ----------------------------------------------------------------------------------------------
 // URIs
@@ -66,35 +67,17 @@ test("URI: unsupported and malformed forms give typed errors", () => {
 function u32(b: Uint8Array, o: number): number {
   return ((b[o]! << 24) | (b[o + 1]! << 16) | (b[o + 2]! << 8) | b[o + 3]!) >>> 0;
 }
-function simple(cookie: number, error: number, data?: Uint8Array): Buffer {
-  const b = Buffer.alloc(16 + (data?.length ?? 0));
-  b.writeUInt32BE(NBD_SIMPLE_REPLY_MAGIC, 0);
-  b.writeUInt32BE(error, 4);
-  b.writeUInt32BE(cookie, 12);
-  if (data) b.set(data, 16);
-  return b;
-}
-function chunk(cookie: number, flags: number, type: number, payload: Uint8Array = new Uint8Array(0)): Buffer {
-  const b = Buffer.alloc(20 + payload.length);
-  b.writeUInt32BE(NBD_STRUCTURED_REPLY_MAGIC, 0);
-  b.writeUInt16BE(flags, 4);
-  b.writeUInt16BE(type, 6);
-  b.writeUInt32BE(cookie, 12);
-  b.writeUInt32BE(payload.length, 16);
-  b.set(payload, 20);
-  return b;
-}
 function offsetData(cookie: number, flags: number, offset: number, data: Uint8Array): Buffer {
   const p = Buffer.alloc(8 + data.length);
   p.writeUInt32BE(offset, 4);
   p.set(data, 8);
-  return chunk(cookie, flags, NBD_REPLY_TYPE_OFFSET_DATA, p);
+  return replyChunk(cookie, flags, NBD_REPLY_TYPE_OFFSET_DATA, p);
 }
 function offsetHole(cookie: number, flags: number, offset: number, length: number): Buffer {
   const p = Buffer.alloc(12);
   p.writeUInt32BE(offset, 4);
   p.writeUInt32BE(length, 8);
-  return chunk(cookie, flags, NBD_REPLY_TYPE_OFFSET_HOLE, p);
+  return replyChunk(cookie, flags, NBD_REPLY_TYPE_OFFSET_HOLE, p);
 }
 function errorChunk(cookie: number, errno: number, msg: string): Buffer {
   const m = Buffer.from(msg);
@@ -102,7 +85,7 @@ function errorChunk(cookie: number, errno: number, msg: string): Buffer {
   p.writeUInt32BE(errno, 0);
   p.writeUInt16BE(m.length, 4);
   p.set(m, 6);
-  return chunk(cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR, p);
+  return replyChunk(cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR, p);
 }
 function blockStatus(cookie: number, ctx: number, extents: [number, number][]): Buffer {
   const p = Buffer.alloc(4 + 8 * extents.length);
@@ -111,7 +94,7 @@ function blockStatus(cookie: number, ctx: number, extents: [number, number][]): 
     p.writeUInt32BE(len, 4 + 8 * i);
     p.writeUInt32BE(flags, 8 + 8 * i);
   });
-  return chunk(cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS, p);
+  return replyChunk(cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS, p);
 }
 
 /** The transport under test: an in-process socket stand-in that records writes and is fed replies. */
@@ -164,13 +147,13 @@ test("requests are encoded with cookie, flags, offset and length, batched per ti
   assert.is(w.readUInt16BE(156 + 4), 2, "NO_HOLE flag");
   const cookies = [u32(w, 12), u32(w, 40), u32(w, 168)];
   assert.is(new Set(cookies).size, 3, "distinct cookies");
-  sock.emit("data", Buffer.concat([simple(cookies[2]!, 0), simple(cookies[1]!, 0), simple(cookies[0]!, 0, Buffer.alloc(512, 1))]));
+  sock.emit("data", Buffer.concat([simpleReply(cookies[2]!, 0), simpleReply(cookies[1]!, 0), simpleReply(cookies[0]!, 0, Buffer.alloc(512, 1))]));
   await Promise.all([p1, p2, p3]);
   const big = client.pwrite(Buffer.alloc(64 * 1024, 2), 0);
   await Promise.resolve();
   assert.is(sock.written.length, 3, "large payloads are written as they are, after their header");
   assert.is(sock.written[2]!.length, 64 * 1024);
-  sock.emit("data", simple(u32(sock.written[1]!, 12), 0));
+  sock.emit("data", simpleReply(u32(sock.written[1]!, 12), 0));
   await big;
   const closing = client.close();
   await Promise.resolve();
@@ -201,15 +184,15 @@ function scenario(client: NbdClient, sock: FakeSocket) {
       const c = (i: number) => u32(w, 28 * i + 12 + (i > 4 ? 8 : 0));
       const payload = Buffer.alloc(32, 0x5a);
       return Buffer.concat([
-        simple(c(5), 0),
+        simpleReply(c(5), 0),
         offsetData(c(0), 0, 1000 + 64, payload),
         blockStatus(c(2), 7, [[8192, 3], [4096, 0], [1 << 20, 2]]),
         offsetHole(c(0), 0, 1000 + 32, 32),
         errorChunk(c(3), 5, "disk on fire"),
-        simple(c(4), 0),
-        simple(c(1), 0, Buffer.alloc(16, 9)),
+        simpleReply(c(4), 0),
+        simpleReply(c(1), 0, Buffer.alloc(16, 9)),
         offsetData(c(0), 0, 1000, Buffer.alloc(32, 0x11)),
-        chunk(c(0), NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE),
+        replyChunk(c(0), NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE),
       ]);
     },
   };
@@ -276,13 +259,13 @@ test("1000 pipelined reads answered in one chunk, in reverse order", async () =>
 test("protocol violations fail every pending request with a stable code", async () => {
   const cases: [string, (c: (i: number) => number) => Buffer][] = [
     ["BAD_REPLY_MAGIC", () => Buffer.from("HTTP/1.1 400 Bad Request\r\n\r\n")],
-    ["UNKNOWN_COOKIE", () => simple(424242, 0)],
+    ["UNKNOWN_COOKIE", () => simpleReply(424242, 0)],
     ["DATA_OUT_OF_RANGE", (c) => offsetData(c(0), NBD_REPLY_FLAG_DONE, 0, Buffer.alloc(8))],
     ["HOLE_OUT_OF_RANGE", (c) => offsetHole(c(0), NBD_REPLY_FLAG_DONE, 4096, 8192)],
     ["SHORT_READ", (c) => offsetData(c(0), NBD_REPLY_FLAG_DONE, 4096, Buffer.alloc(8))],
     ["UNKNOWN_CONTEXT", (c) => blockStatus(c(1), 99, [[4096, 0]])],
-    ["BAD_CHUNK", (c) => chunk(c(1), NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, Buffer.alloc(20))],
-    ["UNKNOWN_CHUNK_TYPE", (c) => chunk(c(0), NBD_REPLY_FLAG_DONE, 77)],
+    ["BAD_CHUNK", (c) => replyChunk(c(1), NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, Buffer.alloc(20))],
+    ["UNKNOWN_CHUNK_TYPE", (c) => replyChunk(c(0), NBD_REPLY_FLAG_DONE, 77)],
     ["BAD_BLOCK_STATUS", (c) => blockStatus(c(1), 7, [[0, 0]])],
   ];
   for (const [code, reply] of cases) {
@@ -326,7 +309,7 @@ test("client-side checks: alignment, range, read-only, unsupported commands, spl
   assert.is(w.length, 28 * 4, "200 KiB split into 64+64+64+8 KiB");
   const lens = [0, 1, 2, 3].map((i) => u32(w, 28 * i + 24));
   assert.equal(lens, [65536, 65536, 65536, 8192]);
-  sock.emit("data", Buffer.concat([0, 1, 2, 3].map((i) => simple(u32(w, 28 * i + 12), 0, Buffer.alloc(lens[i]!, i + 1)))));
+  sock.emit("data", Buffer.concat([0, 1, 2, 3].map((i) => simpleReply(u32(w, 28 * i + 12), 0, Buffer.alloc(lens[i]!, i + 1)))));
   await p;
   assert.is(buf[0], 1);
   assert.is(buf[65536 * 3], 4);
@@ -442,7 +425,7 @@ test("fake server: handshake, out-of-order replies, then a clean DISC", () => de
   const srv = await fakeServer({
     onRequest(req, sock) {
       held.push([req, sock]);
-      if (held.length === 3) for (const [r, s] of held.reverse()) s.write(r.type === NBD_CMD_READ ? simple(r.cookie, 0, Buffer.alloc(r.length, r.offset & 0xff)) : simple(r.cookie, 0));
+      if (held.length === 3) for (const [r, s] of held.reverse()) s.write(r.type === NBD_CMD_READ ? simpleReply(r.cookie, 0, Buffer.alloc(r.length, r.offset & 0xff)) : simpleReply(r.cookie, 0));
     },
   });
   try {
@@ -460,7 +443,7 @@ test("fake server: handshake, out-of-order replies, then a clean DISC", () => de
 }));
 
 test("fake server without NBD_OPT_GO: EXPORT_NAME fallback", () => deadline(10_000, "no GO", async () => {
-  const srv = await fakeServer({ noGo: true, onRequest: (r, s) => s.write(simple(r.cookie, 0, Buffer.alloc(r.length, 3))) });
+  const srv = await fakeServer({ noGo: true, onRequest: (r, s) => s.write(simpleReply(r.cookie, 0, Buffer.alloc(r.length, 3))) });
   try {
     const c = await connect(srv.uri);
     assert.is(c.size, SIZE);
@@ -477,7 +460,7 @@ test("a server that drops the connection mid-reply fails every pending request",
     onRequest(r, sock) {
       if (++n === 5) {
         // Half a reply, then a hard close.
-        sock.write(simple(r.cookie, 0, Buffer.alloc(r.length)).subarray(0, 16 + r.length / 2));
+        sock.write(simpleReply(r.cookie, 0, Buffer.alloc(r.length)).subarray(0, 16 + r.length / 2));
         setTimeout(() => sock.destroy(), 20);
       }
     },

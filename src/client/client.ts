@@ -243,15 +243,8 @@ export class NbdClient {
 
   /** Reads `buf.length` bytes at `offset` into `buf` (split into several requests above the maximum payload). */
   pread(buf: Uint8Array, offset: number, opts?: ReadOptions): Promise<void> {
-    let flags = 0;
-    if (opts?.df) {
-      if (!this.info.canDf) return this.usage("UNSUPPORTED", "the server does not support DF (or structured replies are off)");
-      flags |= NBD_CMD_FLAG_DF;
-    }
-    if (opts?.fua) {
-      if (!this.info.canFua) return this.usage("UNSUPPORTED", "the server does not support FUA");
-      flags |= NBD_CMD_FLAG_FUA;
-    }
+    const flags = this.readFlags(opts);
+    if (typeof flags !== "number") return flags;
     const bad = this.check(NBD_CMD_READ, offset, buf.length);
     if (bad) return bad;
     return this.split(NBD_CMD_READ, flags, offset, buf.length, buf, this.limits.maxPayload);
@@ -265,15 +258,8 @@ export class NbdClient {
    */
   readViews(offset: number, length: number, opts?: ReadOptions): Promise<Uint8Array[]> | null {
     if (!this.rxOwned) return null;
-    let flags = 0;
-    if (opts?.df) {
-      if (!this.info.canDf) return this.usage("UNSUPPORTED", "the server does not support DF (or structured replies are off)");
-      flags |= NBD_CMD_FLAG_DF;
-    }
-    if (opts?.fua) {
-      if (!this.info.canFua) return this.usage("UNSUPPORTED", "the server does not support FUA");
-      flags |= NBD_CMD_FLAG_FUA;
-    }
+    const flags = this.readFlags(opts);
+    if (typeof flags !== "number") return flags;
     const bad = this.check(NBD_CMD_READ, offset, length);
     if (bad) return bad;
     if (length === 0) return this.dead ? Promise.reject(this.dead) : Promise.resolve([]);
@@ -405,6 +391,20 @@ export class NbdClient {
 
   // ---------------------------------------------------------------------------------------------
   // Request validation and submission
+
+  /** The wire flags of a READ, or a rejected promise when the server cannot take them. */
+  private readFlags(opts: ReadOptions | undefined): number | Promise<never> {
+    let flags = 0;
+    if (opts?.df) {
+      if (!this.info.canDf) return this.usage("UNSUPPORTED", "the server does not support DF (or structured replies are off)");
+      flags |= NBD_CMD_FLAG_DF;
+    }
+    if (opts?.fua) {
+      if (!this.info.canFua) return this.usage("UNSUPPORTED", "the server does not support FUA");
+      flags |= NBD_CMD_FLAG_FUA;
+    }
+    return flags;
+  }
 
   private usage<T>(code: NbdUsageError["code"], msg: string): Promise<T> {
     return Promise.reject(new NbdUsageError(code, msg));

@@ -111,3 +111,25 @@ export function parseServer(b: Uint8Array, opts: { readLengths?: Map<number, num
 
 /** Option data for INFO/GO. */
 export { encodeInfoRequest, encodeMetaContextRequest } from "../../src/protocol/codec.ts";
+
+/** A simple reply as a server sends it (what the client tests feed their fake peers). */
+export function simpleReply(cookie: number, error: number, data?: Uint8Array): Buffer {
+  const b = Buffer.alloc(16 + (data?.length ?? 0));
+  b.writeUInt32BE(NBD_SIMPLE_REPLY_MAGIC, 0);
+  b.writeUInt32BE(error, 4);
+  b.writeUInt32BE(cookie, 12);
+  if (data) b.set(data, 16);
+  return b;
+}
+
+/** One structured reply chunk as a server sends it. */
+export function replyChunk(cookie: number, flags: number, type: number, payload: Uint8Array = new Uint8Array(0)): Buffer {
+  const b = Buffer.alloc(20 + payload.length);
+  b.writeUInt32BE(NBD_STRUCTURED_REPLY_MAGIC, 0);
+  b.writeUInt16BE(flags, 4);
+  b.writeUInt16BE(type, 6);
+  b.writeUInt32BE(cookie, 12);
+  b.writeUInt32BE(payload.length, 16);
+  b.set(payload, 20);
+  return b;
+}
