@@ -6,7 +6,7 @@ import {
   connect, copy, FileDestination, FileSource, NbdEndpoint, NullEndpoint, type CopyDestination, type CopySource,
   type ClientOptions, type Extent, type NbdClient,
 } from "../client/index.ts";
-import { haveLibc, seekData, seekHole } from "../devices/libc.ts";
+import { haveLibc, seekData, seekHole } from "../sys/libc.ts";
 
 const HELP = `usage: bun-nbd copy [options] SRC DST
 

@@ -2,7 +2,7 @@
 // base images. Argument parsing and wiring only; the format lives in src/devices/qcow2/.
 import { closeSync, fdatasyncSync, fstatSync, openSync, statSync, writeSync } from "node:fs";
 import { parseArgs } from "node:util";
-import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate } from "../devices/libc.ts";
+import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate } from "../sys/libc.ts";
 import { createOverlayFile, openImage, resolveBacking, type OpenBase } from "../devices/qcow2/index.ts";
 import type { Qcow2Overlay } from "../devices/qcow2/image.ts";
 import { RW_DENY, lockImage, PERM_CONSISTENT_READ, PERM_WRITE } from "../devices/qcow2/lock.ts";

@@ -11,7 +11,7 @@
 // MSG_DONTWAIT), so the client can take READ payloads straight into their destination buffers.
 // Bun still owns the fd: it polls it, and reports end of stream and errors as usual.
 import type { Socket } from "bun";
-import { haveLibc, recvNow } from "../devices/libc.ts";
+import { haveLibc, recvNow } from "../sys/libc.ts";
 import { NbdDisconnectedError, NbdTimeoutError } from "./errors.ts";
 import type { Conn, Opened, Rx } from "./transport.ts";
 import type { NbdTarget } from "./uri.ts";

@@ -7,7 +7,7 @@ import fs from "node:fs";
 import { enotsup } from "../protocol/errors.ts";
 import {
   fallocate, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, haveLibc, seekData, seekHole, willNeed,
-} from "./libc.ts";
+} from "../sys/libc.ts";
 import {
   type BlockDevice, type Capabilities, type ExtentSink, type FileRange, caps, EXTENT_HOLE, EXTENT_ZERO, FAST_ZERO, FUA, MAY_TRIM,
 } from "./types.ts";

@@ -4,7 +4,7 @@
 // `drain`; while too much output is queued the session stops reading requests.
 import type { Socket, TCPSocketListener, UnixSocketListener } from "bun";
 import { readSync, rmSync, statSync } from "node:fs";
-import { sendfile } from "../devices/libc.ts";
+import { sendfile } from "../sys/libc.ts";
 import { CheckedExport } from "../devices/checked.ts";
 import { type ExportSpec, isPromise } from "../devices/types.ts";
 import { type ExportTable, Session, type Transport } from "./session.ts";

@@ -14,7 +14,7 @@
 // writes into the same unallocated cluster (from any connection) can never interleave. If data I/O
 // is ever made asynchronous, allocation needs a per-cluster lock (see the concurrency test).
 import { closeSync, fdatasync, fdatasyncSync, fstatSync, ftruncateSync, writeSync } from "node:fs";
-import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate, seekData, seekHole } from "../libc.ts";
+import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate, seekData, seekHole } from "../../sys/libc.ts";
 import {
   EXTENT_HOLE, EXTENT_ZERO, FAST_ZERO, FUA, MAY_TRIM, REQ_ONE, caps,
   type BlockDevice, type BlockSize, type Capabilities, type ExtentSink, type Maybe, type MetaContextProvider,

@@ -3,7 +3,7 @@
 // "this process does not let others have permission p". A conflict is another open file
 // description holding a lock on the byte we would test with an exclusive lock: before using p, no
 // one may deny it (200+p); before denying p, no one may use it (100+p).
-import { F_RDLCK, F_UNLCK, F_WRLCK, ofdLock, ofdTestLock } from "../libc.ts";
+import { F_RDLCK, F_UNLCK, F_WRLCK, ofdLock, ofdTestLock } from "../../sys/libc.ts";
 
 export const PERM_CONSISTENT_READ = 0;
 export const PERM_WRITE = 1;

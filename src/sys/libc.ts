@@ -1,3 +1,4 @@
+// src/sys: the floor below protocol, server, client and devices; the only place that imports bun:ffi.
 // The few libc calls Bun does not expose, through bun:ffi: fallocate (hole punching and zero
 // ranges), lseek with SEEK_DATA/SEEK_HOLE (sparse extents), OFD byte-range locks (compatible with
 // QEMU's image locking), sendfile, and recv without waiting (the client's in-place receive). Each
