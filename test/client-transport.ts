@@ -14,7 +14,7 @@ import {
 import {
   connect, copy, describeExport, FileDestination, Negotiation, NbdClient, NbdDisconnectedError, NbdEndpoint,
 } from "../src/client/index.ts";
-import type { Conn, Rx } from "../src/client/transport.ts";
+import type { Conn, Rx } from "../src/client/conn.ts";
 import { useTransport } from "../src/client/transport.ts";
 import { bytesEqual, deadline } from "./helpers/assert.ts";
 import { replyChunk, simpleReply } from "./helpers/wire.ts";

@@ -25,7 +25,7 @@ import {
   NbdUsageError,
 } from "./errors.ts";
 import type { ExportInfo, HandshakeStyle, Negotiated } from "./negotiate.ts";
-import type { Conn } from "./transport.ts";
+import type { Conn } from "./conn.ts";
 import { put16, put32, put64, u16, u32, u64 } from "./wire.ts";
 
 /** One extent of a metadata context: `flags` is the context's status (for base:allocation, NBD_STATE_HOLE/ZERO bits). */

@@ -15,7 +15,8 @@ import {
 import {
   NbdClosedError, NbdDisconnectedError, NbdOptionError, NbdProtocolViolation, NbdTimeoutError, NbdUsageError,
 } from "./errors.ts";
-import { openConn, type Conn, type Rx } from "./transport.ts";
+import type { Conn, Rx } from "./conn.ts";
+import { openConn } from "./transport.ts";
 import type { NbdTarget } from "./uri.ts";
 import { put16, put32, u16, u32, u64 } from "./wire.ts";
 
@@ -163,7 +164,7 @@ class ByteQueue {
   }
 }
 
-export type { Conn, Rx } from "./transport.ts";
+export type { Conn, Rx } from "./conn.ts";
 
 /** Opens a connection to the target (transport-bun.ts under Bun, node:net elsewhere). */
 export function openSocket(target: NbdTarget, timeoutMs: number): Promise<{ socket: Conn; rx: Rx }> {

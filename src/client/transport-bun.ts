@@ -1,5 +1,6 @@
-// The Bun transport: `Bun.connect` (TCP or unix) behind the client's Conn interface. Loaded only
-// under Bun, through a dynamic import in transport.ts, so the library still runs under Node.
+// The Bun transport: `Bun.connect` (TCP or unix) behind the client's Conn interface (conn.ts).
+// Loaded only under Bun, through a dynamic import in transport.ts (the factory), so the library
+// still runs under Node.
 //
 // Receiving: Bun's data callback hands a fresh Buffer per read that Bun never touches again, so the
 // receiver may keep views of it (`rx.owned`). Sending: Bun's `socket.write` writes what the kernel
@@ -13,7 +14,7 @@
 import type { Socket } from "bun";
 import { haveLibc, recvNow } from "../sys/libc.ts";
 import { NbdDisconnectedError, NbdTimeoutError } from "./errors.ts";
-import type { Conn, Opened, Rx } from "./transport.ts";
+import type { Conn, Opened, Rx } from "./conn.ts";
 import type { NbdTarget } from "./uri.ts";
 
 type Listener = (arg?: unknown) => void;

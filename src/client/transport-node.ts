@@ -3,7 +3,7 @@
 // Buffer per chunk; the receiver copies what it keeps.
 import { connect as netConnect } from "node:net";
 import { NbdDisconnectedError, NbdTimeoutError } from "./errors.ts";
-import type { Opened, Rx } from "./transport.ts";
+import type { Opened, Rx } from "./conn.ts";
 import type { NbdTarget } from "./uri.ts";
 
 /** Size of the per-connection receive buffer. */
