@@ -22,6 +22,9 @@ export const INCOMPAT_COMPRESSION = 1 << 3;
 export const INCOMPAT_EXTL2 = 1 << 4;
 const INCOMPAT_KNOWN = INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2;
 
+/** 2^32: an entry's host offset is hi * TWO32 + lo, exact below 2^53. */
+export const TWO32 = 0x100000000;
+
 // L1/L2 entry bits, on the high 32-bit half of the big-endian u64
 export const HI_COPIED = 0x80000000;
 export const HI_COMPRESSED = 0x40000000;
