@@ -24,7 +24,7 @@ import {
   NbdClosedError, NbdConnectionError, NbdDisconnectedError, NbdProtocolViolation, NbdRequestError, NbdTimeoutError,
   NbdUsageError,
 } from "./errors.ts";
-import type { ExportInfo, HandshakeStyle, Negotiated } from "./negotiate.ts";
+import type { ExportInfo, HandshakeStyle, Negotiated } from "./negotiated.ts";
 import type { Conn } from "./conn.ts";
 import { put16, put32, put64, u16, u32, u64 } from "./wire.ts";
 

@@ -24,7 +24,8 @@
 import { BASE_ALLOCATION } from "../protocol/constants.ts";
 import { NbdClient } from "./client.ts";
 import { NbdUsageError } from "./errors.ts";
-import { Negotiation, type ConnectOptions, type ExportInfo, type ExportListing, type HandshakeStyle } from "./negotiate.ts";
+import { Negotiation } from "./negotiate.ts";
+import type { ConnectOptions, ExportInfo, ExportListing, HandshakeStyle } from "./negotiated.ts";
 import { parseNbdUri, type NbdTarget } from "./uri.ts";
 
 export { NbdClient, isConnectionError } from "./client.ts";
@@ -33,8 +34,9 @@ export {
   NbdClosedError, NbdConnectionError, NbdDisconnectedError, NbdOptionError, NbdProtocolViolation, NbdRequestError,
   NbdTimeoutError, NbdUsageError, type UsageErrorCode,
 } from "./errors.ts";
-export { Negotiation, describeExport } from "./negotiate.ts";
-export type { BlockSizeInfo, ConnectOptions, ExportInfo, ExportListing, HandshakeStyle, Negotiated } from "./negotiate.ts";
+export { Negotiation } from "./negotiate.ts";
+export { describeExport } from "./negotiated.ts";
+export type { BlockSizeInfo, ConnectOptions, ExportInfo, ExportListing, HandshakeStyle, Negotiated } from "./negotiated.ts";
 export { copy, FileDestination, FileSource, NbdEndpoint, NullEndpoint } from "./copy.ts";
 export type { CopyDestination, CopyOptions, CopyResult, CopySource, FileExtentProbe } from "./copy.ts";
 export { formatNbdUri, NBD_DEFAULT_PORT, parseNbdUri, type NbdTarget } from "./uri.ts";
