@@ -2,7 +2,7 @@
 // written for `nbdinfo`, `nbdinfo --json`, `nbdinfo --list` and `nbdinfo --map` can read ours).
 // Pure formatting: no I/O.
 import type { Extent } from "./client.ts";
-import type { ListedExport, ServerListing } from "./index.ts";
+import type { ListedExport, ServerListing } from "./connect.ts";
 import { formatNbdUri, type NbdTarget } from "./uri.ts";
 
 /** libnbd's human_size: 8388608 -> "8M" (only exact multiples of a power of 1024 get a suffix). */
