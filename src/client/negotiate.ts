@@ -108,14 +108,20 @@ export class Negotiation {
     this.io.destroy();
   }
 
+  /** Sends an option without data that the server acknowledges or refuses; returns whether it agreed. */
+  private async agreed(option: number): Promise<boolean> {
+    this.checkOpen(option);
+    this.io.write(optionRequest(option));
+    const r = await this.readReply(option);
+    if (r.type === NBD_REP_ACK) return true;
+    if (r.type & 0x80000000) return false;
+    throw this.unexpected(option, r.type);
+  }
+
   /** Asks for structured replies; returns whether the server agreed. */
   async structuredReply(): Promise<boolean> {
-    this.checkOpen(NBD_OPT_STRUCTURED_REPLY);
-    this.io.write(optionRequest(NBD_OPT_STRUCTURED_REPLY));
-    const r = await this.readReply(NBD_OPT_STRUCTURED_REPLY);
-    if (r.type === NBD_REP_ACK) return (this.structured = true);
-    if (r.type & 0x80000000) return false;
-    throw this.unexpected(NBD_OPT_STRUCTURED_REPLY, r.type);
+    if (!(await this.agreed(NBD_OPT_STRUCTURED_REPLY))) return false;
+    return (this.structured = true);
   }
 
   /**
@@ -123,12 +129,8 @@ export class Negotiation {
    * server agreed. Once agreed they take precedence over structured replies: do not ask for those.
    */
   async extendedHeaders(): Promise<boolean> {
-    this.checkOpen(NBD_OPT_EXTENDED_HEADERS);
-    this.io.write(optionRequest(NBD_OPT_EXTENDED_HEADERS));
-    const r = await this.readReply(NBD_OPT_EXTENDED_HEADERS);
-    if (r.type === NBD_REP_ACK) return (this.extended = true);
-    if (r.type & 0x80000000) return false;
-    throw this.unexpected(NBD_OPT_EXTENDED_HEADERS, r.type);
+    if (!(await this.agreed(NBD_OPT_EXTENDED_HEADERS))) return false;
+    return (this.extended = true);
   }
 
   /** Chunked replies: structured replies or extended headers. */

@@ -49,10 +49,7 @@ export class ExtendedTransmission extends Transmission {
         if (!parseExtendedRequest(chunk, pos, this.hdr)) return this.badMagic();
         pos += SIZE;
       } else {
-        const n = Math.min(SIZE - this.hdrFill, len - pos);
-        this.hdrBuf.set(chunk.subarray(pos, pos + n), this.hdrFill);
-        this.hdrFill += n;
-        pos += n;
+        pos = this.gatherHeader(chunk, pos, SIZE);
         if (this.hdrFill < SIZE) return;
         this.hdrFill = 0;
         if (!parseExtendedRequest(this.hdrBuf, 0, this.hdr)) return this.badMagic();

@@ -122,10 +122,7 @@ export class Transmission {
             if (!parseRequest(chunk, pos, this.hdr)) return this.badMagic();
             pos += NBD_REQUEST_SIZE;
           } else {
-            const n = Math.min(NBD_REQUEST_SIZE - this.hdrFill, len - pos);
-            this.hdrBuf.set(chunk.subarray(pos, pos + n), this.hdrFill);
-            this.hdrFill += n;
-            pos += n;
+            pos = this.gatherHeader(chunk, pos, NBD_REQUEST_SIZE);
             if (this.hdrFill < NBD_REQUEST_SIZE) return;
             this.hdrFill = 0;
             if (!parseRequest(this.hdrBuf, 0, this.hdr)) return this.badMagic();
@@ -148,6 +145,14 @@ export class Transmission {
           continue;
       }
     }
+  }
+
+  /** A header split across chunks: copy what `chunk` holds of its `size` bytes into hdrBuf. Returns the new position. */
+  protected gatherHeader(chunk: Uint8Array, pos: number, size: number): number {
+    const n = Math.min(size - this.hdrFill, chunk.length - pos);
+    this.hdrBuf.set(chunk.subarray(pos, pos + n), this.hdrFill);
+    this.hdrFill += n;
+    return pos + n;
   }
 
   /** Rx.Payload: copy what `chunk` holds of the payload; dispatch once it is whole. Returns the new position. */
