@@ -312,7 +312,7 @@ export class ReplyReceiver {
       return;
     }
     if (u32(b, o + 24) !== 0) {
-      this.host.violation("BAD_CHUNK", `extended reply chunk announces ${u64(b, o + 24)} bytes of payload`);
+      this.host.violation("BAD_CHUNK", `extended reply chunk announces 2^32 bytes of payload or more (high word ${u32(b, o + 24)})`);
       return;
     }
     this.onChunk(r, u16(b, o + 4), u16(b, o + 6), u32(b, o + 28));
