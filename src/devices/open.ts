@@ -56,6 +56,6 @@ async function openOne(file: string, opts: OpenOptions): Promise<ExportSpec[]> {
   }
   const cd = await import("./cd/index.ts");
   if (cd.isCdImage(file)) return cd.openCdImage(file, { name: opts.name, log: opts.log });
-  const device = RawFile.open(file, { readOnly: opts.readOnly });
+  const device = RawFile.open(file, { readOnly: opts.readOnly, log: opts.log });
   return [{ name, description: `raw image ${basename(file)}`, device }];
 }

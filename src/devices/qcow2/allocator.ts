@@ -67,10 +67,8 @@ export class Allocator {
   }
 
   /**
-   * Allocate one host cluster (refcount 0 -> 1 in memory) and return its file offset.
-   * Giving one back (a write that failed after allocating) is the inverse, and belongs here: count
-   * 1 -> 0 and freeHint lowered to it. That is safe because the cluster was allocated by the same
-   * synchronous write, so no flush can have made a reference to it durable.
+   * Allocate one host cluster (refcount 0 -> 1 in memory) and return its file offset; free() is
+   * the inverse, for a write that fails after allocating.
    */
   alloc(): number {
     for (;;) {
@@ -86,6 +84,17 @@ export class Allocator {
       this.freeHint = c + 1;
       return c * this.cs;
     }
+  }
+
+  /**
+   * Give back a cluster that alloc() returned to a write that then failed (a full disk): count
+   * 1 -> 0, and the next search starts at it again. Nothing references it yet, and since the
+   * allocation and the failed write ran in one synchronous step, no flush has written the count 1.
+   */
+  free(host: number): void {
+    const c = host / this.cs;
+    this.setRefcount(c, 0);
+    if (c < this.freeHint) this.freeHint = c;
   }
 
   /**

@@ -224,16 +224,21 @@ export class DataPath {
         this.endWrite();
         if (t === undefined) t = this.newTable(l1i);
         // a preallocated zero cluster keeps its host cluster (and refcount)
-        // (a failed write below leaks a newly allocated cluster: the place for a rollback)
-        if (host === 0) host = this.alloc.alloc();
-        if (n === cs) {
-          this.file.write(buf, bo, n, host);
-        } else {
-          const s = this.scratch;
-          if (zero) s.fill(0);
-          else this.base.read(s, 0, cs, c * cs);
-          s.set(buf.subarray(bo, bo + n), inC);
-          this.file.write(s, 0, cs, host);
+        const fresh = host === 0;
+        if (fresh) host = this.alloc.alloc();
+        try {
+          if (n === cs) {
+            this.file.write(buf, bo, n, host);
+          } else {
+            const s = this.scratch;
+            if (zero) s.fill(0);
+            else this.base.read(s, 0, cs, c * cs);
+            s.set(buf.subarray(bo, bo + n), inC);
+            this.file.write(s, 0, cs, host);
+          }
+        } catch (e) {
+          if (fresh) this.alloc.free(host); // a full disk must not leak the cluster
+          throw e;
         }
         this.tables.setStd(t, i, host, false);
       } else {
@@ -259,37 +264,14 @@ export class DataPath {
         }
         this.endWrite();
         if (t === undefined) t = this.newTable(l1i);
-        // (as above: a failed write below leaks a newly allocated cluster)
-        if (host === 0) host = this.alloc.alloc();
-        const from = inC;
-        const to = inC + n;
-        let first = from;
-        let last = to;
-        const s = this.scratch;
-        const headPartial = from % sc !== 0 && !((alloc >>> j0) & 1);
-        const tailPartial = to % sc !== 0 && !((alloc >>> j1) & 1);
-        if (j0 === j1 && (headPartial || tailPartial)) {
-          this.fillSubcluster(s, c, j0, zero);
-          s.set(buf.subarray(bo, bo + n), from - j0 * sc);
-          this.file.write(s, 0, sc, host + j0 * sc);
-          first = last = to;
-        } else {
-          if (headPartial) {
-            this.fillSubcluster(s, c, j0, zero);
-            const k = (j0 + 1) * sc - from;
-            s.set(buf.subarray(bo, bo + k), from - j0 * sc);
-            this.file.write(s, 0, sc, host + j0 * sc);
-            first = (j0 + 1) * sc;
-          }
-          if (tailPartial) {
-            this.fillSubcluster(s, c, j1, zero);
-            const k = to - j1 * sc;
-            s.set(buf.subarray(bo + (j1 * sc - from), bo + n), 0);
-            this.file.write(s, 0, sc, host + j1 * sc);
-            last = j1 * sc;
-          }
+        const fresh = host === 0;
+        if (fresh) host = this.alloc.alloc();
+        try {
+          this.writeSubclusters(buf, bo, n, c, inC, host, zero, alloc);
+        } catch (err) {
+          if (fresh) this.alloc.free(host); // a full disk must not leak the cluster
+          throw err;
         }
-        if (last > first) this.file.write(buf, bo + (first - from), last - first, host + first);
         this.tables.setExt(t, i, host, (zero & ~mask) >>> 0, (alloc | mask) >>> 0);
       }
       pos += n;
@@ -299,8 +281,59 @@ export class DataPath {
     this.runBuf = this.zeros;
   }
 
+  /**
+   * Extended L2: write the subclusters of guest cluster c that buf[bo, bo+n) touches (at inC) into
+   * host cluster `host`, completing partial ones that are not yet allocated from what they read as.
+   */
+  private writeSubclusters(buf: Uint8Array, bo: number, n: number, c: number, inC: number, host: number, zero: number, alloc: number): void {
+    const sc = this.sc;
+    const j0 = Math.floor(inC / sc);
+    const j1 = Math.floor((inC + n - 1) / sc);
+    const from = inC;
+    const to = inC + n;
+    let first = from;
+    let last = to;
+    const s = this.scratch;
+    const headPartial = from % sc !== 0 && !((alloc >>> j0) & 1);
+    const tailPartial = to % sc !== 0 && !((alloc >>> j1) & 1);
+    if (j0 === j1 && (headPartial || tailPartial)) {
+      this.fillSubcluster(s, c, j0, zero);
+      s.set(buf.subarray(bo, bo + n), from - j0 * sc);
+      this.file.write(s, 0, sc, host + j0 * sc);
+      first = last = to;
+    } else {
+      if (headPartial) {
+        this.fillSubcluster(s, c, j0, zero);
+        const k = (j0 + 1) * sc - from;
+        s.set(buf.subarray(bo, bo + k), from - j0 * sc);
+        this.file.write(s, 0, sc, host + j0 * sc);
+        first = (j0 + 1) * sc;
+      }
+      if (tailPartial) {
+        this.fillSubcluster(s, c, j1, zero);
+        const k = to - j1 * sc;
+        s.set(buf.subarray(bo + (j1 * sc - from), bo + n), 0);
+        this.file.write(s, 0, sc, host + j1 * sc);
+        last = j1 * sc;
+      }
+    }
+    if (last > first) this.file.write(buf, bo + (first - from), last - first, host + first);
+  }
+
+  /**
+   * A new L2 table for L1 index l1i. Its cluster is written with zeros now, although the table
+   * itself is written at the next flush: a full disk then fails this request (giving the cluster
+   * back) instead of a later flush, which would leave refcounts on disk without the table.
+   */
   private newTable(l1i: number): L2Table {
-    return this.tables.newTable(l1i, this.alloc.alloc());
+    const host = this.alloc.alloc();
+    try {
+      this.file.write(this.zeros, 0, this.cs, host);
+    } catch (e) {
+      this.alloc.free(host);
+      throw e;
+    }
+    return this.tables.newTable(l1i, host);
   }
 
   /** Fill scratch with what subcluster j of guest cluster c reads as before it is allocated. */

@@ -12,7 +12,8 @@ import { RawBase, type BaseImage } from "./base.ts";
 import { discardAll, scan, type ScanResult } from "./check.ts";
 import { DataPath } from "./data.ts";
 import { allocationExtents, changedRanges, depthExtents, walk, type WalkFn } from "./extents.ts";
-import { FdFile, type ImageFile } from "./file.ts";
+import { FailureLatch } from "../failure.ts";
+import { FdFile, WatchedFile, type ImageFile } from "./file.ts";
 import { Flusher } from "./flush.ts";
 import type { Header } from "./format.ts";
 import { L2Tables } from "./tables.ts";
@@ -31,6 +32,8 @@ export interface OverlayImageOptions {
   onClose?: () => void;
   /** Bytes of L2 tables kept in memory (default 64 MiB); dirty tables are always kept. */
   l2CacheBytes?: number;
+  /** Wraps the overlay file's plain positional I/O: tests hand in recording or failing layers. */
+  wrapFile?: (f: ImageFile) => ImageFile;
 }
 
 /**
@@ -50,7 +53,9 @@ export class Qcow2Overlay implements BlockDevice {
   readonly subclusterSize: number;
   readonly baseSize: number;
   private readonly virtualSize: number;
-  private readonly file: ImageFile;
+  private readonly file: WatchedFile;
+  /** The first failed write or sync (fsyncgate): then writes and flushes are refused. */
+  private readonly latch: FailureLatch;
   private readonly base: BaseImage;
   private readonly tables: L2Tables;
   private readonly alloc: Allocator;
@@ -66,7 +71,9 @@ export class Qcow2Overlay implements BlockDevice {
     this.readOnly = o.readOnly;
     this.onClose = o.onClose;
     this.virtualSize = h.size;
-    this.file = new FdFile(o.fd);
+    const fdFile = new FdFile(o.fd);
+    this.latch = new FailureLatch(`overlay ${o.path}`, o.log);
+    this.file = new WatchedFile(o.wrapFile ? o.wrapFile(fdFile) : fdFile, this.latch);
     this.base = new RawBase(o.baseFd, o.baseSize);
     this.baseSize = this.base.size;
     this.tables = new L2Tables(this.file, o.path, h, o.l2CacheBytes ?? 64 * 1024 * 1024, () => this.flusher.busy);
@@ -75,7 +82,7 @@ export class Qcow2Overlay implements BlockDevice {
     this.subclusterSize = this.tables.sc;
     this.alloc = new Allocator(this.file, o.path, h);
     this.data = new DataPath(this.file, this.base, this.tables, this.alloc, h.size);
-    this.flusher = new Flusher(this.file, this.tables, this.alloc, h.l1Offset, o.path, o.log);
+    this.flusher = new Flusher(this.file, this.tables, this.alloc, h.l1Offset, o.path, o.log, () => this.latch.refuse());
   }
 
   // ---- BlockDevice --------------------------------------------------------------------------
@@ -99,6 +106,7 @@ export class Qcow2Overlay implements BlockDevice {
   }
 
   pwrite(buf: Uint8Array, offset: number, flags: number): Maybe {
+    if (this.latch.failure !== null) this.latch.refuse();
     this.data.write(buf, offset);
     if (flags & FUA) return this.flush(0);
   }
@@ -114,6 +122,7 @@ export class Qcow2Overlay implements BlockDevice {
   }
 
   zero(offset: number, length: number, flags: number): Maybe {
+    if (this.latch.failure !== null) this.latch.refuse();
     this.data.zero(offset, length, flags);
     if (flags & FUA) return this.flush(0);
   }
@@ -140,7 +149,8 @@ export class Qcow2Overlay implements BlockDevice {
 
   async close(): Promise<void> {
     if (this.closed) return;
-    if (!this.readOnly) await this.flush(0);
+    // After a failed sync nothing more is written: the file keeps the state of the last good flush.
+    if (!this.readOnly && this.latch.failure === null) await this.flush(0);
     this.closed = true;
     try {
       this.file.close();
@@ -148,6 +158,11 @@ export class Qcow2Overlay implements BlockDevice {
     } finally {
       this.onClose?.();
     }
+  }
+
+  /** The first failed write or sync, if any (then writes and flushes are refused). */
+  get failure(): Error | null {
+    return this.latch.failure;
   }
 
   // ---- traversal (cold paths: extents, diff, commit) ------------------------------------------
@@ -185,6 +200,7 @@ export class Qcow2Overlay implements BlockDevice {
   discardAll(): void {
     if (this.readOnly) throw eio(`${this.path}: opened read-only`);
     if (this.flusher.busy) throw eio(`${this.path}: a flush is in progress`);
+    this.latch.refuse();
     discardAll(this.file, this.header, this.tables, this.alloc);
   }
 

@@ -5,7 +5,7 @@ import { tmpdir } from "node:os";
 import { basename, dirname, isAbsolute, join, resolve } from "node:path";
 import type { BlockDevice } from "../types.ts";
 import { Qcow2Error, readHeader, validateHeader, writeNewImage } from "./format.ts";
-import { Qcow2Overlay } from "./image.ts";
+import { Qcow2Overlay, type OverlayImageOptions } from "./image.ts";
 import { RO_DENY, RO_PERMS, RW_DENY, RW_PERMS, lockImage } from "./lock.ts";
 
 export { Qcow2Overlay } from "./image.ts";
@@ -103,7 +103,11 @@ export function resolveBacking(overlayPath: string, backingName: string): string
  * given it must be the same file. With `lock`, QEMU-compatible locks are taken (read-write: the
  * same bytes as a qemu-io rw open; read-only: a consistent view that keeps writers out).
  */
-export function openImage(path: string, o: { readOnly: boolean; base?: OpenBase; log: (msg: string) => void; lock: boolean; repair?: boolean }): Qcow2Overlay {
+export function openImage(path: string, o: {
+  readOnly: boolean; base?: OpenBase; log: (msg: string) => void; lock: boolean; repair?: boolean;
+  /** Wraps the overlay file's I/O (tests: recording writes and syncs, injecting failures). */
+  wrapFile?: OverlayImageOptions["wrapFile"];
+}): Qcow2Overlay {
   let fd: number;
   try {
     fd = openSync(path, o.readOnly ? "r" : "r+");
@@ -129,7 +133,7 @@ export function openImage(path: string, o: { readOnly: boolean; base?: OpenBase;
         throw new Qcow2Error(path, `its backing file is ${backing}, not ${base.path}`);
       }
     }
-    return finishOpen(path, fd, h, base, o.readOnly, o.lock, o.log, o.repair ?? true);
+    return finishOpen(path, fd, h, base, o.readOnly, o.lock, o.log, o.repair ?? true, o.wrapFile);
   } catch (e) {
     closeSync(fd);
     if (ownBase && base !== undefined) closeSync(base.fd);
@@ -138,13 +142,13 @@ export function openImage(path: string, o: { readOnly: boolean; base?: OpenBase;
 }
 
 function finishOpen(path: string, fd: number, h: ReturnType<typeof readHeader>, base: OpenBase, readOnly: boolean,
-  lock: boolean, log: (msg: string) => void, repair: boolean): Qcow2Overlay {
+  lock: boolean, log: (msg: string) => void, repair: boolean, wrapFile?: OverlayImageOptions["wrapFile"]): Qcow2Overlay {
   const expect = Math.ceil(base.size / 512) * 512;
   if (h.size !== expect) {
     throw new Qcow2Error(path, `virtual size ${h.size} does not match base ${base.path} (${base.size} bytes): the base changed size, or is not the base this overlay was made for`);
   }
   if (lock) lockImage(fd, path, readOnly ? RO_PERMS : RW_PERMS, readOnly ? RO_DENY : RW_DENY);
-  const img = new Qcow2Overlay({ path, fd, header: h, readOnly, baseFd: base.fd, baseSize: base.size, log });
+  const img = new Qcow2Overlay({ path, fd, header: h, readOnly, baseFd: base.fd, baseSize: base.size, log, wrapFile });
   if (!readOnly) {
     img.clearAutoclear();
     img.checkRefcountCoverage();
