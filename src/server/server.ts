@@ -293,9 +293,14 @@ export class NbdServer implements ExportTable {
     for (const l of this.listeners) l.stop(true);
     for (const p of this.unixPaths) rmSync(p, { force: true });
     for (const e of this.exports) {
+      // A failed flush (a device whose storage failed) must not keep its files open and locked.
       try {
         const f = e.flush();
         if (isPromise(f)) await f;
+      } catch (err) {
+        this.log.error(`flushing export "${e.name}" at close: ${(err as Error).message}`);
+      }
+      try {
         const c = e.close();
         if (isPromise(c)) await c;
       } catch (err) {
