@@ -10,9 +10,6 @@ export const be16 = (b: Uint8Array, o: number): number => ((b[o] ?? 0) << 8) | (
 export const be32 = (b: Uint8Array, o: number): number => be16(b, o) * 0x10000 + be16(b, o + 2);
 export const be64 = (b: Uint8Array, o: number): number => be32(b, o) * 2 ** 32 + be32(b, o + 4);
 
-/** The high 32 bits of a 64-bit little-endian field (to tell an absurd value from a real one). */
-export const le64hi = (b: Uint8Array, o: number): number => le32(b, o + 4);
-
 /** True if `b[o..]` holds the ASCII text `s`. */
 export function hasText(b: Uint8Array, o: number, s: string): boolean {
   if (o < 0 || o + s.length > b.length) return false;

@@ -1,7 +1,7 @@
 // The GUID partition table: header at LBA 1 (the backup at the last LBA when the primary is
 // damaged), entries checked against their CRC-32 and the usable area. Counts and entry sizes are
 // bounded before anything is read, so an absurd header costs one warning, not gigabytes of reads.
-import { crc32, guid, hasText, le32, le64, le64hi, utf16le } from "./bytes.ts";
+import { crc32, guid, hasText, le32, le64, utf16le } from "./bytes.ts";
 import { GPT_ESP, gptTypeName } from "./ptypes.ts";
 import { MAX_READ, type Reader } from "./reader.ts";
 import type { Partition, PartitionTable } from "./types.ts";
@@ -24,7 +24,6 @@ async function header(r: Reader, lba: number, ss: number): Promise<Header | stri
   const copy = b.slice(0, size);
   copy.fill(0, 16, 20);
   if (crc32(copy) !== le32(b, 16)) return "header CRC mismatch";
-  if (le64hi(b, 24) !== 0 && le64(b, 24) !== lba) return "header does not point at itself";
   const h: Header = {
     lba: le64(b, 24), altLba: le64(b, 32), firstLba: le64(b, 40), lastLba: le64(b, 48), disk: guid(b, 56),
     entriesLba: le64(b, 72), count: le32(b, 80), entrySize: le32(b, 84), entriesCrc: le32(b, 88),
@@ -36,14 +35,13 @@ async function header(r: Reader, lba: number, ss: number): Promise<Header | stri
 }
 
 /**
- * Parse the GPT of a disk whose sector 0 holds a protective MBR (or none). Returns null when no
- * valid header exists; problems are reported through `warn`.
+ * Parse the GPT of a disk whose sector 0 holds a protective MBR (or that has "EFI PART" at LBA 1).
+ * Returns null when neither header is valid; problems are reported through `warn`.
  */
 export async function parseGpt(r: Reader, warn: (m: string) => void, ss = 512): Promise<PartitionTable | null> {
   const primary = await header(r, 1, ss);
   let h: Header;
   if (typeof primary === "string") {
-    if (primary === "no EFI PART signature" && ss === 512) return null;
     const last = Math.floor(r.size / ss) - 1;
     const backup = last > 1 ? await header(r, last, ss) : "disk too small";
     if (typeof backup === "string") {
@@ -54,6 +52,9 @@ export async function parseGpt(r: Reader, warn: (m: string) => void, ss = 512): 
     h = backup;
   } else {
     h = primary;
+    const last = Math.floor(r.size / ss) - 1;
+    if (h.altLba > last) warn(`GPT backup header (LBA ${h.altLba}) lies past the end of the disk (last LBA ${last}): truncated image?`);
+    else if (h.altLba < last) warn(`GPT backup header is at LBA ${h.altLba}, not at the last LBA ${last}: the disk grew after partitioning`);
   }
   const totalLbas = Math.floor(r.size / ss);
   if (h.lastLba >= totalLbas) warn(`GPT last usable LBA ${h.lastLba} lies past the end of the disk (${totalLbas} sectors)`);
