@@ -26,6 +26,7 @@ function mem(bytes: Uint8Array, size = bytes.length): ByteSource & { read_: numb
   return src;
 }
 
+const flip = (b: Uint8Array, at: number) => { b[at] = b[at]! ^ 0xff; };
 const dv = (b: Uint8Array) => new DataView(b.buffer, b.byteOffset, b.byteLength);
 function mbrEntry(b: Uint8Array, at: number, i: number, type: number, lba: number, sectors: number, boot = 0): void {
   const o = at + 446 + 16 * i;
@@ -99,7 +100,7 @@ test.before(async () => {
 
 test("GPT with a bad primary header CRC: the backup header is used, with a warning", async () => {
   const d = gpt.slice();
-  d[512 + 40] ^= 0xff; // first usable LBA, inside the CRC
+  flip(d, 512 + 40); // first usable LBA, inside the CRC
   const r = await run(mem(d), "bad primary crc");
   warned(r, /primary header invalid \(header CRC mismatch\); using the backup/);
   assert.is(r.table?.partitions.length, 2);
@@ -107,8 +108,8 @@ test("GPT with a bad primary header CRC: the backup header is used, with a warni
 
 test("GPT with both headers bad: no table, a warning", async () => {
   const d = gpt.slice();
-  d[512 + 40] ^= 0xff;
-  d[d.length - 512 + 40] ^= 0xff;
+  flip(d, 512 + 40);
+  flip(d, d.length - 512 + 40);
   const r = await run(mem(d), "both bad");
   assert.is(r.table, undefined);
   warned(r, /no valid backup header/);
@@ -153,7 +154,7 @@ test("FAT32 and exFAT root directories whose cluster chains loop end", async () 
   need("mkfs.exfat");
   const f32 = new Uint8Array(readFileSync(await fsImage(dir, "f32.img", "fat32", 40 * MiB, "LOOPY")));
   // FAT32: root cluster (2) -> 2 in the first FAT, and no label entry in the root directory
-  const ss = 512, reserved = f32[14]! | (f32[15]! << 8);
+  const ss = 512, reserved = dv(f32).getUint16(14, true);
   dv(f32).setUint32(reserved * ss + 2 * 4, 2, true);
   const spc = f32[13]!, fatLen = dv(f32).getUint32(0x24, true), data = (reserved + 2 * fatLen) * ss;
   f32.fill(0x41, data, data + spc * ss); // directory full of non-label entries

@@ -3,7 +3,7 @@
 // of its own, "<disk>/p<N>", a PartitionView over the disk's device stack. Kept apart from
 // open.ts: it takes the opened export list and returns a longer one.
 import { chs, formatBytes, inspect, summary, type ByteSource, type Partition, type Report } from "../inspect/index.ts";
-import { PartitionView } from "./partition-view.ts";
+import { PartitionView, shareDevice } from "./partition-view.ts";
 import { isPromise, type BlockDevice, type ExportSpec } from "./types.ts";
 
 /** Reads of a device stack as an inspection source (sync and async devices alike). */
@@ -64,6 +64,7 @@ export async function describeExports(specs: ExportSpec[], opts: DescribeOptions
     if (!opts.partitions || !report.table) continue;
     const disk = spec.name || "default export";
     const bs = spec.device.blockSize?.()?.minimum ?? 1;
+    const offered: Partition[] = [];
     for (const p of report.table.partitions) {
       if (p.kind === "extended") continue;
       const name = `${spec.name}/p${p.number}`;
@@ -71,9 +72,16 @@ export async function describeExports(specs: ExportSpec[], opts: DescribeOptions
       if (p.start + p.size > spec.device.size()) { opts.log(`${name}: the partition runs past the end of the disk; not offered`); continue; }
       if (p.start % bs !== 0 || p.size % bs !== 0) { opts.log(`${name}: not aligned to the disk's ${bs}-byte blocks; not offered`); continue; }
       taken.add(name);
-      out.push({ name, description: partitionDescription(disk, p), device: new PartitionView(spec.device, p.start, p.size) });
-      reports.set(name, partitionReport(report, p));
+      offered.push(p);
     }
+    if (!offered.length) continue;
+    const [own, ...views] = shareDevice(spec.device, offered.length + 1);
+    spec.device = own!;
+    offered.forEach((p, i) => {
+      const name = `${spec.name}/p${p.number}`;
+      out.push({ name, description: partitionDescription(disk, p), device: new PartitionView(views[i]!, p.start, p.size) });
+      reports.set(name, partitionReport(report, p));
+    });
   }
   return { specs: out, reports };
 }

@@ -2,7 +2,8 @@
 // partition filter. Reads, writes, trims, zeroes and cache hints are shifted by `start` (the
 // checked wrapper above has already confined them to the view), block status is shifted back and
 // clipped to the view, and zero-copy file ranges pass through (the bytes are not transformed).
-// The view does not own the device below: closing it leaves the whole-disk export open.
+// The disk's device is shared by its own export and its partition views (shareDevice): it is
+// closed when the last of them closes, so the server may flush and close them in any order.
 import { Passthrough } from "./passthrough.ts";
 import type { BlockDevice, ExtentSink, FileRange, Maybe, MetaContextProvider } from "./types.ts";
 
@@ -53,6 +54,24 @@ export class PartitionView extends Passthrough {
     }));
   }
 
-  /** The whole-disk export owns the device below; a view has nothing of its own to release. */
-  override close(): void {}
+}
+
+/** One holder's handle on a shared device: bytes pass unchanged, close releases this holder only. */
+class SharedHandle extends Passthrough {
+  private released = false;
+  constructor(next: BlockDevice, private readonly owner: { refs: number }) { super(next); }
+  fileRange(offset: number, length: number, out: FileRange): boolean {
+    return this.next.fileRange?.(offset, length, out) ?? false;
+  }
+  override close(): Maybe {
+    if (this.released) return;
+    this.released = true;
+    if (--this.owner.refs === 0) return this.next.close?.();
+  }
+}
+
+/** `n` handles on `dev`; the device is closed when the last handle is. */
+export function shareDevice(dev: BlockDevice, n: number): BlockDevice[] {
+  const owner = { refs: n };
+  return Array.from({ length: n }, () => new SharedHandle(dev, owner));
 }

@@ -32,10 +32,11 @@ function shortFs(fs: FsInfo | undefined): string {
   return fs.type;
 }
 
-const partName = (p: Partition) => (p.esp ? "ESP" : p.typeName === "BIOS boot" ? "BIOS boot" : shortFs(p.filesystem));
+const partName = (p: Partition) => (p.esp ? "ESP" : p.filesystem ? shortFs(p.filesystem) : p.typeName);
 
+/** Something firmware would run: boot code in sector 0, an ESP, or a bootable El Torito entry. */
 export const isBootable = (r: Report): boolean =>
-  r.boot.mbrCode || r.boot.activePartition !== undefined || !!r.boot.esp?.length || !!r.boot.elTorito?.some((e) => e.bootable);
+  r.boot.mbrCode || !!r.boot.esp?.length || !!r.boot.elTorito?.some((e) => e.bootable);
 
 /** The kind of QEMU drive that fits: a floppy, a CD, or a disk. */
 export function mediaKind(r: Report): "floppy" | "cdrom" | "disk" {
@@ -56,9 +57,9 @@ export function summary(r: Report): string {
     if (r.floppy) words.push(`${shortFs(fs)} floppy ${r.floppy.name}`);
     else words.push(fs.label ? `${shortFs(fs)} "${fs.label}"` : shortFs(fs));
   } else if (r.floppy) {
-    words.push(`floppy ${r.floppy.name}, no file system`);
+    words.push(`floppy ${r.floppy.name}, no file system recognised`);
   } else {
-    words.push("no partition table or file system recognised");
+    words.push(r.source.includes("/p") ? "no file system recognised" : "no partition table or file system recognised");
   }
   if (r.boot.elTorito?.length) words.push("El Torito");
   else if (isBootable(r)) {

@@ -156,7 +156,7 @@ function bootSummary(report: Report): string[] {
   if (b.activePartition !== undefined) {
     const p = parts.find((x) => x.number === b.activePartition);
     const vbr = p?.filesystem?.boot?.length ? ` (${p.filesystem.boot.join(", ")})` : "";
-    out.push(`active partition ${b.activePartition}${vbr}`);
+    out.push(`active partition ${b.activePartition}${vbr}${b.mbrCode ? "" : ", but no boot code in the MBR"}`);
   }
   const biosBoot = parts.find((p) => p.type === GPT_BIOS_BOOT);
   if (biosBoot) out.push(`BIOS boot partition ${biosBoot.number} (GRUB core on GPT)`);
