@@ -8,6 +8,8 @@ import { createLogger } from "../server/log.ts";
 import { NbdServer } from "../server/server.ts";
 import { formatSize } from "./format.ts";
 import { VERSION } from "../version.ts";
+import { progressBar } from "./progress.ts";
+import { verifyImage } from "../verify/verify.ts";
 
 const HELP = `usage: bun-nbd serve [options] FILE...
 
@@ -31,6 +33,8 @@ options:
   -s, --snapshot       like --overlay with a temporary overlay that is deleted at exit
       --compat         create overlays with standard L2 entries (for QEMU older than 5.2)
       --no-partitions  do not offer partition exports (NAME/pN)
+      --verify         check each FILE against its checksum first (FILE.sha256, SHA256SUMS, ...
+                       beside it; see bun-nbd verify) and refuse to serve on a mismatch
   -v, --verbose        log every request (debug)
   -q, --quiet          log only warnings and errors
   -h, --help           this help
@@ -52,6 +56,7 @@ export async function main(argv: string[]): Promise<number> {
     snapshot: { type: "boolean", short: "s" },
     compat: { type: "boolean" },
     "no-partitions": { type: "boolean" },
+    verify: { type: "boolean" },
     verbose: { type: "boolean", short: "v" },
     quiet: { type: "boolean", short: "q" },
     version: { type: "boolean", short: "V" },
@@ -78,6 +83,23 @@ export async function main(argv: string[]): Promise<number> {
   const useTcp = !o.socket || o.port !== undefined || o.bind !== undefined;
   const binds = o.bind ?? ["127.0.0.1"];
   const log = createLogger(o.verbose ? "debug" : o.quiet ? "warn" : "info");
+
+  if (o.verify) {
+    for (const file of args.positionals) {
+      try {
+        for (const c of await verifyImage(file, { progress: (f) => (o.quiet ? undefined : progressBar(`verifying ${f}`)) })) {
+          if (!c.ok) {
+            console.error(`bun-nbd serve: ${c.file}: ${c.algo} mismatch: expected ${c.expected}, got ${c.actual} (from ${c.source})`);
+            return 1;
+          }
+          log.info(`${c.file}: ${c.algo} matches ${c.source}`);
+        }
+      } catch (e) {
+        console.error(`bun-nbd serve: --verify: ${(e as Error).message}`);
+        return 1;
+      }
+    }
+  }
 
   let specs;
   try {
