@@ -64,8 +64,8 @@ export function summary(r: Report): string {
   if (r.boot.elTorito?.length) words.push("El Torito");
   else if (isBootable(r)) {
     const loader = r.boot.mbrLoader ?? r.table?.partitions.find((p) => p.number === r.boot.activePartition)?.filesystem?.boot?.[0];
-    words.push(loader ? `bootable (${loader})` : "bootable");
-  } else if (r.floppy || r.filesystem?.type === "vfat") words.push("not bootable");
+    words.push(loader ? `bootable (${loader})` : r.boot.mbrCode ? "bootable" : "bootable (UEFI)");
+  } else if (r.floppy) words.push("not bootable");
   return words.join(", ");
 }
 
@@ -98,7 +98,7 @@ export function formatReport(r: Report): string {
       `${p.typeName} (${p.type})`, p.name ?? "", p.filesystem ? fsText(p.filesystem) : "",
     ]);
     const head = ["#", "start", "size", "kind", "type", "name", "file system"];
-    const keep = head.map((_, i) => i < 5 || i === 6 || rows.some((row) => row[i] !== ""));
+    const keep = head.map((_, i) => [0, 1, 2, 4, 6].includes(i) || rows.some((row) => row[i] !== ""));
     const cols = head.map((h, i) => Math.max(h.length, ...rows.map((row) => row[i]!.length)));
     const fmt = (row: string[]) => "    " + row.map((c, i) => (keep[i] ? (i === 6 ? c : c.padEnd(cols[i]!)) : null)).filter((c) => c !== null).join("  ").trimEnd();
     out.push(fmt(head));

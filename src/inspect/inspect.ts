@@ -25,15 +25,17 @@ export async function inspect(src: ByteSource, opts: InspectOptions): Promise<Re
   if (opts.container) report.container = opts.container;
   const warn = (m: string) => { if (!report.warnings.includes(m)) report.warnings.push(m); };
   if (report.partialSector) warn(`size ${r.size} is not a whole number of 512-byte sectors (${report.partialSector} bytes over)`);
-  const floppy = floppyFor(r.size);
-  if (floppy) report.floppy = floppy;
+  const geometry = floppyFor(r.size);
+  if (geometry) report.floppy = geometry;
   try {
     await examine(r, report, warn);
   } catch (e) {
     warn(e instanceof ReadBudgetExceeded ? e.message : `inspection stopped: ${(e as Error).message}`);
   }
   report.boot.summary = bootSummary(report);
-  return report;
+  // a stable key order for --json: what it is, what is in it, how it boots, what is wrong
+  const { source, size, container, partialSector, floppy, table, filesystem, boot, warnings } = report;
+  return { source, size, container, partialSector, floppy, table, filesystem, boot, warnings };
 }
 
 async function examine(r: Reader, report: Report, warn: (m: string) => void): Promise<void> {
