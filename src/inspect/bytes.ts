@@ -39,27 +39,21 @@ function latin1ToUtf8Safe(s: string): string {
   }
 }
 
-/** UTF-16LE text of `len` bytes, stopping at a NUL code unit; trailing spaces trimmed. */
-export function utf16le(b: Uint8Array, o: number, len: number): string {
+function utf16(b: Uint8Array, o: number, len: number, unit: (b: Uint8Array, o: number) => number): string {
   let s = "";
   for (let i = o; i + 1 < Math.min(b.length, o + len); i += 2) {
-    const c = le16(b, i);
+    const c = unit(b, i);
     if (c === 0) break;
     s += String.fromCharCode(c);
   }
   return s.replace(/\s+$/, "");
 }
 
-/** UTF-16BE text (Joliet). */
-export function utf16be(b: Uint8Array, o: number, len: number): string {
-  let s = "";
-  for (let i = o; i + 1 < Math.min(b.length, o + len); i += 2) {
-    const c = be16(b, i);
-    if (c === 0) break;
-    s += String.fromCharCode(c);
-  }
-  return s.replace(/\s+$/, "");
-}
+/** UTF-16LE text of `len` bytes, stopping at a NUL code unit; trailing spaces trimmed. */
+export const utf16le = (b: Uint8Array, o: number, len: number): string => utf16(b, o, len, le16);
+
+/** UTF-16BE text (Joliet, UDF), the same way. */
+export const utf16be = (b: Uint8Array, o: number, len: number): string => utf16(b, o, len, be16);
 
 const HEX = (n: number, w: number) => n.toString(16).padStart(w, "0");
 

@@ -2,7 +2,7 @@
 // (at most 16 of them, as blkid reads), the label merged from the PVD and Joliet as blkid merges
 // them, the UUID made of the modification (else creation) date, and the boot catalog's entries
 // (validation entry checked, at most MAX_CATALOG_ENTRIES read).
-import { be16, fixedText, hasText, le16, le32 } from "../bytes.ts";
+import { be16, fixedText, hasText, le16, le32, utf16be } from "../bytes.ts";
 import type { Reader } from "../reader.ts";
 import type { ElToritoEntry, FsInfo } from "../types.ts";
 
@@ -33,7 +33,7 @@ export async function probeIso9660(r: Reader): Promise<IsoResult | null> {
   if (joliet) fs.version = "Joliet Extension";
   const uuid = dateUuid(pvd, 830) ?? dateUuid(pvd, 813);
   if (uuid) fs.uuid = uuid;
-  const label = joliet ? (mergeLabel(joliet.subarray(40, 72), pvd.subarray(40, 72)) ?? utf16beText(joliet.subarray(40, 72))) : fixedText(pvd, 40, 32);
+  const label = joliet ? (mergeLabel(joliet.subarray(40, 72), pvd.subarray(40, 72)) ?? utf16be(joliet, 40, 32)) : fixedText(pvd, 40, 32);
   if (label) fs.label = label;
   const out: IsoResult = { fs };
   if (boot && hasText(boot, 7, "EL TORITO SPECIFICATION")) out.catalogLba = le32(boot, 0x47);
@@ -44,16 +44,6 @@ function dateUuid(pvd: Uint8Array, o: number): string | null {
   const d = String.fromCharCode(...pvd.subarray(o, o + 16));
   if (/^0{16}$/.test(d) && pvd[o + 16] === 0) return null;
   return `${d.slice(0, 4)}-${d.slice(4, 6)}-${d.slice(6, 8)}-${d.slice(8, 10)}-${d.slice(10, 12)}-${d.slice(12, 14)}-${d.slice(14, 16)}`;
-}
-
-function utf16beText(b: Uint8Array): string {
-  let s = "";
-  for (let i = 0; i + 1 < b.length; i += 2) {
-    const c = be16(b, i);
-    if (c === 0) break;
-    s += String.fromCharCode(c);
-  }
-  return s.replace(/\s+$/, "");
 }
 
 /**
