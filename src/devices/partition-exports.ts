@@ -58,8 +58,11 @@ export async function describeExports(specs: ExportSpec[], opts: DescribeOptions
     if (spec.name.includes("/")) continue;
     const report = await inspect(deviceSource(spec.device), { source: spec.name });
     reports.set(spec.name, report);
-    const phrase = describe(report);
-    spec.description = spec.description ? `${spec.description}: ${phrase}` : phrase;
+    // an export whose contents say nothing recognisable keeps the description it had
+    if (report.table || report.filesystem || report.floppy || report.boot.mbrCode) {
+      const phrase = describe(report);
+      spec.description = spec.description ? `${spec.description}: ${phrase}` : phrase;
+    }
     for (const w of report.warnings) opts.log(`${spec.name}: ${w}`);
     if (!opts.partitions || !report.table) continue;
     const disk = spec.name || "default export";
