@@ -55,7 +55,7 @@ async function examine(r: Reader, report: Report, warn: (m: string) => void): Pr
         checkFits(found.fs, p.size, `partition ${p.number}`, warn);
       }
     }
-    checkLayout(report.table, r.size, warn);
+    checkLayout(report.table, r.size, whole?.fs.type === "iso9660", warn);
   } else if (whole) {
     checkFits(whole.fs, r.size, "the image", warn);
   }
@@ -97,11 +97,12 @@ function checkFits(fs: FsInfo, room: number, where: string, warn: (m: string) =>
   }
 }
 
-function checkLayout(t: PartitionTable, size: number, warn: (m: string) => void): void {
+/** Partitions past the end, over the table, or overlapping (a hybrid ISO's MBR may cover sector 0). */
+function checkLayout(t: PartitionTable, size: number, hybridIso: boolean, warn: (m: string) => void): void {
   for (const p of t.partitions) {
     if (p.start >= size) warn(`partition ${p.number} starts past the end of the disk (at byte ${p.start} of ${size})`);
     else if (p.start + p.size > size) warn(`partition ${p.number} runs past the end of the disk (ends at byte ${p.start + p.size} of ${size})`);
-    if (p.start === 0 && p.kind !== "extended") warn(`partition ${p.number} starts at sector 0, over the partition table`);
+    if (p.start === 0 && p.kind !== "extended" && !hybridIso) warn(`partition ${p.number} starts at sector 0, over the partition table`);
   }
   const data = t.partitions.filter((p) => p.kind !== "extended").sort((a, b) => a.start - b.start);
   for (let i = 1; i < data.length; i++) {

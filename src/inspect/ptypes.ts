@@ -8,7 +8,7 @@ const MBR: Record<number, string> = {
   0x17: "Hidden HPFS/NTFS", 0x1b: "Hidden W95 FAT32", 0x1c: "Hidden W95 FAT32 (LBA)", 0x1e: "Hidden W95 FAT16 (LBA)",
   0x27: "Hidden NTFS WinRE", 0x42: "SFS", 0x82: "Linux swap / Solaris", 0x83: "Linux", 0x85: "Linux extended",
   0x86: "NTFS volume set", 0x87: "NTFS volume set", 0x8e: "Linux LVM", 0xa5: "FreeBSD", 0xa6: "OpenBSD",
-  0xa8: "Darwin UFS", 0xa9: "NetBSD", 0xaf: "HFS / HFS+", 0xbe: "Solaris boot", 0xbf: "Solaris", 0xda: "Non-FS data",
+  0xa8: "Darwin UFS", 0xa9: "NetBSD", 0xaf: "HFS / HFS+", 0xbe: "Solaris boot", 0xbf: "Solaris", 0xcd: "ISO 9660 (hybrid)", 0xda: "Non-FS data",
   0xde: "Dell Utility", 0xee: "GPT", 0xef: "EFI (FAT-12/16/32)", 0xfb: "VMware VMFS", 0xfc: "VMware VMKCORE",
   0xfd: "Linux raid autodetect",
 };
