@@ -66,6 +66,7 @@ async function inspectFile(path: string): Promise<Report> {
     raw.close();
   }
   const opened: BlockDevice[] = [];
+  let why = "";
   try {
     let device: BlockDevice | null = null;
     if (container.format === "qcow2") {
@@ -75,20 +76,20 @@ async function inspectFile(path: string): Promise<Report> {
         device = await openOverlay({ base, overlay: path, readOnly: true, log: (m) => extra.push(m) });
         opened.push(device);
       } else {
-        extra.push("contents not inspected: bun-nbd reads qcow2 files only as overlays over one raw backing file");
+        why = "bun-nbd reads qcow2 files only as overlays over one raw backing file that exists";
       }
     } else {
       const specs = await openExports([path], { readOnly: true, log: (m) => extra.push(m) });
       for (const s of specs) opened.push(s.device);
       device = specs[0]?.device ?? null;
       if (device && COMPRESSED.has(container.format) && device.size() === fileSize) {
-        extra.push(`contents not inspected: this build serves ${container.format} files as stored bytes`);
+        why = `this build serves ${container.format} files as stored bytes`;
         device = null;
       }
     }
     const report: Report = device
       ? await inspect(deviceSource(device), { source: path, container })
-      : { source: path, size: 0, container, partialSector: 0, boot: { mbrCode: false, summary: [] }, warnings: [] };
+      : { source: path, size: fileSize, container, partialSector: 0, boot: { mbrCode: false, summary: [] }, warnings: [], notInspected: why };
     report.warnings.unshift(...extra);
     return report;
   } finally {

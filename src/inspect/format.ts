@@ -88,6 +88,11 @@ export function formatReport(r: Report): string {
   const container = r.container ? `, ${r.container.detail ?? r.container.format}` : "";
   out.push(`${r.source}: ${size(r.size)} (${r.size} bytes)${container}`);
   if (r.container?.backing?.length) out.push(`  backing chain: ${r.container.backing.join(" -> ")}`);
+  if (r.notInspected) {
+    out.push(`  contents not inspected: ${r.notInspected}`);
+    for (const w of r.warnings) out.push(`  warning: ${w}`);
+    return out.join("\n") + "\n";
+  }
   if (r.floppy) out.push(`  floppy ${r.floppy.name}: ${chs(r.floppy)} (cylinders/heads/sectors per track)`);
   if (r.filesystem) out.push(`  file system: ${fsText(r.filesystem)}`);
   if (r.table) {

@@ -102,4 +102,6 @@ export interface Report {
   filesystem?: FsInfo;
   boot: BootInfo;
   warnings: string[];
+  /** Why the contents were not read (a container this build cannot open), when they were not. */
+  notInspected?: string;
 }
