@@ -69,6 +69,7 @@ chs_io:
         pop ax
         dec byte ptr [tries]
         jnz 2b
+io_error:                           /* print "INT13 ERROR ah=<err>" and fail */
         mov si, offset m_ioerr
         call puts
         mov al, [err]
@@ -251,13 +252,7 @@ stage2:
 
 io_fail:
         mov [err], ah
-        mov si, offset m_ioerr
-        call puts
-        mov al, [err]
-        call hex8
-        call crlf
-        mov si, offset m_empty
-        jmp fail
+        jmp io_error
 
 hex16:  push ax
         mov al, ah
