@@ -15,6 +15,7 @@ export POWERLOSS_OPS=${POWERLOSS_OPS:-120}                    # operations per w
 export POWERLOSS_RANDOM=${POWERLOSS_RANDOM:-10}               # random subsets per crash point (half torn)
 export POWERLOSS_MAX=${POWERLOSS_MAX:-40}                     # states per crash point
 export POWERLOSS_QEMU_EVERY=${POWERLOSS_QEMU_EVERY:-8}        # every Nth state through qemu-img check/convert
+export POWERLOSS_EXTRA_POINTS=${POWERLOSS_EXTRA_POINTS:-0.02} # share of other log positions also taken as crash points
 
 start=$(date +%s)
 if [ "$what" = all ] || [ "$what" = crash ]; then

@@ -6,7 +6,7 @@
 // a FLUSH or FUA write, and hold old-or-new bytes only where writes happened since. A sample goes
 // through qemu-img check (0, or 3 = leaks only), QEMU's own read (qemu-img convert), and a read-write
 // open that repairs the leaks. Knobs (long mode: bench/crash-long.sh): POWERLOSS_SEEDS, _OPS,
-// _RANDOM (random subsets per crash point), _MAX (states per crash point), _QEMU_EVERY.
+// _RANDOM (random subsets per crash point), _MAX (states per crash point), _QEMU_EVERY, _EXTRA_POINTS.
 import { suite } from "uvu";
 import * as assert from "uvu/assert";
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
@@ -29,6 +29,8 @@ const OPS = env("OPS", 30);
 const RANDOM = env("RANDOM", 3);
 const MAX = env("MAX", 6);
 const QEMU_EVERY = env("QEMU_EVERY", 25);
+/** Besides every completed sync and the end: this share of all other log positions as crash points. */
+const EXTRA_POINTS = env("EXTRA_POINTS", 0);
 
 test.before(() => need("qemu-img"));
 
@@ -123,7 +125,9 @@ async function checkAll(v: Variant, d: string, base: Uint8Array, rec: Recorded, 
   const rng = new Rng(seed * 7919);
   const statePath = join(d, "state.qcow2");
   let n = 0;
-  await walkCrashPoints(rec.initial, log, (_at, beforeSync) => beforeSync, async (p, image: FileImage) => {
+  const pointRng = new Rng(seed * 104729);
+  const pick = (_at: number, beforeSync: boolean) => beforeSync || (EXTRA_POINTS > 0 && pointRng.int(1e6) < EXTRA_POINTS * 1e6);
+  await walkCrashPoints(rec.initial, log, pick, async (p, image: FileImage) => {
     stats.points++;
     for (; durableOps < acked[p.at]!; durableOps++) applyOp(durableGuest, ops[durableOps]!);
     const maybe = ops.slice(durableOps, issued[p.at]!);
