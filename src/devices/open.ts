@@ -114,15 +114,13 @@ function probeFile(path: string): Probe | null {
   }
 }
 
+/** The head of a device (not its tail: reaching the end of a single-block xz file means decoding all of it). */
 async function probeDevice(dev: BlockDevice, name: string): Promise<Probe> {
   const size = dev.size();
   const head = new Uint8Array(Math.min(HEAD_BYTES, size));
-  const tail = new Uint8Array(Math.min(512, size));
-  for (const [b, at] of [[head, 0], [tail, size - tail.length]] as const) {
-    const r = dev.pread(b, at, 0);
-    if (isPromise(r)) await r;
-  }
-  return { head, tail, size, name };
+  const r = dev.pread(head, 0, 0);
+  if (isPromise(r)) await r;
+  return { head, tail: new Uint8Array(0), size, name };
 }
 
 interface Ctx { path: string; member?: string; name: string; opts: OpenOptions }
@@ -137,6 +135,8 @@ export async function openImage(file: string, opts: OpenOptions): Promise<Opened
   // A descriptor named as one is read as one: the CD loader explains what is wrong if it is not.
   if (ext === ".cue") kind = "cue";
   if (ext === ".ccd") kind = "ccd";
+  // The last part of a split archive starts with directory entries, not a local header.
+  if ((ext === ".zip" || ext === ".imz") && kind === "raw") kind = "zip";
   if (member !== undefined && kind !== "zip") throw new Error(`cannot open ${file}: no such file (${path} is not a zip archive)`);
   return OPENERS[kind]({ path, member, name: opts.name ?? exportNameFor(file), opts });
 }

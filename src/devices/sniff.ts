@@ -6,7 +6,7 @@ import { CD001_OFFSET, hasCd001, ISO_SECTOR } from "./iso.ts";
 
 export type Kind = "xz" | "gzip" | "zip" | "vhd" | "qcow2" | "iso" | "cue" | "ccd" | "rawcd" | "raw";
 
-/** What the sniffer needs: the first HEAD_BYTES (fewer if the image is smaller), the last 512, the size and a name. */
+/** What the sniffer needs: the first HEAD_BYTES (fewer if the image is smaller), the last 512 (or none), the size and a name. */
 export interface Probe { head: Uint8Array; tail: Uint8Array; size: number; name: string }
 export const HEAD_BYTES = CD001_OFFSET + 2048;
 
@@ -65,7 +65,7 @@ export function sniff(p: Probe): Kind {
   if (starts(h, MAGIC.gzip)) return "gzip";
   if (starts(h, MAGIC.zip) || starts(h, MAGIC.zipEmpty) || starts(h, MAGIC.zipSpanned)) return "zip";
   if (starts(h, MAGIC.qcow2)) return "qcow2";
-  if (p.size >= 512 && (starts(p.tail, MAGIC.vhd, p.tail.length - 512) || (starts(h, MAGIC.vhd) && starts(h, ascii("cxsparse"), 512)))) return "vhd";
+  if (p.size >= 512 && ((p.tail.length >= 512 && starts(p.tail, MAGIC.vhd, p.tail.length - 512)) || (starts(h, MAGIC.vhd) && starts(h, ascii("cxsparse"), 512)))) return "vhd";
   if (looksLikeRawCd(p)) return "rawcd";
   if (looksLikeIso(p)) return "iso";
   if (p.size <= 1024 * 1024 && looksLikeCcd(h)) return "ccd";

@@ -31,6 +31,9 @@ export interface CompressedOptions {
   info: (msg: string) => void;
 }
 
+/** A single-block xz file larger than this gets a warning (it cannot be read at random). */
+const SINGLE_BLOCK_WARN = 16 * 1024 * 1024;
+
 const mib = (n: number) => `${(n / 1048576).toFixed(n < 10485760 ? 2 : 0)} MiB`;
 
 function openFd(path: string): number {
@@ -67,8 +70,9 @@ function openXz(path: string, fd: number, size: number, opts: CompressedOptions)
   if (x.size === 0) throw new Error("the xz file holds no data");
   const src = new XzSource(basename(path), fd, x.blocks, x.size, () => closeSync(fd));
   const big = src.largest();
-  if (big.progressive) {
-    opts.log(`${path}: ${x.blocks.length === 1 ? "a single xz block" : `an xz block of ${mib(big.bytes)}`}: it can only be decoded from its start, so it is decoded once, progressively, into a temporary cache as reads reach it (recompress with xz -T0 or --block-size=16MiB for random access)`);
+  if (big.progressive || (x.blocks.length === 1 && x.size > SINGLE_BLOCK_WARN)) {
+    const how = big.progressive ? "decoded once, progressively, into a temporary cache as reads reach it" : "decoded whole into a temporary cache at the first read";
+    opts.log(`${path}: ${x.blocks.length === 1 ? "a single xz block" : `an xz block of ${mib(big.bytes)}`}: it can only be decoded from its start, so it is ${how} (recompress with xz -T0 or --block-size=16MiB for random access)`);
   }
   const device = new DecompressedDevice(src, new SpillFile(path));
   const desc = `${basename(path)}: xz, ${x.blocks.length} block${x.blocks.length === 1 ? "" : "s"}${x.streams > 1 ? ` in ${x.streams} streams` : ""}, ${mib(x.size)} uncompressed`;

@@ -75,8 +75,8 @@ export function parseXz(fd: number, size: number): { blocks: XzBlock[]; size: nu
       pos -= 4;
       tail = readAt(fd, 12, pos - 12, "stream footer");
     }
-    if (pos % 4 !== 0) throw new XzError("corrupt: stream padding is not a multiple of four bytes");
     if (!eq(tail, 10, FOOTER_MAGIC)) throw new XzError(`corrupt or truncated: no stream footer at byte ${pos - 12}`);
+    if (pos % 4 !== 0) throw new XzError("corrupt: the stream does not end on a multiple of four bytes");
     if (crc32(0, tail, 4, 6) !== u32(tail, 0)) throw new XzError(`corrupt: stream footer CRC mismatch at byte ${pos - 12}`);
     const check = streamFlags(tail, 8, "stream footer");
     const indexSize = (u32(tail, 4) + 1) * 4;
