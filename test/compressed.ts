@@ -10,14 +10,13 @@ import { copyFileSync, readdirSync, readFileSync, utimesSync, writeFileSync } fr
 import { join } from "node:path";
 import { exportNameFor, openExports } from "../src/devices/open.ts";
 import type { BlockDevice } from "../src/devices/types.ts";
-import type { NbdError } from "../src/protocol/errors.ts";
+import { toNbdErrno } from "../src/protocol/errors.ts";
 import { bytesEqual } from "./helpers/assert.ts";
 import { conformance, rng } from "./helpers/conformance.ts";
 import { need, runOk, scratch } from "./helpers/env.ts";
 
 need("xz", "gzip", "zip");
 const dir = scratch("bun-nbd-compressed-");
-process.env.BUN_NBD_CACHE_DIR = join(dir, "cache");
 const p = (f: string) => join(dir, f);
 const sh = (cmd: string) => runOk(["sh", "-c", cmd], { cwd: dir, timeoutMs: 120_000 });
 
@@ -54,7 +53,7 @@ function read(d: BlockDevice, off: number, len: number): Uint8Array {
 }
 
 async function errnoOf(f: () => unknown): Promise<number> {
-  try { await f(); return 0; } catch (e) { return (e as NbdError).errno ?? -1; }
+  try { await f(); return 0; } catch (e) { return toNbdErrno(e); }
 }
 
 async function refused(file: string, re: RegExp): Promise<void> {
@@ -69,6 +68,7 @@ async function refused(file: string, re: RegExp): Promise<void> {
 }
 
 const setup = (async () => {
+  process.env.BUN_NBD_CACHE_DIR = join(dir, "cache");
   writeFileSync(p("disk.img"), raw);
   const half = SIZE >> 1;
   writeFileSync(p("h1"), raw.subarray(0, half));
@@ -141,6 +141,7 @@ test("a large single-block xz file is decoded progressively, with a warning sayi
 });
 
 test("the gzip index is built at first open, cached, and reused (rebuilt when the file changes)", async () => {
+  process.env.BUN_NBD_CACHE_DIR = join(dir, "cache");
   copyFileSync(p("disk.img.gz"), p("cached.img.gz"));
   log.length = 0;
   let d = await open(p("cached.img.gz"));

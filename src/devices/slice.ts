@@ -1,9 +1,13 @@
 // A read-only plugin over a byte range of a file stored verbatim (a stored zip member): reads are
 // positional reads at an offset, and fileRange hands the range to sendfile(2).
 import { closeSync, readSync } from "node:fs";
-import { eio } from "../protocol/errors.ts";
 import { willNeed } from "../sys/libc.ts";
 import { caps, type BlockDevice, type Capabilities, type FileRange } from "./types.ts";
+
+/** Damaged or missing image data: logged by the server as an error (not a client mistake), answered with EIO. */
+function damaged(msg: string): Error {
+  return Object.assign(new Error(msg), { code: "EIO" });
+}
 
 const READ_ONLY: Capabilities = Object.freeze(caps({ canWrite: false, canFlush: false, canCache: true, canMultiConn: true }));
 
@@ -25,7 +29,7 @@ export class FileSlice implements BlockDevice {
     let done = 0;
     while (done < buf.length) {
       const n = readSync(this.fd, buf, done, buf.length - done, this.offset + offset + done);
-      if (n === 0) throw eio(`${this.label}: file ends before byte ${this.offset + offset + done} (truncated?)`);
+      if (n === 0) throw damaged(`${this.label}: file ends before byte ${this.offset + offset + done} (truncated?)`);
       done += n;
     }
   }

@@ -7,8 +7,12 @@
 import { closeSync, fstatSync, openSync, readSync, unlinkSync, writeSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { eio } from "../../protocol/errors.ts";
 import { caps, type BlockDevice, type BlockSize, type Capabilities, type FileRange } from "../types.ts";
+
+/** Damaged or missing image data: logged by the server as an error (not a client mistake), answered with EIO. */
+function damaged(msg: string): Error {
+  return Object.assign(new Error(msg), { code: "EIO" });
+}
 
 /** Segments at most this long are decoded whole on first touch. */
 export const FULL_SEGMENT = 64 * 1024 * 1024;
@@ -124,7 +128,7 @@ export class DecompressedDevice implements BlockDevice {
     let done = 0;
     while (done < buf.length) {
       const r = readSync(this.spill.fd, buf, done, buf.length - done, offset + done);
-      if (r === 0) throw eio(`${this.src.label}: decoded data missing at ${offset + done}`);
+      if (r === 0) throw damaged(`${this.src.label}: decoded data missing at ${offset + done}`);
       done += r;
     }
   }
@@ -136,7 +140,7 @@ export class DecompressedDevice implements BlockDevice {
   /** Decode segment i until at least `need` bytes of it are present. */
   private fill(i: number, need: number): void {
     const bad = this.bad[i];
-    if (bad) throw eio(bad);
+    if (bad) throw damaged(bad);
     const len = this.segLen(i);
     const whole = len <= FULL_SEGMENT;
     const target = whole ? len : Math.min(len, Math.max(need, this.done[i]! + STEP));
@@ -170,7 +174,7 @@ export class DecompressedDevice implements BlockDevice {
       // Remembered: a damaged segment fails fast from now on, and other segments are unaffected.
       const msg = `${this.src.label}: bytes ${base}-${base + len - 1} cannot be decoded: ${(e as Error).message}`;
       this.bad[i] = msg;
-      throw eio(msg);
+      throw damaged(msg);
     } finally {
       if (whole) { try { c.stream.close(); } catch { /* already failing */ } }
     }

@@ -4,8 +4,12 @@
 // sectors whose bit is clear read as zeros. Bitmaps that are all ones (what QEMU and Hyper-V write
 // for a block they allocate) are remembered as one flag, others are kept in a small cache.
 import { closeSync, readSync } from "node:fs";
-import { eio } from "../../protocol/errors.ts";
 import { caps, type BlockDevice, type BlockSize, type Capabilities, EXTENT_HOLE, EXTENT_ZERO, type ExtentSink } from "../types.ts";
+
+/** Damaged or missing image data: logged by the server as an error (not a client mistake), answered with EIO. */
+function damaged(msg: string): Error {
+  return Object.assign(new Error(msg), { code: "EIO" });
+}
 
 const UNALLOCATED = 0xffffffff;
 const SECTOR = 512;
@@ -41,7 +45,7 @@ export class DynamicVhd implements BlockDevice {
     let done = 0;
     while (done < len) {
       const n = readSync(this.fd, buf, off + done, len - done, pos + done);
-      if (n === 0) throw eio(`${this.label}: file ends at byte ${pos + done} inside a data block (truncated?)`);
+      if (n === 0) throw damaged(`${this.label}: file ends at byte ${pos + done} inside a data block (truncated?)`);
       done += n;
     }
   }
