@@ -1,7 +1,7 @@
 // .gz images (RFC 1952): member headers and trailers are parsed here (FEXTRA, FNAME, FCOMMENT,
 // FHCRC; CRC-32 and ISIZE checked), the deflate data in between is indexed by zran.ts. Several
 // members (concatenated .gz files) make one image; zero padding after the last member is allowed.
-import { readSync } from "node:fs";
+import { readAt } from "../readat.ts";
 import { crc32 } from "../../sys/zlib.ts";
 import { DeflateError, type Framing } from "./zran.ts";
 
@@ -10,16 +10,6 @@ const FHCRC = 2, FEXTRA = 4, FNAME = 8, FCOMMENT = 16;
 /** Header fields longer than this are refused (names and comments are short in practice). */
 const MAX_HEADER = 1 << 20;
 
-function readAt(fd: number, len: number, pos: number): Uint8Array {
-  const b = new Uint8Array(len);
-  let done = 0;
-  while (done < len) {
-    const r = readSync(fd, b, done, len - done, pos + done);
-    if (r === 0) break;
-    done += r;
-  }
-  return b.subarray(0, done);
-}
 
 /** Parse the member header at `pos`; returns where its deflate data starts. */
 export function gzipHeader(fd: number, pos: number, end: number): { dataStart: number; name?: string } {

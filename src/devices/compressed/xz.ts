@@ -4,6 +4,7 @@
 // a single large Block can only be decoded from its start: it is decoded progressively into the
 // spill file, with a warning saying so.
 import { readSync } from "node:fs";
+import { readAt as readBytes } from "../readat.ts";
 import { haveLzma, LZMA_OK, LZMA_STREAM_END, lzmaMessage, XzBlockDecoder } from "../../sys/lzma.ts";
 import { crc32 } from "../../sys/zlib.ts";
 import { FULL_SEGMENT, type SegmentSource, type SegmentStream } from "./seekable.ts";
@@ -29,13 +30,8 @@ export interface XzBlock {
 export class XzError extends Error {}
 
 function readAt(fd: number, len: number, pos: number, what: string): Uint8Array {
-  const b = new Uint8Array(len);
-  let done = 0;
-  while (done < len) {
-    const r = readSync(fd, b, done, len - done, pos + done);
-    if (r === 0) throw new XzError(`truncated: ${what} at byte ${pos} is cut off`);
-    done += r;
-  }
+  const b = readBytes(fd, len, pos);
+  if (b.length < len) throw new XzError(`truncated: ${what} at byte ${pos} is cut off`);
   return b;
 }
 

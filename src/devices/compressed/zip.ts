@@ -3,7 +3,7 @@
 // need no special case) and the local header of the chosen member. Encrypted, split and
 // multi-disk archives, methods other than stored and deflated, and sizes that cannot be true
 // (overlapping the directory, or beyond deflate's 1032:1 ratio: a zip bomb) are refused by name.
-import { readSync } from "node:fs";
+import { readAt } from "../readat.ts";
 import { DeflateError, type Framing, MAX_RATIO } from "./zran.ts";
 
 export const ZIP_MAGIC = [0x50, 0x4b, 0x03, 0x04];
@@ -22,16 +22,6 @@ export interface ZipMember {
 
 export class ZipError extends Error {}
 
-function readAt(fd: number, len: number, pos: number): Uint8Array {
-  const b = new Uint8Array(len);
-  let done = 0;
-  while (done < len) {
-    const r = readSync(fd, b, done, len - done, pos + done);
-    if (r === 0) break;
-    done += r;
-  }
-  return b.subarray(0, done);
-}
 
 const u16 = (b: Uint8Array, a: number) => b[a]! | (b[a + 1]! << 8);
 const u32 = (b: Uint8Array, a: number) => (u16(b, a) | (u16(b, a + 2) << 16)) >>> 0;

@@ -2,7 +2,8 @@
 // Fixed: the raw part before the footer, served read-write by the raw file plugin (sendfile
 // included). Dynamic: header, BAT (every entry checked against the file size) and the read-only
 // DynamicVhd plugin. Differencing disks are refused. Cold code.
-import { closeSync, fstatSync, openSync, readSync } from "node:fs";
+import { closeSync, fstatSync, openSync } from "node:fs";
+import { readAt } from "../readat.ts";
 import { basename } from "node:path";
 import { RawFile } from "../file.ts";
 import type { BlockDevice } from "../types.ts";
@@ -14,16 +15,6 @@ export { VhdError } from "./format.ts";
 /** Refuse BATs with more entries than this (a 2 TiB disk of 2 MiB blocks has 2^20). */
 const MAX_ENTRIES = 1 << 26;
 
-function readAt(fd: number, len: number, pos: number): Uint8Array {
-  const b = new Uint8Array(len);
-  let done = 0;
-  while (done < len) {
-    const r = readSync(fd, b, done, len - done, pos + done);
-    if (r === 0) break;
-    done += r;
-  }
-  return b.subarray(0, done);
-}
 
 export interface OpenedVhd { device: BlockDevice; description: string; footer: Footer; fixed: boolean }
 
