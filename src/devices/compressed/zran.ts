@@ -230,6 +230,18 @@ class SpanStream implements SegmentStream {
     const p = src.points;
     this.at = p.inPos[i]!;
     this.left = len;
+    try {
+      this.resume(i);
+    } catch (e) {
+      src.release(this.inf);
+      throw e;
+    }
+  }
+
+  /** Put the inflater in the state it had at access point i: leftover bits, then the history. */
+  private resume(i: number): void {
+    const src = this.src;
+    const p = src.points;
     const bits = p.bits[i]!;
     if (bits > 0) {
       const b = new Uint8Array(1);
