@@ -7,11 +7,13 @@
 // builds its gzip index, nbdkit's gzip filter decompresses the file), and bun-nbd's second open
 // with the index cached. Prints a Markdown table with the ratios bun-nbd/nbdkit.
 //
-//   bun bench/compressed-e2e.ts [--quick] [--size MiB] [--runtime SECONDS] [--dir DIR] [--only xz,gzip]
+//   bun bench/compressed-e2e.ts [--quick] [--size MiB] [--runtime SECONDS] [--rounds N] [--dir DIR] [--only xz,gzip]
 //
 // --quick: a 64 MiB image and 3 s per workload (default 256 MiB, 10 s). The image is disk-like:
 // 64 KiB runs of random bytes (30%), of text (40%) and of zeros (30%). xz -T0 (multi-block) and
-// gzip -6 compress it. Servers listen on 127.0.0.1 ports 12520-12521.
+// gzip -6 compress it. Servers listen on 127.0.0.1 ports 12520-12521. --rounds N repeats each
+// server's run (a fresh process, an empty index cache) N times and keeps its best result per
+// workload and its fastest open, which filters out some interference on a shared machine.
 import { spawn, spawnSync, type Subprocess } from "bun";
 import { closeSync, mkdtempSync, openSync, rmSync, writeSync } from "node:fs";
 import { cpus, tmpdir, totalmem } from "node:os";
@@ -22,7 +24,7 @@ import { fio, fsType, PATH, ROOT } from "./lib/harness.ts";
 const MiB = 1024 * 1024;
 const { values: opt } = parseArgs({
   options: {
-    quick: { type: "boolean" }, size: { type: "string" }, runtime: { type: "string" }, dir: { type: "string" },
+    quick: { type: "boolean" }, size: { type: "string" }, runtime: { type: "string" }, rounds: { type: "string" }, dir: { type: "string" },
     only: { type: "string" }, help: { type: "boolean", short: "h" },
   },
 });
@@ -33,6 +35,7 @@ if (opt.help) {
 const SIZE = Number(opt.size ?? (opt.quick ? 64 : 256)) * MiB;
 const RUNTIME = Number(opt.runtime ?? (opt.quick ? 3 : 10));
 const FORMATS = (opt.only ?? "xz,gzip").split(",") as ("xz" | "gzip")[];
+const ROUNDS = Math.max(1, Number(opt.rounds ?? 1));
 const dir = mkdtempSync(join(opt.dir ?? tmpdir(), "bun-nbd-cbench-"));
 const cacheDir = join(dir, "cache");
 let current: Subprocess | null = null;
@@ -119,27 +122,34 @@ async function main(): Promise<void> {
   const opens: string[] = [];
   for (const format of FORMATS) {
     const file = join(dir, format === "xz" ? "disk.img.xz" : "disk.img.gz");
-    const res: Record<string, Record<string, number>> = {};
-    for (const server of ["bun", "nbdkit"] as const) {
-      rmSync(cacheDir, { recursive: true, force: true });
-      const s = await start(server, file, format);
-      res[server] = {};
-      try {
-        opens.push(`| ${format} | ${server === "bun" ? "bun-nbd" : "nbdkit"} | first open | ${s.ready.toFixed(2)} | ${s.firstRead.toFixed(2)} |`);
-        console.error(`# ${format} ${server}: ready after ${s.ready.toFixed(2)} s, first read done after ${s.firstRead.toFixed(2)} s`);
-        for (const w of WORKLOADS) {
-          const r = fio(w.id, s.uri, [...w.fio], SIZE, RUNTIME);
-          res[server]![w.id] = w.unit === "IOPS" ? r.iops : r.mbps;
-          console.error(`# ${format} ${server.padEnd(6)} ${w.id.padEnd(13)} ${fmt(res[server]![w.id], w.unit).padStart(9)} ${w.unit}`);
+    const res: Record<string, Record<string, number>> = { bun: {}, nbdkit: {} };
+    const best: Record<string, [number, number]> = {};
+    const keep = (key: string, ready: number, first: number) => { if (!best[key] || first < best[key]![1]) best[key] = [ready, first]; };
+    for (let round = 1; round <= ROUNDS; round++) {
+      for (const server of ["bun", "nbdkit"] as const) {
+        rmSync(cacheDir, { recursive: true, force: true });
+        const s = await start(server, file, format);
+        try {
+          keep(`${server} first`, s.ready, s.firstRead);
+          console.error(`# round ${round} ${format} ${server}: ready after ${s.ready.toFixed(2)} s, first read done after ${s.firstRead.toFixed(2)} s`);
+          for (const w of WORKLOADS) {
+            const r = fio(w.id, s.uri, [...w.fio], SIZE, RUNTIME);
+            const v = w.unit === "IOPS" ? r.iops : r.mbps;
+            res[server]![w.id] = Math.max(res[server]![w.id] ?? 0, v);
+            console.error(`# round ${round} ${format} ${server.padEnd(6)} ${w.id.padEnd(13)} ${fmt(v, w.unit).padStart(9)} ${w.unit}`);
+          }
+        } finally {
+          await stop(s);
         }
-      } finally {
-        await stop(s);
+        if (server === "bun") {
+          const again = await start("bun", file, format);
+          keep("bun second", again.ready, again.firstRead);
+          await stop(again);
+        }
       }
-      if (server === "bun") {
-        const again = await start("bun", file, format);
-        opens.push(`| ${format} | bun-nbd | second open (index cached) | ${again.ready.toFixed(2)} | ${again.firstRead.toFixed(2)} |`);
-        await stop(again);
-      }
+    }
+    for (const [key, label] of [["bun first", "bun-nbd | first open"], ["bun second", "bun-nbd | second open (index cached)"], ["nbdkit first", "nbdkit | first open"]] as const) {
+      opens.push(`| ${format} | ${label} | ${best[key]![0].toFixed(2)} | ${best[key]![1].toFixed(2)} |`);
     }
     for (const w of WORKLOADS) {
       rows.push(`| ${format} | ${w.label} | ${w.unit} | ${fmt(res.bun![w.id], w.unit)} | ${fmt(res.nbdkit![w.id], w.unit)} | ${ratio(res.bun![w.id], res.nbdkit![w.id])} |`);
@@ -148,7 +158,7 @@ async function main(): Promise<void> {
   const v = (cmd: string[]) => spawnSync(cmd, { env: { ...process.env, PATH } }).stdout.toString().split("\n")[0]!.trim();
   console.log([
     `${cpus().length} x ${cpus()[0]?.model ?? "?"}, ${(totalmem() / 2 ** 30).toFixed(0)} GiB RAM; Bun ${Bun.version}; ${v(["nbdkit", "--version"])}; ${v(["fio", "--version"])}`,
-    `image: ${SIZE / MiB} MiB disk-like; ${FORMATS.map((f) => `${f}: ${(sizes[f]! / MiB).toFixed(1)} MiB (compressed in ${compressTimes[f]!.toFixed(1)} s)`).join("; ")}; fio runtime ${RUNTIME} s per workload, one run`,
+    `image: ${SIZE / MiB} MiB disk-like; ${FORMATS.map((f) => `${f}: ${(sizes[f]! / MiB).toFixed(1)} MiB (compressed in ${compressTimes[f]!.toFixed(1)} s)`).join("; ")}; fio runtime ${RUNTIME} s per workload, ${ROUNDS > 1 ? `best of ${ROUNDS} rounds` : "one run"}`,
     "",
     "| format | workload | unit | bun-nbd | nbdkit | bun-nbd/nbdkit |",
     "|---|---|---|---:|---:|---:|",
