@@ -115,6 +115,20 @@ for (const [file, what] of [
   });
 }
 
+test("a stored zip member is a plain file range (sendfile); decoded data is too, once decoded", async () => {
+  const stored = await open(p("stored.zip"));
+  const out = { fd: -1, offset: -1 };
+  assert.ok(stored.fileRange!(4096, 65536, out), "stored member: always a file range");
+  const zipBytes = readFileSync(p("stored.zip"));
+  bytesEqual(zipBytes.subarray(out.offset, out.offset + 100), raw.subarray(4096, 4196), "the range is the member's bytes in the archive");
+  await stored.close?.();
+  const xz = await open(p("multi.img.xz"));
+  assert.not.ok(xz.fileRange!(3 << 20, 65536, out), "not decoded yet: no file range");
+  read(xz, 3 << 20, 10);
+  assert.ok(xz.fileRange!(3 << 20, 65536, out), "decoded: a range of the spill file");
+  await xz.close?.();
+});
+
 test("export names drop the compression suffix too; archive.zip/MEMBER names the member", () => {
   assert.is(exportNameFor("/x/disk.img.xz"), "disk");
   assert.is(exportNameFor("/x/disk.img.gz"), "disk");

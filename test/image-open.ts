@@ -12,6 +12,7 @@ import { openExports } from "../src/devices/open.ts";
 import { sniff } from "../src/devices/sniff.ts";
 import type { ExportSpec } from "../src/devices/types.ts";
 import { fix, H, readAll, sha256 } from "./cd-helpers.ts";
+import { conformance } from "./helpers/conformance.ts";
 import { BUN, CLI, need, run, runOk, scratch } from "./helpers/env.ts";
 
 const test = suite("image opener");
@@ -139,3 +140,12 @@ test("cd verify lists the first bad sectors, then summarises", async () => {
 });
 
 test.run();
+
+conformance("ISO view (an ISO named .img)", {
+  make: async () => {
+    copyFileSync(fix("disc1_2048/disc1.iso"), p("conf.img"));
+    const [e] = await opened(p("conf.img"));
+    return { device: e!.device, expected: new Uint8Array(readFileSync(fix("disc1_2048/disc1.iso"))), cleanup: () => e!.device.close?.() };
+  },
+  ops: 100,
+});

@@ -96,6 +96,8 @@ test("a fixed VHD is read-write: QEMU reads back what was written, the footer is
   const footer = readFileSync(p("rw.vhd")).subarray(-512);
   const { device } = await open("rw.vhd", false);
   assert.ok(device.capabilities().canWrite);
+  const range = { fd: -1, offset: -1 };
+  assert.ok(device.fileRange?.(4096, 65536, range) && range.offset === 4096, "reads go out with sendfile");
   const data = Uint8Array.from({ length: 100_000 }, (_, i) => i * 7);
   device.pwrite!(data, 5 * MiB + 3, 0);
   device.flush!(0);
