@@ -11,7 +11,8 @@
 //
 // --quick: a 64 MiB image and 3 s per workload (default 256 MiB, 10 s). The image is disk-like:
 // 64 KiB runs of random bytes (30%), of text (40%) and of zeros (30%). xz -T0 (multi-block) and
-// gzip -6 compress it. Servers listen on 127.0.0.1 ports 12520-12521. --rounds N repeats each
+// gzip -6 compress it. Servers listen on unix sockets in the scratch directory (no port to collide
+// with other benchmarks on a shared machine; the same transport for both). --rounds N repeats each
 // server's run (a fresh process, an empty index cache) N times and keeps its best result per
 // workload and its fastest open, which filters out some interference on a shared machine.
 import { spawn, spawnSync, type Subprocess } from "bun";
@@ -78,11 +79,12 @@ function sh(cmd: string): number {
 interface Started { proc: Subprocess; uri: string; ready: number; firstRead: number }
 
 async function start(server: "bun" | "nbdkit", file: string, format: "xz" | "gzip"): Promise<Started> {
-  const port = server === "bun" ? 12520 : 12521;
+  const sock = join(dir, `${server}.sock`);
+  rmSync(sock, { force: true });
   const cmd = server === "bun"
-    ? [process.execPath, join(ROOT, "src/cli.ts"), "serve", "-q", "-p", String(port), file]
-    : ["nbdkit", "-f", "-p", String(port), "-i", "127.0.0.1", `--filter=${format}`, "file", `file=${file}`];
-  const uri = `nbd://127.0.0.1:${port}/`;
+    ? [process.execPath, join(ROOT, "src/cli.ts"), "serve", "-q", "-k", sock, file]
+    : ["nbdkit", "-f", "-U", sock, `--filter=${format}`, "file", `file=${file}`];
+  const uri = `nbd+unix:///?socket=${sock}`;
   const t0 = performance.now();
   const proc = spawn(cmd, { stdout: "ignore", stderr: "inherit", stdin: "ignore", env: { ...process.env, PATH, BUN_NBD_CACHE_DIR: cacheDir } });
   current = proc;
@@ -158,7 +160,7 @@ async function main(): Promise<void> {
   const v = (cmd: string[]) => spawnSync(cmd, { env: { ...process.env, PATH } }).stdout.toString().split("\n")[0]!.trim();
   console.log([
     `${cpus().length} x ${cpus()[0]?.model ?? "?"}, ${(totalmem() / 2 ** 30).toFixed(0)} GiB RAM; Bun ${Bun.version}; ${v(["nbdkit", "--version"])}; ${v(["fio", "--version"])}`,
-    `image: ${SIZE / MiB} MiB disk-like; ${FORMATS.map((f) => `${f}: ${(sizes[f]! / MiB).toFixed(1)} MiB (compressed in ${compressTimes[f]!.toFixed(1)} s)`).join("; ")}; fio runtime ${RUNTIME} s per workload, ${ROUNDS > 1 ? `best of ${ROUNDS} rounds` : "one run"}`,
+    `image: ${SIZE / MiB} MiB disk-like; ${FORMATS.map((f) => `${f}: ${(sizes[f]! / MiB).toFixed(1)} MiB (compressed in ${compressTimes[f]!.toFixed(1)} s)`).join("; ")}; unix sockets; fio runtime ${RUNTIME} s per workload, ${ROUNDS > 1 ? `best of ${ROUNDS} rounds` : "one run"}`,
     "",
     "| format | workload | unit | bun-nbd | nbdkit | bun-nbd/nbdkit |",
     "|---|---|---|---:|---:|---:|",
