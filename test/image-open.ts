@@ -59,7 +59,7 @@ test("an ISO named .img is served as an ISO; raw CD sectors named .raw as a CD; 
   copyFileSync(fix("disc1_2048/disc1.iso"), p("disk.img"));
   const iso = await opened(p("disk.img"));
   assert.is(iso.length, 1);
-  assert.match(iso[0]!.description ?? "", /disk\.img: ISO 9660/);
+  assert.match(iso[0]!.description ?? "", /^disk\.img: CD image, 0\.9 MiB of 2048-byte sectors$/);
   assert.not.ok(iso[0]!.device.capabilities().canWrite, "read-only");
   assert.equal(iso[0]!.device.blockSize?.(), { minimum: 2048, preferred: 2048, maximum: 32 * 1024 * 1024 });
   assert.is(sha256(readAll(iso[0]!.device)), H.cooked);

@@ -7,7 +7,7 @@
 import { closeSync, fstatSync, openSync, readSync, statSync } from "node:fs";
 import { basename, dirname, extname } from "node:path";
 import { RawFile } from "./file.ts";
-import { describeIso, IsoView, isoFacts } from "./iso.ts";
+import { IsoView } from "./iso.ts";
 import { HEAD_BYTES, type Kind, type Probe, sniff } from "./sniff.ts";
 import { type BlockDevice, type ExportSpec, isPromise } from "./types.ts";
 
@@ -159,7 +159,7 @@ const OPENERS: Record<Kind, Opener> = {
   rawcd: cdImage("raw"),
   iso: async (c) => {
     const device = new IsoView(RawFile.open(c.path, { readOnly: true }));
-    return { kind: "iso", exports: [await isoExport(c.name, basename(c.path), device)] };
+    return { kind: "iso", exports: [isoExport(c.name, device, basename(c.path))] };
   },
   vhd: async (c) => {
     const { openVhd } = await import("./vhd/index.ts");
@@ -176,10 +176,9 @@ const OPENERS: Record<Kind, Opener> = {
   zip: (c) => compressed("zip", c),
 };
 
-async function isoExport(name: string, label: string, device: BlockDevice, prefix = ""): Promise<ExportSpec> {
-  const facts = await isoFacts(device);
-  const size = device.size();
-  return { name, description: `${prefix || `${label}: `}${describeIso(facts)}, ${(size / 1048576).toFixed(1)} MiB of 2048-byte sectors`, device };
+/** An ISO's export. The volume label and El Torito are added by serve's inspection step. */
+function isoExport(name: string, device: BlockDevice, what: string): ExportSpec {
+  return { name, description: `${what}: CD image, ${(device.size() / 1048576).toFixed(1)} MiB of 2048-byte sectors`, device };
 }
 
 async function compressed(kind: "xz" | "gzip" | "zip", c: Ctx): Promise<Opened> {
@@ -188,7 +187,7 @@ async function compressed(kind: "xz" | "gzip" | "zip", c: Ctx): Promise<Opened> 
   const o = openCompressed(kind, c.path, { member: c.member, log: c.opts.log, info });
   try {
     const inner = sniff(await probeDevice(o.device, o.inner));
-    if (inner === "iso") return { kind, exports: [await isoExport(c.name, "", new IsoView(o.device), `${o.description}; `)] };
+    if (inner === "iso") return { kind, exports: [isoExport(c.name, new IsoView(o.device), o.description)] };
     if (inner !== "raw") {
       throw new Error(`${c.path} holds a ${KIND_NAMES[inner]} (${o.inner}); it cannot be served from inside ${KIND_NAMES[kind].replace(/-compressed image$/, "")} compression: decompress it first`);
     }
