@@ -256,6 +256,34 @@ test("hostile xz: truncated at open; a corrupt block gives EIO for its range onl
   await d.close?.();
 });
 
+test("an xz index that disagrees with its block: EIO for that block, the others intact", async () => {
+  const x = new Uint8Array(readFileSync(p("multi.img.xz")));
+  const dv = new DataView(x.buffer);
+  const indexSize = (dv.getUint32(x.length - 8, true) + 1) * 4;
+  const at = x.length - 12 - indexSize;
+  // Records: count, then (unpadded, uncompressed) pairs; 1 MiB encodes as 80 80 40. Say 1 MiB - 1
+  // (ff ff 3f, the same length) for the second block, and fix the index CRC.
+  const idx = x.subarray(at, at + indexSize);
+  let hits = 0;
+  for (let i = 0; i + 3 <= idx.length; i++) {
+    if (idx[i] === 0x80 && idx[i + 1] === 0x80 && idx[i + 2] === 0x40 && ++hits === 2) { idx.set([0xff, 0xff, 0x3f], i); break; }
+  }
+  assert.is(hits, 2, "found the second block's size");
+  dv.setUint32(at + indexSize - 4, Bun.hash.crc32(idx.subarray(0, indexSize - 4)) >>> 0, true);
+  writeFileSync(p("lie.img.xz"), x);
+  const d = await open(p("lie.img.xz"));
+  assert.is(d.size(), SIZE - 1, "the index is believed for the size");
+  bytesEqual(read(d, 0, 4096), raw.subarray(0, 4096), "block 0 intact");
+  try {
+    read(d, (1 << 20) + 10, 100);
+    assert.unreachable("the lying block was served");
+  } catch (e) {
+    assert.is(toNbdErrno(e), 5);
+    assert.match((e as Error).message, /bytes 1048576-2097150 cannot be decoded: .*(index|corrupt)/);
+  }
+  await d.close?.();
+});
+
 test.run();
 
 // Every compressed device passes the shared conformance suite (read-only: against the raw image).
