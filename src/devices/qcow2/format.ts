@@ -1,6 +1,7 @@
-// The qcow2 v3 on-disk format, as far as copy-on-write overlays over a raw base need it: header and
-// header extensions (parse, validate, refuse what is not implemented, naming the feature), entry
-// bit layouts, and creating a fresh overlay. Cold code: written for clarity. Facts are from QEMU's
+// The qcow2 v3 on-disk format, as far as copy-on-write overlays need it: header and header
+// extensions (parse, validate, refuse what is not implemented, naming the feature), entry bit
+// layouts, and creating a fresh overlay (over a raw base, or over a device stack named by an
+// identity record in an extension of our own). Cold code: written for clarity. Facts are from QEMU's
 // docs/interop/qcow2.txt, checked against qemu-img 7.2 (see the project's overlay notes).
 import { closeSync, fdatasyncSync, fstatSync, openSync, readSync, writeSync } from "node:fs";
 
@@ -13,6 +14,13 @@ export const EXT_FEATURE_TABLE = 0x6803f857;
 export const EXT_BITMAPS = 0x23852875;
 export const EXT_CRYPTO = 0x0537be77;
 export const EXT_DATA_FILE = 0x44415441;
+/** Ours: the identity record of a non-raw base (identity.ts); "bnbd". QEMU keeps unknown extensions. */
+export const EXT_BASE_IDENTITY = 0x626e6264;
+/**
+ * The backing format written for non-raw bases: QEMU refuses to open the backing ("Unknown driver
+ * 'bun-nbd'") instead of reading the BIN, the .xz or the CUE text as raw bytes.
+ */
+export const BACKING_FORMAT_BUN = "bun-nbd";
 
 // Incompatible feature bits
 export const INCOMPAT_DIRTY = 1 << 0;
@@ -68,6 +76,8 @@ export interface Header {
   compressionType: number;
   backingName: string | null;
   backingFormat: string | null;
+  /** The base identity extension's bytes (overlays over a device stack), or null. */
+  baseIdentity: Uint8Array | null;
   extensions: { type: number; data: Uint8Array }[];
   /** "type:bit" -> name, from the feature name table, for error messages. */
   featureNames: Map<string, string>;
@@ -94,14 +104,20 @@ function putU64(dv: DataView, off: number, v: number): void {
 
 /** Read and parse cluster 0 of a qcow2 file. Throws Qcow2Error for anything not a qcow2 image. */
 export function readHeader(fd: number, path: string): Header {
-  const head = new Uint8Array(4096);
-  const got = readSync(fd, head, 0, head.length, 0);
-  const dv = new DataView(head.buffer);
+  let head = new Uint8Array(4096);
+  let got = readSync(fd, head, 0, head.length, 0);
+  let dv = new DataView(head.buffer);
   if (got < 72 || dv.getUint32(0) !== QCOW_MAGIC) throw new Qcow2Error(path, "not a qcow2 image (bad magic)");
   const version = dv.getUint32(4);
   if (version !== 2 && version !== 3) throw new Qcow2Error(path, `unsupported qcow2 version ${version}`, `qcow2 version ${version}`);
   const clusterBits = dv.getUint32(20);
   if (clusterBits < 9 || clusterBits > 21) throw new Qcow2Error(path, `invalid cluster_bits ${clusterBits} (9..21 allowed)`);
+  if (clusterBits > 12 && got === head.length) {
+    // extensions and the backing name may use the whole of cluster 0 (read up to 64 KiB of it)
+    head = new Uint8Array(Math.min(2 ** clusterBits, 65536));
+    got = readSync(fd, head, 0, head.length, 0);
+    dv = new DataView(head.buffer);
+  }
   const h: Header = {
     version,
     backingOffset: u64(dv, 8),
@@ -120,6 +136,7 @@ export function readHeader(fd: number, path: string): Header {
     compressionType: 0,
     backingName: null,
     backingFormat: null,
+    baseIdentity: null,
     extensions: [],
     featureNames: new Map(),
   };
@@ -149,6 +166,7 @@ export function readHeader(fd: number, path: string): Header {
     const data = head.slice(p + 8, p + 8 + len);
     h.extensions.push({ type, data });
     if (type === EXT_BACKING_FORMAT) h.backingFormat = new TextDecoder().decode(data);
+    if (type === EXT_BASE_IDENTITY) h.baseIdentity = data;
     if (type === EXT_FEATURE_TABLE) {
       for (let e = 0; e + 48 <= len; e += 48) {
         const name = new TextDecoder().decode(data.subarray(e + 2, e + 48)).replace(/\0+$/, "");
@@ -190,7 +208,11 @@ export function validateHeader(h: Header, path: string, write: boolean): void {
   if (h.incompatible & INCOMPAT_EXTL2 && h.clusterBits < 14) throw new Qcow2Error(path, "extended L2 entries with clusters smaller than 16 KiB");
   if (h.backingName === null) throw new Qcow2Error(path, "has no backing file: not an overlay", "no backing file");
   if (h.backingName.startsWith("json:")) throw refuse("json: backing file specification");
-  if (h.backingFormat !== null && h.backingFormat !== "raw") throw refuse(`backing format ${h.backingFormat}`, "only raw bases are supported");
+  if (h.backingFormat === BACKING_FORMAT_BUN) {
+    if (h.baseIdentity === null) throw new Qcow2Error(path, `backing format ${BACKING_FORMAT_BUN} without a base identity record (corrupt image)`);
+  } else if (h.backingFormat !== null && h.backingFormat !== "raw") {
+    throw refuse(`backing format ${h.backingFormat}`, "only raw bases (and bun-nbd device stacks) are supported");
+  }
   if (h.size <= 0 || h.size > 2 ** 53) throw new Qcow2Error(path, `invalid virtual size ${h.size}`);
   if (h.l1Offset % 2 ** h.clusterBits !== 0 || h.refcountTableOffset % 2 ** h.clusterBits !== 0) {
     throw new Qcow2Error(path, "L1 or refcount table offset is not cluster-aligned (corrupt image)");
@@ -238,6 +260,10 @@ export interface CreateOptions {
   compat?: boolean;
   /** Cluster size as a power of two; default 16 (64 KiB). */
   clusterBits?: number;
+  /** Backing format written (default "raw"; BACKING_FORMAT_BUN over a device stack). */
+  backingFormat?: string;
+  /** The base identity extension's bytes (with BACKING_FORMAT_BUN). */
+  baseIdentity?: Uint8Array;
 }
 
 /**
@@ -281,9 +307,15 @@ export function writeNewImage(fd: number, path: string, o: CreateOptions): void 
   dv.setUint32(96, 4);
   dv.setUint32(100, HEADER_LENGTH);
   let p = HEADER_LENGTH;
-  dv.setUint32(p, EXT_BACKING_FORMAT); dv.setUint32(p + 4, 3);
-  h0.set(new TextEncoder().encode("raw"), p + 8);
-  p += 16;
+  const fmt = new TextEncoder().encode(o.backingFormat ?? "raw");
+  dv.setUint32(p, EXT_BACKING_FORMAT); dv.setUint32(p + 4, fmt.length);
+  h0.set(fmt, p + 8);
+  p += 8 + Math.ceil(fmt.length / 8) * 8;
+  if (o.baseIdentity !== undefined) {
+    dv.setUint32(p, EXT_BASE_IDENTITY); dv.setUint32(p + 4, o.baseIdentity.length);
+    h0.set(o.baseIdentity, p + 8);
+    p += 8 + Math.ceil(o.baseIdentity.length / 8) * 8;
+  }
   if (cs >= 8192) {
     dv.setUint32(p, EXT_FEATURE_TABLE); dv.setUint32(p + 4, FEATURE_NAMES.length * 48);
     p += 8;
