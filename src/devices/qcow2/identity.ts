@@ -5,13 +5,8 @@ import { createHash } from "node:crypto";
 import { isPromise, type Maybe } from "../types.ts";
 import { Qcow2Error } from "./format.ts";
 
-/** Header extension type of the identity record ("bnbd"; QEMU keeps unknown extensions). */
-export const EXT_BASE_IDENTITY = 0x626e6264;
-/**
- * The backing format written for non-raw bases: QEMU refuses to open the backing ("Unknown driver
- * 'bun-nbd'") instead of reading the BIN, the .xz or the CUE text as raw bytes.
- */
-export const BACKING_FORMAT_BUN = "bun-nbd";
+export { BACKING_FORMAT_BUN, EXT_BASE_IDENTITY } from "./format.ts";
+
 /** Longest encoded record accepted (it lives in cluster 0 with the header and the backing name). */
 export const MAX_IDENTITY_BYTES = 2048;
 
@@ -83,19 +78,26 @@ const SAMPLE = 64 * 1024;
 /**
  * A version tag from content: sha256 of the size and of 64 KiB at the start, the middle and the end
  * (an ISO's volume descriptors, timestamps and file data). Three small reads, so opening an
- * overlay over a big or slow base stays cheap; remote bases pass their ETag instead.
+ * overlay over a big or slow base stays cheap; remote bases pass their ETag instead. Synchronous
+ * when the base's reads are.
  */
-export async function sampleVersion(base: Sampleable): Promise<string> {
+export function sampleVersion(base: Sampleable): string | Promise<string> {
   const h = createHash("sha256");
   h.update(String(base.size));
   const at = [0, Math.floor(base.size / 2 / SAMPLE) * SAMPLE, Math.max(0, base.size - SAMPLE)];
   const buf = new Uint8Array(SAMPLE);
-  for (const pos of at) {
-    const n = Math.min(SAMPLE, base.size - pos);
-    if (n <= 0) continue;
-    const r = base.read(buf, 0, n, pos);
-    if (isPromise(r)) await r;
-    h.update(buf.subarray(0, n));
-  }
-  return `sample-sha256:${h.digest("hex").slice(0, 32)}`;
+  const from = (k: number): string | Promise<string> => {
+    for (; k < at.length; k++) {
+      const n = Math.min(SAMPLE, base.size - at[k]!);
+      if (n <= 0) continue;
+      const r = base.read(buf, 0, n, at[k]!);
+      if (isPromise(r)) {
+        const next = k + 1;
+        return r.then(() => { h.update(buf.subarray(0, n)); return from(next); });
+      }
+      h.update(buf.subarray(0, n));
+    }
+    return `sample-sha256:${h.digest("hex").slice(0, 32)}`;
+  };
+  return from(0);
 }

@@ -168,9 +168,10 @@ export function openImage(path: string, o: { readOnly: boolean; base?: OverlayBa
     const stored = storedIdentity(h, path);
     const backing = resolveBacking(path, h.backingName!);
     if (o.base === undefined) {
-      base = stored !== null ? OverlayBase.detached(stored) : openBase(backing, o.lock);
+      base = h.backingFormat === BACKING_FORMAT_BUN ? OverlayBase.detached(stored!) : openBase(backing, o.lock);
+      checkBase(path, h, backing, stored, base, false);
     } else {
-      checkBase(path, h.backingName!, backing, stored, o.base);
+      checkBase(path, h, backing, stored, o.base, true);
       base = o.base.acquire();
     }
     return finishOpen(path, fd, h, base, o.readOnly, o.lock, o.log, o.repair ?? true);
@@ -181,24 +182,34 @@ export function openImage(path: string, o: { readOnly: boolean; base?: OverlayBa
   }
 }
 
-/** Refuse a base other than the one the overlay was made over, naming both. */
-function checkBase(path: string, backingName: string, backing: string, stored: BaseIdentity | null, base: OverlayBase): void {
-  const given = base.identity;
-  if (given === null) {
-    if (stored !== null) throw new Qcow2Error(path, `it was made over ${describeIdentity(stored)}, not over the raw file ${base.path}`);
+/**
+ * Refuse a base other than the one the overlay was made over, naming both. A raw file must be the
+ * backing file (when `given`), and where the overlay records a device stack (rebased onto a raw
+ * copy of it, e.g. the cooked view saved as an ISO) it must hold the same bytes.
+ */
+function checkBase(path: string, h: Header, backing: string, stored: BaseIdentity | null, base: OverlayBase, given: boolean): void {
+  const id = base.identity;
+  if (id === null) {
+    if (stored !== null) {
+      const notIt = () => new Qcow2Error(path, `it was made over ${describeIdentity(stored)}, not over the raw file ${base.path}`);
+      if (h.backingFormat === BACKING_FORMAT_BUN || base.size !== stored.size) throw notIt();
+      const v = sampleVersion(base.image);
+      if (typeof v !== "string" || v !== stored.version) throw notIt();
+    }
+    if (!given) return;
     let st;
     try {
       st = statSync(backing);
     } catch {
-      throw new Qcow2Error(path, `its backing file ${backingName} (${backing}) does not exist, but ${base.path} was given as the base`);
+      throw new Qcow2Error(path, `its backing file ${h.backingName} (${backing}) does not exist, but ${base.path} was given as the base`);
     }
     if (st.dev !== base.dev || st.ino !== base.ino) throw new Qcow2Error(path, `its backing file is ${backing}, not ${base.path}`);
     return;
   }
-  if (stored === null) throw new Qcow2Error(path, `it was made over the raw file ${backing}, not over ${describeIdentity(given)}`);
-  const diff = identityDiff(stored, given);
+  if (stored === null) throw new Qcow2Error(path, `it was made over the raw file ${backing}, not over ${describeIdentity(id)}`);
+  const diff = identityDiff(stored, id);
   if (diff !== null) {
-    throw new Qcow2Error(path, `its base differs (${diff}): it was made over ${describeIdentity(stored)}; the base given is ${describeIdentity(given)}`);
+    throw new Qcow2Error(path, `its base differs (${diff}): it was made over ${describeIdentity(stored)}; the base given is ${describeIdentity(id)}`);
   }
 }
 
