@@ -139,6 +139,21 @@ test("an overlay refuses another disc, naming both", async () => {
   assert.ok(!existsSync(join(d, "sock")));
 });
 
+test("while served, QEMU cannot write the BIN under the overlay", async () => {
+  need("qemu-io");
+  const d = discDir("lock");
+  const srv = await serve(["--snapshot", join(d, "disc1.cue")], { socket: join(d, "sock") });
+  try {
+    const q = await run(["qemu-io", "-f", "raw", "-c", "write 0 512", join(d, "disc1.bin")]);
+    assert.is.not(q.code, 0);
+    assert.match(q.stderr + q.stdout, /Failed to get "write" lock/);
+  } finally {
+    await srv.stop();
+  }
+  await runOk(["qemu-io", "-f", "raw", "-c", "read 0 512", join(d, "disc1.bin")]);
+  assert.is(sha256(join(d, "disc1.bin")), H.disc1Bin);
+});
+
 test("CloneCD .ccd and a lone raw .bin: --snapshot and --overlay serve the cooked view", async () => {
   const d = join(dir, "clone");
   mkdirSync(d, { recursive: true });

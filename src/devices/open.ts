@@ -70,10 +70,12 @@ async function openOne(file: string, opts: OpenOptions): Promise<ExportSpec[]> {
 /**
  * The base an overlay over FILE wraps: what FILE serves without one. A raw image is the raw file
  * (QEMU can follow it too); a CD image is the cooked 2048-byte view of its first data track (the
- * default export), recorded as a device-stack base. The caller releases the handle.
+ * default export), recorded as a device-stack base. Either way the files under it get QEMU's
+ * shared read lock, which keeps writers away while it is open. The caller releases the handle.
  */
 export async function openOverlayBase(file: string, opts: { log: (msg: string) => void }): Promise<{ base: OverlayBase; description: string }> {
   const { openBase, deviceBase } = await import("./qcow2/index.ts");
+  const { lockImage, RO_DENY, RO_PERMS } = await import("./qcow2/lock.ts");
   const cd = await import("./cd/index.ts");
   if (!cd.isCdImage(file)) return { base: openBase(file), description: basename(file) };
   const specs = await cd.openCdImage(file, { log: opts.log });
@@ -83,6 +85,7 @@ export async function openOverlayBase(file: string, opts: { log: (msg: string) =
   try {
     for (const s of specs.slice(1)) await s.device.close?.();
     if (!(view instanceof CookedTrackView)) throw new Error(`${file}: no data track with a 2048-byte view to put an overlay on (audio only?)`);
+    for (const f of view.disc.files) lockImage(f.fd, f.path, RO_PERMS, RO_DENY);
     const t = view.track;
     const stack = `cooked 2048-byte view of track ${String(t.number).padStart(2, "0")} (${t.mode.name})`;
     const base = await deviceBase(view, { kind: "cd", location: resolve(file), stack });
