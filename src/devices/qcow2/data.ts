@@ -56,6 +56,7 @@ export class WritePath {
     let pending: Promise<void>[] | null = null;
     let pos = offset;
     let bo = 0;
+    this.runKind = K_NONE; // (a write that threw may have left a run behind)
     this.runBuf = buf;
     while (bo < end) {
       const c = Math.floor(pos / cs);

@@ -104,20 +104,15 @@ function putU64(dv: DataView, off: number, v: number): void {
 
 /** Read and parse cluster 0 of a qcow2 file. Throws Qcow2Error for anything not a qcow2 image. */
 export function readHeader(fd: number, path: string): Header {
-  let head = new Uint8Array(4096);
-  let got = readSync(fd, head, 0, head.length, 0);
-  let dv = new DataView(head.buffer);
+  // (our own header, extensions and backing name always fit in 4 KiB: see writeNewImage)
+  const head = new Uint8Array(4096);
+  const got = readSync(fd, head, 0, head.length, 0);
+  const dv = new DataView(head.buffer);
   if (got < 72 || dv.getUint32(0) !== QCOW_MAGIC) throw new Qcow2Error(path, "not a qcow2 image (bad magic)");
   const version = dv.getUint32(4);
   if (version !== 2 && version !== 3) throw new Qcow2Error(path, `unsupported qcow2 version ${version}`, `qcow2 version ${version}`);
   const clusterBits = dv.getUint32(20);
   if (clusterBits < 9 || clusterBits > 21) throw new Qcow2Error(path, `invalid cluster_bits ${clusterBits} (9..21 allowed)`);
-  if (clusterBits > 12 && got === head.length) {
-    // extensions and the backing name may use the whole of cluster 0 (read up to 64 KiB of it)
-    head = new Uint8Array(Math.min(2 ** clusterBits, 65536));
-    got = readSync(fd, head, 0, head.length, 0);
-    dv = new DataView(head.buffer);
-  }
   const h: Header = {
     version,
     backingOffset: u64(dv, 8),
@@ -264,12 +259,14 @@ export interface CreateOptions {
   backingFormat?: string;
   /** The base identity extension's bytes (with BACKING_FORMAT_BUN). */
   baseIdentity?: Uint8Array;
+  /** fdatasync before returning (default true; a throw-away overlay has nothing to keep). */
+  sync?: boolean;
 }
 
 /**
  * Write a fresh, empty overlay into `fd` (an empty file): header with the backing format and
  * feature name extensions, the backing name, a refcount table sized for the worst case, one
- * refcount block and the L1 table. Synced before returning.
+ * refcount block and the L1 table. Synced before returning (unless `sync: false`).
  */
 export function writeNewImage(fd: number, path: string, o: CreateOptions): void {
   const clusterBits = o.clusterBits ?? 16;
@@ -326,7 +323,8 @@ export function writeNewImage(fd: number, path: string, o: CreateOptions): void 
     }
   }
   p += 8; // end marker (zeros)
-  if (p + name.length > cs) throw new Qcow2Error(path, "backing file name does not fit in cluster 0");
+  // readHeader reads 4 KiB: 112 header + 16 format + 8+2048 identity + 8+384 names + 8 + 1023 fit
+  if (p + name.length > Math.min(cs, 4096)) throw new Qcow2Error(path, "backing file name does not fit in the header");
   putU64(dv, 8, p);
   dv.setUint32(16, name.length);
   h0.set(name, p);
@@ -343,7 +341,7 @@ export function writeNewImage(fd: number, path: string, o: CreateOptions): void 
   writeAll(fd, rt, rtOffset);
   writeAll(fd, rb, rbOffset);
   writeAll(fd, new Uint8Array(l1Size * 8), l1Offset); // like qemu-img: only l1_size*8 bytes
-  fdatasyncSync(fd);
+  if (o.sync ?? true) fdatasyncSync(fd);
 }
 
 /** Create the overlay file `path` (must not exist). */

@@ -79,21 +79,31 @@ const SAMPLE = 64 * 1024;
  * A version tag from content: sha256 of the size and of 64 KiB at the start, the middle and the end
  * (an ISO's volume descriptors, timestamps and file data). Three small reads, so opening an
  * overlay over a big or slow base stays cheap; remote bases pass their ETag instead. Synchronous
- * when the base's reads are.
+ * when the base's reads are. What is sampled is part of the on-disk format: changing it makes
+ * every recorded version differ.
  */
 export function sampleVersion(base: Sampleable): string | Promise<string> {
   const h = createHash("sha256");
   h.update(String(base.size));
   const at = [0, Math.floor(base.size / 2 / SAMPLE) * SAMPLE, Math.max(0, base.size - SAMPLE)];
   const buf = new Uint8Array(SAMPLE);
+  // A sample that cannot be read (say an XA Form 2 sector in a cooked view) counts as a marker:
+  // the same base fails the same way every time.
+  const unreadable = new TextEncoder().encode("unreadable");
   const from = (k: number): string | Promise<string> => {
     for (; k < at.length; k++) {
       const n = Math.min(SAMPLE, base.size - at[k]!);
       if (n <= 0) continue;
-      const r = base.read(buf, 0, n, at[k]!);
+      let r: Maybe;
+      try {
+        r = base.read(buf, 0, n, at[k]!);
+      } catch {
+        h.update(unreadable);
+        continue;
+      }
       if (isPromise(r)) {
         const next = k + 1;
-        return r.then(() => { h.update(buf.subarray(0, n)); return from(next); });
+        return r.then(() => { h.update(buf.subarray(0, n)); }, () => { h.update(unreadable); }).then(() => from(next));
       }
       h.update(buf.subarray(0, n));
     }

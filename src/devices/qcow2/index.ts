@@ -217,9 +217,12 @@ function quietly(r: Maybe): void {
   if (isPromise(r)) r.catch(() => {});
 }
 
-/** Check the size, lock, construct and check refcounts; `base` holds a reference for the overlay. */
+/**
+ * Check the size, lock, construct and check refcounts (`repair`: free leaks; null: a file just
+ * made here, nothing to check); `base` holds a reference for the overlay.
+ */
 function finishOpen(path: string, fd: number, h: Header, base: OverlayBase, readOnly: boolean,
-  lock: boolean, log: (msg: string) => void, repair: boolean): Qcow2Overlay {
+  lock: boolean, log: (msg: string) => void, repair: boolean | null): Qcow2Overlay {
   const expect = Math.ceil(base.size / 512) * 512;
   if (h.size !== expect) {
     throw new Qcow2Error(path, `virtual size ${h.size} does not match base ${describeBase(base)} (${base.size} bytes): the base changed size, or is not the base this overlay was made for`);
@@ -230,6 +233,7 @@ function finishOpen(path: string, fd: number, h: Header, base: OverlayBase, read
     img.clearAutoclear();
     img.checkRefcountCoverage();
   }
+  if (repair === null) return img;
   const r = img.scan(!readOnly && repair);
   if (r.errors.length > 0 && !readOnly) {
     throw new Qcow2Error(path, `refcounts are inconsistent (${r.errors.slice(0, 3).join("; ")}${r.errors.length > 3 ? "; ..." : ""}): repair with qemu-img check -r all`, "corrupt refcounts");
@@ -247,10 +251,10 @@ function openThrowAway(base: OverlayBase, opts: OpenOverlayOptions): Qcow2Overla
   base.acquire();
   try {
     const backing = base.identity === null ? { backingName: resolve(base.path) } : backingFor(path, base);
-    writeNewImage(fd, path, { size: base.size, compat: opts.compat, ...backing });
+    writeNewImage(fd, path, { size: base.size, compat: opts.compat, sync: false, ...backing });
     const h = readHeader(fd, path);
     validateHeader(h, path, true);
-    const img = finishOpen(`${path} (deleted)`, fd, h, base, false, false, opts.log, false);
+    const img = finishOpen(`${path} (deleted)`, fd, h, base, false, false, opts.log, null);
     opts.log(`throw-away overlay over ${describeBase(base)} in ${dir} (unlinked, discarded at exit)`);
     return img;
   } catch (e) {

@@ -34,7 +34,8 @@ export class ReadPath {
 
   read(buf: Uint8Array, offset: number): Maybe {
     this.runBuf = buf;
-    this.readPending = null; // (left behind if the previous read threw)
+    this.runKind = K_NONE; // (a read that threw may have left a run
+    this.readPending = null; // and pending base reads behind)
     const cs = this.cs;
     const end = buf.length;
     let pos = offset;
