@@ -23,7 +23,8 @@
  */
 // How a connection goes, one file after the other: connect.ts → transport.ts (opens a conn.ts
 // adapter) → negotiate.ts (handshake-channel.ts, option-codec.ts) → a plain Negotiated
-// (negotiated.ts) → client.ts (commands) → transmission.ts (requests.ts, sender.ts, receiver.ts).
+// (negotiated.ts) → client.ts (commands) → transmission.ts (requests.ts, sender.ts, receiver.ts
+// with chunks.ts).
 export { connect, inspectExport, listExports } from "./connect.ts";
 export type { ClientOptions, ListedExport, ServerListing, Target } from "./connect.ts";
 export { NbdClient, isConnectionError } from "./client.ts";

@@ -1,6 +1,6 @@
 // The reply receiver (hot path): a state machine over the socket's bytes that parses simple and
-// structured replies in place, puts READ data where it belongs, gathers hole, block-status and
-// error chunks, and settles each request when its last chunk is in.
+// structured replies in place, puts READ data where it belongs, gathers the other chunk payloads
+// (whose meaning is in chunks.ts), and settles each request when its last chunk is in.
 //
 // Replies are parsed with plain byte arithmetic (no DataView, no BigInt, no Buffer.concat); READ
 // payloads are copied once, from the socket chunk into the caller's buffer, or kept as views when
@@ -15,12 +15,13 @@
 // socket is momentarily empty but replies are due (`busyPollMicros`).
 import {
   NBD_CMD_BLOCK_STATUS, NBD_CMD_READ, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS, NBD_REPLY_TYPE_NONE,
-  NBD_REPLY_TYPE_OFFSET_DATA, NBD_REPLY_TYPE_OFFSET_HOLE, NBD_SIMPLE_REPLY_MAGIC, NBD_STRUCTURED_REPLY_MAGIC, NBD_EIO,
+  NBD_REPLY_TYPE_OFFSET_DATA, NBD_REPLY_TYPE_OFFSET_HOLE, NBD_SIMPLE_REPLY_MAGIC, NBD_STRUCTURED_REPLY_MAGIC,
   NBD_MAX_STRING, commandName,
 } from "../protocol/constants.ts";
+import { blockStatusChunk, errorChunk, holeChunk, type ChunkProblem } from "./chunks.ts";
 import type { Rx } from "./conn.ts";
 import { NbdRequestError, type NbdProtocolViolation } from "./errors.ts";
-import type { ClientStats, Extent, Req, RequestTable } from "./requests.ts";
+import { orderViews, type ClientStats, type Req, type RequestTable } from "./requests.ts";
 import type { RequestWriter } from "./sender.ts";
 import { u16, u32, u64 } from "./wire.ts";
 
@@ -350,55 +351,20 @@ export class ReplyReceiver {
     const r = this.cur!;
     this.payload = null;
     const type = this.chunkType;
+    let bad: ChunkProblem;
     if (type === NBD_REPLY_TYPE_OFFSET_HOLE) {
-      const offset = u64(p, 0);
-      const n = u32(p, 8);
-      if (n === 0 || !(offset >= r.offset && offset + n <= r.offset + r.length)) {
-        this.host.violation("HOLE_OUT_OF_RANGE", `OFFSET_HOLE at ${offset} (+${n}) outside READ at ${r.offset} (+${r.length})`);
-        return;
-      }
-      if (r.views) {
-        const z = zeroView(n);
-        for (let pos = 0; pos < n; pos += z.length) {
-          r.views.push(pos + z.length <= n ? z : z.subarray(0, n - pos));
-          r.viewPos!.push(offset - r.offset + pos);
-        }
-      } else r.buf!.fill(0, offset - r.offset, offset - r.offset + n);
-      r.got += n;
-      this.stats.holeChunks++;
+      bad = holeChunk(r, p);
+      if (!bad) this.stats.holeChunks++;
     } else if (type === NBD_REPLY_TYPE_BLOCK_STATUS) {
-      const name = this.contextNames.get(u32(p, 0));
-      if (name === undefined) {
-        this.host.violation("UNKNOWN_CONTEXT", `block status for unknown meta context id ${u32(p, 0)}`);
-        return;
-      }
-      const list: Extent[] = [];
-      let pos = r.offset;
-      for (let o = 4; o < p.length; o += 8) {
-        const length = u32(p, o);
-        if (length === 0) {
-          this.host.violation("BAD_BLOCK_STATUS", "zero-length extent");
-          return;
-        }
-        list.push({ offset: pos, length, flags: u32(p, o + 4) });
-        pos += length;
-      }
-      (r.extents ??= new Map()).set(name, list);
-      this.stats.blockStatusChunks++;
+      bad = blockStatusChunk(r, p, this.contextNames);
+      if (!bad) this.stats.blockStatusChunks++;
     } else {
-      // An error chunk (ERROR, ERROR_OFFSET, or an unknown type with the error bit).
-      let errno = u32(p, 0);
-      const msgLen = u16(p, 4);
-      if (6 + msgLen > p.length) {
-        this.host.violation("BAD_CHUNK", `error chunk message of ${msgLen} bytes in a ${p.length}-byte chunk`);
-        return;
-      }
-      if (errno === 0) errno = NBD_EIO;
-      this.stats.errorChunks++;
-      const msg = p.toString("utf8", 6, 6 + msgLen);
-      let off = r.offset;
-      if (type === 0x8002 && p.length >= 6 + msgLen + 8) off = u64(p, 6 + msgLen);
-      r.error ??= new NbdRequestError(errno, r.type, off, r.length, msg || undefined);
+      bad = errorChunk(r, p, type);
+      if (!bad) this.stats.errorChunks++;
+    }
+    if (bad) {
+      this.host.violation(bad[0], bad[1]);
+      return;
     }
     this.endOfPayload();
   }
@@ -431,19 +397,4 @@ export class ReplyReceiver {
     else r.resolve(undefined as never);
     if (reqs.pending === 0) reqs.wakeIdle();
   }
-}
-
-/** A shared zero buffer for holes read by views (never written to). */
-let zeroes: Uint8Array | null = null;
-function zeroView(n: number): Uint8Array {
-  zeroes ??= new Uint8Array(1024 * 1024);
-  return n < zeroes.length ? zeroes.subarray(0, n) : zeroes;
-}
-
-/** Views in offset order (structured replies may send a READ's chunks in any order). */
-function orderViews(views: Uint8Array[], pos: number[]): Uint8Array[] {
-  let sorted = true;
-  for (let i = 1; i < pos.length; i++) if (pos[i]! < pos[i - 1]!) sorted = false;
-  if (sorted) return views;
-  return views.map((v, i) => [pos[i]!, v] as const).sort((a, b) => a[0] - b[0]).map((e) => e[1]);
 }

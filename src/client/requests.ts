@@ -109,3 +109,11 @@ export class RequestTable {
     }
   }
 }
+
+/** A READ's views in offset order (structured replies may send its chunks in any order). */
+export function orderViews(views: Uint8Array[], pos: number[]): Uint8Array[] {
+  let sorted = true;
+  for (let i = 1; i < pos.length; i++) if (pos[i]! < pos[i - 1]!) sorted = false;
+  if (sorted) return views;
+  return views.map((v, i) => [pos[i]!, v] as const).sort((a, b) => a[0] - b[0]).map((e) => e[1]);
+}

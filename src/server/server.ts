@@ -1,13 +1,14 @@
 // The only code that touches sockets: Bun.listen on TCP (IPv4/IPv6) and unix sockets, one Session
-// per connection, and the reply writer. Bun's socket.write() sends what the kernel takes and
-// returns the count without queueing the rest, so the writer keeps the tail and resends it on
+// per connection, and the socket writer (SocketTransport). Bun's socket.write() sends what the kernel
+// takes and returns the count without queueing the rest, so the writer keeps the tail and resends it on
 // `drain`; while too much output is queued the session stops reading requests.
 import type { Socket, TCPSocketListener, UnixSocketListener } from "bun";
 import { readSync, rmSync, statSync } from "node:fs";
 import { sendfile } from "../sys/libc.ts";
 import { CheckedExport } from "../devices/checked.ts";
 import { type ExportSpec, isPromise } from "../devices/types.ts";
-import { type ExportTable, Session, type Transport } from "./session.ts";
+import { Session } from "./session.ts";
+import type { ExportTable, Transport } from "./types.ts";
 import { type Logger, silentLogger } from "./log.ts";
 
 interface Conn {

@@ -6,7 +6,8 @@ import {
 } from "../../src/protocol/constants.ts";
 import { encodeRequest, getU16, getU32, getU64, putU32 } from "../../src/protocol/codec.ts";
 import { NbdServer } from "../../src/server/server.ts";
-import { Session, type Transport } from "../../src/server/session.ts";
+import { Session } from "../../src/server/session.ts";
+import type { Transport } from "../../src/server/types.ts";
 import { silentLogger } from "../../src/server/log.ts";
 import type { ExportSpec } from "../../src/devices/types.ts";
 

@@ -1,0 +1,234 @@
+// The fixed-newstyle handshake (cold path): greeting, client flags, option haggling and its state
+// (structured replies, meta contexts), and export selection at GO / EXPORT_NAME. It ends with a
+// Negotiated result; STARTTLS and extended headers are options that will land in handleOption.
+import {
+  NBD_FLAG_C_FIXED_NEWSTYLE, NBD_FLAG_C_NO_ZEROES, NBD_FLAG_SEND_DF, NBD_INFO_DESCRIPTION, NBD_INFO_NAME, NBD_OPT_ABORT,
+  NBD_OPT_EXPORT_NAME, NBD_OPT_GO, NBD_OPT_INFO, NBD_OPT_LIST, NBD_OPT_LIST_META_CONTEXT, NBD_OPT_SET_META_CONTEXT,
+  NBD_OPT_STARTTLS, NBD_OPT_STRUCTURED_REPLY, NBD_REP_ACK, NBD_REP_ERR_INVALID, NBD_REP_ERR_POLICY,
+  NBD_REP_ERR_SHUTDOWN, NBD_REP_ERR_UNKNOWN, NBD_REP_ERR_UNSUP, NBD_REP_INFO, NBD_REP_META_CONTEXT, NBD_REP_SERVER,
+  optionName,
+} from "../protocol/constants.ts";
+import {
+  OptionFormatError, decodeString, encodeExportNameReply, encodeGreeting, encodeInfoBlockSize, encodeInfoExport,
+  encodeInfoString, encodeOptionReply, encodeRepMetaContext, encodeRepServer, encodeString, getU32,
+  parseInfoRequest, parseMetaContextRequest, parseOptionHeader,
+} from "../protocol/codec.ts";
+import type { CheckedExport, ExportContext } from "../devices/checked.ts";
+import type { Logger } from "./log.ts";
+import type { ExportTable, Negotiated, SessionLink, Transport } from "./types.ts";
+
+/** Options longer than this are a denial of service: the connection closes. */
+const MAX_OPTION_LENGTH = 1024 * 1024;
+const MAX_ERROR_MESSAGE = 4096;
+
+/**
+ * One connection's handshake. The session feeds it bytes until it returns what followed the
+ * handshake; `result` then says what was chosen. It closes the session itself on ABORT, on
+ * protocol errors and where EXPORT_NAME cannot answer. Under TLS it will also learn "now
+ * encrypted" and the peer identity (from the session, after the transport's upgrade).
+ */
+export class Handshake {
+  private buf: Uint8Array = new Uint8Array(256);
+  private len = 0;
+  private gotClientFlags = false;
+  private noZeroes = false;
+  private structured = false;
+  /** Meta contexts chosen by SET_META_CONTEXT, for the export named here (canonical name). */
+  private metaExport: string | null = null;
+  private metaSelected: ExportContext[] = [];
+  private metaIds: number[] = [];
+  private readonly debug: boolean;
+  /** Set when GO or EXPORT_NAME chose an export: the handshake is over. */
+  result: Negotiated | null = null;
+
+  constructor(
+    private readonly s: SessionLink, private readonly t: Transport, private readonly exports: ExportTable,
+    private readonly log: Logger,
+  ) {
+    this.debug = log.debugEnabled;
+    t.send(encodeGreeting());
+  }
+
+  /**
+   * Feed bytes from the socket. Returns the bytes that followed the handshake (requests pipelined
+   * after GO, possibly none) once an export is chosen; null while haggling goes on or once closed.
+   */
+  feed(chunk: Uint8Array): Uint8Array | null {
+    if (this.len + chunk.length > this.buf.length) {
+      const grown = new Uint8Array(Math.max(this.buf.length * 2, this.len + chunk.length));
+      grown.set(this.buf.subarray(0, this.len));
+      this.buf = grown;
+    }
+    this.buf.set(chunk, this.len);
+    this.len += chunk.length;
+    let p = 0;
+    while (this.result === null && !this.s.closed) {
+      if (!this.gotClientFlags) {
+        if (this.len - p < 4) break;
+        const flags = getU32(this.buf, p);
+        p += 4;
+        if (flags & ~(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES)) {
+          this.s.protocolError("BAD_CLIENT_FLAGS", `unknown client flags 0x${flags.toString(16)}`);
+          return null;
+        }
+        this.noZeroes = (flags & NBD_FLAG_C_NO_ZEROES) !== 0;
+        this.gotClientFlags = true;
+        continue;
+      }
+      if (this.len - p < 16) break;
+      const h = parseOptionHeader(this.buf, p);
+      if (!h.magicOk) {
+        this.s.protocolError("BAD_OPTION_MAGIC", "option does not start with IHAVEOPT");
+        return null;
+      }
+      if (h.length > MAX_OPTION_LENGTH) {
+        this.s.protocolError("OPTION_TOO_LARGE", `option ${optionName(h.option)} announces ${h.length} bytes of data`);
+        return null;
+      }
+      if (this.len - p < 16 + h.length) break;
+      const data = this.buf.slice(p + 16, p + 16 + h.length);
+      p += 16 + h.length;
+      this.handleOption(h.option, data);
+    }
+    if (this.s.closed) return null;
+    // Keep what is left (an incomplete option, or requests pipelined after GO).
+    const rest = this.buf.slice(p, this.len);
+    this.len = 0;
+    if (this.result !== null) {
+      this.buf = new Uint8Array(0);
+      return rest;
+    }
+    this.buf.set(rest, 0);
+    this.len = rest.length;
+    return null;
+  }
+
+  /**
+   * The one place the handshake asks for an export (GO, INFO, EXPORT_NAME, meta contexts).
+   * Per-client resolution will pass the client's identity along here.
+   */
+  private resolve(name: string): CheckedExport | undefined {
+    return this.exports.get(name);
+  }
+
+  private reply(option: number, type: number, data?: Uint8Array): void {
+    this.t.send(encodeOptionReply(option, type, data));
+  }
+  private replyError(option: number, type: number, message: string): void {
+    if (this.debug) this.log.debug(`[${this.s.id}] option ${optionName(option)}: error ${type.toString(16)} ${message}`);
+    this.reply(option, type, encodeString(message.slice(0, MAX_ERROR_MESSAGE)));
+  }
+
+  private handleOption(option: number, data: Uint8Array): void {
+    if (this.debug) this.log.debug(`[${this.s.id}] option ${optionName(option)} (${data.length} bytes)`);
+    if (this.exports.shuttingDown() && option !== NBD_OPT_ABORT) {
+      if (option === NBD_OPT_EXPORT_NAME) { this.s.close(); return; }
+      this.replyError(option, NBD_REP_ERR_SHUTDOWN, "server is shutting down");
+      return;
+    }
+    try {
+      switch (option) {
+        case NBD_OPT_EXPORT_NAME: return this.optExportName(data);
+        case NBD_OPT_ABORT:
+          this.reply(option, NBD_REP_ACK);
+          this.s.close();
+          return;
+        case NBD_OPT_LIST: return this.optList(data);
+        case NBD_OPT_STARTTLS:
+          // TLS will land here: ACK, stop parsing, hand the bytes after this option to the
+          // transport's upgrade, reset option state, and go on once the session says "encrypted".
+          return this.replyError(option, NBD_REP_ERR_POLICY, "TLS is not available on this server");
+        case NBD_OPT_INFO:
+        case NBD_OPT_GO: return this.optInfoGo(option, data);
+        case NBD_OPT_STRUCTURED_REPLY:
+          if (data.length) return this.replyError(option, NBD_REP_ERR_INVALID, "STRUCTURED_REPLY takes no data");
+          this.structured = true;
+          return this.reply(option, NBD_REP_ACK);
+        case NBD_OPT_LIST_META_CONTEXT:
+        case NBD_OPT_SET_META_CONTEXT: return this.optMetaContext(option, data);
+        default:
+          return this.replyError(option, NBD_REP_ERR_UNSUP, `option ${optionName(option)} is not supported`);
+      }
+    } catch (e) {
+      if (e instanceof OptionFormatError) return this.replyError(option, NBD_REP_ERR_INVALID, e.message);
+      throw e;
+    }
+  }
+
+  private optExportName(data: Uint8Array): void {
+    const name = decodeString(data);
+    const exp = this.resolve(name);
+    if (!exp) {
+      // EXPORT_NAME cannot carry an error: the only answer is to close.
+      this.log.info(`[${this.s.id}] ${this.s.peer}: unknown export "${name}" requested with EXPORT_NAME; closing`);
+      this.s.close();
+      return;
+    }
+    this.choose(exp);
+    this.t.send(encodeExportNameReply(exp.size, this.transmissionFlags(exp), this.noZeroes));
+  }
+
+  private optList(data: Uint8Array): void {
+    if (data.length) return this.replyError(NBD_OPT_LIST, NBD_REP_ERR_INVALID, "LIST takes no data");
+    for (const e of this.exports.list()) this.reply(NBD_OPT_LIST, NBD_REP_SERVER, encodeRepServer(e.name, e.description));
+    this.reply(NBD_OPT_LIST, NBD_REP_ACK);
+  }
+
+  private optInfoGo(option: number, data: Uint8Array): void {
+    const req = parseInfoRequest(data);
+    const exp = this.resolve(req.name);
+    if (!exp) return this.replyError(option, NBD_REP_ERR_UNKNOWN, `no export named "${req.name}"`);
+    const flags = this.transmissionFlags(exp);
+    this.reply(option, NBD_REP_INFO, encodeInfoExport(exp.size, flags));
+    // Name and description are cheap: send them whether asked or not (clients ignore what they did not ask for).
+    this.reply(option, NBD_REP_INFO, encodeInfoString(NBD_INFO_NAME, exp.name));
+    if (exp.description) this.reply(option, NBD_REP_INFO, encodeInfoString(NBD_INFO_DESCRIPTION, exp.description));
+    const bs = exp.blockSize;
+    this.reply(option, NBD_REP_INFO, encodeInfoBlockSize(bs.minimum, bs.preferred, bs.maximum));
+    this.reply(option, NBD_REP_ACK);
+    if (option === NBD_OPT_GO) this.choose(exp);
+  }
+
+  private transmissionFlags(exp: CheckedExport): number {
+    return exp.flags | (this.structured ? NBD_FLAG_SEND_DF : 0);
+  }
+
+  private optMetaContext(option: number, data: Uint8Array): void {
+    const set = option === NBD_OPT_SET_META_CONTEXT;
+    if (set) { this.metaSelected = []; this.metaIds = []; this.metaExport = null; }
+    const req = parseMetaContextRequest(data);
+    if (!this.structured) return this.replyError(option, NBD_REP_ERR_INVALID, "meta contexts need structured replies first");
+    const exp = this.resolve(req.name);
+    if (!exp) return this.replyError(option, NBD_REP_ERR_UNKNOWN, `no export named "${req.name}"`);
+    const chosen: number[] = [];
+    const add = (i: number) => { if (!chosen.includes(i)) chosen.push(i); };
+    if (req.queries.length === 0) {
+      if (!set) exp.contexts.forEach((_, i) => add(i));
+    } else {
+      for (const q of req.queries) {
+        exp.contexts.forEach((c, i) => {
+          if (c.name === q) add(i);
+          // Namespace wildcards ("base:", "qemu:") are for LIST only.
+          else if (!set && q.endsWith(":") && c.name.startsWith(q)) add(i);
+        });
+      }
+    }
+    for (const i of chosen) {
+      const c = exp.contexts[i]!;
+      this.reply(option, NBD_REP_META_CONTEXT, encodeRepMetaContext(set ? i + 1 : 0, c.name));
+    }
+    if (set) {
+      this.metaExport = exp.name;
+      this.metaSelected = chosen.map((i) => exp.contexts[i]!);
+      this.metaIds = chosen.map((i) => i + 1);
+    }
+    this.reply(option, NBD_REP_ACK);
+  }
+
+  /** GO or EXPORT_NAME chose `exp`: the handshake is over. */
+  private choose(exp: CheckedExport): void {
+    if (this.metaExport !== exp.name) this.metaSelected = [];
+    this.result = { exp, structured: this.structured, contexts: this.metaSelected, contextIds: this.metaIds };
+    this.log.info(`[${this.s.id}] ${this.s.peer}: export "${exp.name}" (${exp.size} bytes, ${this.structured ? "structured" : "simple"} replies${this.metaSelected.length ? `, contexts ${this.metaSelected.map((c) => c.name).join(",")}` : ""})`);
+  }
+}

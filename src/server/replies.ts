@@ -1,0 +1,206 @@
+// Reply encoding for the transmission phase: simple and structured replies, error chunks, READ
+// replies (sendfile, a copy, or OFFSET_HOLE/OFFSET_DATA chunks) and BLOCK_STATUS chunks. Every
+// reply header layout lives here; extended headers will be a third format chosen at construction.
+import {
+  NBD_CMD_FLAG_DF, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS, NBD_REPLY_TYPE_ERROR, NBD_REPLY_TYPE_NONE,
+  NBD_REPLY_TYPE_OFFSET_DATA, NBD_REPLY_TYPE_OFFSET_HOLE, NBD_STATE_ZERO,
+} from "../protocol/constants.ts";
+import { encodeString, putChunkHeader, putSimpleReply, putU16, putU32, putU64 } from "../protocol/codec.ts";
+import { type CheckedExport, type ExportContext, ExtentList } from "../devices/checked.ts";
+import { type FileRange, isPromise } from "../devices/types.ts";
+import type { Negotiated, PendingRequest, SessionLink, Transport } from "./types.ts";
+
+/** Reads at least this large consult extents to send holes as OFFSET_HOLE chunks. */
+const HOLE_SCAN_MIN = 65536;
+/** Reads at least this large from a plain file go out with sendfile(2) where the transport can. */
+const SENDFILE_MIN = 32768;
+
+const EMPTY = new Uint8Array(0);
+
+/**
+ * Writes the replies of one transmission phase. READ and BLOCK_STATUS ask the export here, since
+ * what the export answers (a file range, holes, extents) decides the shape of the reply. Nothing
+ * is sent once the session is closed (late asynchronous completions are dropped).
+ */
+export class ReplyWriter {
+  private readonly exp: CheckedExport;
+  private readonly structured: boolean;
+  private readonly contexts: readonly ExportContext[];
+  private readonly contextIds: readonly number[];
+  /** Preallocated reply headers, sent with sendTransient (the transport copies if it must keep them). */
+  private readonly rep16 = new Uint8Array(16);
+  private readonly rep20 = new Uint8Array(20);
+  private readonly rep28 = new Uint8Array(28);
+  private readonly range: FileRange = { fd: -1, offset: 0 };
+  /** Extents of the current large read (synchronous devices only; reused). */
+  private readonly readExtents = new ExtentList();
+
+  constructor(private readonly s: SessionLink, private readonly t: Transport, n: Negotiated) {
+    this.exp = n.exp;
+    this.structured = n.structured;
+    this.contexts = n.contexts;
+    this.contextIds = n.contextIds;
+  }
+
+  /** Success without data. */
+  ok(req: PendingRequest): void {
+    if (this.s.closed) return;
+    if (this.structured) {
+      putChunkHeader(this.rep20, 0, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, req.cookieHi, req.cookieLo, 0);
+      this.t.sendTransient(this.rep20);
+    } else {
+      putSimpleReply(this.rep16, 0, 0, req.cookieHi, req.cookieLo);
+      this.t.sendTransient(this.rep16);
+    }
+  }
+
+  /** Failure with an NBD errno (and, in structured replies, the message). */
+  error(req: PendingRequest, errno: number, msg: string): void {
+    if (this.s.closed) return;
+    if (this.structured) {
+      const m = encodeString(msg.slice(0, 512));
+      const b = new Uint8Array(20 + 6 + m.length);
+      putChunkHeader(b, 0, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR, req.cookieHi, req.cookieLo, 6 + m.length);
+      putU32(b, 20, errno);
+      putU16(b, 24, m.length);
+      b.set(m, 26);
+      this.t.send(b);
+    } else {
+      const b = new Uint8Array(16);
+      putSimpleReply(b, 0, errno, req.cookieHi, req.cookieLo);
+      this.t.send(b);
+    }
+  }
+
+  /** Read and reply to a (validated) READ. Returns a Promise when the device answered asynchronously. */
+  read(req: PendingRequest): unknown {
+    const exp = this.exp;
+    const len = req.length;
+    const zeroCopy = len >= SENDFILE_MIN && this.t.sendFile !== undefined;
+    if (!this.structured) {
+      if (zeroCopy && exp.fileRange(req.offset, len, this.range)) {
+        putSimpleReply(this.rep16, 0, 0, req.cookieHi, req.cookieLo);
+        this.t.sendFile!(this.rep16, this.range.fd, this.range.offset, len);
+        return;
+      }
+      const b = Buffer.allocUnsafe(16 + len);
+      const r = exp.read(b.subarray(16), req.offset);
+      if (isPromise(r)) return r.then(() => this.sendSimpleRead(req, b));
+      this.sendSimpleRead(req, b);
+      return;
+    }
+    if (len === 0) {
+      exp.read(EMPTY, req.offset);
+      this.ok(req);
+      return;
+    }
+    if (len >= HOLE_SCAN_MIN && exp.caps.canExtents && !(req.flags & NBD_CMD_FLAG_DF)) {
+      const list = this.readExtents;
+      const r = exp.extents(exp.contexts[0]!, req.offset, len, 0, list);
+      if (isPromise(r)) return this.sparseRead(req, r, list);
+      if (list.lengths.length > 1 || list.types[0]! & NBD_STATE_ZERO) return this.sparseRead(req, undefined, list);
+    }
+    if (zeroCopy && exp.fileRange(req.offset, len, this.range)) {
+      putChunkHeader(this.rep28, 0, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, req.cookieHi, req.cookieLo, 8 + len);
+      putU64(this.rep28, 20, req.offset);
+      this.t.sendFile!(this.rep28, this.range.fd, this.range.offset, len);
+      return;
+    }
+    const b = Buffer.allocUnsafe(28 + len);
+    const r = exp.read(b.subarray(28), req.offset);
+    if (isPromise(r)) return r.then(() => this.sendDataChunk(req, b));
+    this.sendDataChunk(req, b);
+  }
+
+  private sendSimpleRead(req: PendingRequest, b: Uint8Array): void {
+    if (this.s.closed) return;
+    putSimpleReply(b, 0, 0, req.cookieHi, req.cookieLo);
+    this.t.send(b);
+  }
+
+  private sendDataChunk(req: PendingRequest, b: Uint8Array): void {
+    if (this.s.closed) return;
+    putChunkHeader(b, 0, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, req.cookieHi, req.cookieLo, 8 + req.length);
+    putU64(b, 20, req.offset);
+    this.t.send(b);
+  }
+
+  /** A large structured read: zero extents become OFFSET_HOLE chunks, the rest OFFSET_DATA. */
+  private async sparseRead(req: PendingRequest, pending: Promise<unknown> | undefined, shared: ExtentList): Promise<void> {
+    const exp = this.exp;
+    if (pending) await pending;
+    // Copy the extents: the shared list is reused by the next request while we await reads.
+    const list = { lengths: shared.lengths.slice(), types: shared.types.slice() };
+    const n = list.lengths.length;
+    let off = req.offset;
+    const end = req.offset + req.length;
+    // Read all data first, so an error can be reported before any chunk is sent.
+    const chunks: Uint8Array[] = [];
+    for (let i = 0; i < n && off < end; i++) {
+      const l = Math.min(list.lengths[i]!, end - off);
+      const last = off + l >= end;
+      if (list.types[i]! & NBD_STATE_ZERO) {
+        const b = new Uint8Array(32);
+        putChunkHeader(b, 0, last ? NBD_REPLY_FLAG_DONE : 0, NBD_REPLY_TYPE_OFFSET_HOLE, req.cookieHi, req.cookieLo, 12);
+        putU64(b, 20, off);
+        putU32(b, 28, l);
+        chunks.push(b);
+      } else {
+        const b = Buffer.allocUnsafe(28 + l);
+        const rr = exp.read(b.subarray(28), off);
+        if (isPromise(rr)) await rr;
+        putChunkHeader(b, 0, last ? NBD_REPLY_FLAG_DONE : 0, NBD_REPLY_TYPE_OFFSET_DATA, req.cookieHi, req.cookieLo, 8 + l);
+        putU64(b, 20, off);
+        chunks.push(b);
+      }
+      off += l;
+    }
+    if (off < end) {
+      // Extents did not cover the range (should not happen): read the rest as data.
+      const b = Buffer.allocUnsafe(28 + end - off);
+      const rr = exp.read(b.subarray(28), off);
+      if (isPromise(rr)) await rr;
+      putChunkHeader(b, 0, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, req.cookieHi, req.cookieLo, 8 + end - off);
+      putU64(b, 20, off);
+      chunks.push(b);
+    }
+    if (this.s.closed) return;
+    for (const c of chunks) this.t.send(c);
+  }
+
+  /**
+   * Reply to a (validated) BLOCK_STATUS: one chunk per selected context, DONE on the last.
+   * `flags` are internal device flags (REQ_ONE). Returns a Promise when a device answered asynchronously.
+   */
+  blockStatus(req: PendingRequest, flags: number): unknown {
+    const exp = this.exp;
+    const n = this.contexts.length;
+    const lists: ExtentList[] = [];
+    let pending: Promise<unknown>[] | null = null;
+    for (let i = 0; i < n; i++) {
+      const list = new ExtentList();
+      lists.push(list);
+      const r = exp.extents(this.contexts[i]!, req.offset, req.length, flags, list);
+      if (isPromise(r)) (pending ??= []).push(r);
+    }
+    const ids = this.contextIds;
+    const send = () => {
+      if (this.s.closed) return;
+      for (let i = 0; i < n; i++) this.t.send(this.encodeStatusChunk(req, ids[i]!, lists[i]!, i === n - 1));
+    };
+    if (pending) return Promise.all(pending).then(send);
+    send();
+  }
+
+  private encodeStatusChunk(req: PendingRequest, id: number, list: ExtentList, last: boolean): Uint8Array {
+    const n = list.lengths.length;
+    const b = new Uint8Array(20 + 4 + 8 * n);
+    putChunkHeader(b, 0, last ? NBD_REPLY_FLAG_DONE : 0, NBD_REPLY_TYPE_BLOCK_STATUS, req.cookieHi, req.cookieLo, 4 + 8 * n);
+    putU32(b, 20, id);
+    for (let i = 0; i < n; i++) {
+      putU32(b, 24 + 8 * i, list.lengths[i]!);
+      putU32(b, 28 + 8 * i, list.types[i]!);
+    }
+    return b;
+  }
+}

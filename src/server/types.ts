@@ -1,0 +1,74 @@
+// The shapes a session's parts share: the Transport it talks through, the ExportTable it selects
+// from, what the handshake settled (Negotiated), the SessionLink each part sees of the session
+// that composes it, and one decoded request (PendingRequest).
+import type { NbdError } from "../protocol/errors.ts";
+import type { CheckedExport, ExportContext } from "../devices/checked.ts";
+
+/**
+ * What a session needs from its connection. TLS lands here: STARTTLS will upgrade the byte stream
+ * under the same Transport object (the session keeps talking to it), and a transport that
+ * encrypts in user space offers no sendFile.
+ */
+export interface Transport {
+  /** Queue bytes for sending; the transport may keep a view of `b` until it is sent. */
+  send(b: Uint8Array): void;
+  /** Like send(), but the caller reuses `b` at once: the transport copies whatever it must keep. */
+  sendTransient(b: Uint8Array): void;
+  /** Optional zero-copy path: `header`, then `length` bytes of file `fd` at `offset`. */
+  sendFile?(header: Uint8Array, fd: number, offset: number, length: number): void;
+  /** Bytes queued but not yet taken by the kernel. */
+  queued(): number;
+  pause(): void;
+  resume(): void;
+  /** Close after everything queued has been sent. */
+  end(): void;
+  /** Close now, dropping anything queued. */
+  destroy(): void;
+}
+
+/**
+ * The exports a session may select. Per-client resolution lands here: `get` will take the
+ * client's identity too, `(export name, client identity) -> device stack`; the handshake asks it
+ * in one place (Handshake.resolve).
+ */
+export interface ExportTable {
+  /** Look up by name; "" is the default export. */
+  get(name: string): CheckedExport | undefined;
+  list(): readonly CheckedExport[];
+  /** True while the server is shutting down: new options get ERR_SHUTDOWN, new requests ESHUTDOWN. */
+  shuttingDown(): boolean;
+}
+
+/**
+ * What option haggling settled, fixed for the whole transmission phase. Extended headers will
+ * add a flag here, read once when the receiver and reply writer are built.
+ */
+export interface Negotiated {
+  readonly exp: CheckedExport;
+  readonly structured: boolean;
+  /** Meta contexts selected with SET_META_CONTEXT for `exp` (empty if none), and their ids. */
+  readonly contexts: readonly ExportContext[];
+  readonly contextIds: readonly number[];
+}
+
+/** What the session's parts (handshake, transmission, replies) see of the session composing them. */
+export interface SessionLink {
+  readonly id: number;
+  readonly peer: string;
+  /** True once the connection is closing or closed: nothing more is read or sent. */
+  readonly closed: boolean;
+  /** Close after everything queued has been sent. */
+  close(): void;
+  /** The byte stream can no longer be trusted: log `code`, drop the connection. */
+  protocolError(code: string, message: string): void;
+}
+
+/** One request, copied out of the receiver's reused header: its reply may come after the next request. */
+export class PendingRequest {
+  /** A validation error found while receiving (the payload is still consumed). */
+  error: NbdError | null = null;
+  constructor(
+    readonly type: number, readonly flags: number, readonly cookieHi: number, readonly cookieLo: number,
+    readonly offset: number, readonly offsetTooBig: boolean, readonly length: number,
+  ) {}
+}
