@@ -143,11 +143,11 @@ export class WritePath {
           const r = this.base.read(s, 0, cs, c * cs);
           if (r !== undefined) {
             this.scratch = new Uint8Array(cs); // s stays with the base read
-            return r.then(() => this.finishStd(buf, bo, n, c, inC, s));
+            return r.then(() => this.finishStd(buf, bo, n, c, inC, s, undefined));
           }
         }
       }
-      this.finishStd(buf, bo, n, c, inC, s);
+      this.finishStd(buf, bo, n, c, inC, s, t);
       return;
     }
     const e = i * 16;
@@ -180,23 +180,27 @@ export class WritePath {
     if (headPartial || (j0 === j1 && tailPartial)) r1 = this.fillSubcluster(s, 0, c, j0, zero);
     if (j0 !== j1 && tailPartial) r2 = this.fillSubcluster(s, sc, c, j1, zero);
     if (r1 === undefined && r2 === undefined) {
-      this.finishExt(buf, bo, n, c, inC, s, headPartial, tailPartial);
+      this.finishExt(buf, bo, n, c, inC, s, headPartial, tailPartial, t);
       return;
     }
     this.scratch = new Uint8Array(cs); // s stays with the base reads
     const wait = r1 !== undefined && r2 !== undefined ? settleAll([r1, r2]) : (r1 ?? r2)!;
-    return wait.then(() => this.finishExt(buf, bo, n, c, inC, s, headPartial, tailPartial));
+    return wait.then(() => this.finishExt(buf, bo, n, c, inC, s, headPartial, tailPartial, undefined));
   }
 
-  /** The L2 table for guest cluster c, made if missing (looked up afresh: it may be new, or evicted and reread, since an await). */
-  private tableFor(c: number): L2Table {
+  /**
+   * The L2 table for guest cluster c, made if missing. After an await it is looked up afresh (pass
+   * undefined): another write may have made it, or it may have been evicted and reread.
+   */
+  private tableFor(c: number, t?: L2Table): L2Table {
+    if (t !== undefined) return t;
     const l1i = Math.floor(c / this.l2Entries);
     return this.l1[l1i] ? this.tables.table(l1i)! : this.tables.newTable(l1i, this.alloc.alloc());
   }
 
   /** Standard L2: allocate (or reuse a preallocated zero cluster), write the whole cluster, link it. */
-  private finishStd(buf: Uint8Array, bo: number, n: number, c: number, inC: number, s: Uint8Array): void {
-    const t = this.tableFor(c);
+  private finishStd(buf: Uint8Array, bo: number, n: number, c: number, inC: number, s: Uint8Array, known: L2Table | undefined): void {
+    const t = this.tableFor(c, known);
     const i = c - Math.floor(c / this.l2Entries) * this.l2Entries;
     // a preallocated zero cluster keeps its host cluster (and refcount)
     // (a failed write below leaks a newly allocated cluster: the place for a rollback)
@@ -213,8 +217,8 @@ export class WritePath {
 
   /** Extended L2: allocate the host cluster if needed, write the touched subclusters, set their bits. */
   private finishExt(buf: Uint8Array, bo: number, n: number, c: number, inC: number, s: Uint8Array,
-    headPartial: boolean, tailPartial: boolean): void {
-    const t = this.tableFor(c);
+    headPartial: boolean, tailPartial: boolean, known: L2Table | undefined): void {
+    const t = this.tableFor(c, known);
     const e = (c - Math.floor(c / this.l2Entries) * this.l2Entries) * 16;
     let host = (t.dv.getUint32(e) & HI_OFFSET_MASK) * TWO32 + (t.dv.getUint32(e + 4) & LO_OFFSET_MASK);
     const zero = t.dv.getUint32(e + 8);
