@@ -1,7 +1,6 @@
-// Turn the FILE arguments of `serve` into exports: raw images, CD images (BIN/CUE, CloneCD, lone
-// raw CD sectors) and copy-on-write overlays over what FILE would serve without one. Every file is
-// checked before the server listens, so a missing or unreadable file is a clear error and nothing
-// is half-started.
+// Turn the FILE arguments of `serve` into exports: raw images, CD images (BIN/CUE, CloneCD, lone raw
+// CD sectors) and copy-on-write overlays over what FILE serves without one. Every file is checked
+// before the server listens: a missing or unreadable file is a clear error, nothing half-started.
 import { basename, extname, resolve } from "node:path";
 import { RawFile } from "./file.ts";
 import type { OverlayBase } from "./qcow2/base.ts";

@@ -1,7 +1,6 @@
-// The backing layer under an overlay, and the shared handle on it. A raw file is read synchronously
-// through its fd (the fast path, and the only base QEMU can follow); any other BlockDevice stack (a
-// CD's cooked view, compressed or remote images) is read through its pread, synchronous or not.
-// Never written, so one handle serves many overlays: each holds a reference, the last one closes it.
+// The base under an overlay and the shared, reference-counted handle on it: a raw file read
+// synchronously through its fd (the fast path; the only base QEMU can follow), or any device stack
+// read through its pread, synchronous or not. Never written, so one handle serves many overlays.
 import { closeSync, fstatSync } from "node:fs";
 import { seekData, seekHole } from "../../sys/libc.ts";
 import { eio } from "../../protocol/errors.ts";

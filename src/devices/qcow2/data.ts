@@ -1,7 +1,6 @@
-// The guest write paths (hot path): copy-on-write writes into newly allocated clusters, in-place
-// writes coalesced into runs, and write zeroes / trim through zero flags or zero bits. Over an
-// asynchronous base, the steps that wait for base bytes hold their cluster (serial.ts). Reads are
-// in read.ts.
+// The guest write paths (hot path): copy-on-write into newly allocated clusters, in-place writes
+// coalesced into runs, write zeroes and trim through zero flags or bits. A copy-on-write that waits
+// for an asynchronous base holds its cluster (serial.ts). Reads are in read.ts.
 import { FAST_ZERO, MAY_TRIM, type Maybe } from "../types.ts";
 import { enotsup } from "../../protocol/errors.ts";
 import type { Allocator } from "./allocator.ts";

@@ -1,8 +1,7 @@
 // The qcow2 v3 on-disk format, as far as copy-on-write overlays need it: header and header
 // extensions (parse, validate, refuse what is not implemented, naming the feature), entry bit
-// layouts, and creating a fresh overlay (over a raw base, or over a device stack named by an
-// identity record in an extension of our own). Cold code: written for clarity. Facts are from QEMU's
-// docs/interop/qcow2.txt, checked against qemu-img 7.2 (see the project's overlay notes).
+// layouts, and creating a fresh overlay (with, over a device stack, our identity extension). Cold
+// code: written for clarity. Facts are from QEMU's docs/interop/qcow2.txt, checked against qemu-img 7.2.
 import { closeSync, fdatasyncSync, fstatSync, openSync, readSync, writeSync } from "node:fs";
 
 export const QCOW_MAGIC = 0x514649fb; // "QFI\xfb"

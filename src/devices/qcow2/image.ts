@@ -1,7 +1,6 @@
-// A qcow2 v3 overlay over a base (a raw file or any device stack), as a BlockDevice: composes the
-// overlay file (file.ts), the base (base.ts), L1/L2 tables (tables.ts), allocation (allocator.ts),
-// reads (read.ts), writes (data.ts), the crash-safe flush (flush.ts), extents (extents.ts) and
-// whole-image maintenance (check.ts).
+// A qcow2 v3 overlay over a raw file or any device stack, as a BlockDevice: composes the overlay file
+// (file.ts), the base (base.ts), L1/L2 (tables.ts), allocation (allocator.ts), reads (read.ts),
+// writes (data.ts), the flush (flush.ts), extents (extents.ts) and maintenance (check.ts).
 import {
   FUA, MAY_TRIM, caps, isPromise,
   type BlockDevice, type BlockSize, type Capabilities, type ExtentSink, type Maybe, type MetaContextProvider,

@@ -1,7 +1,6 @@
-// Opening copy-on-write overlays: persistent qcow2 files or throw-away ones in an unlinked temporary
-// file, over a base that is a raw file (named by path, followed by QEMU too) or an open device stack
-// with its identity (a CD's cooked view, compressed or remote images). Bases are shared handles
-// (base.ts): many overlays over one base open it once. Cold code.
+// Opening copy-on-write overlays (persistent qcow2 files, or throw-away ones unlinked at once) over a
+// raw file named by path or a shared base handle (a raw file, or a device stack with its identity),
+// and refusing a base other than the one an overlay was made over. Cold code.
 import { closeSync, existsSync, fstatSync, openSync, statSync, unlinkSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { basename, dirname, isAbsolute, join, resolve } from "node:path";

@@ -1,7 +1,6 @@
-// Per-cluster serialisation of the changes that wait for base bytes. A copy-on-write that must
-// await its base (an asynchronous device) holds its guest cluster until the new data and the L2
-// entry are in place; any write or zero reaching that cluster meanwhile queues behind it. While no
-// cluster is held (always, over a synchronous base) the map is empty and checking costs one test.
+// Per-cluster serialisation: a copy-on-write that awaits its base holds its guest cluster until the
+// data and L2 entry are in place, and writes or zeroes reaching it meanwhile queue behind it. Over a
+// synchronous base nothing is ever held, and checking costs one test.
 import type { Maybe } from "../types.ts";
 
 export class ClusterLocks {
