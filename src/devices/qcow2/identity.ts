@@ -50,7 +50,8 @@ export function describeIdentity(id: BaseIdentity): string {
   return `${id.kind} ${id.location} (${id.stack}), ${id.size} bytes, version ${id.version}`;
 }
 
-const isUrl = (s: string) => /^[a-z][a-z0-9+.-]*:\/\//i.test(s);
+/** A URL rather than a path ("https://...", "s3://..."). */
+export const isUrl = (s: string) => /^[a-z][a-z0-9+.-]*:\/\//i.test(s);
 
 /**
  * The fields in which `actual` differs from `stored`, or null when they name the same base. A local

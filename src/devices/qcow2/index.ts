@@ -7,7 +7,9 @@ import { basename, dirname, isAbsolute, join, resolve } from "node:path";
 import { isPromise, type BlockDevice, type Maybe } from "../types.ts";
 import { OverlayBase } from "./base.ts";
 import { BACKING_FORMAT_BUN, Qcow2Error, readHeader, validateHeader, writeNewImage, type Header } from "./format.ts";
-import { decodeIdentity, describeIdentity, encodeIdentity, identityDiff, sampleVersion, type BaseIdentity } from "./identity.ts";
+import {
+  decodeIdentity, describeIdentity, encodeIdentity, identityDiff, isUrl, sampleVersion, type BaseIdentity,
+} from "./identity.ts";
 import { Qcow2Overlay } from "./image.ts";
 import { RO_DENY, RO_PERMS, RW_DENY, RW_PERMS, lockImage } from "./lock.ts";
 
@@ -103,8 +105,6 @@ export function backingNameFor(overlayPath: string, basePath: string): string {
   const b = resolve(basePath);
   return dirname(ov) === dirname(b) ? basename(b) : b;
 }
-
-const isUrl = (s: string) => /^[a-z][a-z0-9+.-]*:\/\//i.test(s);
 
 /**
  * What the header says about `base`: a raw file's name with format raw (QEMU follows it), or for a
