@@ -148,6 +148,39 @@ test("slow async base, standard L2: concurrent overlapping writes, zeroes and re
   await concurrentModel("async-std", true, 102);
 });
 
+test("base read errors: the request fails, nothing is allocated, other requests go on", async () => {
+  const d = join(dir, "errors");
+  mkdirSync(d, { recursive: true });
+  const bytes = baseBytes(2 * MiB, 15);
+  const bad = MiB;
+  const dev = new SlowDevice(bytes, { seed: 16, failFrom: bad, failTo: bad + 65536 });
+  const base = await deviceBase(dev, { kind: "test", location: "/nonexistent/failing", stack: "failing test device" });
+  const ovPath = join(d, "ov.qcow2");
+  const ov = await openOverlay({ base, overlay: ovPath, log });
+  await base.release();
+  // overlay data in between, so one read needs several base reads, some failing
+  await settle(ov.pwrite(new Uint8Array(4096).fill(1), bad - 8192, 0));
+  await settle(ov.pwrite(new Uint8Array(65536).fill(2), bad + 65536, 0));
+  const e1 = await rejects(() => settle(ov.pread(new Uint8Array(300000), bad - 100000, 0)), "read over the bad range");
+  assert.match(e1.message, /medium error/);
+  const e2 = await rejects(() => settle(ov.pwrite(new Uint8Array(100).fill(3), bad + 1000, 0)), "copy-on-write from the bad range");
+  assert.match(e2.message, /medium error/);
+  const e3 = await rejects(() => settle(ov.zero(bad + 30000, 10, 0)), "zero data needing the bad range");
+  assert.match(e3.message, /medium error/);
+  // a whole-unit write needs no base bytes: it succeeds, and the rest of the overlay is intact
+  await settle(ov.pwrite(new Uint8Array(2048).fill(4), bad + 2048, 0));
+  const good = new Uint8Array(8192);
+  await settle(ov.pread(good, bad - 8192, 0));
+  const exp = bytes.slice(bad - 8192, bad);
+  exp.fill(1, 0, 4096);
+  bytesEqual(good, exp, "data before the bad range");
+  const sub = new Uint8Array(2048);
+  await settle(ov.pread(sub, bad + 2048, 0));
+  bytesEqual(sub, new Uint8Array(2048).fill(4), "the whole subcluster written over the bad range");
+  await ov.close();
+  await assertClean(noBacking(ovPath), "after the failed requests");
+});
+
 test("a base with a 4 KiB minimum block: unaligned base reads are widened", async () => {
   const bytes = baseBytes(MiB, 7);
   const dev = new SlowDevice(bytes, { minimum: 4096, seed: 8 });

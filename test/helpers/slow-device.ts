@@ -1,6 +1,8 @@
 // A deliberately slow, asynchronous, read-only block device for tests (the shape a remote HTTP/S3
 // plugin will have): every pread and extents call answers after a seeded random delay of a few
-// milliseconds, so requests complete out of order. It counts reads, concurrency and closes.
+// milliseconds, so requests complete out of order; reads of [failFrom, failTo) fail with EIO. It
+// counts reads, concurrency and closes.
+import { eio } from "../../src/protocol/errors.ts";
 import { caps, EXTENT_HOLE, EXTENT_ZERO, type BlockDevice, type BlockSize, type Capabilities, type ExtentSink } from "../../src/devices/types.ts";
 
 export class SlowDevice implements BlockDevice {
@@ -10,7 +12,7 @@ export class SlowDevice implements BlockDevice {
   closes = 0;
   private x: number;
 
-  constructor(readonly data: Uint8Array, private readonly o: { maxDelayMs?: number; seed?: number; minimum?: number } = {}) {
+  constructor(readonly data: Uint8Array, private readonly o: { maxDelayMs?: number; seed?: number; minimum?: number; failFrom?: number; failTo?: number } = {}) {
     this.x = (o.seed ?? 0x9e3779b9) >>> 0 || 1;
   }
 
@@ -40,7 +42,11 @@ export class SlowDevice implements BlockDevice {
     if (offset % min !== 0 || buf.length % min !== 0) return Promise.reject(new Error(`SlowDevice: unaligned read ${offset}+${buf.length}`));
     if (offset + buf.length > this.data.length) return Promise.reject(new Error(`SlowDevice: read past the end ${offset}+${buf.length}`));
     this.reads++;
-    return this.later(() => { buf.set(this.data.subarray(offset, offset + buf.length)); });
+    const bad = this.o.failFrom !== undefined && offset < this.o.failTo! && offset + buf.length > this.o.failFrom;
+    return this.later(() => {
+      if (bad) throw eio(`SlowDevice: medium error at ${offset}+${buf.length}`);
+      buf.set(this.data.subarray(offset, offset + buf.length));
+    });
   }
 
   /** 64 KiB chunks of zeros are holes; reported from the chunk boundary before `offset`. */

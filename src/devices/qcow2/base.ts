@@ -196,12 +196,12 @@ export class OverlayBase {
   }
 }
 
-/** Wait for every promise, then throw the first failure (nothing is left writing into buffers). */
-export async function settleAll(ps: Promise<unknown>[]): Promise<void> {
-  let failed = false;
-  let err: unknown;
-  for (const p of ps) {
-    try { await p; } catch (e) { if (!failed) { failed = true; err = e; } }
-  }
-  if (failed) throw err;
+/**
+ * Wait for every promise, then throw the first failure: nothing is left writing into buffers, and
+ * every promise has a handler at once (a later one failing first is not an unhandled rejection).
+ */
+export function settleAll(ps: Promise<unknown>[]): Promise<void> {
+  return Promise.allSettled(ps).then((rs) => {
+    for (const r of rs) if (r.status === "rejected") throw r.reason;
+  });
 }
