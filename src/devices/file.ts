@@ -59,9 +59,10 @@ export class RawFile implements BlockDevice {
 
   /**
    * Open a regular file (read-only with `readOnly`). Throws a clear Error if it is missing or
-   * unreadable. `log` gets warnings (a failed sync); `io` replaces the write-side system calls.
+   * unreadable. `size` exports only the file's first `size` bytes (a fixed VHD without its footer).
+   * `log` gets warnings (a failed sync); `io` replaces the write-side system calls.
    */
-  static open(path: string, opts: { readOnly?: boolean; log?: (msg: string) => void; io?: RawIo } = {}): RawFile {
+  static open(path: string, opts: { readOnly?: boolean; size?: number; log?: (msg: string) => void; io?: RawIo } = {}): RawFile {
     const readOnly = opts.readOnly ?? false;
     let fd: number;
     try {
@@ -81,6 +82,10 @@ export class RawFile implements BlockDevice {
     if (st.isBlockDevice()) {
       // fstat reports 0 for block devices; the end of the device is where lseek(SEEK_END) lands.
       size = blockDeviceSize(fd);
+    }
+    if (opts.size !== undefined) {
+      if (opts.size > size) { fs.closeSync(fd); throw new Error(`cannot open ${path}: ${opts.size} bytes wanted, the file has ${size}`); }
+      size = opts.size;
     }
     return new RawFile(path, fd, size, readOnly, opts.io ?? plainIo, opts.log ?? ((m) => console.error(m)));
   }
