@@ -1,5 +1,5 @@
-// Power loss, not only process death: a seeded workload (writes, FUA writes, zeroes, trims, flushes)
-// runs on an overlay whose file I/O is recorded (helpers/powerloss.ts); then, at every completed
+// Power loss, not only process death: a seeded workload (writes, FUA writes, zeroes, trims, flushes,
+// some flushes still running while the next requests arrive) runs on an overlay whose file I/O is recorded (helpers/powerloss.ts); then, at every completed
 // fdatasync (and the end), the file states a power cut could leave are rebuilt: the durable prefix
 // plus subsets of the later writes, in any order, some torn at 512-byte sectors. Every state must
 // open, pass our refcount scan with no errors (leaks allowed), read back every byte acknowledged by
@@ -63,6 +63,8 @@ async function runWorkload(v: Variant, d: string, basePath: string, seed: number
   const ops: GuestOp[] = [];
   const cs = 2 ** v.clusterBits;
   const hot: number[] = [];
+  const running: Promise<void>[] = [];
+  let failed: unknown = null;
   const issue = async (op: GuestOp, act: () => unknown, durableAfter: boolean) => {
     r.mark(ops.length);
     ops.push(op);
@@ -76,8 +78,12 @@ async function runWorkload(v: Variant, d: string, basePath: string, seed: number
   for (let k = 0; k < OPS; k++) {
     const kind = rng.int(100);
     if (kind < 22) {
-      await img.flush(0);
-      r.mark(-ops.length); // every op before the flush is acknowledged durable once it returns
+      // every op issued before the flush is acknowledged durable once it returns; a third of the
+      // flushes are left running while the next operations are issued (they land between its syncs)
+      const n = ops.length;
+      const f = img.flush(0).then(() => r.mark(-n));
+      if (rng.int(3) === 0) running.push(f.catch((e: unknown) => { failed ??= e; }));
+      else await f;
       continue;
     }
     const shape = rng.int(10);
@@ -99,6 +105,8 @@ async function runWorkload(v: Variant, d: string, basePath: string, seed: number
       await issue({ off, len, data: null }, () => img.trim(off, len, 0), false);
     }
   }
+  await Promise.all(running);
+  if (failed !== null) throw failed;
   // the last state: what the file holds without a final flush
   return { initial, log: r.log, ops };
 }
