@@ -4,6 +4,7 @@ import { commandArgs } from "./args.ts";
 import { openExports } from "../devices/open.ts";
 import { createLogger } from "../server/log.ts";
 import { NbdServer } from "../server/server.ts";
+import type { ServerSettings } from "../server/settings.ts";
 import { formatSize } from "./format.ts";
 import { VERSION } from "../version.ts";
 
@@ -18,7 +19,7 @@ options:
   -p, --port PORT      TCP port (default 10809; 0 picks a free one)
   -b, --bind ADDR      address to listen on (default 127.0.0.1; repeatable, e.g. -b ::1).
                        Only loopback is served by default: to serve other hosts, bind their
-                       interface address (or 0.0.0.0 / ::) and mind that NBD has no authentication.
+                       interface address (or 0.0.0.0 / ::), with TLS and --allow (below).
   -k, --socket PATH    listen on a unix socket (TCP is then off unless -p or -b is given too)
   -r, --read-only      export read-only (files are opened read-only)
   -n, --name NAME      export name (one FILE only)
@@ -27,6 +28,19 @@ options:
   -s, --snapshot       like --overlay with a temporary overlay that is deleted at exit
       --compat         create overlays with standard L2 entries (for QEMU older than 5.2)
   -v, --verbose        log every request (debug)
+TLS and access control:
+      --tls MODE               off (default), on (STARTTLS offered) or require (nothing but
+                               STARTTLS before TLS)
+      --tls-certificates DIR   X.509: ca-cert.pem, server-cert.pem, server-key.pem (and an
+                               optional ca-crl.pem) in DIR, as nbdkit and qemu-nbd read them
+      --tls-verify-peer        require client certificates signed by DIR/ca-cert.pem
+      --tls-psk FILE           pre-shared keys instead: psktool's username:hexkey lines
+      --allow CIDR             accept TCP clients from CIDR only (repeatable; IPv4 or IPv6,
+                               e.g. 192.0.2.0/24, 2001:db8::/32, ::1)
+      --max-connections N      at most N connections at once (default: no limit)
+      --max-connections-per-address N   at most N at once from one IP address
+      --handshake-timeout S    drop a client that has not chosen an export within S seconds
+                               (default 10; 0: never)
   -q, --quiet          log only warnings and errors
   -h, --help           this help
   -V, --version        print the version
@@ -47,6 +61,14 @@ export async function main(argv: string[]): Promise<number> {
     snapshot: { type: "boolean", short: "s" },
     compat: { type: "boolean" },
     verbose: { type: "boolean", short: "v" },
+    tls: { type: "string" },
+    "tls-certificates": { type: "string" },
+    "tls-verify-peer": { type: "boolean" },
+    "tls-psk": { type: "string" },
+    allow: { type: "string", multiple: true },
+    "max-connections": { type: "string" },
+    "max-connections-per-address": { type: "string" },
+    "handshake-timeout": { type: "string" },
     quiet: { type: "boolean", short: "q" },
     version: { type: "boolean", short: "V" },
   }, { min: 0, max: Infinity, what: "FILE..." });
@@ -69,6 +91,11 @@ export async function main(argv: string[]): Promise<number> {
     console.error("bun-nbd serve: --overlay and --snapshot cannot be used together");
     return 2;
   }
+  const settings = serverSettings(o);
+  if (typeof settings === "string") {
+    console.error(`bun-nbd serve: ${settings}`);
+    return 2;
+  }
   const useTcp = !o.socket || o.port !== undefined || o.bind !== undefined;
   const binds = o.bind ?? ["127.0.0.1"];
   const log = createLogger(o.verbose ? "debug" : o.quiet ? "warn" : "info");
@@ -86,25 +113,26 @@ export async function main(argv: string[]): Promise<number> {
 
   let server: NbdServer;
   try {
-    server = new NbdServer(specs, { readOnly: o["read-only"], log });
+    server = new NbdServer(specs, { ...settings, readOnly: o["read-only"], log });
   } catch (e) {
     console.error(`bun-nbd serve: ${(e as Error).message}`);
     for (const s of specs) await s.device.close?.();
     return 1;
   }
   const uris: string[][] = [];
+  const scheme = server.settings.tls === "require" ? "nbds" : "nbd";
   try {
     if (useTcp) {
       for (const host of binds) {
         const { port: bound } = server.listenTcp(host, port);
         port = bound; // with -p 0, every address uses the port the first one got
         const h = host.includes(":") ? `[${host}]` : host;
-        uris.push(server.exports.map((e) => `nbd://${h}:${bound}/${encodeURIComponent(e.name)}`));
+        uris.push(server.exports.map((e) => `${scheme}://${h}:${bound}/${encodeURIComponent(e.name)}`));
       }
     }
     if (o.socket) {
       server.listenUnix(o.socket);
-      uris.push(server.exports.map((e) => `nbd+unix:///${encodeURIComponent(e.name)}?socket=${o.socket}`));
+      uris.push(server.exports.map((e) => `${scheme}+unix:///${encodeURIComponent(e.name)}?socket=${o.socket}`));
     }
   } catch (e) {
     const code = (e as NodeJS.ErrnoException).code;
@@ -123,6 +151,7 @@ export async function main(argv: string[]): Promise<number> {
     const where = uris.map((u) => u[i]).join("  ");
     console.log(`  ${e.name.padEnd(w)}  ${formatSize(e.size).padStart(9)}  ${mode.padEnd(10)}  ${where}${i === 0 ? "  (default export)" : ""}`);
   });
+  if (server.tlsSummary) console.log(server.tlsSummary);
   console.log("Ready. Press Ctrl-C to stop.");
 
   return await new Promise<number>((resolve) => {
@@ -133,7 +162,46 @@ export async function main(argv: string[]): Promise<number> {
       log.info(`${sig}: finishing in-flight requests and closing`);
       server.close().then(() => resolve(0), (e: Error) => { log.error(e.message); resolve(1); });
     };
+    process.on("SIGHUP", () => {
+      if (!server.tlsSummary) return;
+      try {
+        server.reloadTls();
+        log.info(`SIGHUP: credentials read again; new connections use them (${server.tlsSummary})`);
+      } catch (e) {
+        log.error(`SIGHUP: keeping the old credentials: ${(e as Error).message}`);
+      }
+    });
     process.on("SIGINT", () => stop("SIGINT"));
     process.on("SIGTERM", () => stop("SIGTERM"));
   });
+}
+
+/**
+ * The security flags as the server's settings object (the config file fills the same object from
+ * keys of the same names); a string is a usage error. Values are checked by the server itself.
+ */
+function serverSettings(o: Record<string, string | boolean | string[] | undefined>): Partial<ServerSettings> | string {
+  const num = (key: string, whole: boolean): number | undefined | string => {
+    const v = o[key] as string | undefined;
+    if (v === undefined) return undefined;
+    const n = Number(v);
+    if (v.trim() === "" || !Number.isFinite(n) || n < 0 || (whole && !Number.isInteger(n))) return `invalid --${key} "${v}"`;
+    return n;
+  };
+  const tls = o.tls as string | undefined;
+  if (tls !== undefined && !["off", "on", "require"].includes(tls)) return `invalid --tls "${tls}" (off, on or require)`;
+  const maxConnections = num("max-connections", true);
+  const maxConnectionsPerAddress = num("max-connections-per-address", true);
+  const handshakeTimeout = num("handshake-timeout", false);
+  for (const v of [maxConnections, maxConnectionsPerAddress, handshakeTimeout]) if (typeof v === "string") return v;
+  return {
+    tls: tls as ServerSettings["tls"] | undefined,
+    tlsCertificates: (o["tls-certificates"] as string | undefined) ?? null,
+    tlsVerifyPeer: o["tls-verify-peer"] === true,
+    tlsPsk: (o["tls-psk"] as string | undefined) ?? null,
+    allow: (o.allow as string[] | undefined) ?? [],
+    maxConnections: maxConnections as number | undefined,
+    maxConnectionsPerAddress: maxConnectionsPerAddress as number | undefined,
+    handshakeTimeout: handshakeTimeout as number | undefined,
+  };
 }

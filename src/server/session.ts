@@ -1,21 +1,31 @@
-// One client connection: handshake → transmission → closed. The session owns the phase and the
-// connection's end, and composes Handshake, then Transmission (with its ReplyWriter); it talks to
-// a Transport, never to a socket, so the same code runs over TCP, unix sockets and test fakes.
+// One client connection: handshake (→ TLS → handshake again) → transmission → closed. The session
+// owns the phase and the connection's end, and composes Handshake, then Transmission (with its
+// ReplyWriter); it talks to a Transport, never to a socket, so the same code runs over TCP, unix
+// sockets, TLS and test fakes.
 import type { Logger } from "./log.ts";
 import { Handshake } from "./handshake.ts";
 import { HIGH_WATER, LOW_WATER, Transmission } from "./transmission.ts";
-import type { ExportTable, SessionLink, Transport } from "./types.ts";
+import type { ClientIdentity, ExportTable, SessionLink, TlsIdentity, TlsMode, Transport } from "./types.ts";
 
 let nextSessionId = 1;
 
+export interface SessionOptions {
+  /** Who is connecting (default: a unix-socket client named by `peer`). */
+  client?: ClientIdentity;
+  /** STARTTLS policy; "off" unless the transport can encrypt. */
+  tls?: TlsMode;
+}
+
 /**
- * The phase is (closed, tx): handshaking while `tx` is null, transmitting once it is set, and
- * closed (for good) once `closed` is true. TLS will land here as a step of the handshake phase:
- * the session asks its transport to upgrade and tells the handshake "encrypted, peer is X".
+ * The phase is (closed, hs, tx): handshaking while `hs` is set, in the TLS handshake while both
+ * are null, transmitting once `tx` is set, and closed (for good) once `closed` is true. STARTTLS
+ * is a step of the handshake phase: the session asks its transport to upgrade and, once told
+ * "encrypted, peer is X", restarts option haggling inside TLS.
  */
 export class Session implements SessionLink {
   readonly id = nextSessionId++;
   readonly peer: string;
+  readonly client: ClientIdentity;
   /** See SessionLink.closed; set only by close(), protocolError() and onClose(). */
   closed = false;
   private readonly t: Transport;
@@ -23,15 +33,25 @@ export class Session implements SessionLink {
   private readonly log: Logger;
   private hs: Handshake | null;
   private tx: Transmission | null = null;
+  private readonly tls: TlsMode;
+  /** NO_ZEROES from the client flags, carried across STARTTLS. */
+  private noZeroes = false;
   /** Output backpressure paused reading during the handshake (carried into transmission). */
   private hsPaused = false;
 
-  constructor(t: Transport, exports: ExportTable, log: Logger, peer: string) {
+  constructor(t: Transport, exports: ExportTable, log: Logger, peer: string, opts: SessionOptions = {}) {
     this.t = t;
     this.exports = exports;
     this.log = log;
     this.peer = peer;
-    this.hs = new Handshake(this, t, exports, log);
+    this.client = opts.client ?? { transport: "unix", address: null, port: null, tls: null };
+    this.tls = t.startTls ? opts.tls ?? "off" : "off";
+    this.hs = new Handshake(this, t, exports, log, { tls: this.tls });
+  }
+
+  /** True until an export is chosen (option haggling or the TLS handshake is going on). */
+  get negotiating(): boolean {
+    return this.tx === null && !this.closed;
   }
 
   /** Feed bytes from the socket. */
@@ -42,13 +62,37 @@ export class Session implements SessionLink {
       tx.onData(chunk);
       return;
     }
-    const hs = this.hs!;
+    const hs = this.hs;
+    if (hs === null) return; // the TLS handshake is going on: the transport does not deliver
     const rest = hs.feed(chunk);
     if (rest === null) return;
+    if (hs.startTls) {
+      this.hs = null;
+      this.noZeroes = hs.clientNoZeroes;
+      this.t.startTls!(rest);
+      return;
+    }
     const next = new Transmission(this, this.t, this.exports, this.log, hs.result!, this.hsPaused);
     this.hs = null;
     this.tx = next;
     if (rest.length) next.onData(rest);
+  }
+
+  /** The transport finished the TLS handshake: option haggling starts again, encrypted. */
+  onSecured(tls: TlsIdentity): void {
+    if (this.closed) return;
+    this.client.tls = tls;
+    const who = tls.kind === "psk" ? `PSK user "${tls.name}"` : tls.name !== null ? `client certificate CN="${tls.name}"` : "no client certificate";
+    this.log.info(`[${this.id}] ${this.peer}: TLS established (${tls.protocol} ${tls.cipher}), ${who}`);
+    this.hs = new Handshake(this, this.t, this.exports, this.log, { tls: this.tls, encrypted: { noZeroes: this.noZeroes } });
+  }
+
+  /** The TLS handshake failed: only this connection ends. */
+  onTlsFailed(reason: string): void {
+    if (this.closed) return;
+    this.log.warn(`[${this.id}] ${this.peer}: TLS handshake failed: ${reason}; closing the connection`);
+    this.closed = true;
+    this.t.destroy();
   }
 
   /** Called by the transport after send() when output is piling up. */

@@ -1,13 +1,13 @@
 // The shapes a session's parts share: the Transport it talks through, the ExportTable it selects
-// from, what the handshake settled (Negotiated), the SessionLink each part sees of the session
-// that composes it, and one decoded request (PendingRequest).
+// from, who the client is (ClientIdentity), what the handshake settled (Negotiated), the
+// SessionLink each part sees of the session that composes it, and one decoded request.
 import type { NbdError } from "../protocol/errors.ts";
 import type { CheckedExport, ExportContext } from "../devices/checked.ts";
 
 /**
- * What a session needs from its connection. TLS lands here: STARTTLS will upgrade the byte stream
- * under the same Transport object (the session keeps talking to it), and a transport that
- * encrypts in user space offers no sendFile.
+ * What a session needs from its connection. STARTTLS upgrades the byte stream under the same
+ * Transport object (the session keeps talking to it); an encrypted transport still takes
+ * sendFile, but reads the file in user space to encrypt it.
  */
 export interface Transport {
   /** Queue bytes for sending; the transport may keep a view of `b` until it is sent. */
@@ -24,16 +24,48 @@ export interface Transport {
   end(): void;
   /** Close now, dropping anything queued. */
   destroy(): void;
+  /**
+   * STARTTLS (absent where the transport cannot encrypt): from now on bytes are TLS records.
+   * `initial` holds what arrived after the option (possibly the ClientHello). The transport
+   * reports to its session with onSecured(identity) or onTlsFailed(reason).
+   */
+  startTls?(initial: Uint8Array): void;
+}
+
+/** How the server treats STARTTLS: NOTLS ("off"), SELECTIVETLS ("on"), FORCEDTLS ("require"). */
+export type TlsMode = "off" | "on" | "require";
+
+/** Who the peer proved to be during the TLS handshake. */
+export interface TlsIdentity {
+  /** "x509": a certificate (or none, without --tls-verify-peer); "psk": a pre-shared key. */
+  kind: "x509" | "psk";
+  /** The client certificate's subject CN or the PSK username; null when the client sent no certificate. */
+  name: string | null;
+  /** e.g. "TLSv1.3" and "TLS_AES_128_GCM_SHA256". */
+  protocol: string;
+  cipher: string;
 }
 
 /**
- * The exports a session may select. Per-client resolution lands here: `get` will take the
- * client's identity too, `(export name, client identity) -> device stack`; the handshake asks it
- * in one place (Handshake.resolve).
+ * Who is connecting, as export resolution sees it: where from, and (after STARTTLS) the TLS
+ * identity. Per-client overlays and per-export allow rules key on it.
+ */
+export interface ClientIdentity {
+  transport: "tcp" | "unix";
+  /** The peer's IP address (IPv4-mapped IPv6 addresses unwrapped); null on unix sockets. */
+  address: string | null;
+  port: number | null;
+  /** Set once STARTTLS succeeded; null on a plain connection. */
+  tls: TlsIdentity | null;
+}
+
+/**
+ * The exports a session may select: `(export name, client identity) -> device stack`; the
+ * handshake asks it in one place (Handshake.resolve), at GO, INFO, EXPORT_NAME and meta contexts.
  */
 export interface ExportTable {
-  /** Look up by name; "" is the default export. */
-  get(name: string): CheckedExport | undefined;
+  /** Look up by name; "" is the default export. `client` is who asks (absent in unit tests). */
+  get(name: string, client?: ClientIdentity): CheckedExport | undefined;
   list(): readonly CheckedExport[];
   /** True while the server is shutting down: new options get ERR_SHUTDOWN, new requests ESHUTDOWN. */
   shuttingDown(): boolean;
@@ -55,6 +87,7 @@ export interface Negotiated {
 export interface SessionLink {
   readonly id: number;
   readonly peer: string;
+  readonly client: ClientIdentity;
   /** True once the connection is closing or closed: nothing more is read or sent. */
   readonly closed: boolean;
   /** Close after everything queued has been sent. */

@@ -1,0 +1,183 @@
+// STARTTLS on an accepted socket, two ways behind one Upgrader: X.509 through Bun's own TLS
+// (socket.upgradeTLS, BoringSSL in native code) and PSK through the system OpenSSL as a memory-BIO
+// engine (PskSocket: ciphertext in and out of the raw socket, plaintext to the session). Either
+// way the session gets onSecured(identity) or onTlsFailed(reason) and keeps its transport.
+import type { Socket } from "bun";
+import { TlsError, type TlsSession } from "../sys/tls-engine.ts";
+import type { ByteSocket, Conn, RawTap, Upgrader } from "./socket-transport.ts";
+import type { PskCredentials, ServerCredentials, X509Credentials } from "./tls.ts";
+
+/** What the server does with a connection's events, whichever socket carries them. */
+export interface ConnEvents {
+  /** Plaintext from the peer (handed to the session, corked). */
+  data(c: Conn, plain: Uint8Array): void;
+  /** The socket can take more: resend what the transport queued. */
+  drain(c: Conn): void;
+  /** The connection is gone (idempotent). */
+  close(c: Conn): void;
+  error(c: Conn, e: Error): void;
+}
+
+export function makeUpgrader(creds: ServerCredentials, ev: ConnEvents): Upgrader {
+  return creds.kind === "x509" ? bunUpgrader(creds, ev) : pskUpgrader(creds, ev);
+}
+
+/** One line saying why a TLS handshake failed, in the terms a user can act on. */
+export function explainTlsFailure(reason: string): string {
+  const r = reason.toLowerCase();
+  const hint =
+    /unknown psk identity/.test(r) ? "" :
+    /binder does not verify|decrypt|bad record mac/.test(r) ? " (wrong pre-shared key)" :
+    /peer_did_not_return|did not return a certificate/.test(r) ? " (no client certificate; tls-verify-peer requires one)" :
+    /revoked/.test(r) ? " (client certificate revoked by ca-crl.pem)" :
+    /expired/.test(r) ? " (client certificate expired)" :
+    /verify|issuer|self.signed|unknown ca/.test(r) ? " (bad client certificate: not signed by ca-cert.pem)" :
+    /protocol|version/.test(r) ? " (protocol version: TLS 1.2 or later is required)" :
+    /http|wrong_version|record/.test(r) ? " (not TLS)" : "";
+  return `${reason}${hint}`;
+}
+
+/** Raw events after Bun's upgrade: only the close matters (the TLS socket reports everything else). */
+function closeOnly(c: Conn, ev: ConnEvents): RawTap {
+  return { data() {}, drain() {}, close: () => ev.close(c) };
+}
+
+function bunUpgrader(creds: X509Credentials, ev: ConnEvents): Upgrader {
+  const tls = {
+    key: creds.key, cert: creds.cert, ...(creds.ca ? { ca: creds.ca } : {}), ...(creds.crl ? { crl: creds.crl } : {}),
+    requestCert: creds.verifyPeer, rejectUnauthorized: creds.verifyPeer, minVersion: 0x0303,
+  };
+  const handlers = {
+    handshake(ts: Socket<Conn>, ok: boolean, err: Error | null) {
+      const s = ts.data.session;
+      if (!s) return;
+      if (!ok || (creds.verifyPeer && !ts.authorized)) {
+        const e = err as (Error & { code?: string }) | null;
+        s.onTlsFailed(explainTlsFailure(e ? `${e.message}${e.code && !e.message.includes(e.code) ? ` (${e.code})` : ""}` : "rejected"));
+        return;
+      }
+      const cn = creds.verifyPeer ? ts.getPeerCertificate()?.subject?.CN : undefined;
+      const cipher = ts.getCipher() as { name?: string } | null;
+      s.onSecured({ kind: "x509", name: (Array.isArray(cn) ? cn[0] : cn) ?? null, protocol: ts.getTLSVersion() ?? "TLS", cipher: cipher?.name ?? "?" });
+    },
+    data(ts: Socket<Conn>, b: Uint8Array) { ev.data(ts.data, b); },
+    drain(ts: Socket<Conn>) { ev.drain(ts.data); },
+    close(ts: Socket<Conn>) { ev.close(ts.data); },
+    error(ts: Socket<Conn>, e: Error) { ev.error(ts.data, e); },
+  };
+  return (raw, initial) => {
+    const c = raw.data;
+    c.secure = closeOnly(c, ev);
+    const [, ts] = raw.upgradeTLS<Conn>({
+      data: c, tls: tls as never, socket: handlers, ...(initial.length ? { initialData: initial } : {}),
+    } as never);
+    c.transport!.useSocket(ts);
+  };
+}
+
+function pskUpgrader(creds: PskCredentials, ev: ConnEvents): Upgrader {
+  return (raw, initial) => {
+    const c = raw.data;
+    const p = new PskSocket(raw, creds.engine.session(), c, ev);
+    c.secure = p;
+    c.transport!.useSocket(p);
+    if (initial.length) p.data(initial);
+  };
+}
+
+/** Ciphertext queued above this makes write() take nothing until `drain` (as Bun's TLS socket does at about 4 MiB). */
+const CIPHER_HIGH = 4 * 1024 * 1024;
+
+/**
+ * The PSK path: the raw socket's bytes go through an OpenSSL engine. As a RawTap it takes the raw
+ * socket's events; as a ByteSocket it is what the session's transport writes to. Ciphertext the
+ * kernel does not take is queued as the engine's fresh buffers (no copy).
+ */
+class PskSocket implements ByteSocket, RawTap {
+  private out: Uint8Array[] = [];
+  private outBytes = 0;
+  private secured = false;
+  private ending = false;
+
+  constructor(private readonly raw: Socket<Conn>, private readonly tls: TlsSession, private readonly c: Conn, private readonly ev: ConnEvents) {}
+
+  data(chunk: Uint8Array): void {
+    const t = this.tls;
+    if (t.freed) return;
+    try {
+      t.receive(chunk);
+      if (!this.secured) {
+        const done = t.handshake();
+        this.flush();
+        if (!done) return;
+        this.secured = true;
+        const [protocol = "TLS", cipher = "?"] = t.describe().split(" ");
+        this.c.session?.onSecured({ kind: "psk", name: t.peer.pskIdentity ?? null, protocol, cipher });
+      }
+      for (let p = t.read(); p !== null && !t.freed; p = t.read()) this.ev.data(this.c, p);
+      if (t.peerClosed) this.end();
+    } catch (e) {
+      this.flush(); // the alert
+      const msg = e instanceof TlsError ? e.message.replace(/^TLS handshake failed: /, "") : String(e);
+      if (!this.secured) this.c.session?.onTlsFailed(explainTlsFailure(msg));
+      else this.c.session?.protocolError("TLS_ERROR", msg);
+    }
+  }
+
+  write(b: Uint8Array): number {
+    if (this.tls.freed) return -1;
+    if (this.outBytes > CIPHER_HIGH) return 0;
+    this.tls.write(b);
+    this.flush();
+    return b.length;
+  }
+
+  private flush(): void {
+    const o = this.tls.takeOutput();
+    if (!o) return;
+    if (this.out.length === 0) {
+      const n = this.raw.write(o);
+      if (n >= o.length || n < 0) return;
+      this.out.push(o.subarray(n));
+      this.outBytes += o.length - n;
+      return;
+    }
+    this.out.push(o);
+    this.outBytes += o.length;
+  }
+
+  drain(): void {
+    while (this.out.length) {
+      const o = this.out[0]!;
+      const n = this.raw.write(o);
+      if (n < 0) { this.out = []; this.outBytes = 0; return; }
+      this.outBytes -= n;
+      if (n < o.length) { this.out[0] = o.subarray(n); return; }
+      this.out.shift();
+    }
+    if (this.ending) { this.raw.end(); return; }
+    this.ev.drain(this.c);
+  }
+
+  close(): void {
+    this.tls.free();
+    this.ev.close(this.c);
+  }
+
+  /** close_notify, then FIN once the ciphertext is out. */
+  end(): void {
+    if (this.ending) return;
+    this.ending = true;
+    this.tls.shutdown();
+    this.flush();
+    if (this.out.length === 0) this.raw.end();
+  }
+
+  terminate(): void {
+    this.tls.free();
+    this.raw.terminate();
+  }
+
+  pause(): void { this.raw.pause(); }
+  resume(): void { this.raw.resume(); }
+}
