@@ -32,8 +32,9 @@ export function explainTlsFailure(reason: string): string {
     /revoked/.test(r) ? " (client certificate revoked by ca-crl.pem)" :
     /expired/.test(r) ? " (client certificate expired)" :
     /verify|issuer|self.signed|unknown ca/.test(r) ? " (bad client certificate: not signed by ca-cert.pem)" :
+    /wrong_version|wrong version|http|record|packet/.test(r) ? " (not TLS)" :
     /protocol|version/.test(r) ? " (protocol version: TLS 1.2 or later is required)" :
-    /http|wrong_version|record/.test(r) ? " (not TLS)" : "";
+    /disconnected|econnreset|closed/.test(r) ? " (the client gave up: does it trust this server's certificate and name?)" : "";
   return `${reason}${hint}`;
 }
 
@@ -53,7 +54,9 @@ function bunUpgrader(creds: X509Credentials, ev: ConnEvents): Upgrader {
       if (!s) return;
       if (!ok || (creds.verifyPeer && !ts.authorized)) {
         const e = err as (Error & { code?: string }) | null;
-        s.onTlsFailed(explainTlsFailure(e ? `${e.message}${e.code && !e.message.includes(e.code) ? ` (${e.code})` : ""}` : "rejected"));
+        // "error:100000c0:SSL routines:OPENSSL_internal:PEER_DID_NOT_RETURN_A_CERTIFICATE" -> the reason
+        const msg = e ? e.message.replace(/^error:[0-9a-f]+:.*:/i, "") : "rejected";
+        s.onTlsFailed(explainTlsFailure(`${msg}${e?.code && !msg.includes(e.code) && e.code !== "EPROTO" ? ` (${e.code})` : ""}`));
         return;
       }
       const cn = creds.verifyPeer ? ts.getPeerCertificate()?.subject?.CN : undefined;
