@@ -1,7 +1,7 @@
 // Who may connect, checked at accept: the allow-list (CIDR ranges, IPv4 and IPv6), the total and
 // per-address connection caps, and the deadline for finishing the handshake. Pure bookkeeping: the
 // server asks admit() at accept and calls release() at close.
-import type { ClientIdentity } from "./types.ts";
+import type { ClientIdentity, TlsMode } from "./types.ts";
 
 /** One parsed CIDR range: 4 or 16 address bytes and a prefix length. */
 export interface Cidr {
@@ -92,6 +92,18 @@ export function isLoopback(host: string): boolean {
   const b = parseAddress(host);
   if (!b) return false;
   return b.length === 4 ? b[0] === 127 : b.every((x, i) => x === (i === 15 ? 1 : 0));
+}
+
+/**
+ * The warning for listening on `host` (a non-loopback address) without TLS required: null when
+ * there is nothing to warn about. It names the risk and the fix.
+ */
+export function exposureWarning(host: string, port: number, tls: TlsMode, allowList: boolean): string | null {
+  if (isLoopback(host) || tls === "require") return null;
+  const how = tls === "on" ? "with TLS optional" : "without TLS";
+  return `serving ${host.includes(":") ? `[${host}]` : host}:${port} ${how}: anyone who can reach it ${allowList ? "from an allowed address " : ""}` +
+    "can read and overwrite every export, and the traffic is in the clear. Use --tls=require with " +
+    "--tls-certificates DIR (or --tls-psk FILE)" + (allowList ? "" : ", and --allow CIDR to name the hosts that may connect");
 }
 
 export interface AccessLimits {

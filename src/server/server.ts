@@ -6,7 +6,7 @@ import type { Socket, TCPSocketListener, UnixSocketListener } from "bun";
 import { rmSync, statSync } from "node:fs";
 import { CheckedExport } from "../devices/checked.ts";
 import { type ExportSpec, isPromise } from "../devices/types.ts";
-import { Admission, isLoopback } from "./access.ts";
+import { Admission, exposureWarning } from "./access.ts";
 import { type Logger, silentLogger } from "./log.ts";
 import { Session } from "./session.ts";
 import { type CheckedSettings, checkSettings, type ServerSettings } from "./settings.ts";
@@ -136,7 +136,7 @@ export class NbdServer implements ExportTable {
         if (refused !== null) {
           self.log.warn(`refused a connection from ${peer}: ${refused}`);
           sock.data = { session: null, transport: null, secure: null, deadline: null };
-          sock.terminate();
+          sock.end(); // a FIN, not a reset: the client sees the server close before its greeting
           return;
         }
         sock.setNoDelay?.(true);
@@ -180,11 +180,8 @@ export class NbdServer implements ExportTable {
   listenTcp(hostname: string, port: number): { hostname: string; port: number } {
     const l = Bun.listen<Conn>({ hostname, port, socket: this.handlers("tcp") });
     this.listeners.push(l);
-    if (!isLoopback(hostname) && this.settings.tls !== "require") {
-      const how = this.settings.tls === "on" ? "with TLS optional" : "without TLS";
-      this.log.warn(`serving ${hostname}:${l.port} ${how}: anyone who can reach it can read and overwrite every export. ` +
-        "Use --tls=require with --tls-certificates DIR or --tls-psk FILE, and --allow CIDR to name the hosts that may connect");
-    }
+    const warning = exposureWarning(hostname, l.port, this.settings.tls, this.settings.allowRanges.length > 0);
+    if (warning) this.log.warn(warning);
     return { hostname, port: l.port };
   }
 
