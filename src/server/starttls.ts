@@ -1,6 +1,6 @@
 // STARTTLS on an accepted socket, two ways behind one Upgrader: X.509 through Bun's own TLS
-// (socket.upgradeTLS, BoringSSL in native code) and PSK through the system OpenSSL as a memory-BIO
-// engine (PskSocket: ciphertext in and out of the raw socket, plaintext to the session). Either
+// (socket.upgradeTLS, BoringSSL in native code) and PSK through the system OpenSSL as an engine
+// (PskSocket: ciphertext in and out of the raw socket, plaintext to the session). Either
 // way the session gets onSecured(identity) or onTlsFailed(reason) and keeps its transport.
 import type { Socket } from "bun";
 import { TlsError, type TlsSession } from "../sys/tls-engine.ts";
@@ -81,28 +81,34 @@ function bunUpgrader(creds: X509Credentials, ev: ConnEvents): Upgrader {
 function pskUpgrader(creds: PskCredentials, ev: ConnEvents): Upgrader {
   return (raw, initial) => {
     const c = raw.data;
-    const p = new PskSocket(raw, creds.engine.session(), c, ev);
+    const p = new PskSocket(raw, creds, c, ev);
     c.secure = p;
     c.transport!.useSocket(p);
     if (initial.length) p.data(initial);
   };
 }
 
-/** Ciphertext queued above this makes write() take nothing until `drain` (as Bun's TLS socket does at about 4 MiB). */
-const CIPHER_HIGH = 4 * 1024 * 1024;
+/** Ciphertext moves from the engine to the socket in pieces of this size, through a per-connection buffer. */
+const PIECE = 64 * 1024;
 
 /**
  * The PSK path: the raw socket's bytes go through an OpenSSL engine. As a RawTap it takes the raw
- * socket's events; as a ByteSocket it is what the session's transport writes to. Ciphertext the
- * kernel does not take is queued as the engine's fresh buffers (no copy).
+ * socket's events; as a ByteSocket it is what the session's transport writes to. Ciphertext goes
+ * from the engine to the socket through one reused buffer; when the socket is full, the rest
+ * waits in the engine and write() takes nothing more (the transport keeps the plaintext, as views
+ * and file ranges) until `drain`. So nothing is copied or allocated per reply.
  */
 class PskSocket implements ByteSocket, RawTap {
-  private out: Uint8Array[] = [];
-  private outBytes = 0;
+  private readonly tls: TlsSession;
+  private readonly buf = new Uint8Array(PIECE);
+  /** Ciphertext in `buf` the socket has not taken yet. */
+  private tail: Uint8Array | null = null;
   private secured = false;
   private ending = false;
 
-  constructor(private readonly raw: Socket<Conn>, private readonly tls: TlsSession, private readonly c: Conn, private readonly ev: ConnEvents) {}
+  constructor(private readonly raw: Socket<Conn>, creds: PskCredentials, private readonly c: Conn, private readonly ev: ConnEvents) {
+    this.tls = creds.engine.session();
+  }
 
   data(chunk: Uint8Array): void {
     const t = this.tls;
@@ -127,37 +133,36 @@ class PskSocket implements ByteSocket, RawTap {
     }
   }
 
+  /** Takes all of `b` when the socket is keeping up, nothing while earlier ciphertext waits. */
   write(b: Uint8Array): number {
     if (this.tls.freed) return -1;
-    if (this.outBytes > CIPHER_HIGH) return 0;
+    if (this.tail !== null || this.tls.pendingOutput() > 0) return 0;
     this.tls.write(b);
     this.flush();
     return b.length;
   }
 
+  /** Moves ciphertext from the engine to the socket until either runs out. */
   private flush(): void {
-    const o = this.tls.takeOutput();
-    if (!o) return;
-    if (this.out.length === 0) {
-      const n = this.raw.write(o);
-      if (n >= o.length || n < 0) return;
-      this.out.push(o.subarray(n));
-      this.outBytes += o.length - n;
-      return;
+    while (this.tail === null) {
+      const n = this.tls.readOutput(this.buf);
+      if (n === 0) return;
+      const w = this.raw.write(this.buf.subarray(0, n));
+      if (w < 0) return;
+      if (w < n) this.tail = this.buf.subarray(w, n);
     }
-    this.out.push(o);
-    this.outBytes += o.length;
   }
 
   drain(): void {
-    while (this.out.length) {
-      const o = this.out[0]!;
-      const n = this.raw.write(o);
-      if (n < 0) { this.out = []; this.outBytes = 0; return; }
-      this.outBytes -= n;
-      if (n < o.length) { this.out[0] = o.subarray(n); return; }
-      this.out.shift();
+    const tail = this.tail;
+    if (tail !== null) {
+      const w = this.raw.write(tail);
+      if (w < 0) return;
+      if (w < tail.length) { this.tail = tail.subarray(w); return; }
+      this.tail = null;
     }
+    this.flush();
+    if (this.tail !== null) return;
     if (this.ending) { this.raw.end(); return; }
     this.ev.drain(this.c);
   }
@@ -171,9 +176,9 @@ class PskSocket implements ByteSocket, RawTap {
   end(): void {
     if (this.ending) return;
     this.ending = true;
-    this.tls.shutdown();
+    this.tls.shutdown(); // close_notify goes after whatever ciphertext still waits
     this.flush();
-    if (this.out.length === 0) this.raw.end();
+    if (this.tail === null) this.raw.end();
   }
 
   terminate(): void {

@@ -3,9 +3,9 @@
 // lacks (TLS 1.3 PSK through the find/use-session callbacks, TLS 1.2 PSK suites as a fallback),
 // and for X.509 where a caller wants it. Every SSL* is freed by free(); `liveSessions()` counts them.
 import {
-  cstr, fail, ffiApi, NID_commonName, ossl, opensslUnavailable, SSL_CTRL_MODE, SSL_CTRL_SET_DH_AUTO,
+  cstr, fail, ffiApi, NID_commonName, ossl, opensslUnavailable, SSL_CTRL_SET_DH_AUTO,
   SSL_CTRL_SET_MIN_PROTO_VERSION, SSL_CTRL_SET_TLSEXT_HOSTNAME, SSL_ERROR_WANT_READ, SSL_ERROR_ZERO_RETURN,
-  SSL_FILETYPE_PEM, SSL_MODE_RELEASE_BUFFERS, SSL_OP_CIPHER_SERVER_PREFERENCE, SSL_OP_NO_RENEGOTIATION, SSL_OP_NO_TICKET,
+  SSL_FILETYPE_PEM, SSL_OP_CIPHER_SERVER_PREFERENCE, SSL_OP_NO_RENEGOTIATION, SSL_OP_NO_TICKET,
   SSL_VERIFY_FAIL_IF_NO_PEER_CERT, SSL_VERIFY_NONE, SSL_VERIFY_PEER, takeErrors, TLS1_2_VERSION, TLS1_3_VERSION,
   X509_FILETYPE_PEM, X509_V_FLAG_CRL_CHECK, type Ossl,
 } from "./openssl.ts";
@@ -72,7 +72,6 @@ export class TlsContext {
     this.ctx = ctx as Ptr;
     try {
       o.SSL_CTX_ctrl(ctx, SSL_CTRL_SET_MIN_PROTO_VERSION, TLS1_2_VERSION, null);
-      o.SSL_CTX_ctrl(ctx, SSL_CTRL_MODE, SSL_MODE_RELEASE_BUFFERS, null);
       o.SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_CIPHER_SERVER_PREFERENCE | SSL_OP_NO_TICKET);
       if (server) o.SSL_CTX_set_num_tickets(ctx, 0); // nobody resumes: tickets would be wasted bytes
       const psk = server ? !!config.pskUsers : !!config.pskIdentity;
@@ -321,6 +320,18 @@ export class TlsSession {
     o.ERR_clear_error();
     const r = o.SSL_write(this.ssl, ffiApi!.ptr(b), b.length);
     if (r !== b.length) throw this.error(o, "TLS write failed");
+  }
+
+  /** Bytes of ciphertext waiting to be sent. */
+  pendingOutput(): number {
+    return this.ssl === null ? 0 : Number(lib().BIO_ctrl_pending(this.wbio));
+  }
+
+  /** Moves up to `dst.length` bytes of waiting ciphertext into `dst` (a reused buffer); returns the count. */
+  readOutput(dst: Uint8Array): number {
+    if (this.ssl === null || dst.length === 0) return 0;
+    const r = lib().BIO_read(this.wbio, ffiApi!.ptr(dst), dst.length);
+    return r > 0 ? r : 0;
   }
 
   /** Ciphertext waiting to be sent (a fresh buffer), or null. */
