@@ -173,7 +173,7 @@ test("--handshake-timeout: an idle client is dropped, also while TLS is pending;
     const t0 = Date.now();
     assert.ok(await idle.closedWithin(5000), "an idle client is closed");
     assert.ok(Date.now() - t0 >= 700, "not before the deadline");
-    await logged(s, /no export chosen within the 1 s handshake timeout; closing/);
+    await logged(s, /protocol error HANDSHAKE_TIMEOUT: no export chosen within the 1 s handshake timeout; closing the connection/);
     const stalled = await greeted(s);
     stalled.write(Buffer.from([0, 0, 0, 3]));
     stalled.sendOption(OPT.STARTTLS);

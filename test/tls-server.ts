@@ -50,11 +50,17 @@ async function logged(s: Served, re: RegExp): Promise<void> {
   }
 }
 
-test("nbdinfo over TLS: X.509 and PSK", () => deadline(30_000, "nbdinfo", async () => {
-  for (const uri of [x509Uri(x509, pki.client), pskUri(psk, pki.psk)]) {
-    const j = JSON.parse((await runOk(["nbdinfo", "--json", uri])).stdout);
-    assert.is(j.TLS, true, `${uri}: TLS negotiated`);
-    assert.is(j.exports[0]["export-size"], SIZE);
+test("nbdinfo over TLS: X.509 and PSK, over TCP and a unix socket", () => deadline(30_000, "nbdinfo", async () => {
+  const sock = join(dir, "tls.sock");
+  const unix = await serve(["--tls=require", "--tls-certificates", pki.server, img], { socket: sock });
+  try {
+    for (const uri of [x509Uri(x509, pki.client), pskUri(psk, pki.psk), `nbds+unix:///disk?socket=${sock}&tls-certificates=${pki.client}`]) {
+      const j = JSON.parse((await runOk(["nbdinfo", "--json", uri])).stdout);
+      assert.is(j.TLS, true, `${uri}: TLS negotiated`);
+      assert.is(j.exports[0]["export-size"], SIZE);
+    }
+  } finally {
+    await unix.stop();
   }
   await logged(x509, /TLS established \(TLSv1\.3 [A-Z0-9_]+\), no client certificate/);
   await logged(psk, /TLS established \(TLSv1\.3 TLS_AES_128_GCM_SHA256\), PSK user "alice"/);

@@ -1,7 +1,6 @@
-// TLS-PSK for the client under Bun, whose own TLS (BoringSSL) has no PSK: the system OpenSSL
-// as a memory-BIO engine (src/sys/tls-engine.ts) over an open plain connection. Ciphertext goes
-// through the plain Conn; the receiver gets plaintext in fresh buffers. Loaded only by the Bun
-// transport (transport-bun.ts), since the engine needs bun:ffi.
+// TLS-PSK for the client under Bun (whose BoringSSL has no PSK): the system OpenSSL engine
+// (src/sys/tls-engine.ts) over an open plain Conn, plaintext to the receiver in fresh buffers.
+// Loaded only by transport-bun.ts, since the engine needs bun:ffi.
 import { TlsContext, type TlsSession } from "../sys/tls-engine.ts";
 import type { Conn, Opened, Rx } from "./conn.ts";
 import { NbdDisconnectedError, NbdTimeoutError } from "./errors.ts";

@@ -151,9 +151,7 @@ export class NbdServer implements ExportTable {
         if (limit > 0) {
           c.deadline = setTimeout(() => {
             c.deadline = null;
-            if (!s.negotiating) return;
-            self.log.warn(`[${s.id}] ${peer}: no export chosen within the ${limit} s handshake timeout; closing`);
-            s.protocolError("HANDSHAKE_TIMEOUT", `handshake not finished within ${limit} s`);
+            if (s.negotiating) s.protocolError("HANDSHAKE_TIMEOUT", `no export chosen within the ${limit} s handshake timeout`);
           }, limit * 1000);
         }
       },

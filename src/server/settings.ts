@@ -1,7 +1,6 @@
-// The server's security settings as one plain object: TLS (mode and credentials) and access control
-// (allow-list, connection caps, handshake deadline). The CLI's flags and the config file's keys
-// (tls, tls-certificates, tls-verify-peer, tls-psk, allow, max-connections,
-// max-connections-per-address, handshake-timeout) both fill it; checkSettings() validates it.
+// The server's security settings as one plain object (TLS mode and credentials, allow-list, caps,
+// handshake deadline), filled alike from CLI flags and config keys of the same names (tls,
+// tls-certificates, ..., handshake-timeout); checkSettings() validates it.
 import { parseCidr, type Cidr } from "./access.ts";
 import type { TlsMode } from "./types.ts";
 

@@ -1,7 +1,6 @@
-// The socket writer under a session (SocketTransport) and what a connection carries (Conn). Bun's
-// socket.write() sends what the kernel takes and returns the count without queueing the rest, so
-// the writer keeps the tail and resends it on `drain`; while too much output is queued the session
-// stops reading requests. After STARTTLS the same writer writes to an encrypting socket instead.
+// The socket writer under a session (SocketTransport: Bun's write() takes what the kernel takes, so
+// tails are kept and resent on `drain`, with backpressure to the session) and what a connection
+// carries (Conn). After STARTTLS the same writer writes to an encrypting socket.
 import type { Socket } from "bun";
 import { readSync } from "node:fs";
 import { sendfile } from "../sys/libc.ts";

@@ -1,7 +1,6 @@
 // STARTTLS on an accepted socket, two ways behind one Upgrader: X.509 through Bun's own TLS
-// (socket.upgradeTLS, BoringSSL in native code) and PSK through the system OpenSSL as an engine
-// (PskSocket: ciphertext in and out of the raw socket, plaintext to the session). Either
-// way the session gets onSecured(identity) or onTlsFailed(reason) and keeps its transport.
+// (socket.upgradeTLS) and PSK through the system OpenSSL engine (PskSocket). Either way the session
+// keeps its transport and learns onSecured(identity) or onTlsFailed(reason).
 import type { Socket } from "bun";
 import { TlsError, type TlsSession } from "../sys/tls-engine.ts";
 import type { ByteSocket, Conn, RawTap, Upgrader } from "./socket-transport.ts";

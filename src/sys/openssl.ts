@@ -1,7 +1,6 @@
-// The system OpenSSL 3 (libssl.so.3, libcrypto.so.3) through bun:ffi: the symbols the user-space
-// TLS engine (tls-engine.ts) needs, the constants it passes, and the error queue read as text.
-// Bun's own TLS is BoringSSL without PSK; this is how bun-nbd speaks TLS-PSK. Loaded like libc.ts
-// (require, so Node never sees bun:ffi); `ossl` is null when the libraries are not there.
+// The system OpenSSL 3 (libssl.so.3, libcrypto.so.3) through bun:ffi, for TLS-PSK (Bun's BoringSSL
+// has none): the symbols tls-engine.ts needs, their constants, the error queue as text. Loaded
+// like libc.ts (require, so Node never sees bun:ffi); `ossl` is null where the library is missing.
 type Ffi = typeof import("bun:ffi");
 let ffi: Ffi | null = null;
 try {

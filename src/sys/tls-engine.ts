@@ -1,7 +1,6 @@
-// A TLS engine on the system OpenSSL with memory BIOs: it only transforms bytes (ciphertext in,
-// plaintext out, and back); the socket stays the caller's. Used for TLS-PSK, which Bun's BoringSSL
-// lacks (TLS 1.3 PSK through the find/use-session callbacks, TLS 1.2 PSK suites as a fallback),
-// and for X.509 where a caller wants it. Every SSL* is freed by free(); `liveSessions()` counts them.
+// A TLS engine on the system OpenSSL with memory BIOs that only transforms bytes (the socket stays
+// the caller's): TLS 1.3 PSK through the find/use-session callbacks, TLS 1.2 PSK suites, X.509 where
+// wanted. Every SSL* is freed by free(); liveSessions() counts them for leak checks.
 import {
   cstr, fail, ffiApi, NID_commonName, ossl, opensslUnavailable, SSL_CTRL_SET_DH_AUTO,
   SSL_CTRL_SET_MIN_PROTO_VERSION, SSL_CTRL_SET_TLSEXT_HOSTNAME, SSL_ERROR_WANT_READ, SSL_ERROR_ZERO_RETURN,
