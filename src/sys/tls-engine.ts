@@ -199,6 +199,8 @@ function makePskSession(o: Ossl, ssl: Ptr, key: Uint8Array): Ptr | null {
 
 /** Largest TLS record plaintext, plus slack: the most one partly received record can still yield. */
 const RECORD = 16384 + 256;
+/** Where small arrivals are decrypted (shared: read() copies out before returning). */
+const READ_SCRATCH = Buffer.allocUnsafe(4 * RECORD);
 
 /**
  * One connection: feed ciphertext with receive(), drive handshake() until it returns true, then
@@ -291,14 +293,15 @@ export class TlsSession {
   read(): Uint8Array | null {
     if (this.ssl === null) return null;
     const o = lib();
-    const f = ffiApi!;
-    const cap = this.unread + o.SSL_pending(this.ssl) + RECORD;
-    let out = Buffer.allocUnsafe(cap);
+    // Small arrivals (requests) are decrypted into a shared buffer and copied out exactly; large
+    // ones (WRITE payloads) straight into a buffer of their own, which the receiver may keep.
+    const small = this.unread + RECORD <= READ_SCRATCH.length;
+    let out = small ? READ_SCRATCH : Buffer.allocUnsafe(this.unread + RECORD);
+    const cap = out.length;
     let got = 0;
     o.ERR_clear_error();
-    for (;;) {
-      if (cap - got < RECORD) break;
-      const r = o.SSL_read(this.ssl, f.ptr(out, got), cap - got);
+    while (cap - got >= RECORD) {
+      const r = o.SSL_read(this.ssl, ffiApi!.ptr(out, got), cap - got);
       if (r > 0) { got += r; continue; }
       const e = o.SSL_get_error(this.ssl, r);
       if (e === SSL_ERROR_WANT_READ) break;
@@ -307,8 +310,8 @@ export class TlsSession {
     }
     this.unread = Number(o.BIO_ctrl_pending(this.rbio));
     if (got === 0) return null;
-    // A small result in a big buffer would pin the big one (receivers keep views): copy it out.
-    if (got < cap >>> 2) out = Buffer.from(out.subarray(0, got));
+    // A copy when the result lives in the shared buffer, or would pin a much bigger one.
+    if (small || got < cap >>> 2) out = Buffer.from(out.subarray(0, got));
     return out.subarray(0, got);
   }
 
