@@ -14,12 +14,12 @@
 // client, which speaks PSK too) for every kind; and `nbdcopy URI null:`. Servers listen on
 // 127.0.0.1 ports 12520-12521; --rounds N keeps each server's best result per workload.
 import { spawn, spawnSync, type Subprocess } from "bun";
-import { cpSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
-import { cpus, tmpdir } from "node:os";
+import { cpSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
+import { cpus } from "node:os";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { makePki, type Pki } from "../test/helpers/tls.ts";
-import { CLK_TCK, cpuTicks, fio, fsType, PATH, ROOT, waitPort, writeRandomImage } from "./lib/harness.ts";
+import { benchScratch, CLK_TCK, cpuTicks, fio, fsType, PATH, ROOT, stopProcess, waitPort, writeRandomImage } from "./lib/harness.ts";
 
 const GiB = 1024 ** 3;
 const MiB = 1024 ** 2;
@@ -54,14 +54,7 @@ if (opt.only) {
   WORKLOADS.splice(0, WORKLOADS.length, ...WORKLOADS.filter((w) => keep.includes(w.id)));
 }
 
-const dir = mkdtempSync(join(opt.dir ?? tmpdir(), "bun-nbd-tls-e2e-"));
-let current: Subprocess | null = null;
-const cleanup = () => {
-  if (current && current.exitCode === null) current.kill("SIGKILL");
-  rmSync(dir, { recursive: true, force: true });
-};
-process.on("exit", cleanup);
-process.on("SIGINT", () => { cleanup(); process.exit(130); });
+const { dir, running } = benchScratch("bun-nbd-tls-e2e-", opt.dir);
 
 interface Started { proc: Subprocess; uri: string; fioUri: string; log: () => string }
 
@@ -81,18 +74,15 @@ async function start(server: "bun" | "nbdkit", kind: Kind, img: string, pki: Pki
   let log = "";
   const proc = spawn(cmd, { stdout: "ignore", stderr: "pipe", stdin: "ignore", env: { ...process.env, PATH } });
   void (async () => { const d = new TextDecoder(); for await (const c of proc.stderr) log += d.decode(c, { stream: true }); })();
-  current = proc;
+  running(proc);
   const u = uriFor(kind, port, pki);
   await waitPort(u.uri, proc, `${server} ${kind}`);
   return { proc, ...u, log: () => log };
 }
 
 async function stop(s: Started): Promise<void> {
-  s.proc.kill("SIGTERM");
-  const t = setTimeout(() => s.proc.kill("SIGKILL"), 10_000);
-  await s.proc.exited;
-  clearTimeout(t);
-  current = null;
+  await stopProcess(s.proc);
+  running(null);
 }
 
 function runWorkload(w: Workload, s: Started): { value: number; bytes: number } {

@@ -13,7 +13,7 @@ import { checkSettings, DEFAULT_SETTINGS, SettingsError } from "../src/server/se
 import type { ClientIdentity } from "../src/server/types.ts";
 import { deadline, rejects } from "./helpers/assert.ts";
 import { runOk, scratch } from "./helpers/env.ts";
-import { serve, type Served } from "./helpers/server.ts";
+import { serve, type Served, waitForOutput } from "./helpers/server.ts";
 import { makePki } from "./helpers/tls.ts";
 import { OPT, Wire, pattern } from "./robustness-wire.ts";
 
@@ -101,20 +101,13 @@ async function greeted(s: Served): Promise<Wire> {
   return w;
 }
 
-async function logged(s: Served, re: RegExp): Promise<void> {
-  const limit = Date.now() + 5000;
-  while (!re.test(s.output())) {
-    if (Date.now() > limit) assert.unreachable(`server log lacks ${re}:\n${s.output().split("\n").slice(-10).join("\n")}`);
-    await Bun.sleep(20);
-  }
-}
 
 test("--allow: clients outside the ranges are closed at accept (IPv4 and IPv6); unix sockets are not filtered", () => deadline(30_000, "allow", async () => {
   const s = await serve(["-b", "127.0.0.1", "-b", "::1", "--allow", "127.0.0.0/8", img]);
   try {
     assert.is((await connect(`nbd://127.0.0.1:${s.port}/disk`).then((c) => c.close())), undefined, "127.0.0.1 is allowed");
     await rejects(() => connect(`nbd://[::1]:${s.port}/disk`, { connectTimeoutMs: 5000 }), "::1 is not in 127.0.0.0/8");
-    await logged(s, /refused a connection from ::1: ::1 is not in the allow-list/);
+    await waitForOutput(s, /refused a connection from ::1: ::1 is not in the allow-list/);
   } finally {
     await s.stop();
   }
@@ -131,7 +124,7 @@ test("--allow: clients outside the ranges are closed at accept (IPv4 and IPv6); 
     const w = await Wire.open({ port: none.port });
     assert.ok(await w.closedWithin(3000), "closed at once");
     assert.is(w.pending, 0, "not even a greeting");
-    await logged(none, /refused a connection from 127\.0\.0\.1: 127\.0\.0\.1 is not in the allow-list/);
+    await waitForOutput(none, /refused a connection from 127\.0\.0\.1: 127\.0\.0\.1 is not in the allow-list/);
   } finally {
     await none.stop();
   }
@@ -144,7 +137,7 @@ test("--max-connections and --max-connections-per-address: refused at once, and 
     const b = await greeted(s);
     const c = await Wire.open({ port: s.port });
     assert.ok(await c.closedWithin(3000), "the third connection is closed, not left hanging");
-    await logged(s, /refused a connection from 127\.0\.0\.1: already 2 connections \(max-connections\)/);
+    await waitForOutput(s, /refused a connection from 127\.0\.0\.1: already 2 connections \(max-connections\)/);
     a.destroy();
     await Bun.sleep(100);
     const d = await greeted(s);
@@ -158,7 +151,7 @@ test("--max-connections and --max-connections-per-address: refused at once, and 
     const a = await greeted(p);
     const b = await Wire.open({ port: p.port });
     assert.ok(await b.closedWithin(3000), "a second connection from the same address is closed");
-    await logged(p, /already 1 connections from 127\.0\.0\.1 \(max-connections-per-address\)/);
+    await waitForOutput(p, /already 1 connections from 127\.0\.0\.1 \(max-connections-per-address\)/);
     a.destroy();
   } finally {
     await p.stop();
@@ -173,7 +166,7 @@ test("--handshake-timeout: an idle client is dropped, also while TLS is pending;
     const t0 = Date.now();
     assert.ok(await idle.closedWithin(5000), "an idle client is closed");
     assert.ok(Date.now() - t0 >= 700, "not before the deadline");
-    await logged(s, /protocol error HANDSHAKE_TIMEOUT: no export chosen within the 1 s handshake timeout; closing the connection/);
+    await waitForOutput(s, /protocol error HANDSHAKE_TIMEOUT: no export chosen within the 1 s handshake timeout; closing the connection/);
     const stalled = await greeted(s);
     stalled.write(Buffer.from([0, 0, 0, 3]));
     stalled.sendOption(OPT.STARTTLS);

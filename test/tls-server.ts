@@ -11,7 +11,7 @@ import { join } from "node:path";
 import { connect } from "../src/client/index.ts";
 import { bytesEqual, deadline, rejects } from "./helpers/assert.ts";
 import { BUN, CLI, need, run, runOk, scratch } from "./helpers/env.ts";
-import { serve, type Served } from "./helpers/server.ts";
+import { serve, type Served, waitForOutput } from "./helpers/server.ts";
 import { makePki, type Pki } from "./helpers/tls.ts";
 import { TlsWire } from "./helpers/tls-wire.ts";
 import { guardedSuite, nbdpy } from "./interop-lib.ts";
@@ -41,14 +41,6 @@ after(async () => {
 const x509Uri = (s: Served, certs: string) => `nbds://localhost:${s.port}/disk?tls-certificates=${certs}`;
 const pskUri = (s: Served, file: string, user = "alice") => `nbds://${user}@localhost:${s.port}/disk?tls-psk-file=${file}`;
 
-/** Waits for `re` to show up in the server's log (it is written asynchronously). */
-async function logged(s: Served, re: RegExp): Promise<void> {
-  const limit = Date.now() + 5000;
-  while (!re.test(s.output())) {
-    if (Date.now() > limit) assert.unreachable(`server log lacks ${re}:\n${s.output().split("\n").slice(-12).join("\n")}`);
-    await Bun.sleep(20);
-  }
-}
 
 test("nbdinfo over TLS: X.509 and PSK, over TCP and a unix socket", () => deadline(30_000, "nbdinfo", async () => {
   const sock = join(dir, "tls.sock");
@@ -62,8 +54,8 @@ test("nbdinfo over TLS: X.509 and PSK, over TCP and a unix socket", () => deadli
   } finally {
     await unix.stop();
   }
-  await logged(x509, /TLS established \(TLSv1\.3 [A-Z0-9_]+\), no client certificate/);
-  await logged(psk, /TLS established \(TLSv1\.3 TLS_AES_128_GCM_SHA256\), PSK user "alice"/);
+  await waitForOutput(x509, /TLS established \(TLSv1\.3 [A-Z0-9_]+\), no client certificate/);
+  await waitForOutput(psk, /TLS established \(TLSv1\.3 TLS_AES_128_GCM_SHA256\), PSK user "alice"/);
 }));
 
 test("nbdcopy over TLS, both directions, byte-exact (X.509 and PSK)", () => deadline(60_000, "nbdcopy", async () => {
@@ -116,7 +108,7 @@ test("qemu-img info and convert with tls-creds-x509 and tls-creds-psk (TLS 1.3, 
     await runOk(["qemu-img", "convert", "-O", "raw", ...qemuImage(port, creds).slice(0, 2), "--image-opts", qemuImage(port, creds)[3]!, out]);
     bytesEqual(readFileSync(out), readFileSync(img), `qemu-img convert ${name}`);
   }
-  await logged(psk, /TLS established \(TLSv1\.2 [A-Z0-9-]+\), PSK user "alice"/);
+  await waitForOutput(psk, /TLS established \(TLSv1\.2 [A-Z0-9-]+\), PSK user "alice"/);
 }));
 
 test("refused: a plain client on a TLS-only server (ERR_TLS_REQD)", () => deadline(30_000, "plain", async () => {
@@ -129,7 +121,7 @@ test("refused: a plain client on a TLS-only server (ERR_TLS_REQD)", () => deadli
 test("refused with --tls-verify-peer: no client certificate, another CA's, expired, revoked (each logged)", () => deadline(60_000, "verify", async () => {
   const ok = JSON.parse((await runOk(["nbdinfo", "--json", x509Uri(verify, pki.client)])).stdout);
   assert.is(ok.TLS, true, "alice's certificate is accepted");
-  await logged(verify, /client certificate CN="alice"/);
+  await waitForOutput(verify, /client certificate CN="alice"/);
   const refusals: [string, RegExp][] = [
     [pki.clientNoCert, /no client certificate; tls-verify-peer requires one/],
     [pki.clientExpired, /client certificate expired/],
@@ -138,18 +130,18 @@ test("refused with --tls-verify-peer: no client certificate, another CA's, expir
   for (const [certs, why] of refusals) {
     const r = await run(["nbdinfo", x509Uri(verify, certs)]);
     assert.is.not(r.code, 0, `${certs}: refused`);
-    await logged(verify, why);
+    await waitForOutput(verify, why);
   }
   // GnuTLS does not send a certificate the server's CA list does not name; our client (BoringSSL) does.
   await rejects(() => connect(x509Uri(verify, pki.clientOtherCa)), "another CA's certificate");
-  await logged(verify, /TLS handshake failed: .*\(bad client certificate: not signed by ca-cert\.pem\)/);
+  await waitForOutput(verify, /TLS handshake failed: .*\(bad client certificate: not signed by ca-cert\.pem\)/);
 }));
 
 test("refused: a wrong PSK key and an unknown PSK user (each logged)", () => deadline(30_000, "psk refusals", async () => {
   assert.is.not((await run(["nbdinfo", pskUri(psk, pki.pskWrongKey)])).code, 0, "wrong key");
-  await logged(psk, /TLS handshake failed: .*\(wrong pre-shared key\)/);
+  await waitForOutput(psk, /TLS handshake failed: .*\(wrong pre-shared key\)/);
   assert.is.not((await run(["nbdinfo", pskUri(psk, pki.pskUnknownUser, "bob")])).code, 0, "unknown user");
-  await logged(psk, /TLS handshake failed: unknown PSK identity "bob"/);
+  await waitForOutput(psk, /TLS handshake failed: unknown PSK identity "bob"/);
   const q = await run(["qemu-img", "info", ...qemuImage(psk.port, `tls-creds-psk,id=tls0,dir=${pki.pskWrongKeyDir},username=alice,endpoint=client`)]);
   assert.is.not(q.code, 0, "qemu-img with the wrong key");
 }));
@@ -167,7 +159,7 @@ test("refused: a client that offers only TLS 1.1 (protocol version logged)", () 
     t.once("close", () => resolve(true));
   });
   assert.ok(failed, "no TLS 1.1 session");
-  await logged(x509, /TLS handshake failed: .*\(protocol version: TLS 1\.2 or later is required\)/);
+  await waitForOutput(x509, /TLS handshake failed: .*\(protocol version: TLS 1\.2 or later is required\)/);
   w.destroy();
 }));
 
@@ -212,10 +204,10 @@ test("SIGHUP reads the credentials again; a broken replacement keeps the old one
   const s = await serve(["--tls=require", "--tls-certificates", certs, img]);
   try {
     s.proc.kill("SIGHUP");
-    await logged(s, /SIGHUP: credentials read again/);
+    await waitForOutput(s, /SIGHUP: credentials read again/);
     writeFileSync(join(certs, "server-key.pem"), readFileSync(join(pki.clientOtherCa, "client-key.pem")));
     s.proc.kill("SIGHUP");
-    await logged(s, /SIGHUP: keeping the old credentials: .*server-key\.pem does not match/);
+    await waitForOutput(s, /SIGHUP: keeping the old credentials: .*server-key\.pem does not match/);
     const j = JSON.parse((await runOk(["nbdinfo", "--json", x509Uri(s, pki.client)])).stdout);
     assert.is(j.TLS, true, "still serving with the old credentials");
   } finally {

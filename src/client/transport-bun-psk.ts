@@ -3,20 +3,19 @@
 // Loaded only by transport-bun.ts, since the engine needs bun:ffi.
 import { TlsContext, type TlsSession } from "../sys/tls-engine.ts";
 import type { Conn, Opened, Rx } from "./conn.ts";
+import { ConnEmitter } from "./emitter.ts";
 import { NbdDisconnectedError, NbdTimeoutError } from "./errors.ts";
 import type { ClientTls } from "./tls.ts";
 
-type Listener = (arg?: unknown) => void;
-
-class EngineConn implements Conn {
+class EngineConn extends ConnEmitter implements Conn {
   readonly rx: Rx;
   private receiver: (b: Buffer, n: number) => void = () => {};
-  private readonly listeners: Record<string, Listener[]> = { error: [], end: [], close: [], data: [] };
   private secured = false;
   /** Settles the handshake's promise (null once settled). */
   settle: ((e: Error | null) => void) | null = null;
 
   constructor(private readonly raw: Opened, private readonly tls: TlsSession) {
+    super();
     const self = this;
     this.rx = {
       owned: true,
@@ -99,22 +98,6 @@ class EngineConn implements Conn {
   destroy(): void {
     this.tls.free();
     this.raw.socket.destroy();
-  }
-
-  private emit(event: string, arg?: unknown): void {
-    for (const f of [...this.listeners[event]!]) f(arg);
-  }
-
-  on(event: string, f: (...a: never[]) => void): this {
-    this.listeners[event]!.push(f as Listener);
-    return this;
-  }
-
-  off(event: string, f: (...a: never[]) => void): this {
-    const l = this.listeners[event]!;
-    const i = l.indexOf(f as Listener);
-    if (i >= 0) l.splice(i, 1);
-    return this;
   }
 }
 

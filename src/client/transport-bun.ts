@@ -19,13 +19,12 @@ import type { Socket } from "bun";
 import { haveLibc, recvNow } from "../sys/libc.ts";
 import { NbdDisconnectedError, NbdTimeoutError } from "./errors.ts";
 import type { Conn, Opened, Rx } from "./conn.ts";
+import { ConnEmitter } from "./emitter.ts";
 import type { ClientTls } from "./tls.ts";
 import { startPskTls } from "./transport-bun-psk.ts";
 import type { NbdTarget } from "./uri.ts";
 
-type Listener = (arg?: unknown) => void;
-
-class BunConn implements Conn {
+class BunConn extends ConnEmitter implements Conn {
   sock: Socket<BunConn> | null = null;
   /** Bytes that arrived before a receiver was attached (kept, not lost). */
   private early: Buffer[] | null = [];
@@ -35,7 +34,6 @@ class BunConn implements Conn {
   private queueHead = 0;
   private endPending = false;
   private closed = false;
-  private readonly listeners: Record<string, Listener[]> = { error: [], end: [], close: [], data: [] };
   /** Upgraded to TLS: this (raw) connection's events are ciphertext for the TLS socket, not ours. */
   private upgraded = false;
 
@@ -46,6 +44,7 @@ class BunConn implements Conn {
   readonly encrypted: boolean;
 
   constructor(encrypted = false) {
+    super();
     this.encrypted = encrypted;
     this.rx = makeRx(this);
   }
@@ -170,23 +169,6 @@ class BunConn implements Conn {
     queueMicrotask(() => this.emit("close"));
   }
 
-  emit(event: string, arg?: unknown): void {
-    const l = this.listeners[event]!;
-    if (l.length === 1) l[0]!(arg);
-    else for (const f of [...l]) f(arg);
-  }
-
-  on(event: string, f: (...a: never[]) => void): this {
-    this.listeners[event]!.push(f as Listener);
-    return this;
-  }
-
-  off(event: string, f: (...a: never[]) => void): this {
-    const l = this.listeners[event]!;
-    const i = l.indexOf(f as Listener);
-    if (i >= 0) l.splice(i, 1);
-    return this;
-  }
 }
 
 const EMPTY = new Uint8Array(0);

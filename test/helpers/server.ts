@@ -49,3 +49,12 @@ export async function serve(args: string[], opts: { socket?: string; timeoutMs?:
     },
   };
 }
+
+/** Waits up to 5 s for `re` to show up in what the server printed (its log is written asynchronously). */
+export async function waitForOutput(s: Served, re: RegExp, ms = 5000): Promise<void> {
+  const limit = Date.now() + ms;
+  while (!re.test(s.output())) {
+    if (Date.now() > limit) throw new Error(`server output lacks ${re}:\n${s.output().split("\n").slice(-12).join("\n")}`);
+    await Bun.sleep(20);
+  }
+}
