@@ -1,8 +1,9 @@
 // One client connection: handshake (→ TLS → handshake again) → transmission → closed. The session
-// owns the phase and the connection's end, and composes Handshake, then Transmission (with its
-// ReplyWriter); it talks to a Transport, never to a socket, so the same code runs over TCP, unix
-// sockets, TLS and test fakes.
+// owns the phase and the connection's end, and composes Handshake, then Transmission (or
+// ExtendedTransmission) with its ReplyWriter; it talks to a Transport, never a socket, so it runs
+// over TCP, unix sockets, TLS and fakes.
 import type { Logger } from "./log.ts";
+import { ExtendedTransmission } from "./extended.ts";
 import { Handshake } from "./handshake.ts";
 import { HIGH_WATER, LOW_WATER, Transmission } from "./transmission.ts";
 import type { ClientIdentity, ExportTable, SessionLink, TlsIdentity, TlsMode, Transport } from "./types.ts";
@@ -72,7 +73,10 @@ export class Session implements SessionLink {
       this.t.startTls!(rest);
       return;
     }
-    const next = new Transmission(this, this.t, this.exports, this.log, hs.result!, this.hsPaused);
+    const n = hs.result!;
+    const next = n.extended
+      ? new ExtendedTransmission(this, this.t, this.exports, this.log, n, this.hsPaused)
+      : new Transmission(this, this.t, this.exports, this.log, n, this.hsPaused);
     this.hs = null;
     this.tx = next;
     if (rest.length) next.onData(rest);
