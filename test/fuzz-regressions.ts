@@ -4,6 +4,7 @@ import { suite } from "uvu";
 import * as assert from "uvu/assert";
 import { NBD_OPT_GO, NBD_OPT_LIST, NBD_REP_ACK, NBD_REP_ERR_INVALID } from "../src/protocol/constants.ts";
 import { MemoryDevice } from "../src/devices/memory.ts";
+import { parseCue } from "../src/devices/cd/cue.ts";
 import { deadline } from "./helpers/assert.ts";
 import { cat, clientFlags, fakeSession, option, parseServer } from "./helpers/wire.ts";
 
@@ -24,5 +25,10 @@ test("an option dribbled in one byte at a time is buffered in linear time (was q
   assert.equal(replies.map((m) => m.kind === "optreply" && [m.option, m.type]).slice(0, 1), [[NBD_OPT_GO, NBD_REP_ERR_INVALID]]);
   assert.equal(replies.at(-1)!.kind === "optreply" && replies.at(-1)!.type, NBD_REP_ACK);
 }));
+
+test("CUE: a file's last track without INDEX 01 is refused at the next FILE line (was a TypeError when laid out)", () => {
+  const sheet = 'FILE "a.bin" BINARY\n  TRACK 01 MODE1/2352\nFILE "b.bin" BINARY\n  TRACK 02 MODE1/2352\n    INDEX 01 00:00:00\n';
+  assert.throws(() => parseCue(new TextEncoder().encode(sheet), "x.cue"), /x\.cue:2: TRACK 01 has no INDEX 01/);
+});
 
 test.run();
