@@ -5,6 +5,11 @@ import * as assert from "uvu/assert";
 import { NBD_OPT_GO, NBD_OPT_LIST, NBD_REP_ACK, NBD_REP_ERR_INVALID } from "../src/protocol/constants.ts";
 import { MemoryDevice } from "../src/devices/memory.ts";
 import { parseCue } from "../src/devices/cd/cue.ts";
+import { openImage, Qcow2Error } from "../src/devices/qcow2/index.ts";
+import { writeNewImage } from "../src/devices/qcow2/format.ts";
+import { closeSync, openSync, readFileSync, truncateSync, writeFileSync, writeSync } from "node:fs";
+import { join } from "node:path";
+import { need, runOk, scratch } from "./helpers/env.ts";
 import { deadline } from "./helpers/assert.ts";
 import { cat, clientFlags, fakeSession, option, parseServer } from "./helpers/wire.ts";
 
@@ -29,6 +34,74 @@ test("an option dribbled in one byte at a time is buffered in linear time (was q
 test("CUE: a file's last track without INDEX 01 is refused at the next FILE line (was a TypeError when laid out)", () => {
   const sheet = 'FILE "a.bin" BINARY\n  TRACK 01 MODE1/2352\nFILE "b.bin" BINARY\n  TRACK 02 MODE1/2352\n    INDEX 01 00:00:00\n';
   assert.throws(() => parseCue(new TextEncoder().encode(sheet), "x.cue"), /x\.cue:2: TRACK 01 has no INDEX 01/);
+});
+
+// ---- qcow2 overlays: hostile headers and tables must be refused cleanly, legit large ones opened.
+
+const dir = scratch("bun-nbd-fuzzreg-");
+writeFileSync(join(dir, "base.img"), new Uint8Array(MiB).fill(3));
+
+/** A fresh standard-L2 overlay (4 KiB clusters) over base.img with `patch` applied at byte offsets. */
+function hostileOverlay(name: string, patch: [number, number[]][]): string {
+  const path = join(dir, name);
+  const fd = openSync(path, "w+");
+  writeNewImage(fd, path, { size: MiB, backingName: "base.img", compat: true, clusterBits: 12 });
+  for (const [at, bytes] of patch) writeSync(fd, Uint8Array.from(bytes), 0, bytes.length, at);
+  closeSync(fd);
+  return path;
+}
+const u64be = (v: number) => { const b = Buffer.alloc(8); b.writeBigUInt64BE(BigInt(v)); return [...b]; };
+const u32be = (v: number) => { const b = Buffer.alloc(4); b.writeUInt32BE(v); return [...b]; };
+
+function refusedCleanly(path: string, what: RegExp): void {
+  for (const readOnly of [true, false]) {
+    let err: unknown = null;
+    try {
+      openImage(path, { readOnly, log: () => {}, lock: false });
+    } catch (e) { err = e; }
+    assert.ok(err instanceof Qcow2Error, `${readOnly ? "read-only" : "read-write"} open: expected a Qcow2Error, got ${(err as Error)?.stack ?? err}`);
+    assert.match((err as Error).message, what);
+  }
+}
+
+test("qcow2: an L1 size above QEMU's limit is refused (was a 16 GiB allocation: RangeError)", () => {
+  refusedCleanly(hostileOverlay("l1size.qcow2", [[36, u32be(0x7fffffff)]]), /L1 table of 2147483647 entries/);
+});
+
+test("qcow2: a refcount table entry far past the end of the file is refused (was a 2^40-entry scan: out of memory)", () => {
+  // The refcount table is cluster 1 (offset 4096); its second entry is unused in a fresh image.
+  refusedCleanly(hostileOverlay("rtentry.qcow2", [[4096 + 8, u64be(2 ** 52)]]), /refcount table entry 1 points past the end of the file/);
+});
+
+test("qcow2: an L1 entry beyond any possible file offset is refused (was a RangeError from readSync)", () => {
+  const path = hostileOverlay("l1entry.qcow2", []);
+  const h = readFileSync(path);
+  const l1 = Number(h.readBigUInt64BE(40));
+  writeFileSync(path, Buffer.concat([h.subarray(0, l1), Buffer.from(u64be(2 ** 55)), h.subarray(l1 + 8)]));
+  refusedCleanly(path, /L1 entry 0 points beyond any possible file offset/);
+});
+
+test("qcow2: host offsets from 2 GiB on (bit 31 set) are read right (were negative: the image could not be opened)", async () => {
+  need("qemu-img", "qemu-io");
+  // QEMU's metadata preallocation (allowed over a backing file with extended L2) maps guest
+  // offset 2600 MiB to a host offset above 2 GiB; both files stay sparse.
+  const base = join(dir, "base3g.raw");
+  writeFileSync(base, "");
+  truncateSync(base, 3 * 1024 * MiB);
+  const ov = join(dir, "prealloc.qcow2");
+  await runOk(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "extended_l2=on,preallocation=metadata,cluster_size=65536", "-b", base, "-F", "raw", ov, "3G"]);
+  await runOk(["qemu-io", "-c", "write -P 0x5a 2600M 64k", ov]);
+  const map = JSON.parse((await runOk(["qemu-img", "map", "--output=json", ov])).stdout) as { start: number; offset?: number; data: boolean }[];
+  const hit = map.find((e) => e.data && e.start <= 2600 * MiB && e.start + 65536 > 2600 * MiB)!;
+  assert.ok(hit.offset! >= 2 ** 31, `QEMU placed the cluster at host offset ${hit.offset}, below 2 GiB: the test proves nothing`);
+  for (const readOnly of [true, false]) {
+    const img = openImage(ov, { readOnly, log: () => {}, lock: false });
+    const b = new Uint8Array(65536);
+    img.pread(b, 2600 * MiB, 0);
+    await img.close();
+    assert.ok(b.every((x) => x === 0x5a), `${readOnly ? "read-only" : "read-write"}: the data at 2600 MiB did not read back`);
+  }
+  await runOk(["qemu-img", "check", ov]);
 });
 
 test.run();

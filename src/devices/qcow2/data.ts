@@ -61,7 +61,7 @@ export class DataPath {
         const i = (c - l1i * this.l2Entries) * 8;
         const hi = t.dv.getUint32(i);
         const lo = t.dv.getUint32(i + 4);
-        const host = (hi & HI_OFFSET_MASK) * TWO32 + (lo & LO_OFFSET_MASK);
+        const host = (hi & HI_OFFSET_MASK) * TWO32 + ((lo & LO_OFFSET_MASK) >>> 0);
         if (lo & LO_ZERO) this.emitRead(K_ZERO, bo, n, 0);
         else if (host !== 0) this.emitRead(K_DATA, bo, n, host + inC);
         else this.emitRead(K_BASE, bo, n, pos);
@@ -71,7 +71,7 @@ export class DataPath {
         const lo = t.dv.getUint32(i + 4);
         const zero = t.dv.getUint32(i + 8);
         const alloc = t.dv.getUint32(i + 12);
-        const host = (hi & HI_OFFSET_MASK) * TWO32 + (lo & LO_OFFSET_MASK);
+        const host = (hi & HI_OFFSET_MASK) * TWO32 + ((lo & LO_OFFSET_MASK) >>> 0);
         if (alloc === 0 && zero === 0) this.emitRead(K_BASE, bo, n, pos);
         else if (alloc === 0xffffffff) this.emitRead(K_DATA, bo, n, host + inC);
         else if (zero === 0xffffffff) this.emitRead(K_ZERO, bo, n, 0);
@@ -129,7 +129,7 @@ export class DataPath {
           const hi = t.dv.getUint32(i * 8);
           const lo = t.dv.getUint32(i * 8 + 4);
           if (!(lo & LO_ZERO)) {
-            const host = (hi & HI_OFFSET_MASK) * TWO32 + (lo & LO_OFFSET_MASK);
+            const host = (hi & HI_OFFSET_MASK) * TWO32 + ((lo & LO_OFFSET_MASK) >>> 0);
             this.tables.setStd(t, i, host, true); // keep a preallocated host cluster: no refcount change
             if (host !== 0 && flags & MAY_TRIM) this.punch(host, cs);
           }
@@ -149,7 +149,7 @@ export class DataPath {
           const lo = t.dv.getUint32(e + 4);
           zero = t.dv.getUint32(e + 8);
           const alloc = t.dv.getUint32(e + 12);
-          const host = (hi & HI_OFFSET_MASK) * TWO32 + (lo & LO_OFFSET_MASK);
+          const host = (hi & HI_OFFSET_MASK) * TWO32 + ((lo & LO_OFFSET_MASK) >>> 0);
           const mask = rangeMask(j0, j1 - 1);
           const wasAlloc = (alloc & mask) >>> 0;
           zero = (zero | mask) >>> 0;
@@ -213,7 +213,7 @@ export class DataPath {
         if (t !== undefined) {
           const hi = t.dv.getUint32(i * 8);
           const lo = t.dv.getUint32(i * 8 + 4);
-          host = (hi & HI_OFFSET_MASK) * TWO32 + (lo & LO_OFFSET_MASK);
+          host = (hi & HI_OFFSET_MASK) * TWO32 + ((lo & LO_OFFSET_MASK) >>> 0);
           zero = (lo & LO_ZERO) !== 0;
           if (host !== 0 && !zero) {
             this.emitWrite(bo, n, host + inC);
@@ -250,7 +250,7 @@ export class DataPath {
           const lo = t.dv.getUint32(e + 4);
           zero = t.dv.getUint32(e + 8);
           alloc = t.dv.getUint32(e + 12);
-          host = (hi & HI_OFFSET_MASK) * TWO32 + (lo & LO_OFFSET_MASK);
+          host = (hi & HI_OFFSET_MASK) * TWO32 + ((lo & LO_OFFSET_MASK) >>> 0);
           if (((alloc & mask) >>> 0) === mask) {
             this.emitWrite(bo, n, host + inC);
             pos += n; bo += n;
