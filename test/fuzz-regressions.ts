@@ -10,6 +10,8 @@ import { writeNewImage } from "../src/devices/qcow2/format.ts";
 import { closeSync, openSync, readFileSync, truncateSync, writeFileSync, writeSync } from "node:fs";
 import { join } from "node:path";
 import { need, runOk, scratch } from "./helpers/env.ts";
+import { serve } from "./helpers/server.ts";
+import { CMD, Wire, request as rawRequest } from "./robustness-wire.ts";
 import { deadline } from "./helpers/assert.ts";
 import { cat, clientFlags, fakeSession, option, parseServer } from "./helpers/wire.ts";
 
@@ -35,6 +37,32 @@ test("CUE: a file's last track without INDEX 01 is refused at the next FILE line
   const sheet = 'FILE "a.bin" BINARY\n  TRACK 01 MODE1/2352\nFILE "b.bin" BINARY\n  TRACK 02 MODE1/2352\n    INDEX 01 00:00:00\n';
   assert.throws(() => parseCue(new TextEncoder().encode(sheet), "x.cue"), /x\.cue:2: TRACK 01 has no INDEX 01/);
 });
+
+test("a client that resets the connection while large READs go out with sendfile is not an error (was EPIPE -> EIO, logged as an error)", () => deadline(60_000, "reset during sendfile", async () => {
+  const d = scratch("bun-nbd-fuzzreg-sf-");
+  const img = join(d, "disk.img");
+  writeFileSync(img, "");
+  truncateSync(img, 64 * MiB);
+  const srv = await serve(["-q", img]);
+  try {
+    for (let round = 0; round < 20; round++) {
+      const w = await Wire.open({ port: srv.port });
+      await w.hello();
+      await w.go("disk");
+      const reqs: Buffer[] = [];
+      for (let i = 0; i < 16; i++) reqs.push(rawRequest(CMD.READ, BigInt(i), i * MiB, MiB));
+      w.write(Buffer.concat(reqs));
+      await new Promise((r) => setTimeout(r, round % 4));
+      w.sock.resetAndDestroy();
+    }
+    await new Promise((r) => setTimeout(r, 500));
+    assert.is(srv.proc.exitCode, null, "the server is still running");
+    const errors = srv.output().split("\n").filter((l) => / error: /.test(l));
+    assert.equal(errors, [], "no error logged for a client's hang-up");
+  } finally {
+    await srv.stop();
+  }
+}));
 
 // ---- qcow2 overlays: hostile headers and tables must be refused cleanly, legit large ones opened.
 
