@@ -4,7 +4,7 @@
 // Oracles: the server stays up, logs no error, answers the canary within a deadline with the right
 // bytes, keeps its RSS bounded, and holds no more file descriptors at the end than at the start.
 import fc from "fast-check";
-import { readdirSync, readFileSync, truncateSync, writeFileSync } from "node:fs";
+import { readdirSync, readFileSync, readlinkSync, truncateSync, writeFileSync } from "node:fs";
 import { connect as netConnect } from "node:net";
 import { join } from "node:path";
 import { connect, type NbdClient } from "../../src/client/index.ts";
@@ -18,7 +18,13 @@ const CONCURRENCY = 8;
 const VARIANTS = 4;
 
 const rssMiB = (pid: number) => Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, "utf8"))?.[1] ?? 0) / 1024;
-const fdCount = (pid: number) => readdirSync(`/proc/${pid}/fd`).length;
+/** Open fds, not counting duplicates of stdin/stdout/stderr (Bun dups stderr when it first logs). */
+function fdList(pid: number): string[] {
+  const link = (f: string) => { try { return readlinkSync(`/proc/${pid}/fd/${f}`); } catch { return "?"; } };
+  const std = new Set(["0", "1", "2"].map(link));
+  return readdirSync(`/proc/${pid}/fd`).filter((f) => Number(f) <= 2 || !std.has(link(f))).map(link);
+}
+const fdCount = (pid: number) => fdList(pid).length;
 
 /** Send one input on a fresh connection; resolves once the connection is gone (ours or theirs). */
 function sendOne(input: FuzzInput, target: { port: number } | { path: string }): Promise<void> {
@@ -80,7 +86,8 @@ export async function fuzzSocket(o: RunOptions): Promise<ModeReport> {
   const fuzzImg = join(dir, "sock-fuzz.img"), canaryImg = join(dir, "sock-canary.img");
   for (const p of [fuzzImg, canaryImg]) { writeFileSync(p, ""); truncateSync(p, 4 * MiB); }
   const sock = join(dir, "fuzz.sock");
-  const srv: Served = await serve(["-q", "-p", "0", fuzzImg, canaryImg], { socket: sock });
+  // Info logging: on an fd leak, the sessions that never logged "closed" are named.
+  const srv: Served = await serve(["-p", "0", fuzzImg, canaryImg], { socket: sock });
   const pid = srv.proc.pid;
   // Fuzzed traffic never names the canary's export on purpose (a random name will not hit it).
   const info = { names: ["", "sock-fuzz"], sizes: [4 * MiB], maxFullPayload: 256 * 1024 };
@@ -120,7 +127,17 @@ export async function fuzzSocket(o: RunOptions): Promise<ModeReport> {
     // Every hostile connection is closed by now: the server must be back to its idle fds.
     let fds = fdCount(pid);
     for (let k = 0; k < 50 && fds > fdStart; k++) { await new Promise((r) => setTimeout(r, 100)); fds = fdCount(pid); }
-    if (fds > fdStart) fail(new FuzzFailure("fd leak", `${fds} open fds at the end, ${fdStart} at the start`));
+    if (fds > fdStart) {
+      const list = fdList(pid);
+      const log = srv.output().split("\n");
+      const open = new Set<string>();
+      for (const l of log) {
+        const m = /\[(\d+)\] (connection from|closed)/.exec(l);
+        if (m) { if (m[2] === "closed") open.delete(m[1]!); else open.add(m[1]!); }
+      }
+      const lines = log.filter((l) => [...open].some((id) => l.includes(`[${id}]`)));
+      fail(new FuzzFailure("fd leak", `${fds} open fds at the end, ${fdStart} at the start: ${list.join(" ")}\nsessions never closed: ${[...open].join(", ")}\n${lines.slice(0, 30).join("\n")}`));
+    }
     if (canaryRounds === 0) fail(new FuzzFailure("canary", "the canary never completed a round"));
   }
   await srv.stop();
