@@ -55,7 +55,9 @@ export async function main(argv: string[]): Promise<number> {
   worker.postMessage(job);
   await new Promise<void>((resolve) => {
     let last = -1, lastChange = Date.now();
+    let ticks = 0;
     const iv = setInterval(() => {
+      if (++ticks % 60 === 0) console.log(`fuzz ${mode}: ${Atomics.load(c, 0)} inputs so far`);
       const moves = Atomics.load(c, 1);
       if (moves !== last) { last = moves; lastChange = Date.now(); return; }
       if (Date.now() - lastChange > a.stall * 1000) {
