@@ -53,6 +53,14 @@ export async function main(argv: string[]): Promise<number> {
   let mode = "";
   let hang: string | null = null;
   worker.postMessage(job);
+  // Interrupted (a long run stopped by hand): report what ran so far.
+  for (const sig of ["SIGINT", "SIGTERM"] as const) {
+    process.on(sig, () => {
+      const done = reports.reduce((n, r) => n + r.inputs, 0) + Atomics.load(c, 0);
+      console.log(`fuzz: interrupted (${sig}) in ${mode} after ${done} inputs in all, no finding so far`);
+      process.exit(130);
+    });
+  }
   await new Promise<void>((resolve) => {
     let last = -1, lastChange = Date.now();
     let ticks = 0;
