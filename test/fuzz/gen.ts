@@ -220,13 +220,17 @@ export function variant(base: BaseInput, v: number): FuzzInput {
   return { bytes: b, splits, slowReader, closeAt, note: `${notes.join(" ") || "no byte changes"}; splits [${splits.join(",")}]${slowReader ? "; slow reader" : ""}${closeAt !== null ? `; hang up at ${closeAt}` : ""}` };
 }
 
-/** Cut `b` into chunks by `splits` (cycled). */
+/**
+ * Cut `b` into chunks by `splits` (cycled). Past the first 8 KiB (the handshake and the first
+ * requests' headers) chunks are 64 times larger: tiny chunks all the way through a 100 KiB write
+ * would cost thousands of calls and find nothing the first headers do not.
+ */
 export function chunks(b: Uint8Array, splits: number[]): Uint8Array[] {
   if (splits.length === 0) return [b];
   const out: Uint8Array[] = [];
   let p = 0;
   for (let i = 0; p < b.length; i++) {
-    const n = splits[i % splits.length]!;
+    const n = splits[i % splits.length]! * (p < 8192 ? 1 : 64);
     out.push(b.subarray(p, Math.min(b.length, p + n)));
     p += n;
   }

@@ -250,11 +250,12 @@ export class SessionTarget {
   /** A well-behaved client on its own export: what it writes it reads back. */
   async canary(index: number): Promise<void> {
     const off = ((index * 7919) % 255) * 4096;
-    const data = Uint8Array.from({ length: 8192 }, (_, k) => (k * 13 + index + this.canaryRound++) & 255);
-    const out: number[] = [];
+    const data = new Uint8Array(8192);
+    const r = index + this.canaryRound++;
+    for (let k = 0; k < data.length; k++) data[k] = (k * 13 + r) & 255;
+    const out: Uint8Array[] = [];
     const t = new FuzzTransport(false);
-    const keep = { send: (b: Uint8Array) => { for (const x of b) out.push(x); } };
-    t.send = (b) => keep.send(b);
+    t.send = (b) => { out.push(b.slice()); };
     const s = new Session(t, this.server, this.log, "canary");
     t.session = s;
     s.onData(cat(
@@ -264,7 +265,7 @@ export class SessionTarget {
       request(NBD_CMD_DISC, { cookie: 3 }),
     ));
     await Promise.resolve();
-    const msgs = parseServer(Uint8Array.from(out));
+    const msgs = parseServer(cat(...out));
     const read = msgs.find((m) => m.kind === "chunk" && m.cookie === 2 && m.type === NBD_REPLY_TYPE_OFFSET_DATA);
     const wrote = msgs.find((m) => (m.kind === "chunk" || m.kind === "simple") && m.cookie === 1);
     if (!wrote || !read || read.kind !== "chunk") throw new FuzzFailure("canary", `no reply to the canary's write or read (${msgs.length} messages)`);
