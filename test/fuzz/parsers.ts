@@ -9,10 +9,10 @@ import { dirname, join } from "node:path";
 import { NbdError } from "../../src/protocol/errors.ts";
 import { isPromise, type BlockDevice, type ExportSpec } from "../../src/devices/types.ts";
 import { openCdImage } from "../../src/devices/cd/index.ts";
-import { encodeMode1, RAW_SECTOR } from "../../src/devices/cd/sector.ts";
+import { RAW_SECTOR } from "../../src/devices/cd/sector.ts";
 import { openImage } from "../../src/devices/qcow2/index.ts";
 import { writeNewImage } from "../../src/devices/qcow2/format.ts";
-import { FuzzFailure } from "./session.ts";
+import { FuzzFailure, cdSectors } from "./session.ts";
 
 /** One parser under fuzz. */
 export interface ParserTarget {
@@ -64,15 +64,6 @@ async function exercise(specs: ExportSpec[], what: string): Promise<void> {
 }
 
 // ---------------------------------------------------------------- CD images -----------------
-
-function rawSectors(n: number, firstLba: number): Uint8Array {
-  const b = new Uint8Array(n * RAW_SECTOR);
-  for (let i = 0; i < n; i++) {
-    b.fill(i & 255, i * RAW_SECTOR + 16, i * RAW_SECTOR + 2064);
-    encodeMode1(b, i * RAW_SECTOR, firstLba + i);
-  }
-  return b;
-}
 
 const te = new TextEncoder();
 
@@ -144,7 +135,7 @@ const cue: ParserTarget = {
   name: "cue",
   text: true,
   seeds(dir) {
-    writeFileSync(join(dir, "data.bin"), rawSectors(60, 0));
+    writeFileSync(join(dir, "data.bin"), cdSectors(60, 0));
     writeFileSync(join(dir, "audio.bin"), new Uint8Array(30 * RAW_SECTOR).fill(7));
     return CUE_SEEDS.map((s) => te.encode(s));
   },
@@ -159,7 +150,7 @@ const ccd: ParserTarget = {
   name: "ccd",
   text: true,
   seeds(dir) {
-    writeFileSync(join(dir, "fuzz.img"), rawSectors(60, 0));
+    writeFileSync(join(dir, "fuzz.img"), cdSectors(60, 0));
     return [te.encode(CCD_SEED)];
   },
   run(bytes, dir) {

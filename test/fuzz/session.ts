@@ -16,6 +16,8 @@ import type { Transport } from "../../src/server/types.ts";
 import type { Logger } from "../../src/server/log.ts";
 import { MemoryDevice } from "../../src/devices/memory.ts";
 import { openOverlay } from "../../src/devices/qcow2/index.ts";
+import { openCdImage } from "../../src/devices/cd/index.ts";
+import { encodeMode1, RAW_SECTOR } from "../../src/devices/cd/sector.ts";
 import { NBD_EIO } from "../../src/protocol/constants.ts";
 import { NbdError } from "../../src/protocol/errors.ts";
 import {
@@ -97,6 +99,16 @@ class ReadOnlyAligned extends MemoryDevice {
   blockSize(): BlockSize { return { minimum: 512, preferred: 4096, maximum: 1024 * 1024 }; }
 }
 
+/** `n` raw Mode 1 sectors from LBA `first` (valid sync, header, EDC and ECC). */
+export function cdSectors(n: number, first: number): Uint8Array {
+  const b = new Uint8Array(n * RAW_SECTOR);
+  for (let i = 0; i < n; i++) {
+    b.fill(i & 255, i * RAW_SECTOR + 16, i * RAW_SECTOR + 2064);
+    encodeMode1(b, i * RAW_SECTOR, first + i);
+  }
+  return b;
+}
+
 /** A logger that remembers error-level lines: each is a finding (a non-NbdError reached dispatch). */
 export class RecordingLogger implements Logger {
   readonly debugEnabled = false;
@@ -146,6 +158,7 @@ export class SessionTarget {
   private readonly pending = new Pending();
   private server!: NbdServer;
   private ovl: BlockDevice | null = null;
+  private cd: ExportSpec[] = [];
   private resets = 0;
   /** The canary's export lives across resets: what it wrote must stay written. */
   private readonly canaryDevice = new MemoryDevice(MiB);
@@ -161,10 +174,16 @@ export class SessionTarget {
     };
   }
 
-  /** `dir`: a scratch directory for the overlay's base image. */
+  /** `dir`: a scratch directory for the overlay's base image and a small CD image. */
   static async create(dir: string): Promise<SessionTarget> {
     const t = new SessionTarget(dir);
     writeFileSync(join(dir, "base.img"), new Uint8Array(4 * MiB).fill(0x42));
+    // A two-track CD (data + audio): its cooked and raw views are read-only, stateless devices.
+    writeFileSync(join(dir, "cd.bin"), cdSectors(40, 0));
+    writeFileSync(join(dir, "cd.cue"), 'FILE "cd.bin" BINARY\n  TRACK 01 MODE1/2352\n    INDEX 01 00:00:00\n  TRACK 02 AUDIO\n    INDEX 00 00:00:20\n    INDEX 01 00:00:25\n');
+    t.cd = await openCdImage(join(dir, "cd.cue"), { log: () => {} });
+    t.info.names.push(...t.cd.map((e) => e.name));
+    t.info.sizes.push(...t.cd.map((e) => e.device.size()));
     return t;
   }
 
@@ -185,6 +204,7 @@ export class SessionTarget {
       { name: "huge", device: new MemoryDevice(2 ** 53) },
       { name: "ovl", device: new Tracked(this.ovl, p) },
       { name: CANARY, device: this.canaryDevice },
+      ...this.cd,
     ];
     this.server = new NbdServer(specs, { log: this.log });
   }
