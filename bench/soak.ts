@@ -22,17 +22,31 @@ const SIZE = 256 * 1024 * 1024;
 const BLOCK = 4096;
 mkdirSync(DIR, { recursive: true });
 
+let stopping = false;
+
 interface Target { name: string; srv: Served; tcp: string; unix: string; sock: string; export: string }
 const stats = { ops: 0, bytesWritten: 0, bytesRead: 0, verified: 0, connects: 0, gracefulCloses: 0, abruptCloses: 0, stalledClients: 0, handshakeHangups: 0 };
-const errors: string[] = [];
+/** Errors by kind (digits blanked): the first of each kind with its time, and how many there were. */
+const errors = new Map<string, { first: string; count: number }>();
 let errorCount = 0;
 function error(msg: string): void {
   errorCount++;
-  if (errors.length < 50) errors.push(`${new Date().toISOString().slice(11, 19)} ${msg}`);
+  const kind = msg.replace(/\d+/g, "N");
+  const e = errors.get(kind);
+  if (e) e.count++;
+  else if (errors.size < 100) errors.set(kind, { first: `${new Date().toISOString().slice(11, 19)} ${msg}`, count: 1 });
 }
 
-const rssKiB = (pid: number) => Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, "utf8"))?.[1] ?? 0);
-const fds = (pid: number) => readdirSync(`/proc/${pid}/fd`).length;
+const rssKiB = (pid: number) => { try { return Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, "utf8"))?.[1] ?? 0); } catch { return -1; } };
+/** Open fds, not counting duplicates of stdin/stdout/stderr (Bun dups stderr when it first logs); -1 once the process is gone. */
+function fdList(pid: number): string[] | null {
+  const link = (f: string) => { try { return readlinkSync(`/proc/${pid}/fd/${f}`); } catch { return "?"; } };
+  try {
+    const std = new Set(["0", "1", "2"].map(link));
+    return readdirSync(`/proc/${pid}/fd`).filter((f) => Number(f) <= 2 || !std.has(link(f))).map(link);
+  } catch { return null; }
+}
+const fds = (pid: number) => fdList(pid)?.length ?? -1;
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const rand = (n: number) => Math.floor(Math.random() * n);
 
@@ -46,7 +60,12 @@ async function startTargets(): Promise<Target[]> {
   const out: Target[] = [];
   for (const [name, files, exp] of [["raw", [raw], "raw"], ["overlay", ["--overlay", join(DIR, "overlay.qcow2"), base], "base"]] as const) {
     const sock = join(DIR, `${name}.sock`);
-    const srv = await serve(["-q", "-p", "0", ...files], { socket: sock });
+    // Info logging (each connection is a line): if a server stops, its last lines say why.
+    const srv = await serve(["-p", "0", ...files], { socket: sock });
+    void srv.proc.exited.then((code) => {
+      if (stopping) return;
+      error(`${name} server exited with ${code}; its last log lines:\n      ${srv.output().trim().split("\n").slice(-30).join("\n      ")}`);
+    });
     out.push({ name, srv, sock, export: exp, tcp: `nbd://127.0.0.1:${srv.port}/${exp}`, unix: `nbd+unix:///${exp}?socket=${sock}` });
   }
   return out;
@@ -191,8 +210,7 @@ async function main(): Promise<void> {
   const targets = await startTargets();
   await sleep(1000);
   const fdStart = targets.map((t) => fds(t.srv.proc.pid));
-  const fdList = (pid: number) => readdirSync(`/proc/${pid}/fd`).map((f) => { try { return readlinkSync(`/proc/${pid}/fd/${f}`); } catch { return "?"; } }).join(" ");
-  console.log(`fds at start: ${targets.map((t) => fdList(t.srv.proc.pid)).join(" | ")}`);
+  console.log(`fds at start: ${targets.map((t) => fdList(t.srv.proc.pid)?.join(" ")).join(" | ")}`);
   const rssStart = targets.map((t) => rssKiB(t.srv.proc.pid));
   console.log(`soak: ${MINUTES} min, ${CLIENTS} clients, servers ${targets.map((t) => `${t.name} pid ${t.srv.proc.pid}`).join(", ")}; dir ${DIR}`);
   const t0 = Date.now();
@@ -202,7 +220,7 @@ async function main(): Promise<void> {
   const sampler = setInterval(() => {
     const el = (Date.now() - t0) / 1000;
     targets.forEach((t, i) => {
-      if (t.srv.proc.exitCode !== null) { error(`${t.name} server exited with ${t.srv.proc.exitCode}`); return; }
+      if (t.srv.proc.exitCode !== null) return; // reported once, by the exit handler
       const rss = rssKiB(t.srv.proc.pid), f = fds(t.srv.proc.pid);
       samples[i]!.push({ t: el, rss });
       csv.push(`${el.toFixed(0)},${t.name},${rss},${f},${stats.ops},${errorCount}`);
@@ -227,24 +245,21 @@ async function main(): Promise<void> {
   console.log(`\nsoak finished after ${((Date.now() - t0) / 60000).toFixed(1)} min`);
   targets.forEach((t, i) => {
     const s = samples[i]!;
-    const max = Math.max(...s.map((x) => x.rss));
+    const max = Math.max(0, ...s.map((x) => x.rss));
     const logLines = t.srv.output().split("\n");
     const errLines = logLines.filter((l) => / error: /.test(l));
     console.log(`  ${t.name}: RSS start ${rssStart[i]! >> 10} MiB, end ${rssEnd[i]! >> 10} MiB, max ${max >> 10} MiB, ` +
       `slope after warm-up ${slope(s.filter((x) => x.t >= warm)).toFixed(0)} KiB/min; fds start ${fdStart[i]}, end ${fdEnd[i]}; ` +
       `server log: ${logLines.filter((l) => /warning:/.test(l)).length} warnings, ${errLines.length} errors`);
     for (const l of errLines.slice(0, 5)) error(`${t.name} server logged: ${l}`);
-    if (fdEnd[i] !== fdStart[i]) {
-      const pid = t.srv.proc.pid;
-      const what = readdirSync(`/proc/${pid}/fd`).map((f) => { try { return readlinkSync(`/proc/${pid}/fd/${f}`); } catch { return "?"; } });
-      error(`${t.name}: ${fdEnd[i]} fds at the end, ${fdStart[i]} at the start: ${what.join(" ")}`);
-    }
+    if (fdEnd[i] !== fdStart[i]) error(`${t.name}: ${fdEnd[i]} fds at the end, ${fdStart[i]} at the start: ${fdList(t.srv.proc.pid)?.join(" ")}`);
   });
   console.log(`  load: ${stats.ops} ops, ${(stats.bytesWritten / 2 ** 30).toFixed(1)} GiB written, ${stats.verified} blocks verified, ` +
     `${stats.connects} library connections (${stats.gracefulCloses} closed, ${stats.abruptCloses} hung up with requests in flight), ` +
     `${stats.stalledClients} stalled readers, ${stats.handshakeHangups} handshake hang-ups`);
-  console.log(`  errors: ${errorCount}${errors.length ? "\n    " + errors.join("\n    ") : ""}`);
+  console.log(`  errors: ${errorCount}${[...errors.values()].map((e) => `\n    ${e.count} x ${e.first}`).join("")}`);
   console.log(`  samples: ${join(DIR, "soak.csv")}`);
+  stopping = true;
   for (const t of targets) await t.srv.stop();
   process.exit(errorCount ? 1 : 0);
 }
