@@ -5,6 +5,7 @@ import * as assert from "uvu/assert";
 import { NBD_OPT_GO, NBD_OPT_LIST, NBD_REP_ACK, NBD_REP_ERR_INVALID } from "../src/protocol/constants.ts";
 import { MemoryDevice } from "../src/devices/memory.ts";
 import { parseCue } from "../src/devices/cd/cue.ts";
+import { ccdTrackEnd, parseCcd } from "../src/devices/cd/ccd.ts";
 import { openImage, Qcow2Error } from "../src/devices/qcow2/index.ts";
 import { writeNewImage } from "../src/devices/qcow2/format.ts";
 import { closeSync, openSync, readFileSync, truncateSync, writeFileSync, writeSync } from "node:fs";
@@ -63,6 +64,15 @@ test("a client that resets the connection while large READs go out with sendfile
     await srv.stop();
   }
 }));
+
+test("CloneCD: a lead-out before the last track's start is refused (was an export of negative size)", () => {
+  const entry = (n: number, point: string, lba: number) => `[Entry ${n}]\nSession=1\nPoint=${point}\nADR=0x01\nControl=0x04\nPLBA=${lba}\n`;
+  const ccd = `[CloneCD]\nVersion=3\n${entry(0, "0xa2", 6)}${entry(1, "0x01", 0)}${entry(2, "0x02", 40)}[TRACK 1]\nMODE=1\n[TRACK 2]\nMODE=1\n`;
+  const sheet = parseCcd(new TextEncoder().encode(ccd), "x.ccd");
+  const img = { path: "x.img", label: "x.img", size: 60 * 2352, fd: -1 };
+  assert.is(ccdTrackEnd(sheet, 0, img, "x.ccd"), 40);
+  assert.throws(() => ccdTrackEnd(sheet, 1, img, "x.ccd"), /x\.ccd: the lead-out of session 1 \(LBA 6\) is not after track 2's INDEX 1 \(LBA 40\)/);
+});
 
 // ---- qcow2 overlays: hostile headers and tables must be refused cleanly, legit large ones opened.
 

@@ -1,15 +1,15 @@
 // Structure-aware generators for what an NBD client can send: client flags, every option with its
 // payload (valid, truncated, overlong, lying counts and lengths), the end of the handshake (GO,
-// EXPORT_NAME or none), requests with mutated lengths, flags, magics, cookies and offsets, WRITE
-// payloads cut short. fast-check draws a base input (and shrinks it); a small seeded mutation loop
+// EXPORT_NAME or none), compact or extended requests with mutated lengths, flags, magics, cookies
+// and offsets, WRITE payloads cut short. fast-check draws a base input (and shrinks it); a small seeded mutation loop
 // (variants()) derives cheap variants of it: byte mutations, chunk splits, hang-ups, slow readers.
 // Pure: no I/O; the fuzz targets (session.ts, socket.ts) turn an input into traffic.
 import fc from "fast-check";
 import {
   IHAVEOPT_HI, IHAVEOPT_LO, NBD_CMD_FLAG_DF, NBD_CMD_FLAG_FAST_ZERO, NBD_CMD_FLAG_FUA, NBD_CMD_FLAG_NO_HOLE,
   NBD_CMD_FLAG_PAYLOAD_LEN, NBD_CMD_FLAG_REQ_ONE, NBD_CMD_WRITE, NBD_EXTENDED_REQUEST_MAGIC, NBD_OPT_ABORT,
-  NBD_OPT_EXPORT_NAME, NBD_OPT_GO, NBD_OPT_INFO, NBD_OPT_LIST_META_CONTEXT, NBD_OPT_SET_META_CONTEXT,
-  NBD_OPT_STRUCTURED_REPLY, NBD_REQUEST_MAGIC,
+  NBD_OPT_EXPORT_NAME, NBD_OPT_EXTENDED_HEADERS, NBD_OPT_GO, NBD_OPT_INFO, NBD_OPT_LIST_META_CONTEXT,
+  NBD_OPT_SET_META_CONTEXT, NBD_OPT_STRUCTURED_REPLY, NBD_REQUEST_MAGIC,
 } from "../../src/protocol/constants.ts";
 import { putU16, putU32, putU64 } from "../../src/protocol/codec.ts";
 
@@ -113,20 +113,30 @@ function encodeOption(info: FuzzTargetInfo, code: number, r: number[]): Uint8Arr
 /** Everything one request can need. */
 const requestArb = fc.tuple(fc.nat(), fc.nat(), fc.nat(), fc.nat(), fc.nat(), fc.nat(), fc.nat(), fc.nat());
 
-function encodeRequest(info: FuzzTargetInfo, r: number[]): { head: Uint8Array; payload: number; fill: number } {
+/**
+ * One request: compact (28 bytes) or, after EXTENDED_HEADERS, extended (32 bytes: u64 cookie and
+ * u64 length, WRITE payloads announced with PAYLOAD_LEN, effect lengths past 4 GiB).
+ */
+function encodeRequest(info: FuzzTargetInfo, r: number[], ext: boolean): { head: Uint8Array; payload: number; fill: number } {
   const [kind, a, b, c, d, e, f, g] = r as [number, number, number, number, number, number, number, number];
   const small = Math.max(512, Math.min(...info.sizes));
-  const h = new Uint8Array(28);
+  const h = new Uint8Array(ext ? 32 : 28);
+  const put = (magicSel: boolean, flags: number, type: number, cookieHi: number, cookieLo: number, offset: number, length: number) => {
+    putU32(h, 0, magicSel ? INTERESTING32[b % INTERESTING32.length]! : ext ? NBD_EXTENDED_REQUEST_MAGIC : NBD_REQUEST_MAGIC);
+    putU16(h, 4, flags);
+    putU16(h, 6, type);
+    putU32(h, 8, cookieHi);
+    putU32(h, 12, cookieLo);
+    putU64(h, 16, Math.min(offset, 2 ** 64 - 2 ** 11)); // exact below 2^53; above, any large value will do
+    if (ext) putU64(h, 24, Math.min(length, 2 ** 64 - 2 ** 11)); else putU32(h, 24, length);
+  };
   if (kind % 5 < 2) {
     // A well-formed request the server should simply answer (interleaved with hostile ones).
     const type = [0, 1, 3, 6, 7, 0, 1][a % 7]!;
     const off = (b % Math.floor(small / 512)) * 512;
     const len = Math.min(512 * (1 + (c % 8)), small - off);
-    putU32(h, 0, NBD_REQUEST_MAGIC);
-    putU16(h, 6, type);
-    putU32(h, 12, d);
-    putU64(h, 16, type === 3 ? 0 : off);
-    putU32(h, 24, type === 3 ? 0 : len);
+    const flags = ext && type === NBD_CMD_WRITE ? NBD_CMD_FLAG_PAYLOAD_LEN : 0;
+    put(false, flags, type, 0, d, type === 3 ? 0 : off, type === 3 ? 0 : len);
     return { head: h, payload: type === NBD_CMD_WRITE ? len : 0, fill: e & 255 };
   }
   const type = a % 20 < 14 ? a % 8 : a % 20 < 18 ? NBD_CMD_WRITE : a % 20 === 18 ? 8 + (b % 5) : b & 0xffff;
@@ -135,15 +145,13 @@ function encodeRequest(info: FuzzTargetInfo, r: number[]): { head: Uint8Array; p
   const ok = c % 8;
   const offset = ok < 4 ? (d % 2048) * 512 : ok < 6 ? d % (1 << 21) : ok < 7 ? Math.max(0, sizes[d % sizes.length]! + (e % 74097) - 70000) : BIG_OFFSETS[d % BIG_OFFSETS.length]!;
   const lk = e % 12;
-  const length = lk < 6 ? 512 * (1 + (g % 128)) : lk < 10 ? g % 9001 : lk < 11 ? 512 * (1 + (g % 2048)) : INTERESTING32[g % INTERESTING32.length]!;
-  putU32(h, 0, kind % 97 === 96 ? INTERESTING32[b % INTERESTING32.length]! : NBD_REQUEST_MAGIC);
-  putU16(h, 4, flags);
-  putU16(h, 6, type);
-  putU32(h, 8, b);
-  putU32(h, 12, d);
-  putU64(h, 16, Math.min(offset, 2 ** 64 - 2 ** 11)); // exact below 2^53; above, any large value will do
-  putU32(h, 24, length);
-  if (type !== NBD_CMD_WRITE || length === 0) return { head: h, payload: 0, fill: 0 };
+  const length = lk < 6 ? 512 * (1 + (g % 128)) : lk < 10 ? g % 9001 : lk < 11 ? 512 * (1 + (g % 2048))
+    : ext && g % 3 === 0 ? BIG_OFFSETS[g % BIG_OFFSETS.length]! : INTERESTING32[g % INTERESTING32.length]!;
+  // Extended WRITEs mostly carry PAYLOAD_LEN (mandatory); other commands sometimes do (a payload to consume).
+  const plFlag = ext && (type === NBD_CMD_WRITE ? f % 8 !== 0 : f % 16 === 0) ? NBD_CMD_FLAG_PAYLOAD_LEN : 0;
+  put(kind % 97 === 96, flags | plFlag, type, b, d, offset, length);
+  const hasPayload = ext ? (flags | plFlag) & NBD_CMD_FLAG_PAYLOAD_LEN : type === NBD_CMD_WRITE;
+  if (!hasPayload || length === 0) return { head: h, payload: 0, fill: 0 };
   // The payload: all of it (up to maxFullPayload), or cut short (the stream ends inside it).
   const full = g % 11 !== 0 && length <= info.maxFullPayload;
   return { head: h, payload: full ? length : Math.min(length, g % 70000), fill: a & 255 };
@@ -160,24 +168,30 @@ export function baseInput(info: FuzzTargetInfo): fc.Arbitrary<BaseInput> {
     variantSeed: fc.nat(),
   }).map((r) => {
     const parts: Uint8Array[] = [u32(r.flags % 24 === 0 ? INTERESTING32[(r.flags >>> 5) % INTERESTING32.length]! : r.flags % 24 < 18 ? 3 : 1)];
-    if (r.structured % 3 !== 0) parts.push(encodeOption(info, NBD_OPT_STRUCTURED_REPLY, [0, 0, 1, 0, 0, 0, 0, 1]));
+    // 0: neither, 1: structured replies, 2: extended headers, 3: structured replies then extended headers
+    const sel = r.structured % 4;
     const codes: number[] = [];
+    if (sel & 1) { parts.push(encodeOption(info, NBD_OPT_STRUCTURED_REPLY, [0, 0, 1, 0, 0, 0, 0, 1])); codes.push(NBD_OPT_STRUCTURED_REPLY); }
+    if (sel & 2) { parts.push(encodeOption(info, NBD_OPT_EXTENDED_HEADERS, [0, 0, 1, 0, 0, 0, 0, 1])); codes.push(NBD_OPT_EXTENDED_HEADERS); }
     for (const [c, o] of r.options) {
       const code = c % 23 === 22 ? c >>> 5 : OPTION_CODES[c % OPTION_CODES.length]!;
       codes.push(code);
       parts.push(encodeOption(info, code, o));
     }
-    const fin = FINISH_CODES[r.finish[0] % FINISH_CODES.length]!;
+    // After extended headers mostly GO: EXPORT_NAME can only end in a hang-up there.
+    const fin = sel & 2 && r.finish[0] % 10 !== 0 ? NBD_OPT_GO : FINISH_CODES[r.finish[0] % FINISH_CODES.length]!;
     codes.push(fin);
     parts.push(encodeOption(info, fin, r.finish[1]));
+    // Requests follow the header format the options asked for (now and then the other one).
+    const ext = codes.includes(NBD_OPT_EXTENDED_HEADERS) !== (r.flags % 13 === 0);
     const reqs: string[] = [];
     for (const q of r.requests) {
-      const { head, payload, fill } = encodeRequest(info, q);
+      const { head, payload, fill } = encodeRequest(info, q, ext);
       parts.push(head);
       if (payload) parts.push(new Uint8Array(payload).fill(fill));
       reqs.push(`${head[7]}/${payload}`);
     }
-    return { bytes: cat(parts), summary: `options [${codes.join(",")}], requests [${reqs.join(" ")}]`, variantSeed: r.variantSeed };
+    return { bytes: cat(parts), summary: `options [${codes.join(",")}], ${ext ? "extended" : "compact"} requests [${reqs.join(" ")}]`, variantSeed: r.variantSeed };
   });
 }
 
