@@ -1,13 +1,17 @@
 // Fuzz targets for every parser that reads user files, as one table: each entry makes valid seed
 // files, mutates them (line-aware for text descriptors, field-aware for binary headers and tables)
-// and runs the real open path on the result. The oracle: a result, or a clean error (an Error
+// and runs the real open path on the result (CUE, CloneCD, qcow2 overlays, image inspection and
+// partition exports). The oracle: a result, or a clean error (an Error
 // naming the file, or an NbdError from a read) — never a TypeError/RangeError, a hang or a write
 // outside the file. To add a reader (VHD, zip, gzip/xz index, partition tables): one more entry.
 import fc from "fast-check";
-import { closeSync, openSync, readFileSync, statSync, writeFileSync } from "node:fs";
+import { closeSync, openSync, readFileSync, statSync, truncateSync, writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { NbdError } from "../../src/protocol/errors.ts";
-import { isPromise, type BlockDevice, type ExportSpec } from "../../src/devices/types.ts";
+import { caps, isPromise, type BlockDevice, type ExportSpec } from "../../src/devices/types.ts";
+import { deviceSource, describeExports } from "../../src/devices/partition-exports.ts";
+import { inspect } from "../../src/inspect/index.ts";
+import { need, runOk } from "../helpers/env.ts";
 import { openCdImage } from "../../src/devices/cd/index.ts";
 import { RAW_SECTOR } from "../../src/devices/cd/sector.ts";
 import { openImage } from "../../src/devices/qcow2/index.ts";
@@ -278,8 +282,79 @@ const qcow2: ParserTarget = {
   run: openQcow2,
 };
 
-/** Every parser under fuzz. VHD, zip, gzip/xz and partition-table readers join here. */
-export const PARSERS: ParserTarget[] = [cue, ccd, qcow2];
+// ---------------------------------------------------------------- image inspection ----------
+
+/** A read-only device over bytes in memory (what serve inspects, without a file). */
+class BytesDevice implements BlockDevice {
+  constructor(private readonly b: Uint8Array) {}
+  size(): number { return this.b.length; }
+  capabilities() { return caps({}); }
+  pread(buf: Uint8Array, offset: number): void { buf.set(this.b.subarray(offset, offset + buf.length)); }
+}
+
+const IMG = 4 * 1024 * 1024;
+
+/** Disk images made by the real tools: GPT and MBR (with logicals) partitions holding FAT and ext4, and a bare FAT. */
+async function inspectSeeds(dir: string): Promise<Uint8Array[]> {
+  need("sfdisk", "mkfs.fat", "mkfs.ext4");
+  const make = async (name: string, table: string | null, fs: [string[], number][]) => {
+    const p = join(dir, name);
+    writeFileSync(p, "");
+    truncateSync(p, IMG);
+    if (table) await runOk(["sfdisk", "-q", p], { stdin: new TextEncoder().encode(table) });
+    for (const [cmd, offsetSectors] of fs) await runOk([...cmd, ...(offsetSectors ? [`--offset=${offsetSectors}`] : []), p, ...(cmd[0] === "mkfs.fat" && table ? ["1024"] : [])]);
+    return new Uint8Array(readFileSync(p));
+  };
+  return [
+    await make("gpt.img", "label: gpt\n,1M\n,\n", [[["mkfs.fat", "-F", "12"], 2048]]),
+    await make("mbr.img", "label: dos\n,1M,c\n,,5\n,1M,83\n", [[["mkfs.fat", "-F", "12"], 2048]]),
+    await make("fat.img", null, [[["mkfs.fat", "-F", "12"], 0]]),
+    await make("ext4.img", null, [[["mkfs.ext4", "-q", "-F"], 0]]),
+  ];
+}
+
+/** The partition tables, the first partition's boot sector, and an ext superblock. */
+function inspectFields(): Field[] {
+  const f: Field[] = [];
+  for (let i = 0; i < 4; i++) for (const o of [4, 8, 12]) f.push({ at: 446 + 16 * i + o, size: 4 });
+  for (const o of [8, 12, 16, 24, 32, 40, 48, 72, 80, 84]) f.push({ at: 512 + o, size: o >= 80 ? 4 : 8 });
+  for (let i = 0; i < 4; i++) for (const o of [32, 40]) f.push({ at: 1024 + 128 * i + o, size: 8 });
+  for (const base of [0, 1024 * 1024]) for (const o of [11, 14, 16, 17, 19, 22, 32, 36, 44]) f.push({ at: base + o, size: o === 16 ? 2 : 4 });
+  for (const o of [0, 4, 24, 32, 40, 88]) f.push({ at: 1024 + o, size: 4 });
+  return f;
+}
+
+const inspectTarget: ParserTarget = {
+  name: "inspect",
+  seeds: inspectSeeds,
+  fields: inspectFields,
+  async run(bytes) {
+    const label = "fuzz.img";
+    const dev = new BytesDevice(bytes);
+    let r;
+    try {
+      r = await inspect(deviceSource(dev), { source: label });
+    } catch (e) {
+      throw unclean("inspect (it promises never to throw)", e);
+    }
+    if (!r || typeof r.size !== "number") throw new FuzzFailure("bad report", `${label}: inspect returned ${String(r)}`);
+    // Partition exports, as serve offers them: within the disk, and readable.
+    let d;
+    try {
+      d = await describeExports([{ name: "disk", device: dev }], { partitions: true, log: () => {} });
+    } catch (e) {
+      throw unclean("partition exports", e);
+    }
+    for (const s of d.specs) {
+      const size = s.device.size();
+      if (size < 0 || size > bytes.length) throw new FuzzFailure("bad size", `${label} export ${s.name}: size ${size} outside the disk (${bytes.length})`);
+    }
+    await exercise(d.specs, label);
+  },
+};
+
+/** Every parser under fuzz. VHD, zip and gzip/xz readers join here. */
+export const PARSERS: ParserTarget[] = [cue, ccd, qcow2, inspectTarget];
 
 // ---------------------------------------------------------------- mutations ------------------
 
