@@ -15,9 +15,12 @@ const HELP = `usage: bun-nbd serve [options] FILE...
 
 Serve disk images over NBD. Each FILE becomes an export named after the file without its
 extension (disk.img -> "disk"); the first one is also the default export "".
-Raw images (.img, .ima, .vfd, .flp, .raw, anything else) are served byte for byte; CD images
-(.cue, .ccd, or a lone raw-sector .bin/.img) as cooked and raw track views. Each partition of an
-MBR or GPT disk is also offered as NAME/p1, NAME/p2, ... (logical partitions from p5).
+What FILE is comes from its content: raw images (.img, .ima, .vfd, .flp, .raw, anything else) are
+served byte for byte; CD images (.cue, .ccd, or lone raw sectors) as cooked and raw track views;
+ISO 9660 images like a CD (read-only, 2048-byte blocks); .xz/.gz/.zip/.imz images as their
+uncompressed bytes (read-only; archive.zip/MEMBER picks a member); VHDs (fixed: read-write;
+dynamic: read-only); qcow2 overlays as themselves. Each partition of an MBR or GPT disk is also
+offered as NAME/p1, NAME/p2, ... (logical partitions from p5).
 On start, serve says what each export holds and prints a QEMU command line that fits it.
 
 options:
@@ -29,7 +32,8 @@ options:
   -r, --read-only      export read-only (files are opened read-only)
   -n, --name NAME      export name (one FILE only)
   -o, --overlay FILE   send every write to this qcow2 overlay (created if missing); FILE is the
-                       base image and is never modified
+                       base and is never modified. A CD image is then one export: the cooked
+                       view of its first data track
   -s, --snapshot       like --overlay with a temporary overlay that is deleted at exit
       --compat         create overlays with standard L2 entries (for QEMU older than 5.2)
       --no-partitions  do not offer partition exports (NAME/pN)
