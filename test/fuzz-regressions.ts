@@ -12,6 +12,7 @@ import { closeSync, openSync, readFileSync, truncateSync, writeFileSync, writeSy
 import { join } from "node:path";
 import { need, runOk, scratch } from "./helpers/env.ts";
 import { serve } from "./helpers/server.ts";
+import { openExports } from "../src/devices/open.ts";
 import { CMD, Wire, request as rawRequest } from "./robustness-wire.ts";
 import { deadline } from "./helpers/assert.ts";
 import { cat, clientFlags, fakeSession, option, parseServer } from "./helpers/wire.ts";
@@ -72,6 +73,34 @@ test("CloneCD: a lead-out before the last track's start is refused (was an expor
   const img = { path: "x.img", label: "x.img", size: 60 * 2352, fd: -1 };
   assert.is(ccdTrackEnd(sheet, 0, img, "x.ccd"), 40);
   assert.throws(() => ccdTrackEnd(sheet, 1, img, "x.ccd"), /x\.ccd: the lead-out of session 1 \(LBA 6\) is not after track 2's INDEX 1 \(LBA 40\)/);
+});
+
+test("xz: a corrupt block header fails that block's reads with EIO naming the file (was a bare Error, not remembered as damaged)", async () => {
+  need("xz");
+  const d = scratch("bun-nbd-fuzzreg-xz-");
+  const raw = join(d, "disk.img");
+  writeFileSync(raw, new Uint8Array(MiB).map((_, i) => (i >> 9) & 255));
+  const xz = join(d, "disk.img.xz");
+  await runOk(["sh", "-c", `xz -c --block-size=65536 ${raw} > ${xz}`]);
+  // xz --robot -lvv lists each block: "block", stream, number in stream, number in file, compressed offset, ...
+  const list = (await runOk(["xz", "--robot", "-lvv", xz])).stdout.split("\n").map((l) => l.split("\t"));
+  const second = Number(list.find((f) => f[0] === "block" && f[3] === "2")![4]);
+  const b = readFileSync(xz);
+  b[second + 2] = b[second + 2]! ^ 0xff; // inside the block header: its CRC32 no longer matches
+  writeFileSync(xz, b);
+  const [exp] = await openExports([xz], { readOnly: true, log: () => {} });
+  try {
+    exp!.device.pread(new Uint8Array(65536), 0, 0); // block 1 is fine
+    for (let k = 0; k < 2; k++) {
+      let err: unknown = null;
+      try { exp!.device.pread(new Uint8Array(4096), 65536, 0); } catch (e) { err = e; }
+      assert.ok(err instanceof Error, "block 2 cannot be read");
+      assert.is((err as { code?: string }).code, "EIO");
+      assert.match((err as Error).message, /disk\.img\.xz: bytes 65536-131071 cannot be decoded/);
+    }
+  } finally {
+    await exp!.device.close?.();
+  }
 });
 
 // ---- qcow2 overlays: hostile headers and tables must be refused cleanly, legit large ones opened.

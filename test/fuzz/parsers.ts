@@ -1,15 +1,16 @@
 // Fuzz targets for every parser that reads user files, as one table: each entry makes valid seed
 // files, mutates them (line-aware for text descriptors, field-aware for binary headers and tables)
 // and runs the real open path on the result (CUE, CloneCD, qcow2 overlays, image inspection and
-// partition exports). The oracle: a result, or a clean error (an Error
+// partition exports, xz/gzip/zip and VHD containers). The oracle: a result, or a clean error (an Error
 // naming the file, or an NbdError from a read) — never a TypeError/RangeError, a hang or a write
 // outside the file. To add a reader (VHD, zip, gzip/xz index, partition tables): one more entry.
 import fc from "fast-check";
 import { closeSync, openSync, readFileSync, statSync, truncateSync, writeFileSync } from "node:fs";
-import { dirname, join } from "node:path";
+import { basename, dirname, join } from "node:path";
 import { NbdError } from "../../src/protocol/errors.ts";
 import { caps, isPromise, type BlockDevice, type ExportSpec } from "../../src/devices/types.ts";
 import { deviceSource, describeExports } from "../../src/devices/partition-exports.ts";
+import { openExports } from "../../src/devices/open.ts";
 import { inspect } from "../../src/inspect/index.ts";
 import { need, runOk } from "../helpers/env.ts";
 import { openCdImage } from "../../src/devices/cd/index.ts";
@@ -42,7 +43,7 @@ function clean(e: unknown, label: string): boolean {
   if (e instanceof NbdError) return true;
   if (!(e instanceof Error)) return false;
   if (e instanceof TypeError || e instanceof RangeError || e instanceof SyntaxError || e instanceof ReferenceError) return false;
-  return e.message.includes(label) || e.message.includes(dirname(label));
+  return e.message.includes(basename(label)) || e.message.includes(dirname(label));
 }
 
 function unclean(what: string, e: unknown): FuzzFailure {
@@ -51,6 +52,12 @@ function unclean(what: string, e: unknown): FuzzFailure {
 
 async function aw(r: unknown): Promise<void> {
   if (isPromise(r)) await r;
+}
+
+/** A read may fail with an NbdError or an OS-style error (a `code` such as "EIO": damaged data), nothing else. */
+function ioError(e: unknown): boolean {
+  if (e instanceof NbdError) return true;
+  return e instanceof Error && !(e instanceof TypeError || e instanceof RangeError) && typeof (e as { code?: unknown }).code === "string";
 }
 
 /** Read every export a few times (start, end, a middle piece); errors must be NbdErrors. */
@@ -62,7 +69,7 @@ async function exercise(specs: ExportSpec[], what: string): Promise<void> {
     for (const [off, len] of [[0, 4096], [Math.max(0, size - 5000), 5000], [Math.floor(size / 3), 70000]] as const) {
       const n = Math.max(0, Math.min(len, size - off));
       if (n === 0) continue;
-      try { await aw(d.pread(new Uint8Array(n), off, 0)); } catch (e) { if (!(e instanceof NbdError)) throw unclean(`${what} read ${s.name}`, e); }
+      try { await aw(d.pread(new Uint8Array(n), off, 0)); } catch (e) { if (!ioError(e)) throw unclean(`${what} read ${s.name}`, e); }
     }
   }
 }
@@ -353,8 +360,53 @@ const inspectTarget: ParserTarget = {
   },
 };
 
-/** Every parser under fuzz. VHD, zip and gzip/xz readers join here. */
-export const PARSERS: ParserTarget[] = [cue, ccd, qcow2, inspectTarget];
+// ---------------------------------------------------------------- containers (sniffing opener) -
+
+/**
+ * A container format through the one opening function (content sniffing, then the format's own
+ * reader): the mutated file is written under `ext` and opened read-only like `serve FILE`.
+ */
+function container(name: string, ext: string, make: (dir: string, raw: string, out: string) => Promise<unknown>): ParserTarget {
+  return {
+    name,
+    async seeds(dir) {
+      const raw = join(dir, "seed.raw");
+      const data = new Uint8Array(1024 * 1024);
+      for (let i = 0; i < data.length; i += 4096) data.fill((i >> 12) * 7, i, i + (i % 3 ? 4096 : 1000));
+      writeFileSync(raw, data);
+      const out = join(dir, `seed${ext}`);
+      await make(dir, raw, out);
+      return [new Uint8Array(readFileSync(out))];
+    },
+    async run(bytes, dir) {
+      const path = join(dir, `fuzz${ext}`);
+      writeFileSync(path, bytes);
+      let specs: ExportSpec[];
+      try {
+        specs = await openExports([path], { readOnly: true, log: () => {} });
+      } catch (e) {
+        if (clean(e, path)) return;
+        throw unclean(`opening ${path}`, e);
+      }
+      try {
+        await exercise(specs, path);
+      } finally {
+        for (const s of specs) await aw(s.device.close?.());
+      }
+    },
+  };
+}
+
+const CONTAINERS: ParserTarget[] = [
+  container("xz", ".img.xz", (_d, raw, out) => runOk(["sh", "-c", `xz -c --block-size=65536 ${raw} > ${out}`])),
+  container("gzip", ".img.gz", (_d, raw, out) => runOk(["sh", "-c", `gzip -c ${raw} > ${out}`])),
+  container("zip", ".zip", (d, raw, out) => runOk(["zip", "-q", "-j", out, raw], { cwd: d })),
+  container("vhd-dynamic", ".vhd", (_d, raw, out) => runOk(["qemu-img", "convert", "-f", "raw", "-O", "vpc", raw, out])),
+  container("vhd-fixed", ".vhd", (_d, raw, out) => runOk(["qemu-img", "convert", "-f", "raw", "-O", "vpc", "-o", "subformat=fixed", raw, out])),
+];
+
+/** Every parser under fuzz: a new reader is one more entry. */
+export const PARSERS: ParserTarget[] = [cue, ccd, qcow2, inspectTarget, ...CONTAINERS];
 
 // ---------------------------------------------------------------- mutations ------------------
 
