@@ -2,11 +2,12 @@
 // by what the content is (sniff.ts: magic numbers, CD001, sync patterns, a sheet's text) rather
 // than the extension alone. Each kind has one small opener in OPENERS; compressed containers are
 // opened and their content sniffed again. Overlays (--overlay/--snapshot) wrap what FILE would
-// serve without one. Every file is checked before the server listens, so a bad file is a clear
-// error and nothing is half-started.
+// serve without one (openOverlayBase). Every file is checked before the server listens, so a bad
+// file is a clear error and nothing is half-started.
 import { closeSync, fstatSync, openSync, readSync, statSync } from "node:fs";
-import { basename, dirname, extname } from "node:path";
+import { basename, dirname, extname, resolve } from "node:path";
 import { RawFile } from "./file.ts";
+import type { OverlayBase } from "./qcow2/base.ts";
 import { IsoView } from "./iso.ts";
 import { HEAD_BYTES, type Kind, type Probe, sniff } from "./sniff.ts";
 import { type BlockDevice, type ExportSpec, isPromise } from "./types.ts";
@@ -65,19 +66,54 @@ async function closeAll(specs: ExportSpec[]): Promise<void> {
 }
 
 async function openOne(file: string, opts: OpenOptions): Promise<ExportSpec[]> {
+  if (opts.overlay === undefined && !opts.snapshot) return (await openImage(file, opts)).exports;
   const name = opts.name ?? exportNameFor(file);
-  const img = await openImage(file, opts);
-  if (opts.overlay === undefined && !opts.snapshot) return img.exports;
-  await closeAll(img.exports);
-  if (img.kind === "qcow2") throw new Error(`${file} is a qcow2 overlay already: serve it directly, without --overlay/--snapshot`);
-  if (!img.rawBase) {
-    throw new Error(`${file}: an overlay over a ${KIND_NAMES[img.kind]} is not supported yet; ` +
-      (img.exports[0]?.device.capabilities().canWrite ? "serve it without --overlay/--snapshot (it is writable)" : "it is served read-only without one"));
-  }
   const { openOverlay } = await import("./qcow2/index.ts");
-  const device = await openOverlay({ base: img.rawBase, overlay: opts.overlay, compat: opts.compat, readOnly: opts.readOnly, log: opts.info ?? opts.log });
-  const what = opts.overlay ? `overlay ${opts.overlay}` : "throw-away snapshot";
-  return [{ name, description: `${basename(file)} through ${what}`, device }];
+  const base = await openOverlayBase(file, opts);
+  try {
+    const device = await openOverlay({ base: base.base, overlay: opts.overlay, compat: opts.compat, readOnly: opts.readOnly, log: opts.info ?? opts.log });
+    const what = opts.overlay ? `overlay ${opts.overlay}` : "throw-away snapshot";
+    return [{ name, description: `${base.description} through ${what}`, device }];
+  } finally {
+    await base.base.release(); // the overlay holds its own reference
+  }
+}
+
+/**
+ * The base an overlay over FILE wraps: what FILE serves without one (its default export). A raw
+ * image is the raw file (QEMU can follow it too); anything else (a CD's cooked view, an ISO, a
+ * compressed image, a VHD) is recorded as a device-stack base. The files under a CD view get QEMU's
+ * shared read lock, as a raw base does. The caller releases the handle.
+ */
+export async function openOverlayBase(file: string, opts: { log: (msg: string) => void; info?: (msg: string) => void }): Promise<{ base: OverlayBase; description: string }> {
+  const { openBase, deviceBase } = await import("./qcow2/index.ts");
+  const img = await openImage(file, { log: opts.log, info: opts.info, readOnly: true });
+  const [first, ...rest] = img.exports;
+  await closeAll(rest);
+  if (!first) throw new Error(`${file}: nothing to put an overlay on`);
+  if (img.rawBase || img.kind === "qcow2") {
+    await closeAll([first]);
+    if (img.kind === "qcow2") throw new Error(`${file} is a qcow2 overlay already: serve it directly, without --overlay/--snapshot`);
+    return { base: openBase(img.rawBase!), description: basename(file) };
+  }
+  try {
+    let stack = first.description ?? KIND_NAMES[img.kind];
+    let kind: string = img.kind;
+    if (img.kind === "cue" || img.kind === "ccd" || img.kind === "rawcd") {
+      const { CookedTrackView } = await import("./cd/views.ts");
+      const { lockImage, RO_DENY, RO_PERMS } = await import("./qcow2/lock.ts");
+      const view = first.device;
+      if (!(view instanceof CookedTrackView)) throw new Error(`${file}: no data track with a 2048-byte view to put an overlay on (audio only?)`);
+      for (const f of view.disc.files) lockImage(f.fd, f.path, RO_PERMS, RO_DENY);
+      stack = `cooked 2048-byte view of track ${String(view.track.number).padStart(2, "0")} (${view.track.mode.name})`;
+      kind = "cd";
+    }
+    const base = await deviceBase(first.device, { kind, location: resolve(file), stack });
+    return { base, description: first.description ?? basename(file) };
+  } catch (e) {
+    await closeAll([first]);
+    throw e;
+  }
 }
 
 const KIND_NAMES: Record<Kind, string> = {

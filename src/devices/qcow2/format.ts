@@ -1,7 +1,7 @@
-// The qcow2 v3 on-disk format, as far as copy-on-write overlays over a raw base need it: header and
-// header extensions (parse, validate, refuse what is not implemented, naming the feature), entry
-// bit layouts, and creating a fresh overlay. Cold code: written for clarity. Facts are from QEMU's
-// docs/interop/qcow2.txt, checked against qemu-img 7.2 (see the project's overlay notes).
+// The qcow2 v3 on-disk format, as far as copy-on-write overlays need it: header and header
+// extensions (parse, validate, refuse what is not implemented, naming the feature), entry bit
+// layouts, and creating a fresh overlay (with, over a device stack, our identity extension). Cold
+// code: written for clarity. Facts are from QEMU's docs/interop/qcow2.txt, checked against qemu-img 7.2.
 import { closeSync, fdatasyncSync, fstatSync, openSync, readSync, writeSync } from "node:fs";
 
 export const QCOW_MAGIC = 0x514649fb; // "QFI\xfb"
@@ -13,6 +13,13 @@ export const EXT_FEATURE_TABLE = 0x6803f857;
 export const EXT_BITMAPS = 0x23852875;
 export const EXT_CRYPTO = 0x0537be77;
 export const EXT_DATA_FILE = 0x44415441;
+/** Ours: the identity record of a non-raw base (identity.ts); "bnbd". QEMU keeps unknown extensions. */
+export const EXT_BASE_IDENTITY = 0x626e6264;
+/**
+ * The backing format written for non-raw bases: QEMU refuses to open the backing ("Unknown driver
+ * 'bun-nbd'") instead of reading the BIN, the .xz or the CUE text as raw bytes.
+ */
+export const BACKING_FORMAT_BUN = "bun-nbd";
 
 // Incompatible feature bits
 export const INCOMPAT_DIRTY = 1 << 0;
@@ -30,12 +37,21 @@ export const HI_COPIED = 0x80000000;
 export const HI_COMPRESSED = 0x40000000;
 /** Bits 32..55 of an entry hold the high part of the host offset. */
 export const HI_OFFSET_MASK = 0x00ffffff;
-/** Bits 9..31 of an entry hold the low part of the host offset (cluster-aligned, so at least 512). */
+/**
+ * Bits 9..31 of an entry hold the low part of the host offset (cluster-aligned, so at least 512).
+ * `lo & LO_OFFSET_MASK` is a signed 32-bit result: write `(lo & LO_OFFSET_MASK) >>> 0`, or host
+ * offsets from 2 GiB (bit 31 set) come out negative.
+ */
 export const LO_OFFSET_MASK = 0xfffffe00;
 /** Standard L2 entries: the cluster reads as zeros. */
 export const LO_ZERO = 1;
 
 export const MAX_BACKING_NAME = 1023;
+/** QEMU's limits on the L1 table (QCOW_MAX_L1_SIZE) and the refcount table (QCOW_MAX_REFTABLE_SIZE), in bytes. */
+export const MAX_L1_BYTES = 32 * 1024 * 1024;
+export const MAX_REFTABLE_BYTES = 8 * 1024 * 1024;
+/** File offsets must stay exact (and within what positional I/O accepts): anything at or above is corrupt. */
+export const MAX_FILE_OFFSET = 2 ** 53 - 2 ** 21;
 /** The header length QEMU 7.2 writes (104 + compression type + padding). */
 const HEADER_LENGTH = 112;
 
@@ -68,6 +84,8 @@ export interface Header {
   compressionType: number;
   backingName: string | null;
   backingFormat: string | null;
+  /** The base identity extension's bytes (overlays over a device stack), or null. */
+  baseIdentity: Uint8Array | null;
   extensions: { type: number; data: Uint8Array }[];
   /** "type:bit" -> name, from the feature name table, for error messages. */
   featureNames: Map<string, string>;
@@ -94,6 +112,7 @@ function putU64(dv: DataView, off: number, v: number): void {
 
 /** Read and parse cluster 0 of a qcow2 file. Throws Qcow2Error for anything not a qcow2 image. */
 export function readHeader(fd: number, path: string): Header {
+  // (our own header, extensions and backing name always fit in 4 KiB: see writeNewImage)
   const head = new Uint8Array(4096);
   const got = readSync(fd, head, 0, head.length, 0);
   const dv = new DataView(head.buffer);
@@ -120,6 +139,7 @@ export function readHeader(fd: number, path: string): Header {
     compressionType: 0,
     backingName: null,
     backingFormat: null,
+    baseIdentity: null,
     extensions: [],
     featureNames: new Map(),
   };
@@ -149,6 +169,7 @@ export function readHeader(fd: number, path: string): Header {
     const data = head.slice(p + 8, p + 8 + len);
     h.extensions.push({ type, data });
     if (type === EXT_BACKING_FORMAT) h.backingFormat = new TextDecoder().decode(data);
+    if (type === EXT_BASE_IDENTITY) h.baseIdentity = data;
     if (type === EXT_FEATURE_TABLE) {
       for (let e = 0; e + 48 <= len; e += 48) {
         const name = new TextDecoder().decode(data.subarray(e + 2, e + 48)).replace(/\0+$/, "");
@@ -190,10 +211,22 @@ export function validateHeader(h: Header, path: string, write: boolean): void {
   if (h.incompatible & INCOMPAT_EXTL2 && h.clusterBits < 14) throw new Qcow2Error(path, "extended L2 entries with clusters smaller than 16 KiB");
   if (h.backingName === null) throw new Qcow2Error(path, "has no backing file: not an overlay", "no backing file");
   if (h.backingName.startsWith("json:")) throw refuse("json: backing file specification");
-  if (h.backingFormat !== null && h.backingFormat !== "raw") throw refuse(`backing format ${h.backingFormat}`, "only raw bases are supported");
+  if (h.backingFormat === BACKING_FORMAT_BUN) {
+    if (h.baseIdentity === null) throw new Qcow2Error(path, `backing format ${BACKING_FORMAT_BUN} without a base identity record (corrupt image)`);
+  } else if (h.backingFormat !== null && h.backingFormat !== "raw") {
+    throw refuse(`backing format ${h.backingFormat}`, "only raw bases (and bun-nbd device stacks) are supported");
+  }
   if (h.size <= 0 || h.size > 2 ** 53) throw new Qcow2Error(path, `invalid virtual size ${h.size}`);
   if (h.l1Offset % 2 ** h.clusterBits !== 0 || h.refcountTableOffset % 2 ** h.clusterBits !== 0) {
     throw new Qcow2Error(path, "L1 or refcount table offset is not cluster-aligned (corrupt image)");
+  }
+  // QEMU's own limits; they also bound what opening allocates and reads before anything is checked.
+  if (h.l1Size > MAX_L1_BYTES / 8) throw new Qcow2Error(path, `L1 table of ${h.l1Size} entries is above the ${MAX_L1_BYTES / 8} QEMU allows (corrupt image)`);
+  if (h.refcountTableClusters * 2 ** h.clusterBits > MAX_REFTABLE_BYTES) {
+    throw new Qcow2Error(path, `refcount table of ${h.refcountTableClusters} clusters is above the ${MAX_REFTABLE_BYTES} bytes QEMU allows (corrupt image)`);
+  }
+  if (h.l1Offset + h.l1Size * 8 > MAX_FILE_OFFSET || h.refcountTableOffset + h.refcountTableClusters * 2 ** h.clusterBits > MAX_FILE_OFFSET) {
+    throw new Qcow2Error(path, "L1 or refcount table lies beyond any possible file offset (corrupt image)");
   }
   if (write) {
     if (h.version !== 3) throw refuse(`qcow2 version ${h.version} for writing`, "convert with qemu-img amend -o compat=1.1");
@@ -238,12 +271,18 @@ export interface CreateOptions {
   compat?: boolean;
   /** Cluster size as a power of two; default 16 (64 KiB). */
   clusterBits?: number;
+  /** Backing format written (default "raw"; BACKING_FORMAT_BUN over a device stack). */
+  backingFormat?: string;
+  /** The base identity extension's bytes (with BACKING_FORMAT_BUN). */
+  baseIdentity?: Uint8Array;
+  /** fdatasync before returning (default true; a throw-away overlay has nothing to keep). */
+  sync?: boolean;
 }
 
 /**
  * Write a fresh, empty overlay into `fd` (an empty file): header with the backing format and
  * feature name extensions, the backing name, a refcount table sized for the worst case, one
- * refcount block and the L1 table. Synced before returning.
+ * refcount block and the L1 table. Synced before returning (unless `sync: false`).
  */
 export function writeNewImage(fd: number, path: string, o: CreateOptions): void {
   const clusterBits = o.clusterBits ?? 16;
@@ -281,9 +320,15 @@ export function writeNewImage(fd: number, path: string, o: CreateOptions): void 
   dv.setUint32(96, 4);
   dv.setUint32(100, HEADER_LENGTH);
   let p = HEADER_LENGTH;
-  dv.setUint32(p, EXT_BACKING_FORMAT); dv.setUint32(p + 4, 3);
-  h0.set(new TextEncoder().encode("raw"), p + 8);
-  p += 16;
+  const fmt = new TextEncoder().encode(o.backingFormat ?? "raw");
+  dv.setUint32(p, EXT_BACKING_FORMAT); dv.setUint32(p + 4, fmt.length);
+  h0.set(fmt, p + 8);
+  p += 8 + Math.ceil(fmt.length / 8) * 8;
+  if (o.baseIdentity !== undefined) {
+    dv.setUint32(p, EXT_BASE_IDENTITY); dv.setUint32(p + 4, o.baseIdentity.length);
+    h0.set(o.baseIdentity, p + 8);
+    p += 8 + Math.ceil(o.baseIdentity.length / 8) * 8;
+  }
   if (cs >= 8192) {
     dv.setUint32(p, EXT_FEATURE_TABLE); dv.setUint32(p + 4, FEATURE_NAMES.length * 48);
     p += 8;
@@ -294,7 +339,8 @@ export function writeNewImage(fd: number, path: string, o: CreateOptions): void 
     }
   }
   p += 8; // end marker (zeros)
-  if (p + name.length > cs) throw new Qcow2Error(path, "backing file name does not fit in cluster 0");
+  // readHeader reads 4 KiB: 112 header + 16 format + 8+2048 identity + 8+384 names + 8 + 1023 fit
+  if (p + name.length > Math.min(cs, 4096)) throw new Qcow2Error(path, "backing file name does not fit in the header");
   putU64(dv, 8, p);
   dv.setUint32(16, name.length);
   h0.set(name, p);
@@ -311,7 +357,7 @@ export function writeNewImage(fd: number, path: string, o: CreateOptions): void 
   writeAll(fd, rt, rtOffset);
   writeAll(fd, rb, rbOffset);
   writeAll(fd, new Uint8Array(l1Size * 8), l1Offset); // like qemu-img: only l1_size*8 bytes
-  fdatasyncSync(fd);
+  if (o.sync ?? true) fdatasyncSync(fd);
 }
 
 /** Create the overlay file `path` (must not exist). */
