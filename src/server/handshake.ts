@@ -14,6 +14,7 @@ import {
   parseInfoRequest, parseMetaContextRequest, parseOptionHeader,
 } from "../protocol/codec.ts";
 import type { CheckedExport, ExportContext } from "../devices/checked.ts";
+import type { ExportLease } from "./exports.ts";
 import type { Logger } from "./log.ts";
 import type { ExportTable, Negotiated, SessionLink, Transport } from "./types.ts";
 
@@ -38,6 +39,8 @@ export class Handshake {
   private metaSelected: ExportContext[] = [];
   private metaIds: number[] = [];
   private readonly debug: boolean;
+  /** Leases taken while handling the current option; all but the chosen one are given back after it. */
+  private leases: ExportLease[] = [];
   /** Set when GO or EXPORT_NAME chose an export: the handshake is over. */
   result: Negotiated | null = null;
 
@@ -88,7 +91,11 @@ export class Handshake {
       if (this.len - p < 16 + h.length) break;
       const data = this.buf.slice(p + 16, p + 16 + h.length);
       p += 16 + h.length;
-      this.handleOption(h.option, data);
+      try {
+        this.handleOption(h.option, data);
+      } finally {
+        this.releaseLeases();
+      }
     }
     if (this.s.closed) return null;
     // Keep what is left (an incomplete option, or requests pipelined after GO).
@@ -103,12 +110,18 @@ export class Handshake {
     return null;
   }
 
-  /**
-   * The one place the handshake asks for an export (GO, INFO, EXPORT_NAME, meta contexts).
-   * Per-client resolution will pass the client's identity along here.
-   */
+  /** The one place the handshake asks for an export (GO, INFO, EXPORT_NAME, meta contexts). */
   private resolve(name: string): CheckedExport | undefined {
-    return this.exports.get(name);
+    const l = this.exports.resolve(name, this.s.client);
+    if (l === undefined) return undefined;
+    this.leases.push(l);
+    return l.exp;
+  }
+
+  private releaseLeases(): void {
+    const keep = this.result?.lease;
+    for (const l of this.leases) if (l !== keep) l.release();
+    this.leases = [];
   }
 
   private reply(option: number, type: number, data?: Uint8Array): void {
@@ -170,7 +183,7 @@ export class Handshake {
 
   private optList(data: Uint8Array): void {
     if (data.length) return this.replyError(NBD_OPT_LIST, NBD_REP_ERR_INVALID, "LIST takes no data");
-    for (const e of this.exports.list()) this.reply(NBD_OPT_LIST, NBD_REP_SERVER, encodeRepServer(e.name, e.description));
+    for (const e of this.exports.list(this.s.client)) this.reply(NBD_OPT_LIST, NBD_REP_SERVER, encodeRepServer(e.name, e.description));
     this.reply(NBD_OPT_LIST, NBD_REP_ACK);
   }
 
@@ -228,7 +241,9 @@ export class Handshake {
   /** GO or EXPORT_NAME chose `exp`: the handshake is over. */
   private choose(exp: CheckedExport): void {
     if (this.metaExport !== exp.name) this.metaSelected = [];
-    this.result = { exp, structured: this.structured, contexts: this.metaSelected, contextIds: this.metaIds };
-    this.log.info(`[${this.s.id}] ${this.s.peer}: export "${exp.name}" (${exp.size} bytes, ${this.structured ? "structured" : "simple"} replies${this.metaSelected.length ? `, contexts ${this.metaSelected.map((c) => c.name).join(",")}` : ""})`);
+    const lease = this.leases.find((l) => l.exp === exp)!;
+    this.result = { exp, lease, structured: this.structured, contexts: this.metaSelected, contextIds: this.metaIds };
+    this.log.info(`[${this.s.id}] ${this.s.peer}: export "${exp.name}" (${exp.size} bytes, ${this.structured ? "structured" : "simple"} replies${this.metaSelected.length ? `, contexts ${this.metaSelected.map((c) => c.name).join(",")}` : ""})`,
+      { conn: this.s.id, peer: this.s.client.address, export: exp.name });
   }
 }

@@ -5,8 +5,10 @@
 import type { Socket, TCPSocketListener, UnixSocketListener } from "bun";
 import { readSync, rmSync, statSync } from "node:fs";
 import { sendfile } from "../sys/libc.ts";
-import { CheckedExport } from "../devices/checked.ts";
-import { type ExportSpec, isPromise } from "../devices/types.ts";
+import type { CheckedExport } from "../devices/checked.ts";
+import type { ExportSpec } from "../devices/types.ts";
+import { ExportRegistry, Generation, staticRows, type ExportLease } from "./exports.ts";
+import { describeClient, type ClientIdentity, UNIX_PEER } from "./identity.ts";
 import { Session } from "./session.ts";
 import type { ExportTable, Transport } from "./types.ts";
 import { type Logger, silentLogger } from "./log.ts";
@@ -182,34 +184,39 @@ function readFully(fd: number, b: Uint8Array, offset: number): void {
 }
 
 export interface ServerOptions {
-  /** Serve every export read-only, whatever its device can do. */
+  /** Serve every export read-only, whatever its device can do (with a list of specs). */
   readOnly?: boolean;
   log?: Logger;
 }
 
 export class NbdServer implements ExportTable {
-  readonly exports: CheckedExport[];
-  private readonly byName = new Map<string, CheckedExport>();
+  /** The export table; reloads swap generations in it. */
+  readonly registry: ExportRegistry;
   private readonly log: Logger;
   private readonly listeners: (TCPSocketListener<Conn> | UnixSocketListener<Conn>)[] = [];
   private readonly unixPaths: string[] = [];
   private readonly sessions = new Set<Session>();
   private closing = false;
 
-  constructor(specs: ExportSpec[], opts: ServerOptions = {}) {
-    if (specs.length === 0) throw new Error("no exports to serve");
+  /** Serve `specs` (fixed, one stack), or the exports of a registry built from a configuration. */
+  constructor(exports: ExportSpec[] | ExportRegistry, opts: ServerOptions = {}) {
     this.log = opts.log ?? silentLogger;
-    this.exports = specs.map((s) => new CheckedExport(s, { readOnly: opts.readOnly }));
-    for (const e of this.exports) {
-      if (this.byName.has(e.name)) throw new Error(`two exports are named "${e.name}": use --name or rename a file`);
-      this.byName.set(e.name, e);
-    }
+    this.registry = exports instanceof ExportRegistry
+      ? exports
+      : new ExportRegistry(new Generation(staticRows(exports, { readOnly: opts.readOnly, log: this.log })), this.log);
   }
 
-  get(name: string): CheckedExport | undefined {
-    return this.byName.get(name) ?? (name === "" ? this.exports[0] : undefined);
+  /** The current table's exports that have one fixed stack (per-client exports have one per client). */
+  get exports(): CheckedExport[] {
+    return this.registry.current.rows.flatMap((r) => (r.kind === "static" ? [r.exp] : []));
   }
-  list(): readonly CheckedExport[] { return this.exports; }
+
+  resolve(name: string, client: ClientIdentity): ExportLease | undefined {
+    return this.registry.resolve(name, client);
+  }
+  list(client: ClientIdentity): readonly { name: string; description: string }[] {
+    return this.registry.list(client);
+  }
   shuttingDown(): boolean { return this.closing; }
   /** Connections currently open. */
   get connections(): number { return this.sessions.size; }
@@ -221,12 +228,13 @@ export class NbdServer implements ExportTable {
         if (self.closing) { sock.terminate(); return; }
         sock.setNoDelay?.(true);
         const t = new SocketTransport(sock);
-        const peer = sock.remoteAddress ? `${sock.remoteAddress}` : "unix";
-        const s = new Session(t, self, self.log, peer);
+        const client = sock.remoteAddress ? { address: sock.remoteAddress } : UNIX_PEER;
+        const peer = describeClient(client);
+        const s = new Session(t, self, self.log, peer, client);
         t.session = s;
         sock.data = { session: s, transport: t };
         self.sessions.add(s);
-        self.log.info(`[${s.id}] connection from ${peer}`);
+        self.log.info(`[${s.id}] connection from ${peer}`, { conn: s.id, peer: client.address });
       },
       data(sock: Socket<Conn>, chunk: Uint8Array) {
         const s = sock.data?.session;
@@ -253,7 +261,8 @@ export class NbdServer implements ExportTable {
         if (!s) return;
         s.onClose();
         self.sessions.delete(s);
-        self.log.info(`[${s.id}] closed`);
+        const tls = s.client.tls ? `${s.client.tls.kind} ${s.client.tls.name}` : undefined;
+        self.log.info(`[${s.id}] closed`, { conn: s.id, peer: s.client.address, export: s.exportName, tls });
       },
       error(sock: Socket<Conn>, err: Error) {
         const s = sock.data?.session;
@@ -267,6 +276,15 @@ export class NbdServer implements ExportTable {
     const l = Bun.listen<Conn>({ hostname, port, socket: this.handlers(), data: { session: null, transport: null } });
     this.listeners.push(l);
     return { hostname, port: l.port };
+  }
+
+  /**
+   * Serve on a listening socket inherited from the service manager (systemd socket activation):
+   * TCP or unix, already bound; Bun.listen takes it as is.
+   */
+  listenFd(fd: number): void {
+    const l = Bun.listen<Conn>({ fd, socket: this.handlers(), data: { session: null, transport: null } } as unknown as Parameters<typeof Bun.listen<Conn>>[0]);
+    this.listeners.push(l);
   }
 
   /** Listen on a unix socket (a stale socket file left by a dead server is replaced). */
@@ -292,15 +310,6 @@ export class NbdServer implements ExportTable {
     while (this.sessions.size > 0 && Date.now() < limit) await Bun.sleep(10);
     for (const l of this.listeners) l.stop(true);
     for (const p of this.unixPaths) rmSync(p, { force: true });
-    for (const e of this.exports) {
-      try {
-        const f = e.flush();
-        if (isPromise(f)) await f;
-        const c = e.close();
-        if (isPromise(c)) await c;
-      } catch (err) {
-        this.log.error(`closing export "${e.name}": ${(err as Error).message}`);
-      }
-    }
+    await this.registry.close();
   }
 }

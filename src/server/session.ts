@@ -4,7 +4,8 @@
 import type { Logger } from "./log.ts";
 import { Handshake } from "./handshake.ts";
 import { HIGH_WATER, LOW_WATER, Transmission } from "./transmission.ts";
-import type { ExportTable, SessionLink, Transport } from "./types.ts";
+import type { ExportTable, Negotiated, SessionLink, Transport } from "./types.ts";
+import type { ClientIdentity } from "./identity.ts";
 
 let nextSessionId = 1;
 
@@ -16,6 +17,7 @@ let nextSessionId = 1;
 export class Session implements SessionLink {
   readonly id = nextSessionId++;
   readonly peer: string;
+  readonly client: ClientIdentity;
   /** See SessionLink.closed; set only by close(), protocolError() and onClose(). */
   closed = false;
   private readonly t: Transport;
@@ -25,12 +27,15 @@ export class Session implements SessionLink {
   private tx: Transmission | null = null;
   /** Output backpressure paused reading during the handshake (carried into transmission). */
   private hsPaused = false;
+  /** What the handshake chose, until its lease is given back. */
+  private chosen: Negotiated | null = null;
 
-  constructor(t: Transport, exports: ExportTable, log: Logger, peer: string) {
+  constructor(t: Transport, exports: ExportTable, log: Logger, peer: string, client: ClientIdentity = { address: peer }) {
     this.t = t;
     this.exports = exports;
     this.log = log;
     this.peer = peer;
+    this.client = client;
     this.hs = new Handshake(this, t, exports, log);
   }
 
@@ -45,7 +50,10 @@ export class Session implements SessionLink {
     const hs = this.hs!;
     const rest = hs.feed(chunk);
     if (rest === null) return;
-    const next = new Transmission(this, this.t, this.exports, this.log, hs.result!, this.hsPaused);
+    const n = hs.result!;
+    this.chosen = n;
+    if (n.lease.stats !== null) n.lease.stats.connections++;
+    const next = new Transmission(this, this.t, this.exports, this.log, n, this.hsPaused);
     this.hs = null;
     this.tx = next;
     if (rest.length) next.onData(rest);
@@ -75,10 +83,30 @@ export class Session implements SessionLink {
 
   /** The socket closed (either side). */
   onClose(): void {
-    if (this.closed) return;
-    const n = this.tx?.requestsInFlight ?? 0;
-    if (n > 0) this.log.info(`[${this.id}] ${this.peer}: connection closed with ${n} request(s) in flight`);
-    this.closed = true;
+    if (!this.closed) {
+      const n = this.tx?.requestsInFlight ?? 0;
+      if (n > 0) this.log.info(`[${this.id}] ${this.peer}: connection closed with ${n} request(s) in flight`);
+      this.closed = true;
+    }
+    this.releaseExport();
+  }
+
+  /** The export this session chose, if any (for the close log line). */
+  get exportName(): string | undefined {
+    return this.chosen?.exp.name;
+  }
+
+  /** Give the export's lease back once no request is running on it any more. */
+  private releaseExport(): void {
+    const n = this.chosen;
+    if (n === null) return;
+    this.chosen = null;
+    const done = () => {
+      if (n.lease.stats !== null) n.lease.stats.connections--;
+      n.lease.release();
+    };
+    if (this.tx !== null) this.tx.whenIdle(done);
+    else done();
   }
 
   /** Server shutdown: stop reading; close once in-flight requests have been answered. */

@@ -3,6 +3,8 @@
 // that composes it, and one decoded request (PendingRequest).
 import type { NbdError } from "../protocol/errors.ts";
 import type { CheckedExport, ExportContext } from "../devices/checked.ts";
+import type { ExportLease } from "./exports.ts";
+import type { ClientIdentity } from "./identity.ts";
 
 /**
  * What a session needs from its connection. TLS lands here: STARTTLS will upgrade the byte stream
@@ -27,14 +29,14 @@ export interface Transport {
 }
 
 /**
- * The exports a session may select. Per-client resolution lands here: `get` will take the
- * client's identity too, `(export name, client identity) -> device stack`; the handshake asks it
- * in one place (Handshake.resolve).
+ * The exports a session may select: `(export name, client identity) -> device stack`, asked by the
+ * handshake in one place (Handshake.resolve). ExportRegistry (exports.ts) is the implementation.
  */
 export interface ExportTable {
-  /** Look up by name; "" is the default export. */
-  get(name: string): CheckedExport | undefined;
-  list(): readonly CheckedExport[];
+  /** Resolve `name` ("" is the default export) for `client`; the lease is released once, when done. */
+  resolve(name: string, client: ClientIdentity): ExportLease | undefined;
+  /** The exports LIST shows `client`. */
+  list(client: ClientIdentity): readonly { name: string; description: string }[];
   /** True while the server is shutting down: new options get ERR_SHUTDOWN, new requests ESHUTDOWN. */
   shuttingDown(): boolean;
 }
@@ -45,6 +47,8 @@ export interface ExportTable {
  */
 export interface Negotiated {
   readonly exp: CheckedExport;
+  /** What resolution handed out for `exp`: released when the session is done with it. */
+  readonly lease: ExportLease;
   readonly structured: boolean;
   /** Meta contexts selected with SET_META_CONTEXT for `exp` (empty if none), and their ids. */
   readonly contexts: readonly ExportContext[];
@@ -55,6 +59,8 @@ export interface Negotiated {
 export interface SessionLink {
   readonly id: number;
   readonly peer: string;
+  /** Who is connected (address, and the TLS identity once there is one), for export resolution. */
+  readonly client: ClientIdentity;
   /** True once the connection is closing or closed: nothing more is read or sent. */
   readonly closed: boolean;
   /** Close after everything queued has been sent. */
@@ -67,6 +73,8 @@ export interface SessionLink {
 export class PendingRequest {
   /** A validation error found while receiving (the payload is still consumed). */
   error: NbdError | null = null;
+  /** performance.now() at dispatch, when metrics are on (for the latency histogram). */
+  start = 0;
   constructor(
     readonly type: number, readonly flags: number, readonly cookieHi: number, readonly cookieLo: number,
     readonly offset: number, readonly offsetTooBig: boolean, readonly length: number,
