@@ -61,7 +61,9 @@ export interface ClientOverlayManager {
   readonly size: number;
   /** Open (or create) CLIENT's overlay, or a throw-away one for `null`; shared by that client's connections. */
   acquire(client: string | null): { device: BlockDevice; release(): Maybe };
-  /** The table let go: close the base once the last client is gone. */
+  /** A new table generation refers to it too (a reload that kept the export). */
+  retain(): void;
+  /** A table let go: once no table refers to it, close the base when the last client is gone. */
   retire(): Maybe;
   /** Close everything now (shutdown). */
   close(): Maybe;
