@@ -230,6 +230,7 @@ class Checker {
     if (ov === "snapshot") return { kind: "snapshot" };
     if (ov === "per-client") {
       if (name?.includes("@")) this.err(`${at}.name`, `a per-client export's name cannot contain "@" (clients connect to NAME@CLIENT)`);
+      else if (name !== undefined && (name.includes("/") || /^\.*$/.test(name))) this.err(`${at}.name`, `a per-client export's name names its overlay files (NAME@CLIENT.qcow2): no "/", not "." or ".."`);
       if (dirText === undefined) { this.err(`${at}.overlay`, `overlay = "per-client" needs overlay-dir (where DIR/NAME@CLIENT.qcow2 live)`); return { kind: "none" }; }
       const dir = this.path(dirText);
       this.probe(dir, `${at}.overlay-dir`, "directory", "overlay-dir");

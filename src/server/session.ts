@@ -29,6 +29,8 @@ export class Session implements SessionLink {
   private hsPaused = false;
   /** What the handshake chose, until its lease is given back. */
   private chosen: Negotiated | null = null;
+  /** The export this session chose, if any (for the close log line). */
+  exportName: string | undefined;
 
   constructor(t: Transport, exports: ExportTable, log: Logger, peer: string, client: ClientIdentity = { address: peer }) {
     this.t = t;
@@ -52,6 +54,7 @@ export class Session implements SessionLink {
     if (rest === null) return;
     const n = hs.result!;
     this.chosen = n;
+    this.exportName = n.exp.name;
     if (n.lease.stats !== null) n.lease.stats.connections++;
     const next = new Transmission(this, this.t, this.exports, this.log, n, this.hsPaused);
     this.hs = null;
@@ -91,10 +94,6 @@ export class Session implements SessionLink {
     this.releaseExport();
   }
 
-  /** The export this session chose, if any (for the close log line). */
-  get exportName(): string | undefined {
-    return this.chosen?.exp.name;
-  }
 
   /** Give the export's lease back once no request is running on it any more. */
   private releaseExport(): void {

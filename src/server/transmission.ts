@@ -274,12 +274,15 @@ export class Transmission {
     const msg = e instanceof Error ? e.message : String(e);
     if (this.stats !== null) this.stats.record(req.type, req.length, errno, req.start);
     if (e instanceof NbdError) {
-      if (this.debug) this.log.debug(`[${this.s.id}] ${commandName(req.type)} offset=${req.offset} length=${req.length}: ${errnoName(errno)}: ${msg}`);
+      if (this.debug) this.log.debug(`[${this.s.id}] ${commandName(req.type)} offset=${req.offset} length=${req.length}: ${errnoName(errno)}: ${msg}`, this.fields(req, errno));
     } else {
-      this.log.error(`[${this.s.id}] ${commandName(req.type)} offset=${req.offset} length=${req.length} failed: ${msg} (replying ${errnoName(errno)})`,
-        { conn: this.s.id, peer: this.s.client.address, export: this.exp.name, command: commandName(req.type), errno: errnoName(errno) });
+      this.log.error(`[${this.s.id}] ${commandName(req.type)} offset=${req.offset} length=${req.length} failed: ${msg} (replying ${errnoName(errno)})`, this.fields(req, errno));
     }
     this.w.error(req, errno, msg);
+  }
+
+  private fields(req: PendingRequest, errno: number) {
+    return { conn: this.s.id, peer: this.s.client.address, export: this.exp.name, command: commandName(req.type), errno: errnoName(errno) };
   }
 
   /** Run `f` once no request is in flight (now, or when the last one finishes). */
