@@ -1,7 +1,8 @@
 // The layering of src/, checked from the source text: no import cycle anywhere; src/protocol is
 // pure (imports only itself, no bun/node modules), so is src/config (node:path aside); only src/sys
 // loads bun:ffi; only src/server and src/client open sockets; the client stands apart from server
-// and devices; the CLI holds no protocol constants. Fails with the offending file and import, so a broken rule names its fix.
+// and devices; the CLI holds no protocol constants. Fails with the offending file and import, so a
+// broken rule names its fix.
 import { test } from "uvu";
 import * as assert from "uvu/assert";
 import { existsSync, readdirSync, readFileSync, statSync } from "node:fs";
