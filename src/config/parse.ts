@@ -253,10 +253,10 @@ function typeName(v: unknown): string {
 }
 const show = (v: unknown) => typeName(v);
 
-/** ` (did you mean "x"?)` for a key one or two edits away from a known one. */
+/** ` (did you mean "x"?)` for a key a few edits away from a known one (one per three letters). */
 function hint(k: string, known: readonly string[]): string {
   let best: string | null = null;
-  let bestD = 3;
+  let bestD = Math.max(1, Math.floor(k.length / 3)) + 1;
   for (const c of known) {
     const d = editDistance(k.toLowerCase(), c);
     if (d < bestD) { bestD = d; best = c; }
