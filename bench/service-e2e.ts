@@ -6,7 +6,7 @@
 //
 //   node_modules/.bin/bun bench/service-e2e.ts [--quick] [--rounds N] [--runtime S] [--dir DIR]
 import { spawn, type Subprocess } from "bun";
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
@@ -18,6 +18,7 @@ const SIZE = (o.quick ? 256 : 1024) * MiB;
 const RUNTIME = Number(o.runtime ?? (o.quick ? 3 : 8));
 const ROUNDS = Number(o.rounds ?? 1);
 const dir = o.dir ?? mkdtempSync(join(tmpdir(), "bun-nbd-service-bench-"));
+mkdirSync(dir, { recursive: true });
 const img = join(dir, "disk.img");
 const CLI = join(ROOT, "src/cli.ts");
 
