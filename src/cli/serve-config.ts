@@ -17,6 +17,7 @@ export interface ServeFlags {
   overlay?: string;
   snapshot?: boolean;
   compat?: boolean;
+  "no-partitions"?: boolean;
   "per-client-overlay"?: string;
   metrics?: string;
   "log-format"?: string;
@@ -52,7 +53,7 @@ export function readConfigFile(path: string): Loaded {
 
 /** The configuration `serve` runs with: the file's or the FILE arguments', flags laid over it. */
 export function serveConfig(flags: ServeFlags, files: string[]): Loaded {
-  const exportFlags = (["name", "overlay", "snapshot", "compat", "per-client-overlay"] as const).filter((k) => flags[k] !== undefined);
+  const exportFlags = (["name", "overlay", "snapshot", "compat", "no-partitions", "per-client-overlay"] as const).filter((k) => flags[k] !== undefined);
   let base: ServiceConfig;
   if (flags.config !== undefined) {
     if (files.length) return fail(2, "give exports either as FILE arguments or in the config file, not both");
@@ -85,6 +86,7 @@ function exportsFromFiles(f: ServeFlags, files: string[]): ExportConfig[] | stri
       : f.snapshot ? { kind: "snapshot" as const }
       : dir !== undefined ? { kind: "per-client" as const, dir: resolve(dir) } : { kind: "none" as const },
     compat: !!f.compat,
+    partitions: !f["no-partitions"],
     description: null,
     allow: [],
     clientName: "tls-identity" as const,

@@ -13,6 +13,10 @@ import { serveMetrics } from "../server/metrics.ts";
 import { NbdServer } from "../server/server.ts";
 import { ExportService, type OpenPerClient } from "../server/service.ts";
 import { formatSize } from "./format.ts";
+import { progressBar } from "./progress.ts";
+import { describe } from "../devices/partition-exports.ts";
+import { qemuLine } from "../inspect/index.ts";
+import { verifyImage } from "../verify/verify.ts";
 import { VERSION } from "../version.ts";
 
 const HELP = `usage: bun-nbd serve [options] FILE...
@@ -20,8 +24,10 @@ const HELP = `usage: bun-nbd serve [options] FILE...
 
 Serve disk images over NBD. Each FILE becomes an export named after the file without its
 extension (disk.img -> "disk"); the first one is also the default export "".
-Raw images (.img, .raw, anything else) are served byte for byte; CD images (.cue, .ccd, or a
-lone raw-sector .bin/.img) as cooked and raw track views.
+Raw images (.img, .ima, .vfd, .flp, .raw, anything else) are served byte for byte; CD images
+(.cue, .ccd, or a lone raw-sector .bin/.img) as cooked and raw track views. Each partition of an
+MBR or GPT disk is also offered as NAME/p1, NAME/p2, ... (logical partitions from p5).
+On start, serve says what each export holds and prints a QEMU command line that fits it.
 
 options:
   -c, --config FILE    read settings and exports from a TOML file (see examples/bun-nbd.toml);
@@ -44,6 +50,9 @@ options:
                        DIR/NAME@CLIENT.qcow2 (kept across reconnects and restarts); NAME alone
                        gets a throw-away overlay discarded at disconnect
       --compat         create overlays with standard L2 entries (for QEMU older than 5.2)
+      --no-partitions  do not offer partition exports (NAME/pN)
+      --verify         check each FILE against its checksum first (FILE.sha256, SHA256SUMS, ...
+                       beside it; see bun-nbd verify) and refuse to serve on a mismatch
       --metrics HOST:PORT
                        serve Prometheus metrics at http://HOST:PORT/metrics (and /healthz)
       --log-format text|json
@@ -71,6 +80,8 @@ export async function main(argv: string[]): Promise<number> {
     snapshot: { type: "boolean", short: "s" },
     "per-client-overlay": { type: "string" },
     compat: { type: "boolean" },
+    "no-partitions": { type: "boolean" },
+    verify: { type: "boolean" },
     metrics: { type: "string" },
     "log-format": { type: "string" },
     verbose: { type: "boolean", short: "v" },
@@ -96,6 +107,7 @@ export async function main(argv: string[]): Promise<number> {
   const s = cfg.server;
   const log = createLogger(s.verbose ? "debug" : s.quiet ? "warn" : "info", undefined, s.logFormat);
   const say = s.logFormat === "json" ? (l: string) => log.info(l) : (l: string) => console.log(l);
+  if (o.verify && !(await verifyAll(cfg, log, !!s.quiet))) return 1;
 
   const service = new ExportService({ readOnly: s.readOnly, log, metrics: s.metrics !== null, openPerClient });
   let server: NbdServer;
@@ -189,8 +201,28 @@ function listen(server: NbdServer, cfg: ServiceConfig): string[] {
   });
 }
 
+/** serve --verify: each export's file against the checksum beside it; false after printing a mismatch. */
+async function verifyAll(cfg: ServiceConfig, log: Logger, quiet: boolean): Promise<boolean> {
+  for (const file of new Set(cfg.exports.map((e) => e.file))) {
+    try {
+      for (const c of await verifyImage(file, { progress: (f) => (quiet ? undefined : progressBar(`verifying ${f}`)) })) {
+        if (!c.ok) {
+          console.error(`bun-nbd serve: ${c.file}: ${c.algo} mismatch: expected ${c.expected}, got ${c.actual} (from ${c.source})`);
+          return false;
+        }
+        log.info(`${c.file}: ${c.algo} matches ${c.source}`);
+      }
+    } catch (e) {
+      console.error(`bun-nbd serve: --verify: ${(e as Error).message}`);
+      return false;
+    }
+  }
+  return true;
+}
+
 function uriFor(where: string, name: string): string {
-  const n = encodeURIComponent(name);
+  // percent-encoded, except "/" (partition exports read disk/p1)
+  const n = encodeURIComponent(name).replace(/%2F/g, "/");
   if (where.startsWith("unix:")) return `nbd+unix:///${n}?socket=${where.slice(5)}`;
   if (where.startsWith("fd:")) return `(systemd socket ${where.slice(3)})`;
   return `nbd://${where}/${n}`;
@@ -204,8 +236,12 @@ function printBanner(server: NbdServer, where: string[], say: (l: string) => voi
     const name = r.kind === "per-client" ? `${r.name}@CLIENT` : r.name;
     const size = r.kind === "per-client" ? r.manager.size : r.exp.size;
     const mode = r.kind === "per-client" ? "per-client" : r.exp.caps.canWrite ? "read-write" : "read-only";
-    const uris = where.map((x) => uriFor(x, r.name)).join("  ");
-    say(`  ${name.padEnd(w)}  ${formatSize(size).padStart(9)}  ${mode.padEnd(10)}  ${uris}${i === 0 ? "  (default export)" : ""}`);
+    const uris = where.map((x) => uriFor(x, r.name));
+    say(`  ${name.padEnd(w)}  ${formatSize(size).padStart(9)}  ${mode.padEnd(10)}  ${uris.join("  ")}${i === 0 ? "  (default export)" : ""}`);
+    const report = r.kind === "static" ? r.stack.reports.get(r.name) : undefined;
+    if (!report) return;
+    say(`      ${describe(report)}`);
+    if (!r.name.includes("/") && r.kind === "static") say(`      ${qemuLine(report, uris[0]!, !r.exp.caps.canWrite)}`);
   });
 }
 

@@ -14,7 +14,7 @@ export const SERVER_KEYS = [
   "tls", "tls-certificates", "tls-verify-peer", "tls-psk", "allow", "max-connections", "handshake-timeout",
 ] as const;
 export const EXPORT_KEYS = [
-  "name", "file", "read-only", "overlay", "overlay-dir", "compat", "description", "allow", "client-name",
+  "name", "file", "read-only", "overlay", "overlay-dir", "compat", "partitions", "description", "allow", "client-name",
 ] as const;
 
 /** A per-client overlay's client part: NAME@CLIENT. */
@@ -208,6 +208,7 @@ class Checker {
     if (file !== undefined) this.probe(file, `${at}.file`, "file", "file");
     const readOnly = this.bool(t, "read-only", at, false);
     const compat = this.bool(t, "compat", at, false);
+    const partitions = this.bool(t, "partitions", at, true);
     const description = this.str(t, "description", at) ?? null;
     const allow = this.cidrs(t, "allow", at);
     const overlay = this.overlay(t, at, name, readOnly);
@@ -215,7 +216,7 @@ class Checker {
     const clientName = this.oneOf(t, "client-name", at, ["tls-identity", "any"] as const, "tls-identity");
     if (name === undefined || file === undefined) return null;
     const line = this.lines.get(at) ?? 1;
-    return { name, file, readOnly, overlay, compat, description, allow, clientName, source: `${this.o.file}:${line}` };
+    return { name, file, readOnly, overlay, compat, partitions, description, allow, clientName, source: `${this.o.file}:${line}` };
   }
 
   private overlay(t: Record<string, unknown>, at: string, name: string | undefined, readOnly: boolean): OverlayMode {

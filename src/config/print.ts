@@ -40,6 +40,7 @@ function exportLines(e: ExportConfig): string[] {
   else if (ov.kind === "file") lines.push(`overlay = ${q(ov.path)}`);
   else if (ov.kind === "per-client") lines.push(`overlay = "per-client"`, `overlay-dir = ${q(ov.dir)}`, `client-name = ${q(e.clientName)}`);
   if (ov.kind !== "none") lines.push(`compat = ${e.compat}`);
+  if (ov.kind !== "per-client") lines.push(`partitions = ${e.partitions}`);
   if (e.description !== null) lines.push(`description = ${q(e.description)}`);
   if (e.allow.length) lines.push(`allow = ${list(e.allow)}`);
   return lines;

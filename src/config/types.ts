@@ -50,6 +50,8 @@ export interface ExportConfig {
   readonly overlay: OverlayMode;
   /** Create overlays with standard L2 entries (QEMU older than 5.2). */
   readonly compat: boolean;
+  /** Offer each partition of an MBR or GPT disk as NAME/pN too (serve --no-partitions turns it off). */
+  readonly partitions: boolean;
   readonly description: string | null;
   /** CIDR rules for this export, on top of the server's (empty: everyone the server lets in). */
   readonly allow: readonly string[];

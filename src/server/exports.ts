@@ -10,6 +10,7 @@ import { ALLOW_ALL, AllowList } from "./access.ts";
 import { describeClient, type ClientIdentity } from "./identity.ts";
 import type { Logger } from "./log.ts";
 import type { ExportStats, OverlayUsage } from "./metrics.ts";
+import type { Report } from "../inspect/index.ts";
 
 /** An export a session holds: the checked stack, its counters, and how to give it back (once). */
 export interface ExportLease {
@@ -22,7 +23,8 @@ export interface ExportLease {
 export class SharedStack {
   private refs = 1;
   private closing: Promise<void> | null = null;
-  constructor(readonly specs: readonly ExportSpec[], private readonly log: Logger) {}
+  /** `reports`: what inspecting each export found (devices/partition-exports.ts), for the banner. */
+  constructor(readonly specs: readonly ExportSpec[], private readonly log: Logger, readonly reports: ReadonlyMap<string, Report> = new Map()) {}
 
   acquire(): this {
     this.refs++;

@@ -4,6 +4,7 @@
 // table untouched. Opening the stacks is src/devices' business; this file only decides what to open.
 import type { ExportConfig } from "../config/types.ts";
 import { openExports } from "../devices/open.ts";
+import { describeExports } from "../devices/partition-exports.ts";
 import { AllowList } from "./access.ts";
 import { ExportRegistry, Generation, SharedStack, type ClientOverlayManager, type Row } from "./exports.ts";
 import type { Logger } from "./log.ts";
@@ -123,16 +124,24 @@ export class ExportService {
       if (!this.o.openPerClient) throw new Error(`${e.source}: export "${e.name}": per-client overlays are not available here`);
       return { kind: "per-client", manager: await this.o.openPerClient({ ...e, overlay: ov }, info) };
     }
+    const warn = (m: string) => this.o.log.warn(m, { export: e.name });
     let specs;
     try {
       specs = await openExports([e.file], {
-        name: e.name, readOnly, compat: e.compat, log: (m) => this.o.log.warn(m, { export: e.name }), info,
+        name: e.name, readOnly, compat: e.compat, log: warn, info,
         overlay: ov.kind === "file" ? ov.path : undefined, snapshot: ov.kind === "snapshot",
       });
     } catch (err) {
       throw new Error(e.source === "command line" ? (err as Error).message : `${e.source}: export "${e.name}": ${(err as Error).message}`);
     }
-    return { kind: "static", stack: new SharedStack(specs, this.o.log) };
+    try {
+      // what each export holds (for descriptions), and its partitions as NAME/pN exports
+      const d = await describeExports(specs, { partitions: e.partitions, log: warn });
+      return { kind: "static", stack: new SharedStack(d.specs, this.o.log, d.reports) };
+    } catch (err) {
+      for (const s of specs) await s.device.close?.();
+      throw err;
+    }
   }
 
   private rows(e: ExportConfig, src: Source): Row[] {
@@ -158,5 +167,5 @@ export class ExportService {
 
 /** What decides an export's stack: a change here reopens it; description and allow apply without. */
 function stackKey(e: ExportConfig, serverReadOnly: boolean): string {
-  return JSON.stringify([e.name, e.file, e.readOnly || serverReadOnly, e.overlay, e.compat]);
+  return JSON.stringify([e.name, e.file, e.readOnly || serverReadOnly, e.overlay, e.compat, e.partitions]);
 }

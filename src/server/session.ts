@@ -1,7 +1,8 @@
 // One client connection: handshake → transmission → closed. The session owns the phase and the
-// connection's end, and composes Handshake, then Transmission (with its ReplyWriter); it talks to
-// a Transport, never to a socket, so the same code runs over TCP, unix sockets and test fakes.
+// connection's end, and composes Handshake, then Transmission (or ExtendedTransmission) with its
+// ReplyWriter; it talks to a Transport, never a socket, so it runs over TCP, unix sockets and fakes.
 import type { Logger } from "./log.ts";
+import { ExtendedTransmission } from "./extended.ts";
 import { Handshake } from "./handshake.ts";
 import { HIGH_WATER, LOW_WATER, Transmission } from "./transmission.ts";
 import type { ExportTable, Negotiated, SessionLink, Transport } from "./types.ts";
@@ -56,7 +57,9 @@ export class Session implements SessionLink {
     this.chosen = n;
     this.exportName = n.exp.name;
     if (n.lease.stats !== null) n.lease.stats.connections++;
-    const next = new Transmission(this, this.t, this.exports, this.log, n, this.hsPaused);
+    const next = n.extended
+      ? new ExtendedTransmission(this, this.t, this.exports, this.log, n, this.hsPaused)
+      : new Transmission(this, this.t, this.exports, this.log, n, this.hsPaused);
     this.hs = null;
     this.tx = next;
     if (rest.length) next.onData(rest);
