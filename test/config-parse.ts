@@ -7,14 +7,15 @@ import * as assert from "uvu/assert";
 import { parseConfig } from "../src/config/parse.ts";
 import { formatConfig } from "../src/config/print.ts";
 import { formatConfigError, type PathKind } from "../src/config/types.ts";
-import { ipv6Bytes, parseCidr, parseListen } from "../src/config/values.ts";
+import { parseListen } from "../src/config/values.ts";
+import { AllowList, cidrProblem } from "../src/server/access.ts";
 import { keyLines } from "../src/config/toml-lines.ts";
 
 const test = suite("config");
 
 const FILES: Record<string, PathKind> = { "/srv/disk.img": "file", "/srv/other.img": "file", "/var/lib/bun-nbd": "directory", "/srv": "directory", "/run": "directory" };
 const probe = (p: string): PathKind => FILES[p] ?? "missing";
-const parse = (text: string) => parseConfig(text, { file: "/etc/bun-nbd.toml", probe });
+const parse = (text: string) => parseConfig(text, { file: "/etc/bun-nbd.toml", probe, checkCidr: cidrProblem });
 const errors = (text: string) => {
   const r = parse(text);
   assert.ok(!r.ok, "expected errors");
@@ -164,13 +165,15 @@ test("listen addresses, CIDR rules and IPv6 parsing are strict", () => {
   assert.equal(parseListen("unix:sock", "/run"), { ok: true, value: { kind: "unix", path: "/run/sock" } });
   assert.equal(parseListen("[::1]:0", "/"), { ok: true, value: { kind: "tcp", host: "::1", port: 0 } });
   assert.equal(parseListen("localhost:10809", "/"), { ok: true, value: { kind: "tcp", host: "localhost", port: 10809 } });
-  for (const bad of ["127.0.0.1:65536", "::1:10809", "[::1]", "1.2.3.999:1", "unix:", "[1::2::3]:1"]) assert.not.ok(parseListen(bad, "/").ok, bad);
-  assert.ok(parseCidr("192.168.0.0/16").ok);
-  assert.ok(parseCidr("fe80::/10").ok);
-  for (const bad of ["10.0.0.0/8/1", "10.0.0/8", "::1/200", "host/8", "10.0.0.0/-1"]) assert.not.ok(parseCidr(bad).ok, bad);
-  assert.equal(ipv6Bytes("::ffff:1.2.3.4"), [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 255, 255, 1, 2, 3, 4]);
-  assert.equal(ipv6Bytes("1:2:3:4:5:6:7:8")!.length, 16);
-  for (const bad of ["1:2:3:4:5:6:7:8:9", "1::2::3", "12345::", ":1", "1:2:3:4:5:6:7"]) assert.is(ipv6Bytes(bad), null, bad);
+  for (const bad of ["127.0.0.1:65536", "::1:10809", "[::1]", "1.2.3.999:1", "unix:", "[]:1"]) assert.not.ok(parseListen(bad, "/").ok, bad);
+  assert.equal(errors(`[server]\nlisten = ["[1::2::3]:1"]\n[[export]]\nname = "d"\nfile = "/srv/disk.img"\n`), [
+    `/etc/bun-nbd.toml:2: server.listen: "[1::2::3]:1": 1::2::3 is not an IPv6 address`,
+  ]);
+  for (const good of ["192.168.0.0/16", "fe80::/10", "::1", "10.1.2.3", "::ffff:1.2.3.4/128"]) assert.is(cidrProblem(good), null, good);
+  for (const bad of ["10.0.0.0/8/1", "10.0.0/8", "::1/200", "host/8", "10.0.0.0/-1", "1::2::3", "12345::"]) assert.ok(cidrProblem(bad), bad);
+  const lab = new AllowList(["10.0.0.0/8", "2001:db8::/32"]);
+  for (const yes of ["10.255.0.1", "::ffff:10.0.0.1", "2001:db8::5", "unix"]) assert.ok(lab.allows(yes), yes);
+  for (const no of ["11.0.0.1", "2001:db9::1", "::1", "not-an-address"]) assert.not.ok(lab.allows(no), no);
 });
 
 test.run();

@@ -5,6 +5,7 @@ import { resolve } from "node:path";
 import { parseConfig } from "../config/parse.ts";
 import { DEFAULT_PORT, DEFAULT_SETTINGS, deepFreeze, formatConfigError, type ExportConfig, type ListenAddress, type PathKind, type ServerSettings, type ServiceConfig } from "../config/types.ts";
 import { parseHostPort } from "../config/values.ts";
+import { cidrProblem } from "../server/access.ts";
 import { exportNameFor } from "../devices/open.ts";
 
 export interface ServeFlags {
@@ -47,7 +48,7 @@ export function readConfigFile(path: string): Loaded {
   } catch (e) {
     return fail(1, `cannot read config file ${path}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
   }
-  const r = parseConfig(text, { file: path, probe: probePath });
+  const r = parseConfig(text, { file: path, probe: probePath, checkCidr: cidrProblem });
   return r.ok ? r : fail(1, ...r.errors.map(formatConfigError));
 }
 

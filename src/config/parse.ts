@@ -3,7 +3,7 @@
 // an injected probe (missing files, overlay directories). Spelling of keys is part of the contract.
 import { dirname, isAbsolute, resolve } from "node:path";
 import { keyLines, syntaxErrorLine, type KeyLines } from "./toml-lines.ts";
-import { parseCidr, parseHostPort, parseListen } from "./values.ts";
+import { parseHostPort, parseListen } from "./values.ts";
 import {
   DEFAULT_SETTINGS, deepFreeze, type ConfigError, type ExportConfig, type ListenAddress, type OverlayMode,
   type PathProbe, type ServerSettings, type ServiceConfig,
@@ -26,6 +26,8 @@ export interface ParseOptions {
   file: string;
   /** What paths are, for the checks that need the file system; without it those are skipped. */
   probe?: PathProbe;
+  /** Why a CIDR rule (`allow`) is not one, or null (src/server/access.ts's cidrProblem); without it only types are checked. */
+  checkCidr?: (rule: string) => string | null;
 }
 
 export type ParseResult = { ok: true; config: ServiceConfig } | { ok: false; errors: ConfigError[] };
@@ -100,8 +102,8 @@ class Checker {
   private cidrs(t: Record<string, unknown>, k: string, at: string): string[] {
     const list = this.strings(t, k, at) ?? [];
     for (const s of list) {
-      const r = parseCidr(s);
-      if (!r.ok) this.err(`${at}.${k}`, r.message);
+      const problem = this.o.checkCidr?.(s) ?? null;
+      if (problem !== null) this.err(`${at}.${k}`, problem);
     }
     return list;
   }
@@ -132,6 +134,7 @@ class Checker {
         const r = parseListen(s, this.dir);
         if (!r.ok) { this.err(`${at}.listen`, r.message); return []; }
         if (r.value.kind === "unix") this.probe(r.value.path, `${at}.listen`, "parent", "socket");
+        else if (r.value.host.includes(":") && this.o.checkCidr?.(r.value.host)) { this.err(`${at}.listen`, `"${s}": ${r.value.host} is not an IPv6 address`); return []; }
         return [r.value];
       });
     }
