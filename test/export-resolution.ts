@@ -31,8 +31,8 @@ class CountingManager implements ClientOverlayManager {
   usage() { return []; }
 }
 
-function perClient(name: string, m: ClientOverlayManager, o: { allow?: string[]; clientName?: "tls-identity" | "any" } = {}): Row {
-  return { kind: "per-client", name, description: "", allow: new AllowList(o.allow ?? []), stats: null, manager: m, clientName: o.clientName ?? "tls-identity", readOnly: false, dir: "/x" };
+function perClient(name: string, m: ClientOverlayManager, o: { allow?: string[]; identityCheck?: "tls" | "none" } = {}): Row {
+  return { kind: "per-client", name, description: "", allow: new AllowList(o.allow ?? []), stats: null, manager: m, identityCheck: o.identityCheck ?? "tls", readOnly: false, dir: "/x" };
 }
 const plain: ClientIdentity = { address: "127.0.0.1" };
 const psk = (name: string): ClientIdentity => ({ address: "10.0.0.9", tls: { kind: "psk", name } });
@@ -40,19 +40,20 @@ const psk = (name: string): ClientIdentity => ({ address: "10.0.0.9", tls: { kin
 test("with TLS, CLIENT must be the connection's TLS identity unless the export allows any", () => {
   const strict = new CountingManager();
   const loose = new CountingManager();
-  const reg = new ExportRegistry(new Generation([perClient("farm", strict), perClient("lab", loose, { clientName: "any" })]), log);
+  const reg = new ExportRegistry(new Generation([perClient("farm", strict), perClient("lab", loose, { identityCheck: "none" })]), log);
   assert.ok(reg.resolve("farm@vm1", psk("vm1")), "vm1 opens its own");
   assert.is(reg.resolve("farm@vm2", psk("vm1")), undefined, "vm1 cannot open vm2's");
   assert.ok(lines.some((l) => /farm@vm2" refused: CLIENT "vm2" is not this connection's TLS identity "vm1"/.test(l)), lines.join("\n"));
-  assert.ok(reg.resolve("farm@vm2", plain), "without TLS there is no identity to check (the address rules apply)");
+  assert.is(reg.resolve("farm@vm2", plain), undefined, "with TLS on, a plain connection cannot name a client");
+  assert.ok(lines.some((l) => /farm@vm2" refused: naming a client needs a TLS connection/.test(l)));
   assert.ok(reg.resolve("lab@vm2", psk("vm1")), "client-name = any");
   assert.ok(reg.resolve("farm", psk("vm1")), "NAME alone: a throw-away overlay");
-  assert.equal([...strict.open.keys()], ["vm1", "vm2", null]);
+  assert.equal([...strict.open.keys()], ["vm1", null]);
 });
 
 test("hostile or malformed CLIENT parts never reach the manager", () => {
   const m = new CountingManager();
-  const reg = new ExportRegistry(new Generation([perClient("farm", m, { clientName: "any" })]), log);
+  const reg = new ExportRegistry(new Generation([perClient("farm", m, { identityCheck: "none" })]), log);
   for (const bad of ["farm@", "farm@..", "farm@.", "farm@a/b", "farm@a\\b", `farm@${"v".repeat(65)}`, "farm@é", "farm@x@y/z"]) {
     assert.is(reg.resolve(bad, plain), undefined, bad);
   }

@@ -109,7 +109,7 @@ export async function main(argv: string[]): Promise<number> {
   const say = s.logFormat === "json" ? (l: string) => log.info(l) : (l: string) => console.log(l);
   if (o.verify && !(await verifyAll(cfg, log, !!s.quiet))) return 1;
 
-  const service = new ExportService({ readOnly: s.readOnly, log, metrics: s.metrics !== null, openPerClient });
+  const service = new ExportService({ readOnly: s.readOnly, tls: s.tls, log, metrics: s.metrics !== null, openPerClient });
   let server: NbdServer;
   try {
     const registry = await service.start(cfg.exports);

@@ -5,7 +5,6 @@
 import { CheckedExport } from "../devices/checked.ts";
 import { isPromise, type BlockDevice, type ExportSpec, type Maybe } from "../devices/types.ts";
 import { CLIENT_NAME } from "../config/parse.ts";
-import type { ClientNamePolicy } from "../config/types.ts";
 import { ALLOW_ALL, AllowList } from "./access.ts";
 import { describeClient, type ClientIdentity } from "./identity.ts";
 import type { Logger } from "./log.ts";
@@ -82,7 +81,12 @@ export interface StaticRow extends RowBase { readonly kind: "static"; readonly e
 export interface PerClientRow extends RowBase {
   readonly kind: "per-client";
   readonly manager: ClientOverlayManager;
-  readonly clientName: ClientNamePolicy;
+  /**
+   * "tls": CLIENT must be the connection's TLS identity (the export's client-name is "tls-identity"
+   * and the server has TLS on), so a plain connection can only get a throw-away overlay; "none":
+   * any well-formed CLIENT (client-name = "any", or no TLS on this server).
+   */
+  readonly identityCheck: "tls" | "none";
   readonly readOnly: boolean;
   readonly dir: string;
 }
@@ -188,8 +192,9 @@ export class ExportRegistry {
         this.log.warn(`${describeClient(client)}: export "${name}" refused: ${problem}`, fields);
         return undefined;
       }
-      if (row.clientName === "tls-identity" && client.tls !== undefined && client.tls.name !== who) {
-        this.log.warn(`${describeClient(client)}: export "${name}" refused: CLIENT "${who}" is not this connection's TLS identity "${client.tls.name}"`, fields);
+      if (row.identityCheck === "tls" && client.tls?.name !== who) {
+        const why = client.tls === undefined ? "naming a client needs a TLS connection as that client" : `CLIENT "${who}" is not this connection's TLS identity "${client.tls.name}"`;
+        this.log.warn(`${describeClient(client)}: export "${name}" refused: ${why}`, fields);
         return undefined;
       }
     }

@@ -2,7 +2,7 @@
 // built completely before it is swapped in, an export whose stack-defining keys did not change
 // keeps its open stack (and its clients' overlays), and a build that fails leaves the running
 // table untouched. Opening the stacks is src/devices' business; this file only decides what to open.
-import type { ExportConfig } from "../config/types.ts";
+import type { ExportConfig, TlsMode } from "../config/types.ts";
 import { openExports } from "../devices/open.ts";
 import { describeExports } from "../devices/partition-exports.ts";
 import { AllowList } from "./access.ts";
@@ -17,6 +17,8 @@ export type OpenPerClient = (e: ExportConfig & { overlay: { kind: "per-client"; 
 export interface ServiceOptions {
   /** The server-wide read-only setting (on top of each export's own). */
   readOnly: boolean;
+  /** The server's TLS mode: with TLS on, per-client names are bound to TLS identities. */
+  tls: TlsMode;
   log: Logger;
   /** Keep per-export counters (metrics on). */
   metrics: boolean;
@@ -151,7 +153,8 @@ export class ExportService {
       const dir = e.overlay.kind === "per-client" ? e.overlay.dir : "";
       return [{
         kind: "per-client", name: e.name, description: e.description ?? `${e.file} with an overlay per client in ${dir}`,
-        allow, stats: this.statsFor(e.name), manager: src.manager, clientName: e.clientName, readOnly, dir,
+        allow, stats: this.statsFor(e.name), manager: src.manager, readOnly, dir,
+        identityCheck: e.clientName === "tls-identity" && this.o.tls !== "off" ? "tls" : "none",
       }];
     }
     const overlayPath = e.overlay.kind === "file" ? e.overlay.path : null;
