@@ -172,8 +172,9 @@ test("listen addresses, CIDR rules and IPv6 parsing are strict", () => {
   for (const good of ["192.168.0.0/16", "fe80::/10", "::1", "10.1.2.3", "::ffff:1.2.3.4/128"]) assert.is(cidrProblem(good), null, good);
   for (const bad of ["10.0.0.0/8/1", "10.0.0/8", "::1/200", "host/8", "10.0.0.0/-1", "1::2::3", "12345::"]) assert.ok(cidrProblem(bad), bad);
   const lab = new AllowList(["10.0.0.0/8", "2001:db8::/32"]);
-  for (const yes of ["10.255.0.1", "::ffff:10.0.0.1", "2001:db8::5", "unix"]) assert.ok(lab.allows(yes), yes);
-  for (const no of ["11.0.0.1", "2001:db9::1", "::1", "not-an-address"]) assert.not.ok(lab.allows(no), no);
+  for (const yes of ["10.255.0.1", "::ffff:10.0.0.1", "2001:db8::5"]) assert.ok(lab.allows({ transport: "tcp", address: yes }), yes);
+  assert.ok(lab.allows({ transport: "unix", address: null }), "unix peers");
+  for (const no of ["11.0.0.1", "2001:db9::1", "::1", "not-an-address"]) assert.not.ok(lab.allows({ transport: "tcp", address: no }), no);
 });
 
 test.run();

@@ -9,7 +9,7 @@ import type { BlockDevice } from "../src/devices/types.ts";
 import { AllowList } from "../src/server/access.ts";
 import { ExportRegistry, Generation, SharedStack, staticRows, type ClientOverlayManager, type Row } from "../src/server/exports.ts";
 import { createLogger } from "../src/server/log.ts";
-import type { ClientIdentity } from "../src/server/identity.ts";
+import { tcpClient, UNIX_PEER, type ClientIdentity } from "../src/server/identity.ts";
 
 const test = suite("export resolution");
 const lines: string[] = [];
@@ -34,8 +34,8 @@ class CountingManager implements ClientOverlayManager {
 function perClient(name: string, m: ClientOverlayManager, o: { allow?: string[]; identityCheck?: "tls" | "none" } = {}): Row {
   return { kind: "per-client", name, description: "", allow: new AllowList(o.allow ?? []), stats: null, manager: m, identityCheck: o.identityCheck ?? "tls", readOnly: false, dir: "/x" };
 }
-const plain: ClientIdentity = { address: "127.0.0.1" };
-const psk = (name: string): ClientIdentity => ({ address: "10.0.0.9", tls: { kind: "psk", name } });
+const plain: ClientIdentity = tcpClient("127.0.0.1");
+const psk = (name: string): ClientIdentity => ({ ...tcpClient("10.0.0.9"), tls: { kind: "psk", name, protocol: "TLSv1.3", cipher: "TLS_AES_128_GCM_SHA256" } });
 
 test("with TLS, CLIENT must be the connection's TLS identity unless the export allows any", () => {
   const strict = new CountingManager();
@@ -70,11 +70,11 @@ test("per-export allow: refused at resolution with a log line, hidden from LIST;
   assert.is(reg.resolve("lab", plain), undefined);
   assert.ok(lines.some((l) => /127\.0\.0\.1: export "lab" refused: address not in its allow list/.test(l)));
   assert.equal(reg.list(plain).map((e) => e.name), ["open"]);
-  for (const address of ["10.1.2.3", "::ffff:10.1.2.3", "fd00::5", "unix"]) {
-    assert.ok(reg.resolve("lab", { address }), address);
-    assert.equal(reg.list({ address }).map((e) => e.name), ["open", "lab"]);
+  for (const who of [tcpClient("10.1.2.3"), tcpClient("::ffff:10.1.2.3"), tcpClient("fd00::5"), UNIX_PEER]) {
+    assert.ok(reg.resolve("lab", who), who.address ?? "unix");
+    assert.equal(reg.list(who).map((e) => e.name), ["open", "lab"]);
   }
-  assert.is(reg.resolve("lab", { address: "fe80::1" }), undefined);
+  assert.is(reg.resolve("lab", tcpClient("fe80::1")), undefined);
 });
 
 test("leases are given back once; a swapped-out stack closes with its last session", async () => {

@@ -2,6 +2,7 @@
 // matched by node:net (isIP, BlockList), built once and asked at resolution. Unix-socket peers are
 // local and pass every rule (file permissions guard the socket).
 import { BlockList, isIP } from "node:net";
+import type { ClientIdentity } from "./identity.ts";
 
 /** Why `rule` is not "ADDRESS" or "ADDRESS/BITS" (IPv4 or IPv6), or null if it is. */
 export function cidrProblem(rule: string): string | null {
@@ -30,11 +31,12 @@ export class AllowList {
     this.list = b;
   }
 
-  /** True when `address` (an IP, or "unix") may connect. An empty list allows everyone. */
-  allows(address: string): boolean {
-    if (this.list === null || address === "unix") return true;
-    const family = isIP(address);
-    return family !== 0 && this.list.check(address, family === 4 ? "ipv4" : "ipv6");
+  /** True when `client` may connect: a unix-socket peer, or a TCP peer inside a rule (any, if none). */
+  allows(client: Pick<ClientIdentity, "transport" | "address">): boolean {
+    const address = client.address;
+    if (this.list === null || client.transport === "unix") return true;
+    const family = address === null ? 0 : isIP(address);
+    return family !== 0 && this.list.check(address!, family === 4 ? "ipv4" : "ipv6");
   }
 }
 

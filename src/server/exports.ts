@@ -6,7 +6,7 @@ import { CheckedExport } from "../devices/checked.ts";
 import { isPromise, type BlockDevice, type ExportSpec, type Maybe } from "../devices/types.ts";
 import { CLIENT_NAME } from "../config/parse.ts";
 import { ALLOW_ALL, AllowList } from "./access.ts";
-import { describeClient, type ClientIdentity } from "./identity.ts";
+import { clientFields, describeClient, type ClientIdentity } from "./identity.ts";
 import type { Logger } from "./log.ts";
 import type { ExportStats, OverlayUsage } from "./metrics.ts";
 import type { Report } from "../inspect/index.ts";
@@ -151,7 +151,7 @@ export class ExportRegistry {
 
   /** Exports a LIST shows `client`: those its address may use. */
   list(client: ClientIdentity): readonly { name: string; description: string }[] {
-    return this.gen.rows.filter((r) => r.allow.allows(client.address));
+    return this.gen.rows.filter((r) => r.allow.allows(client));
   }
 
   /**
@@ -179,13 +179,13 @@ export class ExportRegistry {
   }
 
   private allowed(row: Row, name: string, client: ClientIdentity): boolean {
-    if (row.allow.allows(client.address)) return true;
-    this.log.warn(`${describeClient(client)}: export "${name}" refused: address not in its allow list`, { peer: client.address, export: name });
+    if (row.allow.allows(client)) return true;
+    this.log.warn(`${describeClient(client)}: export "${name}" refused: address not in its allow list`, { ...clientFields(client), export: name });
     return false;
   }
 
   private perClient(row: PerClientRow, name: string, who: string | null, client: ClientIdentity): ExportLease | undefined {
-    const fields = { peer: client.address, export: name, tls: client.tls ? `${client.tls.kind} ${client.tls.name}` : undefined };
+    const fields = { ...clientFields(client), export: name };
     if (who !== null) {
       const problem = clientNameProblem(who);
       if (problem !== null) {
@@ -193,7 +193,7 @@ export class ExportRegistry {
         return undefined;
       }
       if (row.identityCheck === "tls" && client.tls?.name !== who) {
-        const why = client.tls === undefined ? "naming a client needs a TLS connection as that client" : `CLIENT "${who}" is not this connection's TLS identity "${client.tls.name}"`;
+        const why = client.tls === null ? "naming a client needs a TLS connection as that client" : `CLIENT "${who}" is not this connection's TLS identity "${client.tls.name ?? "(no certificate)"}"`;
         this.log.warn(`${describeClient(client)}: export "${name}" refused: ${why}`, fields);
         return undefined;
       }

@@ -16,6 +16,7 @@ import {
 } from "../protocol/codec.ts";
 import type { CheckedExport, ExportContext } from "../devices/checked.ts";
 import type { ExportLease } from "./exports.ts";
+import { clientFields } from "./identity.ts";
 import type { Logger } from "./log.ts";
 import type { ExportTable, Negotiated, SessionLink, Transport } from "./types.ts";
 
@@ -273,6 +274,6 @@ export class Handshake {
     this.result = { exp, lease, structured, extended: this.extended, maxPayload, contexts: this.metaSelected, contextIds: this.metaIds };
     const replies = this.extended ? "extended headers" : structured ? "structured replies" : "simple replies";
     this.log.info(`[${this.s.id}] ${this.s.peer}: export "${exp.name}" (${exp.size} bytes, ${replies}, payloads up to ${maxPayload}${this.metaSelected.length ? `, contexts ${this.metaSelected.map((c) => c.name).join(",")}` : ""})`,
-      { conn: this.s.id, peer: this.s.client.address, export: exp.name });
+      { conn: this.s.id, ...clientFields(this.s.client), export: exp.name });
   }
 }

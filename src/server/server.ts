@@ -8,7 +8,7 @@ import { sendfile } from "../sys/libc.ts";
 import type { CheckedExport } from "../devices/checked.ts";
 import type { ExportSpec } from "../devices/types.ts";
 import { ExportRegistry, Generation, staticRows, type ExportLease } from "./exports.ts";
-import { describeClient, type ClientIdentity, UNIX_PEER } from "./identity.ts";
+import { clientFields, describeClient, tcpClient, type ClientIdentity, UNIX_PEER } from "./identity.ts";
 import { Session } from "./session.ts";
 import type { ExportTable, Transport } from "./types.ts";
 import { type Logger, silentLogger } from "./log.ts";
@@ -228,13 +228,13 @@ export class NbdServer implements ExportTable {
         if (self.closing) { sock.terminate(); return; }
         sock.setNoDelay?.(true);
         const t = new SocketTransport(sock);
-        const client = sock.remoteAddress ? { address: sock.remoteAddress } : UNIX_PEER;
+        const client = sock.remoteAddress ? tcpClient(sock.remoteAddress, (sock as unknown as { remotePort?: number }).remotePort ?? null) : UNIX_PEER;
         const peer = describeClient(client);
         const s = new Session(t, self, self.log, peer, client);
         t.session = s;
         sock.data = { session: s, transport: t };
         self.sessions.add(s);
-        self.log.info(`[${s.id}] connection from ${peer}`, { conn: s.id, peer: client.address });
+        self.log.info(`[${s.id}] connection from ${peer}`, { conn: s.id, ...clientFields(client) });
       },
       data(sock: Socket<Conn>, chunk: Uint8Array) {
         const s = sock.data?.session;
@@ -261,8 +261,7 @@ export class NbdServer implements ExportTable {
         if (!s) return;
         s.onClose();
         self.sessions.delete(s);
-        const tls = s.client.tls ? `${s.client.tls.kind} ${s.client.tls.name}` : undefined;
-        self.log.info(`[${s.id}] closed`, { conn: s.id, peer: s.client.address, export: s.exportName, tls });
+        self.log.info(`[${s.id}] closed`, { conn: s.id, ...clientFields(s.client), export: s.exportName });
       },
       error(sock: Socket<Conn>, err: Error) {
         const s = sock.data?.session;

@@ -6,7 +6,7 @@ import { ExtendedTransmission } from "./extended.ts";
 import { Handshake } from "./handshake.ts";
 import { HIGH_WATER, LOW_WATER, Transmission } from "./transmission.ts";
 import type { ExportTable, Negotiated, SessionLink, Transport } from "./types.ts";
-import type { ClientIdentity } from "./identity.ts";
+import { UNIX_PEER, type ClientIdentity } from "./identity.ts";
 
 let nextSessionId = 1;
 
@@ -33,7 +33,7 @@ export class Session implements SessionLink {
   /** The export this session chose, if any (for the close log line). */
   exportName: string | undefined;
 
-  constructor(t: Transport, exports: ExportTable, log: Logger, peer: string, client: ClientIdentity = { address: peer }) {
+  constructor(t: Transport, exports: ExportTable, log: Logger, peer: string, client: ClientIdentity = UNIX_PEER) {
     this.t = t;
     this.exports = exports;
     this.log = log;

@@ -14,6 +14,7 @@ import type { CheckedExport } from "../devices/checked.ts";
 import { FAST_ZERO, FUA, MAY_TRIM, REQ_ONE, isPromise } from "../devices/types.ts";
 import type { Logger } from "./log.ts";
 import type { ExportStats } from "./metrics.ts";
+import { clientFields } from "./identity.ts";
 import { ReplyWriter } from "./replies.ts";
 import { type ExportTable, type Negotiated, PendingRequest, type SessionLink, type Transport } from "./types.ts";
 
@@ -334,7 +335,7 @@ export class Transmission {
   }
 
   private fields(req: PendingRequest, errno: number) {
-    return { conn: this.s.id, peer: this.s.client.address, export: this.exp.name, command: commandName(req.type), errno: errnoName(errno) };
+    return { conn: this.s.id, ...clientFields(this.s.client), export: this.exp.name, command: commandName(req.type), errno: errnoName(errno) };
   }
 
   /** Run `f` once no request is in flight (now, or when the last one finishes). */
