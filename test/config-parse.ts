@@ -87,7 +87,7 @@ test("unknown keys and tables: named, with their line, and a spelling hint", () 
 test("wrong types and values, each at its key's line", () => {
   const text = `[server]
 read-only = "yes"
-max-connections = 0
+max-connections = -1
 listen = ["127.0.0.1"]
 log-format = "xml"
 
@@ -104,7 +104,7 @@ read-only = true
 `;
   assert.equal(errors(text), [
     `/etc/bun-nbd.toml:2: server.read-only: must be true or false, not the string "yes"`,
-    `/etc/bun-nbd.toml:3: server.max-connections: must be a whole number of at least 1, not the number 0`,
+    `/etc/bun-nbd.toml:3: server.max-connections: must be a whole number >= 0 (0: no limit), not the number -1`,
     `/etc/bun-nbd.toml:4: server.listen: "127.0.0.1" is not HOST:PORT, [IPV6]:PORT or unix:PATH`,
     `/etc/bun-nbd.toml:5: server.log-format: must be one of "text", "json", not "xml"`,
     `/etc/bun-nbd.toml:8: export[1].name: must be a string, not the number 42`,

@@ -5,7 +5,7 @@ import { statSync } from "node:fs";
 import { commandArgs } from "./args.ts";
 import { serveConfig, type ServeFlags } from "./serve-config.ts";
 import { formatConfig } from "../config/print.ts";
-import type { ServiceConfig } from "../config/types.ts";
+import { DEFAULT_SETTINGS, type ServiceConfig } from "../config/types.ts";
 import { describeListen } from "../config/values.ts";
 import { activationSockets } from "../server/activation.ts";
 import { createLogger, type Logger } from "../server/log.ts";
@@ -179,7 +179,8 @@ function notYetSupported(cfg: ServiceConfig): string | null {
   const where = cfg.file ?? "the command line";
   if (s.tls !== "off" || s.tlsCertificates !== null || s.tlsPsk !== null || s.tlsVerifyPeer) return `${where}: TLS is not available in this build yet`;
   if (s.allow.length) return `${where}: the server-wide allow list is not available in this build yet (per-export allow is)`;
-  if (s.maxConnections !== null) return `${where}: max-connections is not available in this build yet`;
+  if (s.maxConnections !== 0 || s.maxConnectionsPerAddress !== 0) return `${where}: connection limits are not available in this build yet`;
+  if (s.handshakeTimeout !== DEFAULT_SETTINGS.handshakeTimeout) return `${where}: handshake-timeout is not available in this build yet`;
   return null;
 }
 

@@ -11,7 +11,8 @@ import {
 
 export const SERVER_KEYS = [
   "listen", "read-only", "verbose", "quiet", "log-format", "metrics",
-  "tls", "tls-certificates", "tls-verify-peer", "tls-psk", "allow", "max-connections", "handshake-timeout",
+  "tls", "tls-certificates", "tls-verify-peer", "tls-psk", "allow", "max-connections", "max-connections-per-address",
+  "handshake-timeout",
 ] as const;
 export const EXPORT_KEYS = [
   "name", "file", "read-only", "overlay", "overlay-dir", "compat", "partitions", "description", "allow", "client-name",
@@ -150,13 +151,16 @@ class Checker {
     if (verbose && quiet) this.err(`${at}.quiet`, "verbose and quiet cannot both be true");
     const tlsCertificates = this.optPath(v, "tls-certificates", at, "directory");
     const tlsPsk = this.optPath(v, "tls-psk", at, "file");
-    const maxConnections = v["max-connections"];
-    if (maxConnections !== undefined && !(Number.isInteger(maxConnections) && (maxConnections as number) >= 1)) {
-      this.err(`${at}.max-connections`, `must be a whole number of at least 1, not ${show(maxConnections)}`);
-    }
+    const count = (k: string): number => {
+      const n = v[k];
+      if (n === undefined) return 0;
+      if (Number.isInteger(n) && (n as number) >= 0) return n as number;
+      this.err(`${at}.${k}`, `must be a whole number >= 0 (0: no limit), not ${show(n)}`);
+      return 0;
+    };
     const timeout = v["handshake-timeout"];
-    if (timeout !== undefined && !(typeof timeout === "number" && timeout > 0 && Number.isFinite(timeout))) {
-      this.err(`${at}.handshake-timeout`, `must be a number of seconds above 0, not ${show(timeout)}`);
+    if (timeout !== undefined && !(typeof timeout === "number" && timeout >= 0 && Number.isFinite(timeout))) {
+      this.err(`${at}.handshake-timeout`, `must be a number of seconds >= 0 (0: none), not ${show(timeout)}`);
     }
     return {
       listen, metrics, verbose, quiet, tlsCertificates, tlsPsk,
@@ -165,8 +169,9 @@ class Checker {
       tls: this.oneOf(v, "tls", at, ["off", "on", "require"] as const, "off"),
       tlsVerifyPeer: this.bool(v, "tls-verify-peer", at, false),
       allow: this.cidrs(v, "allow", at),
-      maxConnections: typeof maxConnections === "number" && Number.isInteger(maxConnections) ? maxConnections : null,
-      handshakeTimeout: typeof timeout === "number" && timeout > 0 ? timeout : d.handshakeTimeout,
+      maxConnections: count("max-connections"),
+      maxConnectionsPerAddress: count("max-connections-per-address"),
+      handshakeTimeout: typeof timeout === "number" && timeout >= 0 ? timeout : d.handshakeTimeout,
     };
   }
 

@@ -28,7 +28,7 @@ function serverLines(s: ServerSettings): string[] {
   lines.push(`tls-verify-peer = ${s.tlsVerifyPeer}`);
   if (s.tlsPsk !== null) lines.push(`tls-psk = ${q(s.tlsPsk)}`);
   lines.push(`allow = ${list(s.allow)}`);
-  if (s.maxConnections !== null) lines.push(`max-connections = ${s.maxConnections}`);
+  lines.push(`max-connections = ${s.maxConnections}`, `max-connections-per-address = ${s.maxConnectionsPerAddress}`);
   lines.push(`handshake-timeout = ${s.handshakeTimeout}`);
   return lines;
 }

@@ -25,8 +25,10 @@ export interface ServerSettings {
   readonly tlsPsk: string | null;
   /** CIDR rules for every connection (empty: everyone). */
   readonly allow: readonly string[];
-  readonly maxConnections: number | null;
-  /** Seconds a client has to finish negotiating. */
+  /** Open connections at once, in all and from one IP address; 0: no limit. */
+  readonly maxConnections: number;
+  readonly maxConnectionsPerAddress: number;
+  /** Seconds a client has to finish negotiating; 0: no deadline. */
   readonly handshakeTimeout: number;
 }
 
@@ -85,7 +87,7 @@ export const DEFAULT_SETTINGS: ServerSettings = Object.freeze({
   listen: Object.freeze([Object.freeze({ kind: "tcp" as const, host: "127.0.0.1", port: DEFAULT_PORT })]),
   readOnly: false, verbose: false, quiet: false, logFormat: "text" as const, metrics: null,
   tls: "off" as const, tlsCertificates: null, tlsVerifyPeer: false, tlsPsk: null,
-  allow: Object.freeze([]), maxConnections: null, handshakeTimeout: 10,
+  allow: Object.freeze([]), maxConnections: 0, maxConnectionsPerAddress: 0, handshakeTimeout: 10,
 });
 
 /** What a path is, for the checks that need the file system (injected: parsing stays pure). */
