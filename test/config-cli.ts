@@ -83,4 +83,15 @@ test("--config with FILE arguments or per-export flags is refused", async () => 
   assert.match(plain(c.stderr), /--snapshot and --per-client-overlay cannot be used together/);
 });
 
+test("security settings this build cannot honour yet are refused, not ignored", async () => {
+  for (const [key, what] of [["tls = \"require\"", /TLS is not available/], ["max-connections = 5", /connection limits/], ["allow = [\"10.0.0.0/8\"]", /allow list/]] as const) {
+    const f = join(dir, "sec.toml");
+    writeFileSync(f, `[server]\n${key}\n\n[[export]]\nname = "disk"\nfile = "disk.img"\n`);
+    const r = await cli("serve", "--config", f, "-p", "0");
+    assert.is(r.code, 1, key);
+    assert.match(plain(r.stderr), what);
+    assert.not.match(r.stdout, /Ready/);
+  }
+});
+
 test.run();
