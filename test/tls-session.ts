@@ -27,8 +27,8 @@ function setup(tls: "on" | "require") {
   const server = new NbdServer([{ name: "disk", device: new MemoryDevice(1 << 20) }], { log: silentLogger });
   const asked: (ClientIdentity | undefined)[] = [];
   const table = {
-    get: (name: string, client?: ClientIdentity) => { asked.push(client ? structuredClone(client) : undefined); return server.get(name); },
-    list: () => server.list(),
+    resolve: (name: string, client: ClientIdentity) => { asked.push(structuredClone(client)); return server.resolve(name, client); },
+    list: (client: ClientIdentity) => server.list(client),
     shuttingDown: () => false,
   };
   const t = new TlsFakeTransport();

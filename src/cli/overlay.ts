@@ -1,6 +1,6 @@
-// bun-nbd overlay create|info|diff|commit|reset|check: manage qcow2 copy-on-write overlays over raw
-// base images or CD images (their cooked view). Argument parsing and wiring only; the format lives
-// in src/devices/qcow2/.
+// bun-nbd overlay create|info|diff|commit|reset|check|list: manage qcow2 copy-on-write overlays
+// over raw base images or CD images (their cooked view), and list a per-client overlay directory.
+// Argument parsing and wiring only; the format lives in src/devices/qcow2/.
 import { closeSync, fdatasyncSync, fstatSync, openSync, statSync, writeSync } from "node:fs";
 import { parseArgs } from "node:util";
 import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate } from "../sys/libc.ts";
@@ -26,6 +26,8 @@ const USAGE = `usage: bun-nbd overlay <command> [options] OVERLAY
   reset OVERLAY         discard every change
   check [--repair] [--json] OVERLAY
                         check refcounts; --repair frees leaked clusters (left by a crash)
+  list [--json] DIR     the per-client overlays (NAME@CLIENT.qcow2) in a serve --per-client-overlay
+                        directory: export, client, size, bytes on disk, last use, in use or idle
 
 Exit status: 0 success; check: 2 corruption found, 3 leaked clusters found; 1 other errors.`;
 
@@ -67,6 +69,7 @@ export async function main(argv: string[]): Promise<number> {
       case "commit": return await commit(pos, o);
       case "reset": return await reset(pos);
       case "check": return await check(pos, o);
+      case "list": return (await import("./overlay-list.ts")).list(pos, o);
       default:
         console.error(`bun-nbd overlay: unknown command "${cmd}"\n\n${USAGE}`);
         return 2;

@@ -17,6 +17,8 @@ import {
   parseInfoRequest, parseMetaContextRequest, parseOptionHeader,
 } from "../protocol/codec.ts";
 import type { CheckedExport, ExportContext } from "../devices/checked.ts";
+import type { ExportLease } from "./exports.ts";
+import { clientFields } from "./identity.ts";
 import type { Logger } from "./log.ts";
 import type { ExportTable, Negotiated, SessionLink, TlsMode, Transport } from "./types.ts";
 
@@ -53,6 +55,8 @@ export class Handshake {
   private readonly debug: boolean;
   private readonly tls: TlsMode;
   private readonly encrypted: boolean;
+  /** Leases taken while handling the current option; all but the chosen one are given back after it. */
+  private leases: ExportLease[] = [];
   /** Set when GO or EXPORT_NAME chose an export: the handshake is over. */
   result: Negotiated | null = null;
   /** Set when STARTTLS was acknowledged: what follows is TLS. */
@@ -115,7 +119,11 @@ export class Handshake {
       if (this.len - p < 16 + h.length) break;
       const data = this.buf.slice(p + 16, p + 16 + h.length);
       p += 16 + h.length;
-      this.handleOption(h.option, data);
+      try {
+        this.handleOption(h.option, data);
+      } finally {
+        this.releaseLeases();
+      }
     }
     if (this.s.closed) return null;
     if (this.result !== null || this.startTls) {
@@ -139,7 +147,16 @@ export class Handshake {
    * the client's identity (address, and the TLS identity once encrypted).
    */
   private resolve(name: string): CheckedExport | undefined {
-    return this.exports.get(name, this.s.client);
+    const l = this.exports.resolve(name, this.s.client);
+    if (l === undefined) return undefined;
+    this.leases.push(l);
+    return l.exp;
+  }
+
+  private releaseLeases(): void {
+    const keep = this.result?.lease;
+    for (const l of this.leases) if (l !== keep) l.release();
+    this.leases = [];
   }
 
   private reply(option: number, type: number, data?: Uint8Array): void {
@@ -228,7 +245,7 @@ export class Handshake {
 
   private optList(data: Uint8Array): void {
     if (data.length) return this.replyError(NBD_OPT_LIST, NBD_REP_ERR_INVALID, "LIST takes no data");
-    for (const e of this.exports.list()) this.reply(NBD_OPT_LIST, NBD_REP_SERVER, encodeRepServer(e.name, e.description));
+    for (const e of this.exports.list(this.s.client)) this.reply(NBD_OPT_LIST, NBD_REP_SERVER, encodeRepServer(e.name, e.description));
     this.reply(NBD_OPT_LIST, NBD_REP_ACK);
   }
 
@@ -298,10 +315,12 @@ export class Handshake {
    */
   private choose(exp: CheckedExport, agreedSizes: boolean): void {
     if (this.metaExport !== exp.name) this.metaSelected = [];
+    const lease = this.leases.find((l) => l.exp === exp)!;
     const maxPayload = agreedSizes ? Math.min(exp.blockSize.maximum, HARD_MAX_PAYLOAD) : HARD_MAX_PAYLOAD;
     const structured = this.structured || this.extended;
-    this.result = { exp, structured, extended: this.extended, maxPayload, contexts: this.metaSelected, contextIds: this.metaIds };
+    this.result = { exp, lease, structured, extended: this.extended, maxPayload, contexts: this.metaSelected, contextIds: this.metaIds };
     const replies = this.extended ? "extended headers" : structured ? "structured replies" : "simple replies";
-    this.log.info(`[${this.s.id}] ${this.s.peer}: export "${exp.name}" (${exp.size} bytes, ${replies}, payloads up to ${maxPayload}${this.metaSelected.length ? `, contexts ${this.metaSelected.map((c) => c.name).join(",")}` : ""})`);
+    this.log.info(`[${this.s.id}] ${this.s.peer}: export "${exp.name}" (${exp.size} bytes, ${replies}, payloads up to ${maxPayload}${this.metaSelected.length ? `, contexts ${this.metaSelected.map((c) => c.name).join(",")}` : ""})`,
+      { conn: this.s.id, ...clientFields(this.s.client), export: exp.name });
   }
 }

@@ -4,19 +4,21 @@
 // (starttls.ts) built from the credentials read at start (tls.ts).
 import type { Socket, TCPSocketListener, UnixSocketListener } from "bun";
 import { rmSync, statSync } from "node:fs";
-import { CheckedExport } from "../devices/checked.ts";
-import { type ExportSpec, isPromise } from "../devices/types.ts";
+import type { CheckedExport } from "../devices/checked.ts";
+import type { ExportSpec } from "../devices/types.ts";
 import { Admission, exposureWarning } from "./access.ts";
+import { ExportRegistry, Generation, staticRows, type ExportLease } from "./exports.ts";
+import { clientFields, describeClient, type ClientIdentity } from "./identity.ts";
 import { type Logger, silentLogger } from "./log.ts";
 import { Session } from "./session.ts";
 import { type CheckedSettings, checkSettings, type ServerSettings } from "./settings.ts";
 import { type Conn, SocketTransport, type Upgrader } from "./socket-transport.ts";
 import { type ConnEvents, makeUpgrader } from "./starttls.ts";
 import { loadServerCredentials, type ServerCredentials } from "./tls.ts";
-import type { ClientIdentity, ExportTable } from "./types.ts";
+import type { ExportTable } from "./types.ts";
 
 export interface ServerOptions extends Partial<ServerSettings> {
-  /** Serve every export read-only, whatever its device can do. */
+  /** Serve every export read-only, whatever its device can do (with a list of specs). */
   readOnly?: boolean;
   log?: Logger;
 }
@@ -27,10 +29,10 @@ function peerAddress(a: string): string {
 }
 
 export class NbdServer implements ExportTable {
-  readonly exports: CheckedExport[];
+  /** The export table; reloads swap generations in it. */
+  readonly registry: ExportRegistry;
   /** The settings in force (validated, defaults filled). */
   readonly settings: CheckedSettings;
-  private readonly byName = new Map<string, CheckedExport>();
   private readonly log: Logger;
   private readonly listeners: (TCPSocketListener<Conn> | UnixSocketListener<Conn>)[] = [];
   private readonly unixPaths: string[] = [];
@@ -41,29 +43,36 @@ export class NbdServer implements ExportTable {
   private readonly events: ConnEvents;
   private closing = false;
 
-  /** Throws a configuration error (SettingsError, or one naming a certificate or key file). */
-  constructor(specs: ExportSpec[], opts: ServerOptions = {}) {
-    if (specs.length === 0) throw new Error("no exports to serve");
+  /**
+   * Serve `specs` (fixed, one stack each), or the exports of a registry built from a configuration.
+   * Throws a configuration error (SettingsError, or one naming a certificate or key file).
+   */
+  constructor(exports: ExportSpec[] | ExportRegistry, opts: ServerOptions = {}) {
     this.log = opts.log ?? silentLogger;
     this.settings = checkSettings(opts);
     this.credentials = loadServerCredentials(this.settings);
     this.admission = new Admission({
-      allow: this.settings.allowRanges, maxConnections: this.settings.maxConnections,
+      allow: this.settings.allowList, maxConnections: this.settings.maxConnections,
       maxConnectionsPerAddress: this.settings.maxConnectionsPerAddress,
     });
     this.events = this.connEvents();
     this.upgrader = this.credentials ? makeUpgrader(this.credentials, this.events) : null;
-    this.exports = specs.map((s) => new CheckedExport(s, { readOnly: opts.readOnly }));
-    for (const e of this.exports) {
-      if (this.byName.has(e.name)) throw new Error(`two exports are named "${e.name}": use --name or rename a file`);
-      this.byName.set(e.name, e);
-    }
+    this.registry = exports instanceof ExportRegistry
+      ? exports
+      : new ExportRegistry(new Generation(staticRows(exports, { readOnly: opts.readOnly, log: this.log })), this.log);
   }
 
-  get(name: string, _client?: ClientIdentity): CheckedExport | undefined {
-    return this.byName.get(name) ?? (name === "" ? this.exports[0] : undefined);
+  /** The current table's exports that have one fixed stack (per-client exports have one per client). */
+  get exports(): CheckedExport[] {
+    return this.registry.current.rows.flatMap((r) => (r.kind === "static" ? [r.exp] : []));
   }
-  list(): readonly CheckedExport[] { return this.exports; }
+
+  resolve(name: string, client: ClientIdentity): ExportLease | undefined {
+    return this.registry.resolve(name, client);
+  }
+  list(client: ClientIdentity): readonly { name: string; description: string }[] {
+    return this.registry.list(client);
+  }
   shuttingDown(): boolean { return this.closing; }
   /** Connections currently open. */
   get connections(): number { return this.sessions.size; }
@@ -115,7 +124,7 @@ export class NbdServer implements ExportTable {
         s.onClose();
         self.sessions.delete(s);
         self.admission.release(s.client);
-        self.log.info(`[${s.id}] closed`);
+        self.log.info(`[${s.id}] closed`, { conn: s.id, ...clientFields(s.client), export: s.exportName });
       },
       error(c: Conn, err: Error) {
         self.log.warn(`[${c.session?.id ?? "?"}] socket error: ${err.message}`);
@@ -123,15 +132,17 @@ export class NbdServer implements ExportTable {
     };
   }
 
-  private handlers(transport: "tcp" | "unix") {
+  /** Socket handlers; "auto" (an inherited listening socket) tells TCP from unix by the peer address. */
+  private handlers(kind: "tcp" | "unix" | "auto") {
     const self = this;
     const ev = this.events;
     return {
       open(sock: Socket<Conn>) {
         if (self.closing) { sock.terminate(); return; }
+        const transport = kind === "auto" ? (sock.remoteAddress ? "tcp" : "unix") : kind;
         const address = transport === "tcp" && sock.remoteAddress ? peerAddress(sock.remoteAddress) : null;
         const client: ClientIdentity = { transport, address, port: address !== null ? sock.remotePort : null, tls: null };
-        const peer = address ?? "unix";
+        const peer = describeClient(client);
         const refused = self.admission.admit(client);
         if (refused !== null) {
           self.log.warn(`refused a connection from ${peer}: ${refused}`);
@@ -146,7 +157,7 @@ export class NbdServer implements ExportTable {
         const c: Conn = { session: s, transport: t, secure: null, deadline: null };
         sock.data = c;
         self.sessions.add(s);
-        self.log.info(`[${s.id}] connection from ${peer}${address !== null ? `:${sock.remotePort}` : ""}`);
+        self.log.info(`[${s.id}] connection from ${peer}${address !== null ? `:${sock.remotePort}` : ""}`, { conn: s.id, ...clientFields(client) });
         const limit = self.settings.handshakeTimeout;
         if (limit > 0) {
           c.deadline = setTimeout(() => {
@@ -178,9 +189,18 @@ export class NbdServer implements ExportTable {
   listenTcp(hostname: string, port: number): { hostname: string; port: number } {
     const l = Bun.listen<Conn>({ hostname, port, socket: this.handlers("tcp") });
     this.listeners.push(l);
-    const warning = exposureWarning(hostname, l.port, this.settings.tls, this.settings.allowRanges.length > 0);
+    const warning = exposureWarning(hostname, l.port, this.settings.tls, this.settings.allowList.rules.length > 0);
     if (warning) this.log.warn(warning);
     return { hostname, port: l.port };
+  }
+
+  /**
+   * Serve on a listening socket inherited from the service manager (systemd socket activation):
+   * TCP or unix, already bound; Bun.listen takes it as is.
+   */
+  listenFd(fd: number): void {
+    const l = Bun.listen<Conn>({ fd, socket: this.handlers("auto") } as unknown as Parameters<typeof Bun.listen<Conn>>[0]);
+    this.listeners.push(l);
   }
 
   /** Listen on a unix socket (a stale socket file left by a dead server is replaced). */
@@ -205,16 +225,7 @@ export class NbdServer implements ExportTable {
     while (this.sessions.size > 0 && Date.now() < limit) await Bun.sleep(10);
     for (const l of this.listeners) l.stop(true);
     for (const p of this.unixPaths) rmSync(p, { force: true });
-    for (const e of this.exports) {
-      try {
-        const f = e.flush();
-        if (isPromise(f)) await f;
-        const c = e.close();
-        if (isPromise(c)) await c;
-      } catch (err) {
-        this.log.error(`closing export "${e.name}": ${(err as Error).message}`);
-      }
-    }
+    await this.registry.close();
     if (this.credentials?.kind === "psk") this.credentials.engine.free();
   }
 }

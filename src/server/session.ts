@@ -6,7 +6,8 @@ import type { Logger } from "./log.ts";
 import { ExtendedTransmission } from "./extended.ts";
 import { Handshake } from "./handshake.ts";
 import { HIGH_WATER, LOW_WATER, Transmission } from "./transmission.ts";
-import type { ClientIdentity, ExportTable, SessionLink, TlsIdentity, TlsMode, Transport } from "./types.ts";
+import type { ExportTable, Negotiated, SessionLink, TlsMode, Transport } from "./types.ts";
+import { UNIX_PEER, type ClientIdentity, type TlsIdentity } from "./identity.ts";
 
 let nextSessionId = 1;
 
@@ -26,7 +27,8 @@ export interface SessionOptions {
 export class Session implements SessionLink {
   readonly id = nextSessionId++;
   readonly peer: string;
-  readonly client: ClientIdentity;
+  /** Replaced (not mutated) when STARTTLS adds the TLS identity. */
+  client: ClientIdentity;
   /** See SessionLink.closed; set only by close(), protocolError() and onClose(). */
   closed = false;
   private readonly t: Transport;
@@ -39,13 +41,17 @@ export class Session implements SessionLink {
   private noZeroes = false;
   /** Output backpressure paused reading during the handshake (carried into transmission). */
   private hsPaused = false;
+  /** What the handshake chose, until its lease is given back. */
+  private chosen: Negotiated | null = null;
+  /** The export this session chose, if any (for the close log line). */
+  exportName: string | undefined;
 
   constructor(t: Transport, exports: ExportTable, log: Logger, peer: string, opts: SessionOptions = {}) {
     this.t = t;
     this.exports = exports;
     this.log = log;
     this.peer = peer;
-    this.client = opts.client ?? { transport: "unix", address: null, port: null, tls: null };
+    this.client = opts.client ?? UNIX_PEER;
     this.tls = t.startTls ? opts.tls ?? "off" : "off";
     this.hs = new Handshake(this, t, exports, log, { tls: this.tls });
   }
@@ -74,6 +80,9 @@ export class Session implements SessionLink {
       return;
     }
     const n = hs.result!;
+    this.chosen = n;
+    this.exportName = n.exp.name;
+    if (n.lease.stats !== null) n.lease.stats.connections++;
     const next = n.extended
       ? new ExtendedTransmission(this, this.t, this.exports, this.log, n, this.hsPaused)
       : new Transmission(this, this.t, this.exports, this.log, n, this.hsPaused);
@@ -85,7 +94,7 @@ export class Session implements SessionLink {
   /** The transport finished the TLS handshake: option haggling starts again, encrypted. */
   onSecured(tls: TlsIdentity): void {
     if (this.closed) return;
-    this.client.tls = tls;
+    this.client = { ...this.client, tls };
     const who = tls.kind === "psk" ? `PSK user "${tls.name}"` : tls.name !== null ? `client certificate CN="${tls.name}"` : "no client certificate";
     this.log.info(`[${this.id}] ${this.peer}: TLS established (${tls.protocol} ${tls.cipher}), ${who}`);
     this.hs = new Handshake(this, this.t, this.exports, this.log, { tls: this.tls, encrypted: { noZeroes: this.noZeroes } });
@@ -123,10 +132,26 @@ export class Session implements SessionLink {
 
   /** The socket closed (either side). */
   onClose(): void {
-    if (this.closed) return;
-    const n = this.tx?.requestsInFlight ?? 0;
-    if (n > 0) this.log.info(`[${this.id}] ${this.peer}: connection closed with ${n} request(s) in flight`);
-    this.closed = true;
+    if (!this.closed) {
+      const n = this.tx?.requestsInFlight ?? 0;
+      if (n > 0) this.log.info(`[${this.id}] ${this.peer}: connection closed with ${n} request(s) in flight`);
+      this.closed = true;
+    }
+    this.releaseExport();
+  }
+
+
+  /** Give the export's lease back once no request is running on it any more. */
+  private releaseExport(): void {
+    const n = this.chosen;
+    if (n === null) return;
+    this.chosen = null;
+    const done = () => {
+      if (n.lease.stats !== null) n.lease.stats.connections--;
+      n.lease.release();
+    };
+    if (this.tx !== null) this.tx.whenIdle(done);
+    else done();
   }
 
   /** Server shutdown: stop reading; close once in-flight requests have been answered. */

@@ -1,7 +1,7 @@
 // The server's security settings as one plain object (TLS mode and credentials, allow-list, caps,
 // handshake deadline), filled alike from CLI flags and config keys of the same names (tls,
 // tls-certificates, ..., handshake-timeout); checkSettings() validates it.
-import { parseCidr, type Cidr } from "./access.ts";
+import { AllowList, cidrProblem } from "./access.ts";
 import type { TlsMode } from "./types.ts";
 
 export interface ServerSettings {
@@ -30,7 +30,7 @@ export const DEFAULT_SETTINGS: ServerSettings = {
 
 /** Settings after validation, with the allow-list parsed. */
 export interface CheckedSettings extends ServerSettings {
-  allowRanges: readonly Cidr[];
+  allowList: AllowList;
 }
 
 /** A setting that cannot work; `key` is the option/config key it is about. */
@@ -64,12 +64,9 @@ export function checkSettings(given: Partial<ServerSettings> = {}): CheckedSetti
   if (!Number.isFinite(s.handshakeTimeout) || s.handshakeTimeout < 0) {
     throw new SettingsError("handshake-timeout", `handshake-timeout must be a number of seconds >= 0 (0: none), not ${s.handshakeTimeout}`);
   }
-  const allowRanges = s.allow.map((a) => {
-    try {
-      return parseCidr(a);
-    } catch (e) {
-      throw new SettingsError("allow", `allow: ${(e as Error).message}`);
-    }
-  });
-  return { ...s, allowRanges };
+  for (const a of s.allow) {
+    const problem = cidrProblem(a);
+    if (problem !== null) throw new SettingsError("allow", `allow: ${problem}`);
+  }
+  return { ...s, allowList: new AllowList(s.allow) };
 }

@@ -4,6 +4,10 @@
 // (PendingRequest; ExtendedRequest under extended headers).
 import type { NbdError } from "../protocol/errors.ts";
 import type { CheckedExport, ExportContext } from "../devices/checked.ts";
+import type { ExportLease } from "./exports.ts";
+import type { ClientIdentity } from "./identity.ts";
+
+export type { ClientIdentity, TlsIdentity } from "./identity.ts";
 
 /**
  * What a session needs from its connection. STARTTLS upgrades the byte stream under the same
@@ -36,38 +40,15 @@ export interface Transport {
 /** How the server treats STARTTLS: NOTLS ("off"), SELECTIVETLS ("on"), FORCEDTLS ("require"). */
 export type TlsMode = "off" | "on" | "require";
 
-/** Who the peer proved to be during the TLS handshake. */
-export interface TlsIdentity {
-  /** "x509": a certificate (or none, without --tls-verify-peer); "psk": a pre-shared key. */
-  kind: "x509" | "psk";
-  /** The client certificate's subject CN or the PSK username; null when the client sent no certificate. */
-  name: string | null;
-  /** e.g. "TLSv1.3" and "TLS_AES_128_GCM_SHA256". */
-  protocol: string;
-  cipher: string;
-}
-
 /**
- * Who is connecting, as export resolution sees it: where from, and (after STARTTLS) the TLS
- * identity. Per-client overlays and per-export allow rules key on it.
- */
-export interface ClientIdentity {
-  transport: "tcp" | "unix";
-  /** The peer's IP address (IPv4-mapped IPv6 addresses unwrapped); null on unix sockets. */
-  address: string | null;
-  port: number | null;
-  /** Set once STARTTLS succeeded; null on a plain connection. */
-  tls: TlsIdentity | null;
-}
-
-/**
- * The exports a session may select: `(export name, client identity) -> device stack`; the
- * handshake asks it in one place (Handshake.resolve), at GO, INFO, EXPORT_NAME and meta contexts.
+ * The exports a session may select: `(export name, client identity) -> device stack`, asked by the
+ * handshake in one place (Handshake.resolve). ExportRegistry (exports.ts) is the implementation.
  */
 export interface ExportTable {
-  /** Look up by name; "" is the default export. `client` is who asks (absent in unit tests). */
-  get(name: string, client?: ClientIdentity): CheckedExport | undefined;
-  list(): readonly CheckedExport[];
+  /** Resolve `name` ("" is the default export) for `client`; the lease is released once, when done. */
+  resolve(name: string, client: ClientIdentity): ExportLease | undefined;
+  /** The exports LIST shows `client`. */
+  list(client: ClientIdentity): readonly { name: string; description: string }[];
   /** True while the server is shutting down: new options get ERR_SHUTDOWN, new requests ESHUTDOWN. */
   shuttingDown(): boolean;
 }
@@ -78,6 +59,8 @@ export interface ExportTable {
  */
 export interface Negotiated {
   readonly exp: CheckedExport;
+  /** What resolution handed out for `exp`: released when the session is done with it. */
+  readonly lease: ExportLease;
   /** Replies are chunks: structured replies were agreed, or extended headers (which imply them). */
   readonly structured: boolean;
   /** Extended headers: 32-byte requests and replies (NBD_OPT_EXTENDED_HEADERS). */
@@ -97,6 +80,7 @@ export interface Negotiated {
 export interface SessionLink {
   readonly id: number;
   readonly peer: string;
+  /** Who is connected (address, and the TLS identity once there is one), for export resolution. */
   readonly client: ClientIdentity;
   /** True once the connection is closing or closed: nothing more is read or sent. */
   readonly closed: boolean;
@@ -110,6 +94,8 @@ export interface SessionLink {
 export class PendingRequest {
   /** A validation error found while receiving (the payload is still consumed). */
   error: NbdError | null = null;
+  /** performance.now() at dispatch, when metrics are on (for the latency histogram). */
+  start = 0;
   constructor(
     readonly type: number, readonly flags: number, readonly cookieHi: number, readonly cookieLo: number,
     readonly offset: number, readonly offsetTooBig: boolean, readonly length: number,

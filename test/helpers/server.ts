@@ -29,7 +29,8 @@ export async function serve(args: string[], opts: { socket?: string; timeoutMs?:
   for (;;) {
     const m = /nbds?:\/\/127\.0\.0\.1:(\d+)\//.exec(out) ?? /nbds?:\/\/\[::1\]:(\d+)\//.exec(out);
     if (m) { port = Number(m[1]); }
-    if ((m || (opts.socket && /nbds?\+unix:\/\//.test(out))) && /^ready/im.test(out)) break;
+    // (with --log-format json the banner comes as JSON lines: "message":"Ready. ...")
+    if ((m || (opts.socket && /nbds?\+unix:\/\//.test(out))) && /^ready|"message":"Ready\./im.test(out)) break;
     if (proc.exitCode !== null) throw new Error(`server exited ${proc.exitCode} before it was ready:\n${out}`);
     if (Date.now() > limit) { proc.kill("SIGKILL"); throw new Error(`server not ready in time:\n${out}`); }
     await Bun.sleep(20);
