@@ -1,6 +1,7 @@
 // `bun-nbd serve [options] FILE...`: parse flags, open exports, listen, print how to connect, and
 // shut down cleanly on SIGINT/SIGTERM. Wiring only.
 import { commandArgs } from "./args.ts";
+import { REMOTE_FLAGS, REMOTE_HELP, remoteSettings } from "./remote-args.ts";
 import { openExports } from "../devices/open.ts";
 import { createLogger } from "../server/log.ts";
 import { NbdServer } from "../server/server.ts";
@@ -31,6 +32,8 @@ options:
   -h, --help           this help
   -V, --version        print the version
 
+${REMOTE_HELP}
+
 Connect with, for example:
   qemu-system-x86_64 -drive file=nbd://127.0.0.1:10809/NAME,format=raw
   nbdinfo nbd://127.0.0.1:10809/NAME
@@ -49,6 +52,7 @@ export async function main(argv: string[]): Promise<number> {
     verbose: { type: "boolean", short: "v" },
     quiet: { type: "boolean", short: "q" },
     version: { type: "boolean", short: "V" },
+    ...REMOTE_FLAGS,
   }, { min: 0, max: Infinity, what: "FILE..." });
   if (typeof args === "number") return args;
   const o = args.values;
@@ -75,9 +79,10 @@ export async function main(argv: string[]): Promise<number> {
 
   let specs;
   try {
+    const remote = remoteSettings(o);
     specs = await openExports(args.positionals, {
       readOnly: o["read-only"], name: o.name, overlay: o.overlay, snapshot: o.snapshot, compat: o.compat,
-      log: (m) => log.warn(m), info: (m) => log.info(m),
+      log: (m) => log.warn(m), info: (m) => log.info(m), remote,
     });
   } catch (e) {
     console.error(`bun-nbd serve: ${(e as Error).message}`);

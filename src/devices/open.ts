@@ -3,6 +3,7 @@
 // server listens, so a missing or unreadable file is a clear error and nothing is half-started.
 import { basename, extname } from "node:path";
 import { RawFile } from "./file.ts";
+import type { RemoteSettings } from "./remote/index.ts";
 import type { BlockDevice, ExportSpec } from "./types.ts";
 
 export interface OpenOptions {
@@ -19,7 +20,11 @@ export interface OpenOptions {
   log: (msg: string) => void;
   /** Notices (e.g. an overlay was created). */
   info?: (msg: string) => void;
+  /** How http(s):// and s3:// images are fetched and cached. */
+  remote?: RemoteSettings;
 }
+
+const isRemoteName = (f: string) => /^(https?|s3):\/\//i.test(f);
 
 /** The export name a file gets by default: its file name without the extension. */
 export function exportNameFor(path: string): string {
@@ -47,6 +52,11 @@ export async function openExports(files: string[], opts: OpenOptions): Promise<E
 }
 
 async function openOne(file: string, opts: OpenOptions): Promise<ExportSpec[]> {
+  if (isRemoteName(file)) {
+    if (opts.overlay !== undefined || opts.snapshot) throw new Error("--overlay and --snapshot over a remote image are not available yet");
+    const { openRemote } = await import("./remote/index.ts");
+    return openRemote(file, { name: opts.name, settings: opts.remote ?? {}, log: opts.info ?? opts.log });
+  }
   const name = opts.name ?? exportNameFor(file);
   if (opts.overlay !== undefined || opts.snapshot) {
     const { openOverlay } = await import("./qcow2/index.ts");

@@ -1,0 +1,304 @@
+// The persistent local cache of a remote object: a sparse data file (the object's bytes at their
+// own offsets) and a map file (a header naming the object and its version, then one state byte per
+// block), kept per URL + ETag in a cache directory, bounded in size with least-recently-used
+// eviction. A block counts as cached only once its bytes are written (data first, then its map
+// byte; eviction clears the map byte before punching the hole), so kill -9 never leaves a block
+// marked that holds anything but its bytes. All-zero blocks are marked without writing (holes).
+import { closeSync, existsSync, fstatSync, ftruncateSync, mkdirSync, openSync, readdirSync, readSync, statSync, unlinkSync, writeSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { createHash } from "node:crypto";
+import { F_UNLCK, F_WRLCK, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate, ofdLock, ofdTestLock } from "../../sys/libc.ts";
+import { versionTag, type ObjectVersion } from "./store.ts";
+
+const MAGIC = "BNBDRCv1";
+const HEADER = 4096;
+export const ABSENT = 0;
+export const DATA = 1;
+export const ZERO = 2;
+
+export interface CacheOptions {
+  /** Cache directory; null for a throw-away cache (unlinked files, gone at exit). */
+  dir: string | null;
+  /** What names the object (location and endpoint, no credentials). */
+  key: string;
+  version: ObjectVersion;
+  blockSize: number;
+  /** Most bytes of block data to keep, for this object and the directory as a whole. */
+  budget: number;
+  log: (msg: string) => void;
+}
+
+export class BlockCache {
+  readonly blocks: number;
+  /** The state byte of every block (ABSENT, DATA, ZERO). */
+  readonly state: Uint8Array;
+  /** Bytes of DATA blocks held. */
+  used = 0;
+  /** True once a block was evicted: from then on the data file's bytes may move under a sendfile. */
+  evicted = false;
+  evictions = 0;
+  private readonly prev: Int32Array;
+  private readonly next: Int32Array;
+  private head = -1; // most recently used
+  private tail = -1;
+  private closed = false;
+  private writeFailed = false;
+  private readonly one = new Uint8Array(1);
+
+  private constructor(readonly fd: number, private readonly mapFd: number, readonly path: string | null,
+    readonly blockSize: number, readonly size: number, readonly budget: number, private readonly log: (msg: string) => void) {
+    this.blocks = Math.ceil(size / blockSize);
+    this.state = new Uint8Array(this.blocks);
+    this.prev = new Int32Array(this.blocks).fill(-1);
+    this.next = new Int32Array(this.blocks).fill(-1);
+  }
+
+  get persistent(): boolean { return this.path !== null; }
+
+  static open(o: CacheOptions): BlockCache {
+    const budget = Math.max(o.budget, 16 * o.blockSize);
+    if (o.dir === null) return BlockCache.throwAway(o, budget);
+    mkdirSync(o.dir, { recursive: true });
+    const id = createHash("sha256").update(`${o.key}\n${versionTag(o.version)}\n${o.version.size}`).digest("hex").slice(0, 32);
+    const base = join(o.dir, id);
+    const mapFd = openSync(`${base}.map`, "a+");
+    closeSync(mapFd);
+    const m = openSync(`${base}.map`, "r+");
+    if (!ofdLock(m, F_WRLCK, 0, 1)) {
+      closeSync(m);
+      o.log(`cache ${base}.map is in use by another process; using a throw-away cache for ${o.key}`);
+      return BlockCache.throwAway(o, budget);
+    }
+    let d = -1;
+    try {
+      d = openSync(`${base}.data`, existsSync(`${base}.data`) ? "r+" : "w+");
+      const c = new BlockCache(d, m, base, o.blockSize, o.version.size, budget, o.log);
+      const header = headerBytes(o, c.blocks);
+      if (!c.load(header)) {
+        ftruncateSync(m, 0);
+        ftruncateSync(d, 0);
+        writeFull(m, header, 0);
+        ftruncateSync(m, HEADER + c.blocks);
+      }
+      if (fstatSync(d).size !== o.version.size) ftruncateSync(d, o.version.size);
+      prune(o.dir, id, o.key, budget - Math.min(c.used, budget), o.log);
+      c.shrinkTo(budget);
+      return c;
+    } catch (e) {
+      if (d >= 0) closeSync(d);
+      closeSync(m);
+      throw e;
+    }
+  }
+
+  private static throwAway(o: CacheOptions, budget: number): BlockCache {
+    const dir = process.env.TMPDIR || tmpdir();
+    const p = join(dir, `bun-nbd-cache-${process.pid}-${Math.random().toString(36).slice(2, 10)}`);
+    const d = openSync(`${p}.data`, "wx+", 0o600);
+    const m = openSync(`${p}.map`, "wx+", 0o600);
+    unlinkSync(`${p}.data`);
+    unlinkSync(`${p}.map`);
+    ftruncateSync(d, o.version.size);
+    const c = new BlockCache(d, m, null, o.blockSize, o.version.size, budget, o.log);
+    ftruncateSync(m, HEADER + c.blocks);
+    return c;
+  }
+
+  /** Read the map; false when it is not this object's (new, another version, another block size). */
+  private load(header: Uint8Array): boolean {
+    const st = fstatSync(this.mapFd);
+    if (st.size !== HEADER + this.blocks) return false;
+    const h = new Uint8Array(HEADER);
+    if (readSync(this.mapFd, h, 0, HEADER, 0) !== HEADER || Buffer.compare(h, header) !== 0) return false;
+    let got = 0;
+    while (got < this.blocks) {
+      const n = readSync(this.mapFd, this.state, got, this.blocks - got, HEADER + got);
+      if (n <= 0) return false;
+      got += n;
+    }
+    for (let b = 0; b < this.blocks; b++) {
+      const s = this.state[b]!;
+      if (s === DATA) { this.used += this.blockBytes(b); this.pushFront(b); }
+      else if (s !== ZERO) this.state[b] = ABSENT;
+    }
+    return true;
+  }
+
+  blockBytes(b: number): number {
+    return Math.min(this.blockSize, this.size - b * this.blockSize);
+  }
+
+  /** True if every block from `first` to `last` (inclusive) is cached. */
+  has(first: number, last: number): boolean {
+    const s = this.state;
+    for (let b = first; b <= last; b++) if (s[b] === ABSENT) return false;
+    return true;
+  }
+
+  /** Mark `b` as just used (eviction takes the least recently used first). */
+  touch(b: number): void {
+    if (this.state[b] !== DATA || this.head === b) return;
+    this.unlink(b);
+    this.pushFront(b);
+  }
+
+  /** Copy cached bytes [pos, pos+len) into buf[off..] (every block involved must be cached). */
+  read(buf: Uint8Array, off: number, len: number, pos: number): void {
+    let done = 0;
+    while (done < len) {
+      const n = readSync(this.fd, buf, off + done, len - done, pos + done);
+      if (n <= 0) { buf.fill(0, off + done, off + len); return; } // past the data file's end: a hole
+      done += n;
+    }
+  }
+
+  /**
+   * Keep block `b` (its bytes as fetched). Evicts least recently used blocks to stay within the
+   * budget. A failed write (disk full) is logged once; the block then just stays uncached.
+   */
+  store(b: number, bytes: Uint8Array): void {
+    if (this.closed || this.state[b] !== ABSENT) return;
+    const zero = isZero(bytes);
+    try {
+      if (!zero) {
+        while (this.used + bytes.length > this.budget && this.tail >= 0) this.evict(this.tail);
+        writeFull(this.fd, bytes, b * this.blockSize);
+        this.used += bytes.length;
+      }
+      this.setState(b, zero ? ZERO : DATA);
+    } catch (e) {
+      if (!this.writeFailed) this.log(`cache ${this.path ?? "(throw-away)"}: cannot write: ${(e as Error).message}; serving without caching`);
+      this.writeFailed = true;
+      return;
+    }
+    if (!zero) this.pushFront(b);
+  }
+
+  private setState(b: number, s: number): void {
+    this.one[0] = s;
+    writeFull(this.mapFd, this.one, HEADER + b);
+    this.state[b] = s;
+  }
+
+  private evict(b: number): void {
+    this.unlink(b);
+    this.setState(b, ABSENT); // the map first: a crash between leaves an unmarked block, never a marked hole
+    try {
+      fallocate(this.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, b * this.blockSize, this.blockBytes(b));
+    } catch { /* no hole punching: the bytes stay allocated but unmarked */ }
+    this.used -= this.blockBytes(b);
+    this.evicted = true;
+    this.evictions++;
+  }
+
+  private shrinkTo(budget: number): void {
+    while (this.used > budget && this.tail >= 0) this.evict(this.tail);
+  }
+
+  private pushFront(b: number): void {
+    this.prev[b] = -1;
+    this.next[b] = this.head;
+    if (this.head >= 0) this.prev[this.head] = b;
+    this.head = b;
+    if (this.tail < 0) this.tail = b;
+  }
+
+  private unlink(b: number): void {
+    const p = this.prev[b]!, n = this.next[b]!;
+    if (p >= 0) this.next[p] = n; else if (this.head === b) this.head = n;
+    if (n >= 0) this.prev[n] = p; else if (this.tail === b) this.tail = p;
+    this.prev[b] = -1;
+    this.next[b] = -1;
+  }
+
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    if (this.path !== null) { try { ofdLock(this.mapFd, F_UNLCK, 0, 1); } catch { /* closing anyway */ } }
+    closeSync(this.fd);
+    closeSync(this.mapFd);
+  }
+}
+
+function headerBytes(o: CacheOptions, blocks: number): Uint8Array {
+  const h = new Uint8Array(HEADER);
+  const info = JSON.stringify({ key: o.key, size: o.version.size, etag: o.version.etag, lastModified: o.version.lastModified, blockSize: o.blockSize, blocks });
+  const bytes = new TextEncoder().encode(MAGIC + info);
+  h.set(bytes.subarray(0, HEADER - 1));
+  return h;
+}
+
+/** The entry's key and version from its map header, or null when it is not a cache map. */
+function readInfo(path: string): { key: string } | null {
+  try {
+    const fd = openSync(path, "r");
+    try {
+      const h = new Uint8Array(HEADER);
+      const n = readSync(fd, h, 0, HEADER, 0);
+      const text = new TextDecoder().decode(h.subarray(0, n)).replace(/\0+$/, "");
+      if (!text.startsWith(MAGIC)) return null;
+      return JSON.parse(text.slice(MAGIC.length)) as { key: string };
+    } finally {
+      closeSync(fd);
+    }
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * Make room in the directory: delete entries of other versions of the same object, then the least
+ * recently used entries until the others hold at most `room` bytes. Entries in use by another
+ * process (locked) are left alone.
+ */
+function prune(dir: string, self: string, key: string, room: number, log: (msg: string) => void): void {
+  const others: { base: string; bytes: number; mtime: number }[] = [];
+  for (const name of readdirSync(dir)) {
+    if (!name.endsWith(".map") || name === `${self}.map`) continue;
+    const base = join(dir, name.slice(0, -4));
+    if (inUse(`${base}.map`)) continue;
+    const info = readInfo(`${base}.map`);
+    let bytes = 0, mtime = 0;
+    try { const st = statSync(`${base}.data`); bytes = st.blocks * 512; mtime = statSync(`${base}.map`).mtimeMs; } catch { /* half an entry */ }
+    if (info !== null && info.key === key) {
+      remove(base);
+      log(`cache: removed ${base} (an older version of ${key})`);
+      continue;
+    }
+    others.push({ base, bytes, mtime });
+  }
+  others.sort((a, b) => a.mtime - b.mtime);
+  let total = others.reduce((n, e) => n + e.bytes, 0);
+  for (const e of others) {
+    if (total <= room) break;
+    remove(e.base);
+    total -= e.bytes;
+    log(`cache: removed ${e.base} (least recently used) to stay within the cache size`);
+  }
+}
+
+function inUse(path: string): boolean {
+  try {
+    const fd = openSync(path, "r");
+    try { return ofdTestLock(fd, F_WRLCK, 0, 1) !== F_UNLCK; } finally { closeSync(fd); }
+  } catch {
+    return false;
+  }
+}
+
+function remove(base: string): void {
+  for (const ext of [".map", ".data"]) { try { unlinkSync(base + ext); } catch { /* gone already */ } }
+}
+
+function writeFull(fd: number, buf: Uint8Array, pos: number): void {
+  let done = 0;
+  while (done < buf.length) done += writeSync(fd, buf, done, buf.length - done, pos + done);
+}
+
+let zeros = new Uint8Array(0);
+function isZero(b: Uint8Array): boolean {
+  if (b.length === 0 || b[0] !== 0 || b[b.length - 1] !== 0) return false;
+  if (zeros.length < b.length) zeros = new Uint8Array(b.length);
+  return Buffer.compare(b, zeros.subarray(0, b.length)) === 0;
+}

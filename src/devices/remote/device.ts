@@ -1,0 +1,241 @@
+// A remote object as a read-only block device: reads are served from the local block cache when
+// every block they touch is there (synchronously, or by sendfile from the cache file), otherwise
+// the missing blocks are fetched as aligned ranged GETs (neighbours wanted in the same tick merged
+// into one GET, several in flight, readahead for sequential readers) and stored before they count
+// as cached. Other devices can sit on it: it is an async BlockDevice, and isCached/load let code
+// that reads synchronously (the CD views) make bytes local first.
+import { eio } from "../../protocol/errors.ts";
+import { caps, EXTENT_HOLE, EXTENT_ZERO, type BlockDevice, type BlockSize, type Capabilities, type ExtentSink, type FileRange, type Maybe } from "../types.ts";
+import { ABSENT, ZERO, type BlockCache } from "./cache.ts";
+import { Fetcher, type FetchPolicy } from "./fetcher.ts";
+import { dropCounters, newCounters, type RemoteCounters } from "./metrics.ts";
+import type { ObjectStore, ObjectVersion } from "./store.ts";
+
+export interface ReadPolicy {
+  /** Most bytes one GET covers when neighbouring missing blocks are merged. */
+  maxRequest: number;
+  /** Bytes fetched ahead of a sequential reader. */
+  readahead: number;
+}
+
+const CAPS: Capabilities = Object.freeze(caps({ canCache: true, canExtents: true, canMultiConn: true }));
+const RECENT = 8;
+
+interface Waiter {
+  promise: Promise<Uint8Array>;
+  resolve: (b: Uint8Array) => void;
+  reject: (e: Error) => void;
+}
+
+export class RemoteImage implements BlockDevice {
+  readonly counters: RemoteCounters;
+  readonly fetcher: Fetcher;
+  private readonly bs: number;
+  private readonly bytes: number;
+  /** Blocks being fetched, by index; each resolves (after the cache holds it) to the block's bytes. */
+  private readonly waiting = new Map<number, Waiter>();
+  private wanted: number[] = [];
+  private wantedAhead: number[] = [];
+  private flushQueued = false;
+  /** The last block of recent reads, to tell sequential readers (several may interleave). */
+  private readonly recent = new Float64Array(RECENT).fill(-2);
+  private recentAt = 0;
+  private closed = false;
+
+  constructor(readonly store: ObjectStore, readonly version: ObjectVersion, readonly blocks: BlockCache,
+    private readonly policy: ReadPolicy & FetchPolicy, private readonly log: (msg: string) => void) {
+    this.bs = blocks.blockSize;
+    this.bytes = version.size;
+    this.counters = newCounters(store.display);
+    this.counters.cachedBytes = blocks.used;
+    this.fetcher = new Fetcher(store, version, policy, this.counters, log);
+  }
+
+  /** The object as printed (no credentials). */
+  get location(): string { return this.store.display; }
+
+  size(): number { return this.bytes; }
+  blockSize(): BlockSize { return { minimum: 1, preferred: 4096, maximum: 32 * 1024 * 1024 }; }
+  capabilities(): Capabilities { return CAPS; }
+
+  /** True if [pos, pos+len) can be read from the cache now. */
+  isCached(pos: number, len: number): boolean {
+    if (len <= 0) return true;
+    return this.blocks.has(Math.floor(pos / this.bs), Math.floor((pos + len - 1) / this.bs));
+  }
+
+  /** Fetch whatever of [pos, pos+len) is not cached; resolves once it is (or has been delivered). */
+  async load(pos: number, len: number): Promise<void> {
+    if (len <= 0) return;
+    const st = this.blocks.state;
+    const ps: Promise<unknown>[] = [];
+    for (let b = Math.floor(pos / this.bs), last = Math.floor((pos + len - 1) / this.bs); b <= last; b++) {
+      if (st[b] === ABSENT) ps.push(this.want(b, false));
+    }
+    for (const p of ps) await p;
+  }
+
+  fileRange(offset: number, length: number, out: FileRange): boolean {
+    // After an eviction, a block could be punched while sendfile still reads it: copy instead.
+    if (this.blocks.evicted || length === 0) return false;
+    const b0 = Math.floor(offset / this.bs), b1 = Math.floor((offset + length - 1) / this.bs);
+    if (!this.blocks.has(b0, b1)) return false;
+    this.hit(b0, b1);
+    out.fd = this.blocks.fd;
+    out.offset = offset;
+    return true;
+  }
+
+  pread(buf: Uint8Array, offset: number, _flags: number): Maybe {
+    const len = buf.length;
+    if (len === 0) return;
+    if (this.closed) throw eio(`${this.store.display}: closed`);
+    const b0 = Math.floor(offset / this.bs), b1 = Math.floor((offset + len - 1) / this.bs);
+    if (this.blocks.has(b0, b1)) {
+      this.hit(b0, b1);
+      this.blocks.read(buf, 0, len, offset);
+      return;
+    }
+    return this.readMissing(buf, offset, b0, b1);
+  }
+
+  private hit(b0: number, b1: number): void {
+    this.counters.cacheHits += b1 - b0 + 1;
+    for (let b = b0; b <= b1; b++) this.blocks.touch(b);
+    this.sequential(b0, b1);
+  }
+
+  private readMissing(buf: Uint8Array, offset: number, b0: number, b1: number): Promise<void> {
+    const bs = this.bs, end = offset + buf.length, st = this.blocks.state;
+    const ps: Promise<void>[] = [];
+    for (let b = b0; b <= b1; b++) {
+      const s = Math.max(offset, b * bs), e = Math.min(end, (b + 1) * bs);
+      if (st[b] !== ABSENT) {
+        this.counters.cacheHits++;
+        this.blocks.touch(b);
+        this.blocks.read(buf, s - offset, e - s, s);
+        continue;
+      }
+      this.counters.cacheMisses++;
+      ps.push(this.want(b, false).then((bytes) => { buf.set(bytes.subarray(s - b * bs, e - b * bs), s - offset); }));
+    }
+    this.sequential(b0, b1);
+    return settle(ps);
+  }
+
+  /** The bytes of block `b`, fetched (or joined, if already on its way). */
+  private want(b: number, ahead: boolean): Promise<Uint8Array> {
+    const w = this.waiting.get(b);
+    if (w !== undefined) return w.promise;
+    let resolve!: (x: Uint8Array) => void, reject!: (e: Error) => void;
+    const promise = new Promise<Uint8Array>((res, rej) => { resolve = res; reject = rej; });
+    this.waiting.set(b, { promise, resolve, reject });
+    (ahead ? this.wantedAhead : this.wanted).push(b);
+    if (!this.flushQueued) {
+      this.flushQueued = true;
+      queueMicrotask(() => this.sendWanted());
+    }
+    return promise;
+  }
+
+  /** Send what was wanted this tick: runs of neighbouring blocks merged into GETs of up to maxRequest. */
+  private sendWanted(): void {
+    this.flushQueued = false;
+    const demand = this.wanted, ahead = this.wantedAhead;
+    this.wanted = [];
+    this.wantedAhead = [];
+    this.send(demand, false);
+    this.send(ahead, true);
+  }
+
+  private send(blocks: number[], ahead: boolean): void {
+    if (blocks.length === 0) return;
+    blocks.sort((a, b) => a - b);
+    const most = Math.max(1, Math.floor(this.policy.maxRequest / this.bs));
+    let i = 0;
+    while (i < blocks.length) {
+      let j = i + 1;
+      while (j < blocks.length && blocks[j] === blocks[j - 1]! + 1 && j - i < most) j++;
+      this.fetchRun(blocks[i]!, blocks[j - 1]!, ahead);
+      i = j;
+    }
+  }
+
+  private fetchRun(first: number, last: number, ahead: boolean): void {
+    const bs = this.bs;
+    const start = first * bs, end = Math.min(this.bytes, (last + 1) * bs);
+    this.fetcher.fetch(start, end, ahead).then((bytes) => {
+      for (let b = first; b <= last; b++) {
+        const view = bytes.subarray(b * bs - start, Math.min(end, (b + 1) * bs) - start);
+        if (!this.closed) this.blocks.store(b, view);
+        const w = this.waiting.get(b);
+        this.waiting.delete(b);
+        w?.resolve(view);
+      }
+      this.counters.cachedBytes = this.blocks.used;
+      this.counters.evictions = this.blocks.evictions;
+    }, (e: Error) => {
+      for (let b = first; b <= last; b++) {
+        const w = this.waiting.get(b);
+        this.waiting.delete(b);
+        w?.reject(e);
+      }
+    });
+  }
+
+  /** Note a read of blocks b0..b1; if it continues a recent one, fetch ahead of it. */
+  private sequential(b0: number, b1: number): void {
+    const r = this.recent;
+    let seq = false;
+    for (let i = 0; i < RECENT; i++) {
+      const x = r[i]!;
+      if (x === b1) return; // the same block again: already handled
+      if (x === b0 || x === b0 - 1) { seq = true; r[i] = b1; break; }
+    }
+    if (!seq) {
+      r[this.recentAt] = b1;
+      this.recentAt = (this.recentAt + 1) % RECENT;
+      return;
+    }
+    if (this.fetcher.changed !== null || this.fetcher.aheadQueued > 1) return;
+    const st = this.blocks.state;
+    const n = Math.floor(this.policy.readahead / this.bs);
+    for (let b = b1 + 1; b <= b1 + n && b < this.blocks.blocks; b++) {
+      if (st[b] === ABSENT && !this.waiting.has(b)) this.want(b, true).catch(() => {});
+    }
+  }
+
+  extents(offset: number, length: number, _flags: number, sink: ExtentSink): void {
+    const bs = this.bs, end = offset + length, st = this.blocks.state;
+    let p = offset;
+    while (p < end) {
+      const b = Math.floor(p / bs);
+      const zero = st[b] === ZERO;
+      let e = Math.min(end, (b + 1) * bs);
+      for (let c = b + 1; e < end && (st[c] === ZERO) === zero; c++) e = Math.min(end, (c + 1) * bs);
+      if (!sink.add(p, e - p, zero ? EXTENT_HOLE | EXTENT_ZERO : 0)) return;
+      p = e;
+    }
+  }
+
+  cache(offset: number, length: number): Promise<void> {
+    return this.load(offset, length);
+  }
+
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.fetcher.close();
+    this.blocks.close();
+    dropCounters(this.counters);
+  }
+}
+
+/** Wait for all, then throw the first failure (so no buffer is written after the reply). */
+async function settle(ps: Promise<void>[]): Promise<void> {
+  let err: unknown = null;
+  for (const p of ps) {
+    try { await p; } catch (e) { err ??= e; }
+  }
+  if (err !== null) throw err;
+}

@@ -1,0 +1,140 @@
+// The GETs of one remote image in flight: at most `maxInFlight` at once, reads that wait for bytes
+// before readahead, and network errors and 5xx answers retried with capped exponential backoff
+// until a deadline, after which only the request that asked gets EIO. Everything is async: a slow
+// or dead store holds requests, never the event loop. The outage and the recovery are logged once.
+import { eio } from "../../protocol/errors.ts";
+import type { RemoteCounters } from "./metrics.ts";
+import { RemoteError, describeVersion, type ObjectStore, type ObjectVersion } from "./store.ts";
+
+export interface FetchPolicy {
+  /** GETs in flight at once. */
+  maxInFlight: number;
+  /** Give up on a request this long after its first attempt (network errors, 5xx). */
+  deadlineMs: number;
+  /** One attempt's limit (a stalled connection counts as a failed attempt). */
+  attemptTimeoutMs: number;
+}
+
+interface Job {
+  start: number;
+  end: number;
+  ahead: boolean;
+  resolve: (b: Uint8Array) => void;
+  reject: (e: Error) => void;
+}
+
+export class Fetcher {
+  private active = 0;
+  private readonly demand: Job[] = [];
+  private readonly ahead: Job[] = [];
+  private failing = false;
+  private failures = 0;
+  /** Set once a GET found the object changed; cleared by a later GET that succeeds. */
+  changed: string | null = null;
+  private readonly stop = new AbortController();
+
+  constructor(private readonly store: ObjectStore, private readonly pin: ObjectVersion, private readonly policy: FetchPolicy,
+    private readonly counters: RemoteCounters, private readonly log: (msg: string) => void) {}
+
+  /** Number of GETs waiting or in flight that were sent ahead of a reader. */
+  get aheadQueued(): number { return this.ahead.length; }
+
+  /** Bytes [start, end) of the pinned version; rejects with an NbdError (EIO) naming the cause. */
+  fetch(start: number, end: number, ahead: boolean): Promise<Uint8Array> {
+    return new Promise<Uint8Array>((resolve, reject) => {
+      (ahead ? this.ahead : this.demand).push({ start, end, ahead, resolve, reject });
+      this.pump();
+    });
+  }
+
+  private pump(): void {
+    while (this.active < this.policy.maxInFlight) {
+      // one slot stays free for reads that wait (unless only one is allowed)
+      const job = this.demand.shift() ?? (this.active < Math.max(1, this.policy.maxInFlight - 1) ? this.ahead.shift() : undefined);
+      if (job === undefined) return;
+      this.active++;
+      this.run(job).then(job.resolve, job.reject).finally(() => { this.active--; this.pump(); });
+    }
+  }
+
+  private async run(job: Job): Promise<Uint8Array> {
+    const t0 = Date.now();
+    const { deadlineMs, attemptTimeoutMs } = this.policy;
+    for (let attempt = 0; ; attempt++) {
+      if (this.stop.signal.aborted) throw eio(`${this.store.display}: closed`);
+      const left = deadlineMs - (Date.now() - t0);
+      const signal = AbortSignal.any([this.stop.signal, AbortSignal.timeout(Math.max(250, Math.min(attemptTimeoutMs, left)))]);
+      this.counters.requests++;
+      if (job.ahead) this.counters.readaheadRequests++;
+      try {
+        const bytes = await this.store.get(job.start, job.end, this.pin, signal);
+        this.counters.bytesFetched += bytes.length;
+        this.recovered();
+        return bytes;
+      } catch (e) {
+        const err = e instanceof RemoteError ? e : new RemoteError(`${this.store.display}: ${(e as Error).message}`, 0, true);
+        if (err.changed) throw this.versionChanged(err);
+        const wait = Math.min(2000, 100 * 2 ** attempt) * (0.5 + Math.random() / 2);
+        if (!err.retryable || job.ahead || Date.now() - t0 + wait > deadlineMs) {
+          if (!job.ahead) this.counters.errors++;
+          const tries = attempt + 1;
+          throw eio(`${this.store.display}: bytes ${job.start}-${job.end - 1}: ${err.message}${err.retryable && !job.ahead ? ` (gave up after ${tries} attempt${tries > 1 ? "s" : ""} in ${((Date.now() - t0) / 1000).toFixed(1)} s)` : ""}`);
+        }
+        this.counters.retries++;
+        this.failures++;
+        if (!this.failing) {
+          this.failing = true;
+          this.log(`${this.store.display}: ${err.message}; retrying with backoff for up to ${(deadlineMs / 1000).toFixed(0)} s per request`);
+        }
+        await sleep(wait, this.stop.signal);
+      }
+    }
+  }
+
+  private recovered(): void {
+    if (this.changed !== null) {
+      this.log(`${this.store.display} is the pinned version again (${describeVersion(this.pin)})`);
+      this.changed = null;
+    }
+    if (!this.failing) return;
+    this.failing = false;
+    this.log(`${this.store.display} answers again (after ${this.failures} retried attempt${this.failures > 1 ? "s" : ""})`);
+    this.failures = 0;
+  }
+
+  private versionChanged(err: RemoteError): Error {
+    this.counters.versionMismatches++;
+    this.counters.errors++;
+    if (this.changed === null) {
+      this.changed = err.message;
+      this.log(`${err.message}; serving the pinned version (${describeVersion(this.pin)}) from the cache only: uncached reads fail with EIO until the object is restored or bun-nbd restarted`);
+      void this.describeChange();
+    }
+    return eio(`${err.message} (pinned ${describeVersion(this.pin)}; uncached blocks cannot be read)`);
+  }
+
+  /** Log what the object is now (a 412 does not say), once per change. */
+  private async describeChange(): Promise<void> {
+    try {
+      const now = await this.store.probe(Math.min(10_000, this.policy.attemptTimeoutMs));
+      this.log(`${this.store.display} now: ${describeVersion(now)} (pinned: ${describeVersion(this.pin)})`);
+    } catch (e) {
+      this.log(`${this.store.display} now: ${(e as Error).message}`);
+    }
+  }
+
+  /** Fail everything queued and stop retrying. */
+  close(): void {
+    this.stop.abort();
+    for (const j of this.demand.splice(0)) j.reject(eio(`${this.store.display}: closed`));
+    for (const j of this.ahead.splice(0)) j.reject(eio(`${this.store.display}: closed`));
+  }
+}
+
+function sleep(ms: number, signal: AbortSignal): Promise<void> {
+  return new Promise((resolve) => {
+    const t = setTimeout(done, ms);
+    function done() { clearTimeout(t); signal.removeEventListener("abort", done); resolve(); }
+    signal.addEventListener("abort", done);
+  });
+}
