@@ -74,8 +74,9 @@ export class Fetcher {
       } catch (e) {
         const err = e instanceof RemoteError ? e : new RemoteError(`${this.store.display}: ${(e as Error).message}`, 0, true);
         if (err.changed) throw this.versionChanged(err);
-        const wait = Math.min(2000, 100 * 2 ** attempt) * (0.5 + Math.random() / 2);
-        if (!err.retryable || job.ahead || Date.now() - t0 + wait > deadlineMs) {
+        const elapsed = Date.now() - t0;
+        const wait = Math.min(2000, 100 * 2 ** attempt, deadlineMs - elapsed) * (0.5 + Math.random() / 2);
+        if (!err.retryable || job.ahead || elapsed >= deadlineMs - 50) {
           if (!job.ahead) this.counters.errors++;
           const tries = attempt + 1;
           throw eio(`${this.store.display}: bytes ${job.start}-${job.end - 1}: ${err.message}${err.retryable && !job.ahead ? ` (gave up after ${tries} attempt${tries > 1 ? "s" : ""} in ${((Date.now() - t0) / 1000).toFixed(1)} s)` : ""}`);
