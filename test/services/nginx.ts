@@ -2,8 +2,8 @@
 // generated config (static files with Range support, an access log of every request with its
 // Range header), stopped and started again on the same port for fault tests. Every location
 // serves the same root; /private/ asks for basic auth, /denied/ answers 403, /noranges/ ignores
-// Range (200 with the whole file), /slow/ sends 128 KiB/s per connection. One process, no
-// daemon, everything under a scratch directory.
+// Range (200 with the whole file), /slow/ sends 128 KiB/s per connection, /medium/ 4 MiB/s.
+// One process, no daemon, everything under a scratch directory.
 import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
 import { join } from "node:path";
@@ -74,6 +74,7 @@ http {
     location /denied/ { deny all; }
     location /noranges/ { max_ranges 0; }
     location /slow/ { limit_rate 128k; }
+    location /medium/ { limit_rate 4m; }
   }
 }
 `);
@@ -83,6 +84,7 @@ http {
     proc = Bun.spawn(["nginx", "-c", conf, "-p", dir, "-e", join(dir, "error.log")], {
       stdin: "ignore", stdout: "ignore", stderr: "ignore", env: { ...process.env, PATH: SYSTEM_PATH },
     });
+    proc.unref(); // a running nginx must not keep the test process alive (it is killed at exit)
     for (let i = 0; i < 200; i++) {
       if (proc.exitCode !== null) return false;
       try {
@@ -113,6 +115,7 @@ http {
       const p = proc as Subprocess | null;
       if (p === null) return;
       proc = null;
+      p.ref(); // keep the loop alive while waiting for it
       p.kill(hard ? "SIGKILL" : "SIGTERM");
       await p.exited;
     },

@@ -121,6 +121,7 @@ export async function startRgw(): Promise<Rgw | null> {
     async startGateway() {
       const cmd = readFileSync(join(dir, "rgw.cmd"), "utf8").trim().split(" ");
       gateway = Bun.spawn(cmd, { stdin: "ignore", stdout: "ignore", stderr: "ignore", env: { ...process.env, PATH: SYSTEM_PATH } });
+      gateway.unref();
       pids.push(gateway.pid);
       Bun.spawnSync(["sh", "-c", `echo ${gateway.pid} >> ${join(dir, "pids")}`]);
       for (let i = 0; i < 400; i++) {

@@ -7,7 +7,7 @@
 import { eio } from "../../protocol/errors.ts";
 import { caps, EXTENT_HOLE, EXTENT_ZERO, type BlockDevice, type BlockSize, type Capabilities, type ExtentSink, type FileRange, type Maybe } from "../types.ts";
 import { ABSENT, ZERO, type BlockCache } from "./cache.ts";
-import { Fetcher, type FetchPolicy } from "./fetcher.ts";
+import { Fetcher, type FetchJob, type FetchPolicy } from "./fetcher.ts";
 import { dropCounters, newCounters, type RemoteCounters } from "./metrics.ts";
 import type { ObjectStore, ObjectVersion } from "./store.ts";
 
@@ -23,6 +23,8 @@ const RECENT = 8;
 
 interface Waiter {
   promise: Promise<Uint8Array>;
+  /** The GET bringing it, once sent (blocks wanted this tick are not yet). */
+  job: FetchJob | null;
   resolve: (b: Uint8Array) => void;
   reject: (e: Error) => void;
 }
@@ -126,10 +128,15 @@ export class RemoteImage implements BlockDevice {
   /** The bytes of block `b`, fetched (or joined, if already on its way). */
   private want(b: number, ahead: boolean): Promise<Uint8Array> {
     const w = this.waiting.get(b);
-    if (w !== undefined) return w.promise;
+    if (w !== undefined) {
+      // A read joining a GET already under way gets a full deadline of its own (and a readahead
+      // GET, which would give up at its first error, becomes a read's).
+      if (!ahead) w.job?.extend();
+      return w.promise;
+    }
     let resolve!: (x: Uint8Array) => void, reject!: (e: Error) => void;
     const promise = new Promise<Uint8Array>((res, rej) => { resolve = res; reject = rej; });
-    this.waiting.set(b, { promise, resolve, reject });
+    this.waiting.set(b, { promise, resolve, reject, job: null });
     (ahead ? this.wantedAhead : this.wanted).push(b);
     if (!this.flushQueued) {
       this.flushQueued = true;
@@ -164,7 +171,9 @@ export class RemoteImage implements BlockDevice {
   private fetchRun(first: number, last: number, ahead: boolean): void {
     const bs = this.bs;
     const start = first * bs, end = Math.min(this.bytes, (last + 1) * bs);
-    this.fetcher.fetch(start, end, ahead).then((bytes) => {
+    const job = this.fetcher.fetch(start, end, ahead);
+    for (let b = first; b <= last; b++) this.waiting.get(b)!.job = job;
+    job.promise.then((bytes) => {
       for (let b = first; b <= last; b++) {
         const view = bytes.subarray(b * bs - start, Math.min(end, (b + 1) * bs) - start);
         if (!this.closed) this.blocks.store(b, view);

@@ -9,16 +9,25 @@ import { RemoteError, describeVersion, type ObjectStore, type ObjectVersion } fr
 export interface FetchPolicy {
   /** GETs in flight at once. */
   maxInFlight: number;
-  /** Give up on a request this long after its first attempt (network errors, 5xx). */
+  /** Start no new attempt this long after a read began waiting (network errors, 5xx, stalls). */
   deadlineMs: number;
-  /** One attempt's limit (a stalled connection counts as a failed attempt). */
+  /** An attempt that receives nothing for this long has failed (a slow transfer that moves is fine). */
   attemptTimeoutMs: number;
 }
 
-interface Job {
-  start: number;
-  end: number;
+/** A GET in the queue or in flight. */
+export interface FetchJob {
+  readonly start: number;
+  readonly end: number;
+  readonly promise: Promise<Uint8Array>;
+  /** A new read waits for this GET: it gets a full deadline of its own. */
+  extend(): void;
+}
+
+interface Job extends FetchJob {
   ahead: boolean;
+  t0: number;
+  deadlineAt: number;
   resolve: (b: Uint8Array) => void;
   reject: (e: Error) => void;
 }
@@ -39,12 +48,18 @@ export class Fetcher {
   /** Number of GETs waiting or in flight that were sent ahead of a reader. */
   get aheadQueued(): number { return this.ahead.length; }
 
-  /** Bytes [start, end) of the pinned version; rejects with an NbdError (EIO) naming the cause. */
-  fetch(start: number, end: number, ahead: boolean): Promise<Uint8Array> {
-    return new Promise<Uint8Array>((resolve, reject) => {
-      (ahead ? this.ahead : this.demand).push({ start, end, ahead, resolve, reject });
-      this.pump();
-    });
+  /** Bytes [start, end) of the pinned version; the promise rejects with an NbdError (EIO) naming the cause. */
+  fetch(start: number, end: number, ahead: boolean): FetchJob {
+    const now = Date.now();
+    let resolve!: (b: Uint8Array) => void, reject!: (e: Error) => void;
+    const promise = new Promise<Uint8Array>((res, rej) => { resolve = res; reject = rej; });
+    const job: Job = {
+      start, end, promise, ahead, t0: now, deadlineAt: now + this.policy.deadlineMs, resolve, reject,
+      extend: () => { job.ahead = false; job.deadlineAt = Math.max(job.deadlineAt, Date.now() + this.policy.deadlineMs); },
+    };
+    (ahead ? this.ahead : this.demand).push(job);
+    this.pump();
+    return job;
   }
 
   private pump(): void {
@@ -58,36 +73,36 @@ export class Fetcher {
   }
 
   private async run(job: Job): Promise<Uint8Array> {
-    const t0 = Date.now();
     const { deadlineMs, attemptTimeoutMs } = this.policy;
     for (let attempt = 0; ; attempt++) {
       if (this.stop.signal.aborted) throw eio(`${this.store.display}: closed`);
-      const left = deadlineMs - (Date.now() - t0);
-      const signal = AbortSignal.any([this.stop.signal, AbortSignal.timeout(Math.max(250, Math.min(attemptTimeoutMs, left)))]);
       this.counters.requests++;
       if (job.ahead) this.counters.readaheadRequests++;
       try {
-        const bytes = await this.store.get(job.start, job.end, this.pin, signal);
+        const bytes = await this.store.get(job.start, job.end, this.pin, this.stop.signal, attemptTimeoutMs);
         this.counters.bytesFetched += bytes.length;
         this.recovered();
         return bytes;
       } catch (e) {
         const err = e instanceof RemoteError ? e : new RemoteError(`${this.store.display}: ${(e as Error).message}`, 0, true);
         if (err.changed) throw this.versionChanged(err);
-        const elapsed = Date.now() - t0;
-        const wait = Math.min(2000, 100 * 2 ** attempt, deadlineMs - elapsed) * (0.5 + Math.random() / 2);
-        if (!err.retryable || job.ahead || elapsed >= deadlineMs - 50) {
-          if (!job.ahead) this.counters.errors++;
+        const left = job.deadlineAt - Date.now();
+        if (!err.retryable || job.ahead || left <= 50 || this.stop.signal.aborted) {
           const tries = attempt + 1;
-          throw eio(`${this.store.display}: bytes ${job.start}-${job.end - 1}: ${err.message}${err.retryable && !job.ahead ? ` (gave up after ${tries} attempt${tries > 1 ? "s" : ""} in ${((Date.now() - t0) / 1000).toFixed(1)} s)` : ""}`);
+          const fail = eio(`bytes ${job.start}-${job.end - 1} of ${err.message}${err.retryable && !job.ahead ? ` (gave up after ${tries} attempt${tries > 1 ? "s" : ""} in ${((Date.now() - job.t0) / 1000).toFixed(1)} s)` : ""}`);
+          if (!job.ahead) {
+            this.counters.errors++;
+            this.log(`${fail.message}: the reads waiting for them get EIO`); // the server logs NbdErrors at debug level only
+          }
+          throw fail;
         }
         this.counters.retries++;
         this.failures++;
         if (!this.failing) {
           this.failing = true;
-          this.log(`${this.store.display}: ${err.message}; retrying with backoff for up to ${(deadlineMs / 1000).toFixed(0)} s per request`);
+          this.log(`${err.message}; retrying with backoff for up to ${(deadlineMs / 1000).toFixed(0)} s per request`);
         }
-        await sleep(wait, this.stop.signal);
+        await sleep(Math.min(2000, 100 * 2 ** attempt, left) * (0.5 + Math.random() / 2), this.stop.signal);
       }
     }
   }

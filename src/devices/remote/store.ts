@@ -115,16 +115,34 @@ export class ObjectStore {
 
   /**
    * Bytes [start, end) of the pinned version (0 <= start < end <= size). Throws RemoteError:
-   * `changed` when the object is no longer that version, `retryable` for network errors and 5xx.
+   * `changed` when the object is no longer that version, `retryable` for network errors, 5xx and a
+   * transfer that stalls (no byte for `idleMs`; a slow one that keeps moving is waited for).
    */
-  async get(start: number, end: number, pin: ObjectVersion, signal: AbortSignal): Promise<Uint8Array> {
+  async get(start: number, end: number, pin: ObjectVersion, stop: AbortSignal, idleMs: number): Promise<Uint8Array> {
     if (!(start >= 0 && end > start && end <= pin.size)) throw new RemoteError(`${this.display}: bad range [${start}, ${end})`, 0, false);
+    const ac = new AbortController();
+    const onStop = () => ac.abort(stop.reason);
+    stop.addEventListener("abort", onStop);
+    let last = Date.now();
+    const watchdog = setInterval(() => {
+      if (Date.now() - last > idleMs) ac.abort(new DOMException(`no data for ${idleMs} ms`, "TimeoutError"));
+    }, Math.max(50, Math.min(1000, idleMs / 4)));
+    try {
+      return await this.getRange(start, end, pin, ac.signal, () => { last = Date.now(); });
+    } finally {
+      clearInterval(watchdog);
+      stop.removeEventListener("abort", onStop);
+    }
+  }
+
+  private async getRange(start: number, end: number, pin: ObjectVersion, signal: AbortSignal, progress: () => void): Promise<Uint8Array> {
     let res: Response;
     try {
       res = await fetch(this.url(), { headers: this.headers(`bytes=${start}-${end - 1}`, pin), signal, redirect: "follow" });
     } catch (e) {
-      throw new RemoteError(`${this.display}: ${networkReason(e)}`, 0, true);
+      throw new RemoteError(`${this.display}: ${networkReason(signal.reason ?? e)}`, 0, true);
     }
+    progress();
     if (res.status === 412 || res.status === 416 || res.status === 404) {
       await drain(res);
       const why = res.status === 404 ? "the object is gone (HTTP 404)" : res.status === 412 ? "HTTP 412 Precondition Failed" : "HTTP 416 (its size changed)";
@@ -147,21 +165,26 @@ export class ObjectStore {
       const now = describeVersion({ size: m[3] === "*" ? pin.size : Number(m[3]), etag, lastModified: lm });
       throw new RemoteError(`${this.display} changed since it was opened: pinned ${describeVersion(pin)}, now ${now}`, 206, false, true);
     }
-    let body: ArrayBuffer;
+    // The body goes straight into a buffer of the expected size; every chunk feeds the watchdog.
+    const out = new Uint8Array(end - start);
+    let got = 0;
     try {
-      body = await res.arrayBuffer();
+      const reader = res.body!.getReader();
+      for (;;) {
+        const { done, value } = await reader.read();
+        if (done) break;
+        progress();
+        if (got + value.length > out.length) { await reader.cancel(); got = -1; break; }
+        out.set(value, got);
+        got += value.length;
+      }
     } catch (e) {
-      throw new RemoteError(`${this.display}: reading bytes ${start}-${end - 1}: ${networkReason(e)}`, 206, true);
+      throw new RemoteError(`${this.display}: reading bytes ${start}-${end - 1}: ${networkReason(signal.reason ?? e)}`, 206, true);
     }
-    if (body.byteLength !== end - start) {
-      throw new RemoteError(`${this.display}: short body for bytes ${start}-${end - 1} (${body.byteLength} bytes)`, 206, true);
+    if (got !== out.length) {
+      throw new RemoteError(`${this.display}: ${got < 0 ? "too many" : `${got}`} bytes for ${start}-${end - 1}`, 206, true);
     }
-    return new Uint8Array(body);
-  }
-
-  /** The whole object as bytes (small objects only: a CUE sheet). */
-  async getAll(pin: ObjectVersion, timeoutMs = 30_000): Promise<Uint8Array> {
-    return this.get(0, pin.size, pin, AbortSignal.timeout(timeoutMs));
+    return out;
   }
 }
 
