@@ -11,8 +11,9 @@ import { run, runOk, scratch, SYSTEM_PATH } from "../helpers/env.ts";
 const HERE = new URL(".", import.meta.url).pathname;
 const START = join(HERE, "ceph-rgw/start-store.sh");
 const STOP = join(HERE, "ceph-rgw/stop-store.sh");
-export const ACCESS_KEY = "test";
-export const SECRET_KEY = "testsecret";
+// Distinctive keys, so a test can search any output for them.
+export const ACCESS_KEY = "BNBDTESTKEY7Q2W";
+export const SECRET_KEY = "bnbd-secret-Kq2x9-Zt4";
 
 export interface Rgw {
   readonly endpoint: string;
@@ -65,7 +66,10 @@ export async function startRgw(): Promise<Rgw | null> {
   for (let attempt = 0; attempt < 3; attempt++) {
     dir = join(scratch("bun-nbd-rgw-"), "store");
     const base = await portBlock();
-    const env = { S3_PORT: String(base), MON_PORT: String(base + 1), OSD_PORT_MIN: String(base + 2), OSD_PORT_MAX: String(base + 10) };
+    const env = {
+      S3_PORT: String(base), MON_PORT: String(base + 1), OSD_PORT_MIN: String(base + 2), OSD_PORT_MAX: String(base + 10),
+      S3_ACCESS_KEY: ACCESS_KEY, S3_SECRET_KEY: SECRET_KEY,
+    };
     const r = await run(["bash", START, dir], { env, timeoutMs: 600_000 });
     log = r.stdout + r.stderr;
     const m = /S3 endpoint ready: (http:\/\/127\.0\.0\.1:\d+)/.exec(r.stdout);
