@@ -21,11 +21,15 @@ export interface ReadPolicy {
 const CAPS: Capabilities = Object.freeze(caps({ canCache: true, canExtents: true, canMultiConn: true }));
 const RECENT = 8;
 
+/** Copies the bytes it needs out of a block, synchronously (the block's buffer is reused after). */
+type Take = (block: Uint8Array) => void;
+
 interface Waiter {
-  promise: Promise<Uint8Array>;
+  promise: Promise<void>;
   /** The GET bringing it, once sent (blocks wanted this tick are not yet). */
   job: FetchJob | null;
-  resolve: (b: Uint8Array) => void;
+  takers: Take[];
+  resolve: () => void;
   reject: (e: Error) => void;
 }
 
@@ -119,24 +123,28 @@ export class RemoteImage implements BlockDevice {
         continue;
       }
       this.counters.cacheMisses++;
-      ps.push(this.want(b, false).then((bytes) => { buf.set(bytes.subarray(s - b * bs, e - b * bs), s - offset); }));
+      ps.push(this.want(b, false, (bytes) => { buf.set(bytes.subarray(s - b * bs, e - b * bs), s - offset); }));
     }
     this.sequential(b0, b1);
     return settle(ps);
   }
 
-  /** The bytes of block `b`, fetched (or joined, if already on its way). */
-  private want(b: number, ahead: boolean): Promise<Uint8Array> {
+  /**
+   * Fetch block `b` (or join the GET already bringing it); `take` gets its bytes the moment they
+   * are in. Resolves after that, rejects with EIO when they cannot be had.
+   */
+  private want(b: number, ahead: boolean, take?: Take): Promise<void> {
     const w = this.waiting.get(b);
     if (w !== undefined) {
       // A read joining a GET already under way gets a full deadline of its own (and a readahead
       // GET, which would give up at its first error, becomes a read's).
       if (!ahead) w.job?.extend();
+      if (take) w.takers.push(take);
       return w.promise;
     }
-    let resolve!: (x: Uint8Array) => void, reject!: (e: Error) => void;
-    const promise = new Promise<Uint8Array>((res, rej) => { resolve = res; reject = rej; });
-    this.waiting.set(b, { promise, resolve, reject, job: null });
+    let resolve!: () => void, reject!: (e: Error) => void;
+    const promise = new Promise<void>((res, rej) => { resolve = res; reject = rej; });
+    this.waiting.set(b, { promise, resolve, reject, job: null, takers: take ? [take] : [] });
     (ahead ? this.wantedAhead : this.wanted).push(b);
     if (!this.flushQueued) {
       this.flushQueued = true;
@@ -170,24 +178,27 @@ export class RemoteImage implements BlockDevice {
 
   private fetchRun(first: number, last: number, ahead: boolean): void {
     const bs = this.bs;
-    const start = first * bs, end = Math.min(this.bytes, (last + 1) * bs);
-    const job = this.fetcher.fetch(start, end, ahead);
-    for (let b = first; b <= last; b++) this.waiting.get(b)!.job = job;
-    job.promise.then((bytes) => {
-      for (let b = first; b <= last; b++) {
-        const view = bytes.subarray(b * bs - start, Math.min(end, (b + 1) * bs) - start);
-        if (!this.closed) this.blocks.store(b, view);
-        const w = this.waiting.get(b);
-        this.waiting.delete(b);
-        w?.resolve(view);
+    // Each block is stored and handed to its readers as soon as its bytes are in.
+    const job = this.fetcher.fetch(first * bs, Math.min(this.bytes, (last + 1) * bs), ahead, bs, (offset, bytes) => {
+      const b = offset / bs;
+      if (!this.closed) {
+        this.blocks.store(b, bytes);
+        this.counters.cachedBytes = this.blocks.used;
+        this.counters.evictions = this.blocks.evictions;
       }
-      this.counters.cachedBytes = this.blocks.used;
-      this.counters.evictions = this.blocks.evictions;
-    }, (e: Error) => {
+      const w = this.waiting.get(b);
+      if (w === undefined) return;
+      this.waiting.delete(b);
+      for (const take of w.takers) take(bytes);
+      w.resolve();
+    });
+    for (let b = first; b <= last; b++) this.waiting.get(b)!.job = job;
+    job.promise.catch((e: Error) => {
       for (let b = first; b <= last; b++) {
         const w = this.waiting.get(b);
+        if (w?.job !== job) continue;
         this.waiting.delete(b);
-        w?.reject(e);
+        w.reject(e);
       }
     });
   }

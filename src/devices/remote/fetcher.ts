@@ -19,16 +19,27 @@ export interface FetchPolicy {
 export interface FetchJob {
   readonly start: number;
   readonly end: number;
-  readonly promise: Promise<Uint8Array>;
+  /** Settles once every unit was delivered (or rejects with EIO for those that were not). */
+  readonly promise: Promise<void>;
   /** A new read waits for this GET: it gets a full deadline of its own. */
   extend(): void;
 }
+
+/**
+ * Receives each unit (block) of a GET as soon as all its bytes are in, in order. The buffer is
+ * reused once it returns: copy what you keep.
+ */
+export type Deliver = (offset: number, bytes: Uint8Array) => void;
 
 interface Job extends FetchJob {
   ahead: boolean;
   t0: number;
   deadlineAt: number;
-  resolve: (b: Uint8Array) => void;
+  /** The first byte not delivered yet: a retry asks for [next, end) only. */
+  next: number;
+  unit: number;
+  deliver: Deliver;
+  resolve: () => void;
   reject: (e: Error) => void;
 }
 
@@ -48,13 +59,17 @@ export class Fetcher {
   /** Number of GETs waiting or in flight that were sent ahead of a reader. */
   get aheadQueued(): number { return this.ahead.length; }
 
-  /** Bytes [start, end) of the pinned version; the promise rejects with an NbdError (EIO) naming the cause. */
-  fetch(start: number, end: number, ahead: boolean): FetchJob {
+  /**
+   * Bytes [start, end) of the pinned version, handed to `deliver` in units of `unit` bytes (the
+   * last one may be shorter) as they arrive; the promise rejects with an NbdError (EIO) naming
+   * the cause when the rest cannot be had.
+   */
+  fetch(start: number, end: number, ahead: boolean, unit: number, deliver: Deliver): FetchJob {
     const now = Date.now();
-    let resolve!: (b: Uint8Array) => void, reject!: (e: Error) => void;
-    const promise = new Promise<Uint8Array>((res, rej) => { resolve = res; reject = rej; });
+    let resolve!: () => void, reject!: (e: Error) => void;
+    const promise = new Promise<void>((res, rej) => { resolve = res; reject = rej; });
     const job: Job = {
-      start, end, promise, ahead, t0: now, deadlineAt: now + this.policy.deadlineMs, resolve, reject,
+      start, end, promise, ahead, t0: now, deadlineAt: now + this.policy.deadlineMs, resolve, reject, next: start, unit, deliver,
       extend: () => { job.ahead = false; job.deadlineAt = Math.max(job.deadlineAt, Date.now() + this.policy.deadlineMs); },
     };
     (ahead ? this.ahead : this.demand).push(job);
@@ -72,24 +87,44 @@ export class Fetcher {
     }
   }
 
-  private async run(job: Job): Promise<Uint8Array> {
+  private async run(job: Job): Promise<void> {
     const { deadlineMs, attemptTimeoutMs } = this.policy;
     for (let attempt = 0; ; attempt++) {
       if (this.stop.signal.aborted) throw eio(`${this.store.display}: closed`);
       this.counters.requests++;
       if (job.ahead) this.counters.readaheadRequests++;
+      let unit: Uint8Array | null = null;
+      let fill = 0;
+      const sink = (chunk: Uint8Array) => {
+        this.counters.bytesFetched += chunk.length;
+        for (let off = 0; off < chunk.length;) {
+          unit ??= this.buffer(Math.min(job.unit, job.end - job.next));
+          const take = Math.min(chunk.length - off, unit.length - fill);
+          unit.set(chunk.subarray(off, off + take), fill);
+          fill += take;
+          off += take;
+          if (fill === unit.length) {
+            const at = job.next;
+            job.next += unit.length;
+            const u = unit;
+            unit = null;
+            fill = 0;
+            job.deliver(at, u);
+            this.recycle(u);
+          }
+        }
+      };
       try {
-        const bytes = await this.store.get(job.start, job.end, this.pin, this.stop.signal, attemptTimeoutMs);
-        this.counters.bytesFetched += bytes.length;
+        await this.store.get(job.next, job.end, this.pin, this.stop.signal, attemptTimeoutMs, sink);
         this.recovered();
-        return bytes;
+        return;
       } catch (e) {
         const err = e instanceof RemoteError ? e : new RemoteError(`${this.store.display}: ${(e as Error).message}`, 0, true);
         if (err.changed) throw this.versionChanged(err);
         const left = job.deadlineAt - Date.now();
         if (!err.retryable || job.ahead || left <= 50 || this.stop.signal.aborted) {
           const tries = attempt + 1;
-          const fail = eio(`bytes ${job.start}-${job.end - 1} of ${err.message}${err.retryable && !job.ahead ? ` (gave up after ${tries} attempt${tries > 1 ? "s" : ""} in ${((Date.now() - job.t0) / 1000).toFixed(1)} s)` : ""}`);
+          const fail = eio(`bytes ${job.next}-${job.end - 1} of ${err.message}${err.retryable && !job.ahead ? ` (gave up after ${tries} attempt${tries > 1 ? "s" : ""} in ${((Date.now() - job.t0) / 1000).toFixed(1)} s)` : ""}`);
           if (!job.ahead) {
             this.counters.errors++;
             this.log(`${fail.message}: the reads waiting for them get EIO`); // the server logs NbdErrors at debug level only
@@ -105,6 +140,17 @@ export class Fetcher {
         await sleep(Math.min(2000, 100 * 2 ** attempt, left) * (0.5 + Math.random() / 2), this.stop.signal);
       }
     }
+  }
+
+  /** Unit buffers are reused: fresh ones would cost page faults (and zeroing) on every block. */
+  private readonly spare: Uint8Array[] = [];
+  private buffer(n: number): Uint8Array {
+    const last = this.spare.length - 1;
+    if (last >= 0 && this.spare[last]!.length === n) return this.spare.pop()!;
+    return Buffer.allocUnsafe(n);
+  }
+  private recycle(b: Uint8Array): void {
+    if (this.spare.length < 2 * this.policy.maxInFlight) this.spare.push(b);
   }
 
   private recovered(): void {

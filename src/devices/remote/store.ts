@@ -114,11 +114,12 @@ export class ObjectStore {
   }
 
   /**
-   * Bytes [start, end) of the pinned version (0 <= start < end <= size). Throws RemoteError:
-   * `changed` when the object is no longer that version, `retryable` for network errors, 5xx and a
-   * transfer that stalls (no byte for `idleMs`; a slow one that keeps moving is waited for).
+   * Stream bytes [start, end) of the pinned version (0 <= start < end <= size) into `sink`, in
+   * order, as they arrive. Throws RemoteError: `changed` when the object is no longer that
+   * version, `retryable` for network errors, 5xx and a transfer that stalls (no byte for `idleMs`;
+   * a slow one that keeps moving is waited for). Bytes already given to `sink` stay valid.
    */
-  async get(start: number, end: number, pin: ObjectVersion, stop: AbortSignal, idleMs: number): Promise<Uint8Array> {
+  async get(start: number, end: number, pin: ObjectVersion, stop: AbortSignal, idleMs: number, sink: (chunk: Uint8Array) => void): Promise<void> {
     if (!(start >= 0 && end > start && end <= pin.size)) throw new RemoteError(`${this.display}: bad range [${start}, ${end})`, 0, false);
     const ac = new AbortController();
     const onStop = () => ac.abort(stop.reason);
@@ -128,14 +129,14 @@ export class ObjectStore {
       if (Date.now() - last > idleMs) ac.abort(new DOMException(`no data for ${idleMs} ms`, "TimeoutError"));
     }, Math.max(50, Math.min(1000, idleMs / 4)));
     try {
-      return await this.getRange(start, end, pin, ac.signal, () => { last = Date.now(); });
+      await this.getRange(start, end, pin, ac.signal, () => { last = Date.now(); }, sink);
     } finally {
       clearInterval(watchdog);
       stop.removeEventListener("abort", onStop);
     }
   }
 
-  private async getRange(start: number, end: number, pin: ObjectVersion, signal: AbortSignal, progress: () => void): Promise<Uint8Array> {
+  private async getRange(start: number, end: number, pin: ObjectVersion, signal: AbortSignal, progress: () => void, sink: (chunk: Uint8Array) => void): Promise<void> {
     let res: Response;
     try {
       res = await fetch(this.url(), { headers: this.headers(`bytes=${start}-${end - 1}`, pin), signal, redirect: "follow" });
@@ -165,8 +166,7 @@ export class ObjectStore {
       const now = describeVersion({ size: m[3] === "*" ? pin.size : Number(m[3]), etag, lastModified: lm });
       throw new RemoteError(`${this.display} changed since it was opened: pinned ${describeVersion(pin)}, now ${now}`, 206, false, true);
     }
-    // The body goes straight into a buffer of the expected size; every chunk feeds the watchdog.
-    const out = new Uint8Array(end - start);
+    const want = end - start;
     let got = 0;
     try {
       const reader = res.body!.getReader();
@@ -174,17 +174,16 @@ export class ObjectStore {
         const { done, value } = await reader.read();
         if (done) break;
         progress();
-        if (got + value.length > out.length) { await reader.cancel(); got = -1; break; }
-        out.set(value, got);
+        if (got + value.length > want) { await reader.cancel(); got = -1; break; }
         got += value.length;
+        sink(value);
       }
     } catch (e) {
       throw new RemoteError(`${this.display}: reading bytes ${start}-${end - 1}: ${networkReason(signal.reason ?? e)}`, 206, true);
     }
-    if (got !== out.length) {
-      throw new RemoteError(`${this.display}: ${got < 0 ? "too many" : `${got}`} bytes for ${start}-${end - 1}`, 206, true);
+    if (got !== want) {
+      throw new RemoteError(`${this.display}: ${got < 0 ? "more" : `${got}`} bytes for ${start}-${end - 1}`, 206, true);
     }
-    return out;
   }
 }
 
