@@ -134,6 +134,13 @@ export async function assertIdentical(a: string, b: string, what: string): Promi
   assert.is(r.code, 0, `${what}: qemu-img compare ${a} ${b}: ${r.stdout}${r.stderr}`);
 }
 
+/** The overlay alone, for qemu-img check of overlays QEMU cannot open with their base ("bun-nbd"). */
+export const noBacking = (ov: string) => `json:${JSON.stringify({ driver: "qcow2", file: { driver: "file", filename: ov }, backing: null })}`;
+
+/** The overlay over a raw file that holds its base's bytes, for qemu-img compare of such overlays. */
+export const rawBacking = (ov: string, raw: string) =>
+  `json:${JSON.stringify({ driver: "qcow2", file: { driver: "file", filename: ov }, backing: { driver: "raw", file: { driver: "file", filename: raw } } })}`;
+
 export interface MapEntry { start: number; length: number; depth: number; zero: boolean; data: boolean }
 
 export async function qemuMap(path: string): Promise<MapEntry[]> {

@@ -1,9 +1,14 @@
 // bun-nbd overlay create|info|diff|commit|reset|check: manage qcow2 copy-on-write overlays over raw
-// base images. Argument parsing and wiring only; the format lives in src/devices/qcow2/.
+// base images or CD images (their cooked view). Argument parsing and wiring only; the format lives
+// in src/devices/qcow2/.
 import { closeSync, fdatasyncSync, fstatSync, openSync, statSync, writeSync } from "node:fs";
 import { parseArgs } from "node:util";
 import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate } from "../sys/libc.ts";
-import { createOverlayFile, openImage, resolveBacking, type OpenBase } from "../devices/qcow2/index.ts";
+import { isCdImage } from "../devices/cd/index.ts";
+import { openOverlayBase } from "../devices/open.ts";
+import {
+  OverlayBase, createOverlayFile, describeIdentity, openImage, resolveBacking, storedIdentity, type BaseIdentity,
+} from "../devices/qcow2/index.ts";
 import type { Qcow2Overlay } from "../devices/qcow2/image.ts";
 import { RW_DENY, lockImage, PERM_CONSISTENT_READ, PERM_WRITE } from "../devices/qcow2/lock.ts";
 
@@ -11,11 +16,13 @@ const USAGE = `usage: bun-nbd overlay <command> [options] OVERLAY
 
   create [--compat] [--cluster-size BYTES] OVERLAY BASE
                         create an empty overlay over the raw image BASE (backing name stored
-                        relative to the overlay when both sit in the same directory)
+                        relative to the overlay when both sit in the same directory), or over
+                        the cooked data-track view of the CD image BASE (.cue, .ccd, raw .bin)
   info [--json] OVERLAY show the backing file, sizes, allocated bytes and changed ranges
   diff [--json] OVERLAY list the changed ranges (offset, length, data or zero)
   commit [-q] OVERLAY   write the changes into the base image and empty the overlay (refused
-                        while anything serves or uses the overlay or the base)
+                        while anything serves or uses the overlay or the base, and for bases
+                        that are not writable raw files, such as CD images)
   reset OVERLAY         discard every change
   check [--repair] [--json] OVERLAY
                         check refcounts; --repair frees leaked clusters (left by a crash)
@@ -54,7 +61,7 @@ export async function main(argv: string[]): Promise<number> {
   const o = parsed.values as Opts;
   try {
     switch (cmd) {
-      case "create": return create(pos, o);
+      case "create": return await create(pos, o);
       case "info": return await info(pos, o);
       case "diff": return await diff(pos, o);
       case "commit": return await commit(pos, o);
@@ -78,7 +85,7 @@ function one(pos: string[], what: string): string {
 const quietLog = (_msg: string) => {};
 const errLog = (msg: string) => console.error(msg);
 
-function create(pos: string[], o: Opts): number {
+async function create(pos: string[], o: Opts): Promise<number> {
   const base = (o.base as string | undefined) ?? pos[1];
   if (pos.length < 1 || base === undefined || pos.length > (o.base ? 1 : 2)) {
     throw new Error("usage: bun-nbd overlay create [--compat] OVERLAY BASE");
@@ -91,9 +98,20 @@ function create(pos: string[], o: Opts): number {
       throw new Error(`--cluster-size ${o["cluster-size"]}: must be a power of two from 512 to 2097152`);
     }
   }
-  const b = openBaseForCreate(base);
-  createOverlayFile(pos[0]!, base, { compat: !!o.compat, size: b, clusterBits });
-  console.log(`created ${pos[0]} over ${base} (${o.compat ? "standard" : "extended"} L2 entries)`);
+  let what = base;
+  if (isCdImage(base)) {
+    // the cooked view `serve` would give: the overlay records it as its base's identity
+    const b = await openOverlayBase(base, { log: errLog });
+    try {
+      createOverlayFile(pos[0]!, b.base, { compat: !!o.compat, clusterBits });
+      what = `${base} (${b.base.identity!.stack})`;
+    } finally {
+      await b.base.release();
+    }
+  } else {
+    createOverlayFile(pos[0]!, base, { compat: !!o.compat, size: openBaseForCreate(base), clusterBits });
+  }
+  console.log(`created ${pos[0]} over ${what} (${o.compat ? "standard" : "extended"} L2 entries)`);
   return 0;
 }
 
@@ -124,6 +142,8 @@ interface Summary {
   backingFile: string;
   fullBackingFile: string;
   backingFormat: string;
+  /** What the overlay records about a non-raw base (null for a raw file base). */
+  baseIdentity: BaseIdentity | null;
   baseSize: number;
   fileSize: number;
   diskUsage: number;
@@ -144,7 +164,7 @@ function summarize(path: string, img: Qcow2Overlay): Summary {
     overlay: path, format: "qcow2", version: h.version, virtualSize: h.size, clusterSize: img.clusterSize,
     extendedL2: img.extendedL2, subclusterSize: img.subclusterSize,
     backingFile: h.backingName!, fullBackingFile: resolveBacking(path, h.backingName!),
-    backingFormat: h.backingFormat ?? "raw", baseSize: img.baseSize,
+    backingFormat: h.backingFormat ?? "raw", baseIdentity: storedIdentity(h, path), baseSize: img.baseSize,
     fileSize: st.size, diskUsage: st.blocks * 512,
     changedBytes: dataBytes + zeroBytes, dataBytes, zeroBytes, ranges,
   };
@@ -158,7 +178,7 @@ function human(n: number): string {
   return u === 0 ? `${n} bytes` : `${v.toFixed(v < 10 ? 2 : 1)} ${units[u]}`;
 }
 
-async function withImage<T>(path: string, fn: (img: Qcow2Overlay) => T | Promise<T>, rw = false, base?: OpenBase): Promise<T> {
+async function withImage<T>(path: string, fn: (img: Qcow2Overlay) => T | Promise<T>, rw = false, base?: OverlayBase): Promise<T> {
   // Read-only views take no locks (like qemu-img -U): they work while the overlay is served, and
   // may then miss changes not yet flushed.
   const img = openImage(path, { readOnly: !rw, lock: rw, log: errLog, base });
@@ -181,6 +201,7 @@ async function info(pos: string[], o: Opts): Promise<number> {
     `format:         qcow2 v${s.version}, ${human(s.clusterSize)} clusters, ${s.extendedL2 ? `extended L2 entries (${human(s.subclusterSize)} subclusters)` : "standard L2 entries"}`,
     `virtual size:   ${s.virtualSize} (${human(s.virtualSize)})`,
     `backing file:   ${s.backingFile}${s.backingFile !== s.fullBackingFile ? ` (${s.fullBackingFile})` : ""}, format ${s.backingFormat}, ${s.baseSize} bytes`,
+    ...(s.baseIdentity ? [`base:           ${describeIdentity(s.baseIdentity)}`] : []),
     `overlay file:   ${s.fileSize} bytes, ${s.diskUsage} on disk (${human(s.diskUsage)})`,
     `changed:        ${s.changedBytes} bytes (${human(s.changedBytes)}) in ${s.ranges.length} range(s): ${s.dataBytes} written, ${s.zeroBytes} zeroed or trimmed`,
   ];
@@ -233,19 +254,29 @@ async function commit(pos: string[], o: Opts): Promise<number> {
   // while a server (which denies writers on its base) or QEMU uses it.
   const probe = openImage(path, { readOnly: true, lock: false, log: quietLog });
   const basePath = resolveBacking(path, probe.header.backingName!);
+  const identity = probe.base.identity;
   await probe.close();
+  if (identity !== null) {
+    throw new Error(`refusing to commit ${path}: its base is ${describeIdentity(identity)}, not a raw file; ` +
+      "a device stack cannot take the changes back (export the overlay's view instead, e.g. bun-nbd serve --overlay and qemu-img convert)");
+  }
+  const mode = statSync(basePath, { throwIfNoEntry: false })?.mode;
+  if (mode !== undefined && (mode & 0o222) === 0) {
+    throw new Error(`refusing to commit ${path}: its base ${basePath} is read-only (mode ${(mode & 0o777).toString(8)}); make it writable first if it really should change`);
+  }
   let baseFd: number;
   try {
     baseFd = openSync(basePath, "r+");
   } catch (e) {
-    throw new Error(`cannot open base image ${basePath} for writing: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
+    const code = (e as NodeJS.ErrnoException).code;
+    const why = code === "EACCES" || code === "EPERM" || code === "EROFS" ? `it is read-only (${code})` : code ?? (e as Error).message;
+    throw new Error(`refusing to commit ${path}: cannot open its base ${basePath} for writing: ${why}`);
   }
-  let closed = false;
+  let base: OverlayBase | undefined;
   try {
-    const st = fstatSync(baseFd);
     lockImage(baseFd, basePath, [PERM_CONSISTENT_READ, PERM_WRITE], RW_DENY);
-    const base: OpenBase = { path: basePath, fd: baseFd, size: st.size, dev: st.dev, ino: st.ino };
-    closed = true; // the image closes the base fd from here on
+    base = OverlayBase.rawFile(basePath, baseFd); // closes the fd with its last reference
+    const baseSize = base.size;
     await withImage(path, async (img) => {
       const ranges = img.changedRanges();
       let total = 0;
@@ -259,7 +290,7 @@ async function commit(pos: string[], o: Opts): Promise<number> {
       for (const r of ranges) {
         for (let p = r.offset; p < r.offset + r.length;) {
           const n = Math.min(buf.length, r.offset + r.length - p);
-          const inBase = Math.max(0, Math.min(n, base.size - p)); // the 512-byte round-up tail is not in the base
+          const inBase = Math.max(0, Math.min(n, baseSize - p)); // the 512-byte round-up tail is not in the base
           if (r.kind === "data") {
             const chunk = buf.subarray(0, n);
             await img.pread(chunk, p, 0);
@@ -277,11 +308,12 @@ async function commit(pos: string[], o: Opts): Promise<number> {
       // Only once the base is durable: empty the overlay (a crash before this leaves both intact,
       // and committing again writes the same bytes).
       img.discardAll();
-      if (lost) console.error(`warning: data past the base's end (${base.size} bytes) was not committed`);
+      if (lost) console.error(`warning: data past the base's end (${baseSize} bytes) was not committed`);
       console.log(`committed ${total} bytes in ${ranges.length} range(s) into ${basePath}; ${path} is now empty`);
     }, true, base);
   } finally {
-    if (!closed) closeSync(baseFd);
+    if (base === undefined) closeSync(baseFd);
+    else await base.release();
   }
   return 0;
 }

@@ -24,7 +24,8 @@ options:
   -r, --read-only      export read-only (files are opened read-only)
   -n, --name NAME      export name (one FILE only)
   -o, --overlay FILE   send every write to this qcow2 overlay (created if missing); FILE is the
-                       base image and is never modified
+                       base and is never modified. A CD image is then one export: the cooked
+                       view of its first data track
   -s, --snapshot       like --overlay with a temporary overlay that is deleted at exit
       --compat         create overlays with standard L2 entries (for QEMU older than 5.2)
   -v, --verbose        log every request (debug)

@@ -1,30 +1,36 @@
-// Guest data paths (the hot path): reads resolved per cluster or subcluster (overlay data, zeros or
-// the base) and coalesced into runs; copy-on-write writes into newly allocated clusters; write
-// zeroes and trim through zero flags or zero bits.
-import { FAST_ZERO, MAY_TRIM } from "../types.ts";
+// The guest write paths (hot path): copy-on-write into newly allocated clusters, in-place writes
+// coalesced into runs, write zeroes and trim through zero flags or bits. A copy-on-write that waits
+// for an asynchronous base holds its cluster (serial.ts). Reads are in read.ts.
+import { FAST_ZERO, MAY_TRIM, type Maybe } from "../types.ts";
 import { enotsup } from "../../protocol/errors.ts";
 import type { Allocator } from "./allocator.ts";
-import type { BaseImage } from "./base.ts";
+import { settleAll, type BaseImage } from "./base.ts";
 import type { ImageFile } from "./file.ts";
 import { HI_OFFSET_MASK, LO_OFFSET_MASK, LO_ZERO, TWO32 } from "./format.ts";
-import { K_BASE, K_DATA, K_NONE, K_ZERO, type L2Table, type L2Tables } from "./tables.ts";
+import { ClusterLocks } from "./serial.ts";
+import { K_DATA, K_NONE, type L2Table, type L2Tables } from "./tables.ts";
 
 /**
- * I/O is synchronous (readSync/writeSync on page-cached files). That also serialises allocation: a
- * write runs from lookup to L2 update without yielding, so two writes into the same unallocated
- * cluster (from any connection) can never interleave. If data I/O is ever made asynchronous,
- * allocation needs a per-cluster lock (see the concurrency test), and the run state below one
- * instance per request.
+ * Overlay file I/O is synchronous (writeSync on page-cached files), and so are reads of a raw base:
+ * then a write runs from lookup to L2 update without yielding, which serialises allocation. A base
+ * read may return a Promise (an asynchronous device): a copy-on-write that must wait for base bytes
+ * holds its guest cluster (ClusterLocks) from before its base read until its data and L2 entry are
+ * in place, and any write or zero reaching a held cluster runs after it, looking at the entry
+ * afresh. Reads take no lock: until the L2 entry changes they see the base, after it the new data.
+ * The coalescing run state below is only used within one synchronous call; code that runs after
+ * an await ("direct") writes straight to the file.
  */
-export class DataPath {
+export class WritePath {
   private readonly cs: number;
   private readonly sc: number;
   private readonly l2Entries: number;
   private readonly extendedL2: boolean;
   private readonly l1: Float64Array;
-  private readonly scratch: Uint8Array;
+  /** Base bytes for a copy-on-write (replaced when a base read keeps it busy). */
+  private scratch: Uint8Array;
   private readonly zeros: Uint8Array;
-  // The coalescing run of the current read or write (fields, not closures: hot path).
+  readonly locks = new ClusterLocks();
+  // The coalescing run of the current write (fields, not closures: hot path).
   private runKind = K_NONE;
   private runOff = 0;
   private runLen = 0;
@@ -43,66 +49,36 @@ export class DataPath {
     this.runBuf = this.zeros;
   }
 
-  read(buf: Uint8Array, offset: number): void {
-    this.runBuf = buf;
+  write(buf: Uint8Array, offset: number): Maybe {
     const cs = this.cs;
     const end = buf.length;
+    let pending: Promise<void>[] | null = null;
     let pos = offset;
     let bo = 0;
+    this.runKind = K_NONE; // (a write that threw may have left a run behind)
+    this.runBuf = buf;
     while (bo < end) {
       const c = Math.floor(pos / cs);
       const inC = pos - c * cs;
       const n = Math.min(cs - inC, end - bo);
-      const l1i = Math.floor(c / this.l2Entries);
-      const t = this.l1[l1i] ? this.tables.table(l1i) : undefined;
-      if (t === undefined) {
-        this.emitRead(K_BASE, bo, n, pos);
-      } else if (!this.extendedL2) {
-        const i = (c - l1i * this.l2Entries) * 8;
-        const hi = t.dv.getUint32(i);
-        const lo = t.dv.getUint32(i + 4);
-        const host = (hi & HI_OFFSET_MASK) * TWO32 + (lo & LO_OFFSET_MASK);
-        if (lo & LO_ZERO) this.emitRead(K_ZERO, bo, n, 0);
-        else if (host !== 0) this.emitRead(K_DATA, bo, n, host + inC);
-        else this.emitRead(K_BASE, bo, n, pos);
+      if (this.locks.held(c)) {
+        const b = bo;
+        const p = pos;
+        (pending ??= []).push(this.locks.after(c, () => this.writeCluster(buf, b, n, p, c, inC, true)));
       } else {
-        const i = (c - l1i * this.l2Entries) * 16;
-        const hi = t.dv.getUint32(i);
-        const lo = t.dv.getUint32(i + 4);
-        const zero = t.dv.getUint32(i + 8);
-        const alloc = t.dv.getUint32(i + 12);
-        const host = (hi & HI_OFFSET_MASK) * TWO32 + (lo & LO_OFFSET_MASK);
-        if (alloc === 0 && zero === 0) this.emitRead(K_BASE, bo, n, pos);
-        else if (alloc === 0xffffffff) this.emitRead(K_DATA, bo, n, host + inC);
-        else if (zero === 0xffffffff) this.emitRead(K_ZERO, bo, n, 0);
-        else {
-          const sc = this.sc;
-          let p = inC;
-          const stop = inC + n;
-          while (p < stop) {
-            const j = Math.floor(p / sc);
-            const e = Math.min((j + 1) * sc, stop);
-            const o = bo + (p - inC);
-            if ((alloc >>> j) & 1) this.emitRead(K_DATA, o, e - p, host + p);
-            else if ((zero >>> j) & 1) this.emitRead(K_ZERO, o, e - p, 0);
-            else this.emitRead(K_BASE, o, e - p, c * cs + p);
-            p = e;
-          }
-        }
+        const r = this.writeCluster(buf, bo, n, pos, c, inC, false);
+        if (r !== undefined) (pending ??= []).push(this.locks.hold(c, r));
       }
       pos += n;
       bo += n;
     }
-    this.endRead();
+    this.endWrite();
     this.runBuf = this.zeros;
-  }
-
-  write(buf: Uint8Array, offset: number): void {
-    this.writeRange(buf, 0, buf.length, offset);
+    return pending === null ? undefined : settleAll(pending);
   }
 
   /** Make [offset, offset+length) read as zeros (MAY_TRIM: and give the space back); FUA is the caller's. */
-  zero(offset: number, length: number, flags: number): void {
+  zero(offset: number, length: number, flags: number): Maybe {
     const end = offset + length;
     if (flags & FAST_ZERO) {
       // Fast only if no partially covered unit needs zero data written.
@@ -115,198 +91,172 @@ export class DataPath {
       }
     }
     const cs = this.cs;
+    let pending: Promise<void>[] | null = null;
     let pos = offset;
     while (pos < end) {
       const c = Math.floor(pos / cs);
-      const inC = pos - c * cs;
-      const n = Math.min(cs - inC, end - pos);
-      const l1i = Math.floor(c / this.l2Entries);
-      const i = c - l1i * this.l2Entries;
-      const tailEnd = pos + n === this.virtualSize; // the clipped last cluster counts as whole
-      if (!this.extendedL2) {
-        if (inC === 0 && (n === cs || tailEnd)) {
-          const t = this.l1[l1i] ? this.tables.table(l1i)! : this.newTable(l1i);
-          const hi = t.dv.getUint32(i * 8);
-          const lo = t.dv.getUint32(i * 8 + 4);
-          if (!(lo & LO_ZERO)) {
-            const host = (hi & HI_OFFSET_MASK) * TWO32 + (lo & LO_OFFSET_MASK);
-            this.tables.setStd(t, i, host, true); // keep a preallocated host cluster: no refcount change
-            if (host !== 0 && flags & MAY_TRIM) this.punch(host, cs);
-          }
-        } else if (!this.zeroFlagged(pos)) {
-          this.writeZeroData(pos, n);
-        }
+      const n = Math.min(cs - (pos - c * cs), end - pos);
+      if (this.locks.held(c)) {
+        const p = pos;
+        (pending ??= []).push(this.locks.after(c, () => this.zeroCluster(p, n, c, flags, true)));
       } else {
-        const sc = this.sc;
-        // whole subclusters [j0, j1) get zero bits; partial ends are written as zero data
-        const j0 = Math.ceil(inC / sc);
-        const j1 = tailEnd ? Math.ceil((inC + n) / sc) : Math.floor((inC + n) / sc);
-        let zero = 0;
-        if (j1 > j0) {
-          const t = this.l1[l1i] ? this.tables.table(l1i)! : this.newTable(l1i);
-          const e = i * 16;
-          const hi = t.dv.getUint32(e);
-          const lo = t.dv.getUint32(e + 4);
-          zero = t.dv.getUint32(e + 8);
-          const alloc = t.dv.getUint32(e + 12);
-          const host = (hi & HI_OFFSET_MASK) * TWO32 + (lo & LO_OFFSET_MASK);
-          const mask = rangeMask(j0, j1 - 1);
-          const wasAlloc = (alloc & mask) >>> 0;
-          zero = (zero | mask) >>> 0;
-          this.tables.setExt(t, i, host, zero, (alloc & ~mask) >>> 0);
-          if (wasAlloc !== 0 && flags & MAY_TRIM) this.punch(host + j0 * sc, (j1 - j0) * sc);
-        } else if (this.l1[l1i]) {
-          zero = this.tables.table(l1i)!.dv.getUint32(i * 16 + 8);
-        }
-        if (j1 < j0) {
-          // the range lies inside one subcluster
-          if (!((zero >>> (j1)) & 1)) this.writeZeroData(pos, n);
-        } else {
-          if (inC < j0 * sc && !((zero >>> (j0 - 1)) & 1)) this.writeZeroData(pos, j0 * sc - inC);
-          if (inC + n > j1 * sc && !((zero >>> j1) & 1)) this.writeZeroData(c * cs + j1 * sc, inC + n - j1 * sc);
-        }
+        const r = this.zeroCluster(pos, n, c, flags, false);
+        if (r !== undefined) (pending ??= []).push(this.locks.hold(c, r));
       }
       pos += n;
     }
-  }
-
-  // ---- reads ---------------------------------------------------------------------------------
-
-  private emitRead(kind: number, off: number, len: number, pos: number): void {
-    if (kind === this.runKind && off === this.runOff + this.runLen && (kind === K_ZERO || pos === this.runPos + this.runLen)) {
-      this.runLen += len;
-      return;
-    }
-    this.endRead();
-    this.runKind = kind;
-    this.runOff = off;
-    this.runLen = len;
-    this.runPos = pos;
-  }
-
-  private endRead(): void {
-    const kind = this.runKind;
-    if (kind === K_NONE) return;
-    this.runKind = K_NONE;
-    if (kind === K_DATA) this.file.read(this.runBuf, this.runOff, this.runLen, this.runPos);
-    else if (kind === K_BASE) this.base.read(this.runBuf, this.runOff, this.runLen, this.runPos);
-    else this.runBuf.fill(0, this.runOff, this.runOff + this.runLen);
+    return pending === null ? undefined : settleAll(pending);
   }
 
   // ---- writes --------------------------------------------------------------------------------
 
-  /** Write buf[bo, bo+len) at guest offset pos, allocating with copy-on-write. */
-  private writeRange(buf: Uint8Array, bo: number, len: number, pos: number): void {
+  /**
+   * Write buf[bo, bo+n) at guest offset pos, inside guest cluster c (at inC). Returns a Promise when
+   * the copy-on-write waits for base bytes: the caller then holds cluster c until it settles.
+   * `direct`: called after an await, so no coalescing run (write straight to the file).
+   */
+  private writeCluster(buf: Uint8Array, bo: number, n: number, pos: number, c: number, inC: number, direct: boolean): Maybe {
+    const l1i = Math.floor(c / this.l2Entries);
+    const i = c - l1i * this.l2Entries;
+    const t = this.l1[l1i] ? this.tables.table(l1i) : undefined;
     const cs = this.cs;
-    const end = bo + len;
-    this.runBuf = buf;
-    while (bo < end) {
-      const c = Math.floor(pos / cs);
-      const inC = pos - c * cs;
-      const n = Math.min(cs - inC, end - bo);
-      const l1i = Math.floor(c / this.l2Entries);
-      const i = c - l1i * this.l2Entries;
-      let t = this.l1[l1i] ? this.tables.table(l1i) : undefined;
-      if (!this.extendedL2) {
-        let host = 0;
-        let zero = false;
-        if (t !== undefined) {
-          const hi = t.dv.getUint32(i * 8);
-          const lo = t.dv.getUint32(i * 8 + 4);
-          host = (hi & HI_OFFSET_MASK) * TWO32 + (lo & LO_OFFSET_MASK);
-          zero = (lo & LO_ZERO) !== 0;
-          if (host !== 0 && !zero) {
-            this.emitWrite(bo, n, host + inC);
-            pos += n; bo += n;
-            continue;
-          }
+    if (!this.extendedL2) {
+      let zero = false;
+      if (t !== undefined) {
+        const hi = t.dv.getUint32(i * 8);
+        const lo = t.dv.getUint32(i * 8 + 4);
+        const host = (hi & HI_OFFSET_MASK) * TWO32 + (lo & LO_OFFSET_MASK);
+        zero = (lo & LO_ZERO) !== 0;
+        if (host !== 0 && !zero) {
+          if (direct) this.file.write(buf, bo, n, host + inC);
+          else this.emitWrite(bo, n, host + inC);
+          return;
         }
-        this.endWrite();
-        if (t === undefined) t = this.newTable(l1i);
-        // a preallocated zero cluster keeps its host cluster (and refcount)
-        // (a failed write below leaks a newly allocated cluster: the place for a rollback)
-        if (host === 0) host = this.alloc.alloc();
-        if (n === cs) {
-          this.file.write(buf, bo, n, host);
-        } else {
-          const s = this.scratch;
-          if (zero) s.fill(0);
-          else this.base.read(s, 0, cs, c * cs);
-          s.set(buf.subarray(bo, bo + n), inC);
-          this.file.write(s, 0, cs, host);
-        }
-        this.tables.setStd(t, i, host, false);
-      } else {
-        const e = i * 16;
-        let host = 0;
-        let zero = 0;
-        let alloc = 0;
-        const sc = this.sc;
-        const j0 = Math.floor(inC / sc);
-        const j1 = Math.floor((inC + n - 1) / sc);
-        const mask = rangeMask(j0, j1);
-        if (t !== undefined) {
-          const hi = t.dv.getUint32(e);
-          const lo = t.dv.getUint32(e + 4);
-          zero = t.dv.getUint32(e + 8);
-          alloc = t.dv.getUint32(e + 12);
-          host = (hi & HI_OFFSET_MASK) * TWO32 + (lo & LO_OFFSET_MASK);
-          if (((alloc & mask) >>> 0) === mask) {
-            this.emitWrite(bo, n, host + inC);
-            pos += n; bo += n;
-            continue;
-          }
-        }
-        this.endWrite();
-        if (t === undefined) t = this.newTable(l1i);
-        // (as above: a failed write below leaks a newly allocated cluster)
-        if (host === 0) host = this.alloc.alloc();
-        const from = inC;
-        const to = inC + n;
-        let first = from;
-        let last = to;
-        const s = this.scratch;
-        const headPartial = from % sc !== 0 && !((alloc >>> j0) & 1);
-        const tailPartial = to % sc !== 0 && !((alloc >>> j1) & 1);
-        if (j0 === j1 && (headPartial || tailPartial)) {
-          this.fillSubcluster(s, c, j0, zero);
-          s.set(buf.subarray(bo, bo + n), from - j0 * sc);
-          this.file.write(s, 0, sc, host + j0 * sc);
-          first = last = to;
-        } else {
-          if (headPartial) {
-            this.fillSubcluster(s, c, j0, zero);
-            const k = (j0 + 1) * sc - from;
-            s.set(buf.subarray(bo, bo + k), from - j0 * sc);
-            this.file.write(s, 0, sc, host + j0 * sc);
-            first = (j0 + 1) * sc;
-          }
-          if (tailPartial) {
-            this.fillSubcluster(s, c, j1, zero);
-            const k = to - j1 * sc;
-            s.set(buf.subarray(bo + (j1 * sc - from), bo + n), 0);
-            this.file.write(s, 0, sc, host + j1 * sc);
-            last = j1 * sc;
-          }
-        }
-        if (last > first) this.file.write(buf, bo + (first - from), last - first, host + first);
-        this.tables.setExt(t, i, host, (zero & ~mask) >>> 0, (alloc | mask) >>> 0);
       }
-      pos += n;
-      bo += n;
+      if (!direct) this.endWrite();
+      const s = this.scratch;
+      if (n !== cs) {
+        // the rest of the cluster: zeros, or the base's bytes
+        if (zero) s.fill(0);
+        else {
+          const r = this.base.read(s, 0, cs, c * cs);
+          if (r !== undefined) {
+            this.scratch = new Uint8Array(cs); // s stays with the base read
+            return r.then(() => this.finishStd(buf, bo, n, c, inC, s, undefined));
+          }
+        }
+      }
+      this.finishStd(buf, bo, n, c, inC, s, t);
+      return;
     }
-    this.endWrite();
-    this.runBuf = this.zeros;
+    const e = i * 16;
+    let zero = 0;
+    let alloc = 0;
+    const sc = this.sc;
+    const j0 = Math.floor(inC / sc);
+    const j1 = Math.floor((inC + n - 1) / sc);
+    const mask = rangeMask(j0, j1);
+    if (t !== undefined) {
+      zero = t.dv.getUint32(e + 8);
+      alloc = t.dv.getUint32(e + 12);
+      if (((alloc & mask) >>> 0) === mask) {
+        const host = (t.dv.getUint32(e) & HI_OFFSET_MASK) * TWO32 + (t.dv.getUint32(e + 4) & LO_OFFSET_MASK);
+        if (direct) this.file.write(buf, bo, n, host + inC);
+        else this.emitWrite(bo, n, host + inC);
+        return;
+      }
+    }
+    if (!direct) this.endWrite();
+    // Partial subclusters not yet allocated are completed from what they read as before: the head
+    // one into s[0, sc), a different tail one into s[sc, 2sc).
+    const from = inC;
+    const to = inC + n;
+    const headPartial = from % sc !== 0 && !((alloc >>> j0) & 1);
+    const tailPartial = to % sc !== 0 && !((alloc >>> j1) & 1);
+    const s = this.scratch;
+    let r1: Maybe = undefined;
+    let r2: Maybe = undefined;
+    if (headPartial || (j0 === j1 && tailPartial)) r1 = this.fillSubcluster(s, 0, c, j0, zero);
+    if (j0 !== j1 && tailPartial) r2 = this.fillSubcluster(s, sc, c, j1, zero);
+    if (r1 === undefined && r2 === undefined) {
+      this.finishExt(buf, bo, n, c, inC, s, headPartial, tailPartial, t);
+      return;
+    }
+    this.scratch = new Uint8Array(cs); // s stays with the base reads
+    const wait = r1 !== undefined && r2 !== undefined ? settleAll([r1, r2]) : (r1 ?? r2)!;
+    return wait.then(() => this.finishExt(buf, bo, n, c, inC, s, headPartial, tailPartial, undefined));
   }
 
-  private newTable(l1i: number): L2Table {
-    return this.tables.newTable(l1i, this.alloc.alloc());
+  /**
+   * The L2 table for guest cluster c, made if missing. After an await it is looked up afresh (pass
+   * undefined): another write may have made it, or it may have been evicted and reread.
+   */
+  private tableFor(c: number, t?: L2Table): L2Table {
+    if (t !== undefined) return t;
+    const l1i = Math.floor(c / this.l2Entries);
+    return this.l1[l1i] ? this.tables.table(l1i)! : this.tables.newTable(l1i, this.alloc.alloc());
   }
 
-  /** Fill scratch with what subcluster j of guest cluster c reads as before it is allocated. */
-  private fillSubcluster(s: Uint8Array, c: number, j: number, zeroBits: number): void {
-    if ((zeroBits >>> j) & 1) s.fill(0, 0, this.sc);
-    else this.base.read(s, 0, this.sc, c * this.cs + j * this.sc);
+  /** Standard L2: allocate (or reuse a preallocated zero cluster), write the whole cluster, link it. */
+  private finishStd(buf: Uint8Array, bo: number, n: number, c: number, inC: number, s: Uint8Array, known: L2Table | undefined): void {
+    const t = this.tableFor(c, known);
+    const i = c - Math.floor(c / this.l2Entries) * this.l2Entries;
+    // a preallocated zero cluster keeps its host cluster (and refcount)
+    // (a failed write below leaks a newly allocated cluster: the place for a rollback)
+    let host = (t.dv.getUint32(i * 8) & HI_OFFSET_MASK) * TWO32 + (t.dv.getUint32(i * 8 + 4) & LO_OFFSET_MASK);
+    if (host === 0) host = this.alloc.alloc();
+    if (n === this.cs) {
+      this.file.write(buf, bo, n, host);
+    } else {
+      s.set(buf.subarray(bo, bo + n), inC);
+      this.file.write(s, 0, this.cs, host);
+    }
+    this.tables.setStd(t, i, host, false);
+  }
+
+  /** Extended L2: allocate the host cluster if needed, write the touched subclusters, set their bits. */
+  private finishExt(buf: Uint8Array, bo: number, n: number, c: number, inC: number, s: Uint8Array,
+    headPartial: boolean, tailPartial: boolean, known: L2Table | undefined): void {
+    const t = this.tableFor(c, known);
+    const e = (c - Math.floor(c / this.l2Entries) * this.l2Entries) * 16;
+    let host = (t.dv.getUint32(e) & HI_OFFSET_MASK) * TWO32 + (t.dv.getUint32(e + 4) & LO_OFFSET_MASK);
+    const zero = t.dv.getUint32(e + 8);
+    const alloc = t.dv.getUint32(e + 12);
+    // (as above: a failed write below leaks a newly allocated cluster)
+    if (host === 0) host = this.alloc.alloc();
+    const sc = this.sc;
+    const from = inC;
+    const to = inC + n;
+    const j0 = Math.floor(from / sc);
+    const j1 = Math.floor((to - 1) / sc);
+    let first = from;
+    let last = to;
+    if (j0 === j1 && (headPartial || tailPartial)) {
+      s.set(buf.subarray(bo, bo + n), from - j0 * sc);
+      this.file.write(s, 0, sc, host + j0 * sc);
+      first = last = to;
+    } else {
+      if (headPartial) {
+        const k = (j0 + 1) * sc - from;
+        s.set(buf.subarray(bo, bo + k), from - j0 * sc);
+        this.file.write(s, 0, sc, host + j0 * sc);
+        first = (j0 + 1) * sc;
+      }
+      if (tailPartial) {
+        s.set(buf.subarray(bo + (j1 * sc - from), bo + n), sc);
+        this.file.write(s, sc, sc, host + j1 * sc);
+        last = j1 * sc;
+      }
+    }
+    if (last > first) this.file.write(buf, bo + (first - from), last - first, host + first);
+    const mask = rangeMask(j0, j1);
+    this.tables.setExt(t, e / 16, host, (zero & ~mask) >>> 0, (alloc | mask) >>> 0);
+  }
+
+  /** Fill s[at, at+sc) with what subcluster j of guest cluster c reads as before it is allocated. */
+  private fillSubcluster(s: Uint8Array, at: number, c: number, j: number, zeroBits: number): Maybe {
+    if ((zeroBits >>> j) & 1) s.fill(0, at, at + this.sc);
+    else return this.base.read(s, at, this.sc, c * this.cs + j * this.sc);
   }
 
   private emitWrite(off: number, len: number, host: number): void {
@@ -327,14 +277,77 @@ export class DataPath {
     this.file.write(this.runBuf, this.runOff, this.runLen, this.runPos);
   }
 
-  private writeZeroData(pos: number, len: number): void {
-    const saved = this.runBuf;
-    for (let done = 0; done < len;) {
-      const n = Math.min(len - done, this.zeros.length);
-      this.writeRange(this.zeros, 0, n, pos + done);
-      done += n;
+  // ---- write zeroes --------------------------------------------------------------------------
+
+  /** Zero [pos, pos+n) inside guest cluster c: zero flags or bits for whole units, zero data for partial ones. */
+  private zeroCluster(pos: number, n: number, c: number, flags: number, direct: boolean): Maybe {
+    const cs = this.cs;
+    const inC = pos - c * cs;
+    const l1i = Math.floor(c / this.l2Entries);
+    const i = c - l1i * this.l2Entries;
+    const tailEnd = pos + n === this.virtualSize; // the clipped last cluster counts as whole
+    if (!this.extendedL2) {
+      if (inC === 0 && (n === cs || tailEnd)) {
+        const t = this.tableFor(c);
+        const hi = t.dv.getUint32(i * 8);
+        const lo = t.dv.getUint32(i * 8 + 4);
+        if (!(lo & LO_ZERO)) {
+          const host = (hi & HI_OFFSET_MASK) * TWO32 + (lo & LO_OFFSET_MASK);
+          this.tables.setStd(t, i, host, true); // keep a preallocated host cluster: no refcount change
+          if (host !== 0 && flags & MAY_TRIM) this.punch(host, cs);
+        }
+        return;
+      }
+      if (!this.zeroFlagged(pos)) return this.zeroData(pos, n, c, direct);
+      return;
     }
+    const sc = this.sc;
+    // whole subclusters [j0, j1) get zero bits; partial ends are written as zero data
+    const j0 = Math.ceil(inC / sc);
+    const j1 = tailEnd ? Math.ceil((inC + n) / sc) : Math.floor((inC + n) / sc);
+    let zero = 0;
+    if (j1 > j0) {
+      const t = this.tableFor(c);
+      const e = i * 16;
+      const hi = t.dv.getUint32(e);
+      const lo = t.dv.getUint32(e + 4);
+      zero = t.dv.getUint32(e + 8);
+      const alloc = t.dv.getUint32(e + 12);
+      const host = (hi & HI_OFFSET_MASK) * TWO32 + (lo & LO_OFFSET_MASK);
+      const mask = rangeMask(j0, j1 - 1);
+      const wasAlloc = (alloc & mask) >>> 0;
+      zero = (zero | mask) >>> 0;
+      this.tables.setExt(t, i, host, zero, (alloc & ~mask) >>> 0);
+      if (wasAlloc !== 0 && flags & MAY_TRIM) this.punch(host + j0 * sc, (j1 - j0) * sc);
+    } else if (this.l1[l1i]) {
+      zero = this.tables.table(l1i)!.dv.getUint32(i * 16 + 8);
+    }
+    if (j1 < j0) {
+      // the range lies inside one subcluster
+      if (!((zero >>> j1) & 1)) return this.zeroData(pos, n, c, direct);
+      return;
+    }
+    const head = inC < j0 * sc && !((zero >>> (j0 - 1)) & 1);
+    const tail = inC + n > j1 * sc && !((zero >>> j1) & 1);
+    const r = head ? this.zeroData(pos, j0 * sc - inC, c, direct) : undefined;
+    if (!tail) return r;
+    const tailPos = c * cs + j1 * sc;
+    const tailLen = inC + n - j1 * sc;
+    // the tail waits for the head when that went asynchronous (both change cluster c)
+    if (r !== undefined) return r.then(() => this.zeroData(tailPos, tailLen, c, true));
+    return this.zeroData(tailPos, tailLen, c, direct);
+  }
+
+  /** Write zero data over [pos, pos+len) inside guest cluster c. */
+  private zeroData(pos: number, len: number, c: number, direct: boolean): Maybe {
+    const inC = pos - c * this.cs;
+    if (direct) return this.writeCluster(this.zeros, 0, len, pos, c, inC, true);
+    const saved = this.runBuf;
+    this.runBuf = this.zeros;
+    const r = this.writeCluster(this.zeros, 0, len, pos, c, inC, false);
+    this.endWrite();
     this.runBuf = saved;
+    return r;
   }
 
   /** Is the unit (cluster or subcluster) holding guest byte `pos` zero-flagged? */

@@ -1,7 +1,7 @@
 // What the overlay says about guest ranges (cold paths): a walk over L1/L2 as runs of one kind, and
 // from it base:allocation extents (overlay data, zeros, the base's own data and holes),
 // qemu:allocation-depth extents, and the changed ranges that diff, info and commit use.
-import { EXTENT_HOLE, EXTENT_ZERO, REQ_ONE, type ExtentSink } from "../types.ts";
+import { EXTENT_HOLE, EXTENT_ZERO, REQ_ONE, isPromise, type ExtentSink, type Maybe } from "../types.ts";
 import type { BaseImage } from "./base.ts";
 import { HI_OFFSET_MASK, LO_OFFSET_MASK, LO_ZERO, TWO32 } from "./format.ts";
 import { K_BASE, K_DATA, K_ZERO, type L2Tables } from "./tables.ts";
@@ -68,9 +68,12 @@ export function changedRanges(t2: L2Tables, size: number): { offset: number; len
   return out;
 }
 
-/** base:allocation: overlay data is data, zeroed ranges hole+zero, the rest as the base has it. */
+/**
+ * base:allocation: overlay data is data, zeroed ranges hole+zero, the rest as the base has it. When
+ * the base answers asynchronously, the remaining runs are queued and reported in order after it.
+ */
 export function allocationExtents(t2: L2Tables, base: BaseImage, size: number, offset: number, length: number,
-  flags: number, sink: ExtentSink): void {
+  flags: number, sink: ExtentSink): Maybe {
   let curType = -1;
   let curStart = offset;
   let curLen = 0;
@@ -80,13 +83,32 @@ export function allocationExtents(t2: L2Tables, base: BaseImage, size: number, o
     if (curType !== -1) more = sink.add(curStart, curLen, curType) && !(flags & REQ_ONE);
     curType = type; curStart = start; curLen = len;
   };
+  let waiting: Promise<unknown> | null = null;
+  const queued: number[] = []; // kind, start, len triples after the base went asynchronous
   walk(t2, size, offset, length, (kind, start, len) => {
+    if (waiting !== null) { queued.push(kind, start, len); return true; }
     if (kind === K_DATA) add(start, len, 0);
     else if (kind === K_ZERO) add(start, len, EXTENT_HOLE | EXTENT_ZERO);
-    else base.extents(start, len, add);
+    else {
+      const r = base.extents(start, len, add);
+      if (isPromise(r)) waiting = r;
+    }
     return more;
   });
-  if (more && curType !== -1) sink.add(curStart, curLen, curType);
+  const end = () => { if (more && curType !== -1) sink.add(curStart, curLen, curType); };
+  if (waiting === null) { end(); return; }
+  return (async () => {
+    await waiting;
+    for (let k = 0; k < queued.length && more; k += 3) {
+      const kind = queued[k]!;
+      const start = queued[k + 1]!;
+      const len = queued[k + 2]!;
+      if (kind === K_DATA) add(start, len, 0);
+      else if (kind === K_ZERO) add(start, len, EXTENT_HOLE | EXTENT_ZERO);
+      else await base.extents(start, len, add);
+    }
+    end();
+  })();
 }
 
 /** qemu:allocation-depth: 1 where the overlay holds the range (data or zero), 2 where the base does. */

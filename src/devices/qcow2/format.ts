@@ -1,7 +1,7 @@
-// The qcow2 v3 on-disk format, as far as copy-on-write overlays over a raw base need it: header and
-// header extensions (parse, validate, refuse what is not implemented, naming the feature), entry
-// bit layouts, and creating a fresh overlay. Cold code: written for clarity. Facts are from QEMU's
-// docs/interop/qcow2.txt, checked against qemu-img 7.2 (see the project's overlay notes).
+// The qcow2 v3 on-disk format, as far as copy-on-write overlays need it: header and header
+// extensions (parse, validate, refuse what is not implemented, naming the feature), entry bit
+// layouts, and creating a fresh overlay (with, over a device stack, our identity extension). Cold
+// code: written for clarity. Facts are from QEMU's docs/interop/qcow2.txt, checked against qemu-img 7.2.
 import { closeSync, fdatasyncSync, fstatSync, openSync, readSync, writeSync } from "node:fs";
 
 export const QCOW_MAGIC = 0x514649fb; // "QFI\xfb"
@@ -13,6 +13,13 @@ export const EXT_FEATURE_TABLE = 0x6803f857;
 export const EXT_BITMAPS = 0x23852875;
 export const EXT_CRYPTO = 0x0537be77;
 export const EXT_DATA_FILE = 0x44415441;
+/** Ours: the identity record of a non-raw base (identity.ts); "bnbd". QEMU keeps unknown extensions. */
+export const EXT_BASE_IDENTITY = 0x626e6264;
+/**
+ * The backing format written for non-raw bases: QEMU refuses to open the backing ("Unknown driver
+ * 'bun-nbd'") instead of reading the BIN, the .xz or the CUE text as raw bytes.
+ */
+export const BACKING_FORMAT_BUN = "bun-nbd";
 
 // Incompatible feature bits
 export const INCOMPAT_DIRTY = 1 << 0;
@@ -68,6 +75,8 @@ export interface Header {
   compressionType: number;
   backingName: string | null;
   backingFormat: string | null;
+  /** The base identity extension's bytes (overlays over a device stack), or null. */
+  baseIdentity: Uint8Array | null;
   extensions: { type: number; data: Uint8Array }[];
   /** "type:bit" -> name, from the feature name table, for error messages. */
   featureNames: Map<string, string>;
@@ -94,6 +103,7 @@ function putU64(dv: DataView, off: number, v: number): void {
 
 /** Read and parse cluster 0 of a qcow2 file. Throws Qcow2Error for anything not a qcow2 image. */
 export function readHeader(fd: number, path: string): Header {
+  // (our own header, extensions and backing name always fit in 4 KiB: see writeNewImage)
   const head = new Uint8Array(4096);
   const got = readSync(fd, head, 0, head.length, 0);
   const dv = new DataView(head.buffer);
@@ -120,6 +130,7 @@ export function readHeader(fd: number, path: string): Header {
     compressionType: 0,
     backingName: null,
     backingFormat: null,
+    baseIdentity: null,
     extensions: [],
     featureNames: new Map(),
   };
@@ -149,6 +160,7 @@ export function readHeader(fd: number, path: string): Header {
     const data = head.slice(p + 8, p + 8 + len);
     h.extensions.push({ type, data });
     if (type === EXT_BACKING_FORMAT) h.backingFormat = new TextDecoder().decode(data);
+    if (type === EXT_BASE_IDENTITY) h.baseIdentity = data;
     if (type === EXT_FEATURE_TABLE) {
       for (let e = 0; e + 48 <= len; e += 48) {
         const name = new TextDecoder().decode(data.subarray(e + 2, e + 48)).replace(/\0+$/, "");
@@ -190,7 +202,11 @@ export function validateHeader(h: Header, path: string, write: boolean): void {
   if (h.incompatible & INCOMPAT_EXTL2 && h.clusterBits < 14) throw new Qcow2Error(path, "extended L2 entries with clusters smaller than 16 KiB");
   if (h.backingName === null) throw new Qcow2Error(path, "has no backing file: not an overlay", "no backing file");
   if (h.backingName.startsWith("json:")) throw refuse("json: backing file specification");
-  if (h.backingFormat !== null && h.backingFormat !== "raw") throw refuse(`backing format ${h.backingFormat}`, "only raw bases are supported");
+  if (h.backingFormat === BACKING_FORMAT_BUN) {
+    if (h.baseIdentity === null) throw new Qcow2Error(path, `backing format ${BACKING_FORMAT_BUN} without a base identity record (corrupt image)`);
+  } else if (h.backingFormat !== null && h.backingFormat !== "raw") {
+    throw refuse(`backing format ${h.backingFormat}`, "only raw bases (and bun-nbd device stacks) are supported");
+  }
   if (h.size <= 0 || h.size > 2 ** 53) throw new Qcow2Error(path, `invalid virtual size ${h.size}`);
   if (h.l1Offset % 2 ** h.clusterBits !== 0 || h.refcountTableOffset % 2 ** h.clusterBits !== 0) {
     throw new Qcow2Error(path, "L1 or refcount table offset is not cluster-aligned (corrupt image)");
@@ -238,12 +254,18 @@ export interface CreateOptions {
   compat?: boolean;
   /** Cluster size as a power of two; default 16 (64 KiB). */
   clusterBits?: number;
+  /** Backing format written (default "raw"; BACKING_FORMAT_BUN over a device stack). */
+  backingFormat?: string;
+  /** The base identity extension's bytes (with BACKING_FORMAT_BUN). */
+  baseIdentity?: Uint8Array;
+  /** fdatasync before returning (default true; a throw-away overlay has nothing to keep). */
+  sync?: boolean;
 }
 
 /**
  * Write a fresh, empty overlay into `fd` (an empty file): header with the backing format and
  * feature name extensions, the backing name, a refcount table sized for the worst case, one
- * refcount block and the L1 table. Synced before returning.
+ * refcount block and the L1 table. Synced before returning (unless `sync: false`).
  */
 export function writeNewImage(fd: number, path: string, o: CreateOptions): void {
   const clusterBits = o.clusterBits ?? 16;
@@ -281,9 +303,15 @@ export function writeNewImage(fd: number, path: string, o: CreateOptions): void 
   dv.setUint32(96, 4);
   dv.setUint32(100, HEADER_LENGTH);
   let p = HEADER_LENGTH;
-  dv.setUint32(p, EXT_BACKING_FORMAT); dv.setUint32(p + 4, 3);
-  h0.set(new TextEncoder().encode("raw"), p + 8);
-  p += 16;
+  const fmt = new TextEncoder().encode(o.backingFormat ?? "raw");
+  dv.setUint32(p, EXT_BACKING_FORMAT); dv.setUint32(p + 4, fmt.length);
+  h0.set(fmt, p + 8);
+  p += 8 + Math.ceil(fmt.length / 8) * 8;
+  if (o.baseIdentity !== undefined) {
+    dv.setUint32(p, EXT_BASE_IDENTITY); dv.setUint32(p + 4, o.baseIdentity.length);
+    h0.set(o.baseIdentity, p + 8);
+    p += 8 + Math.ceil(o.baseIdentity.length / 8) * 8;
+  }
   if (cs >= 8192) {
     dv.setUint32(p, EXT_FEATURE_TABLE); dv.setUint32(p + 4, FEATURE_NAMES.length * 48);
     p += 8;
@@ -294,7 +322,8 @@ export function writeNewImage(fd: number, path: string, o: CreateOptions): void 
     }
   }
   p += 8; // end marker (zeros)
-  if (p + name.length > cs) throw new Qcow2Error(path, "backing file name does not fit in cluster 0");
+  // readHeader reads 4 KiB: 112 header + 16 format + 8+2048 identity + 8+384 names + 8 + 1023 fit
+  if (p + name.length > Math.min(cs, 4096)) throw new Qcow2Error(path, "backing file name does not fit in the header");
   putU64(dv, 8, p);
   dv.setUint32(16, name.length);
   h0.set(name, p);
@@ -311,7 +340,7 @@ export function writeNewImage(fd: number, path: string, o: CreateOptions): void 
   writeAll(fd, rt, rtOffset);
   writeAll(fd, rb, rbOffset);
   writeAll(fd, new Uint8Array(l1Size * 8), l1Offset); // like qemu-img: only l1_size*8 bytes
-  fdatasyncSync(fd);
+  if (o.sync ?? true) fdatasyncSync(fd);
 }
 
 /** Create the overlay file `path` (must not exist). */

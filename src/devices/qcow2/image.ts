@@ -1,16 +1,17 @@
-// A qcow2 v3 overlay over a raw base, as a BlockDevice: composes the overlay file (file.ts), the
-// base (base.ts), L1/L2 tables (tables.ts), allocation (allocator.ts), the data paths (data.ts),
-// the crash-safe flush (flush.ts), extents (extents.ts) and whole-image maintenance (check.ts).
+// A qcow2 v3 overlay over a raw file or any device stack, as a BlockDevice: composes the overlay file
+// (file.ts), the base (base.ts), L1/L2 (tables.ts), allocation (allocator.ts), reads (read.ts),
+// writes (data.ts), the flush (flush.ts), extents (extents.ts) and maintenance (check.ts).
 import {
-  FUA, MAY_TRIM, caps,
+  FUA, MAY_TRIM, caps, isPromise,
   type BlockDevice, type BlockSize, type Capabilities, type ExtentSink, type Maybe, type MetaContextProvider,
 } from "../types.ts";
 import { QEMU_ALLOCATION_DEPTH } from "../../protocol/constants.ts";
 import { eio } from "../../protocol/errors.ts";
 import { Allocator } from "./allocator.ts";
-import { RawBase, type BaseImage } from "./base.ts";
+import type { BaseImage, OverlayBase } from "./base.ts";
 import { discardAll, scan, type ScanResult } from "./check.ts";
-import { DataPath } from "./data.ts";
+import { WritePath } from "./data.ts";
+import { ReadPath } from "./read.ts";
 import { allocationExtents, changedRanges, depthExtents, walk, type WalkFn } from "./extents.ts";
 import { FdFile, type ImageFile } from "./file.ts";
 import { Flusher } from "./flush.ts";
@@ -24,8 +25,8 @@ export interface OverlayImageOptions {
   fd: number;
   header: Header;
   readOnly: boolean;
-  baseFd: number;
-  baseSize: number;
+  /** The base, with a reference taken for this overlay (given back at close). */
+  base: OverlayBase;
   log: (msg: string) => void;
   /** Called by close() after the files are closed (locks, temp files). */
   onClose?: () => void;
@@ -37,9 +38,9 @@ export interface OverlayImageOptions {
  * Reads resolve per cluster (or subcluster, with extended L2 entries): overlay data, zeros, or the
  * base. Writes copy-on-write into newly allocated clusters; metadata stays in memory until flush()
  * writes it in two phases, so that a crash can only leak clusters, never corrupt the image.
- * All I/O on the overlay file goes through one ImageFile, all reads of the base through one
- * BaseImage: both are made in the constructor, the one place to hand in others (a recording file
- * for power-loss tests, a base shared by per-client overlays).
+ * All I/O on the overlay file goes through one ImageFile (made in the constructor: the place to
+ * hand in another, e.g. a recording file for power-loss tests), all reads of the base through the
+ * shared OverlayBase handed in (synchronous for a raw file; a device's reads may be asynchronous).
  */
 export class Qcow2Overlay implements BlockDevice {
   readonly path: string;
@@ -49,12 +50,15 @@ export class Qcow2Overlay implements BlockDevice {
   readonly clusterSize: number;
   readonly subclusterSize: number;
   readonly baseSize: number;
+  /** The base handle (shared; this overlay holds one reference until close). */
+  readonly base: OverlayBase;
   private readonly virtualSize: number;
   private readonly file: ImageFile;
-  private readonly base: BaseImage;
+  private readonly baseImage: BaseImage;
   private readonly tables: L2Tables;
   private readonly alloc: Allocator;
-  private readonly data: DataPath;
+  private readonly reader: ReadPath;
+  private readonly data: WritePath;
   private readonly flusher: Flusher;
   private closed = false;
   private readonly onClose?: () => void;
@@ -67,14 +71,16 @@ export class Qcow2Overlay implements BlockDevice {
     this.onClose = o.onClose;
     this.virtualSize = h.size;
     this.file = new FdFile(o.fd);
-    this.base = new RawBase(o.baseFd, o.baseSize);
-    this.baseSize = this.base.size;
+    this.base = o.base;
+    this.baseImage = o.base.image;
+    this.baseSize = this.baseImage.size;
     this.tables = new L2Tables(this.file, o.path, h, o.l2CacheBytes ?? 64 * 1024 * 1024, () => this.flusher.busy);
     this.extendedL2 = this.tables.extendedL2;
     this.clusterSize = this.tables.cs;
     this.subclusterSize = this.tables.sc;
     this.alloc = new Allocator(this.file, o.path, h);
-    this.data = new DataPath(this.file, this.base, this.tables, this.alloc, h.size);
+    this.reader = new ReadPath(this.file, this.baseImage, this.tables);
+    this.data = new WritePath(this.file, this.baseImage, this.tables, this.alloc, h.size);
     this.flusher = new Flusher(this.file, this.tables, this.alloc, h.l1Offset, o.path, o.log);
   }
 
@@ -95,11 +101,12 @@ export class Qcow2Overlay implements BlockDevice {
   }
 
   pread(buf: Uint8Array, offset: number, _flags: number): Maybe {
-    this.data.read(buf, offset);
+    return this.reader.read(buf, offset);
   }
 
   pwrite(buf: Uint8Array, offset: number, flags: number): Maybe {
-    this.data.write(buf, offset);
+    const r = this.data.write(buf, offset);
+    if (r !== undefined) return flags & FUA ? r.then(() => this.flush(0)) : r;
     if (flags & FUA) return this.flush(0);
   }
 
@@ -114,20 +121,25 @@ export class Qcow2Overlay implements BlockDevice {
   }
 
   zero(offset: number, length: number, flags: number): Maybe {
-    this.data.zero(offset, length, flags);
+    const r = this.data.zero(offset, length, flags);
+    if (r !== undefined) return flags & FUA ? r.then(() => this.flush(0)) : r;
     if (flags & FUA) return this.flush(0);
   }
 
   extents(offset: number, length: number, flags: number, sink: ExtentSink): Maybe {
-    allocationExtents(this.tables, this.base, this.virtualSize, offset, length, flags, sink);
+    return allocationExtents(this.tables, this.baseImage, this.virtualSize, offset, length, flags, sink);
   }
 
   cache(offset: number, length: number, _flags: number): Maybe {
     const chunk = new Uint8Array(Math.min(length, 1024 * 1024));
-    for (let p = offset; p < offset + length; p += chunk.length) {
-      const n = Math.min(chunk.length, offset + length - p);
-      this.pread(n === chunk.length ? chunk : chunk.subarray(0, n), p, 0);
-    }
+    const from = (start: number): Maybe => {
+      for (let p = start; p < offset + length; p += chunk.length) {
+        const n = Math.min(chunk.length, offset + length - p);
+        const r = this.pread(n === chunk.length ? chunk : chunk.subarray(0, n), p, 0);
+        if (isPromise(r)) return r.then(() => from(p + n));
+      }
+    };
+    return from(offset);
   }
 
   metaContexts(): MetaContextProvider[] {
@@ -144,9 +156,12 @@ export class Qcow2Overlay implements BlockDevice {
     this.closed = true;
     try {
       this.file.close();
-      this.base.close();
     } finally {
-      this.onClose?.();
+      try {
+        await this.base.release();
+      } finally {
+        this.onClose?.();
+      }
     }
   }
 
@@ -185,6 +200,7 @@ export class Qcow2Overlay implements BlockDevice {
   discardAll(): void {
     if (this.readOnly) throw eio(`${this.path}: opened read-only`);
     if (this.flusher.busy) throw eio(`${this.path}: a flush is in progress`);
+    if (this.data.locks.size !== 0) throw eio(`${this.path}: writes are in progress`);
     discardAll(this.file, this.header, this.tables, this.alloc);
   }
 
