@@ -10,6 +10,7 @@ const commands: Record<string, { summary: string; load: () => Promise<{ main(arg
   map: { summary: "show an export's allocation map (base:allocation)", load: () => import("./cli/map.ts") },
   copy: { summary: "copy between files and NBD exports (sparse-aware)", load: () => import("./cli/copy.ts") },
   overlay: { summary: "create, inspect, commit or reset copy-on-write overlays", load: () => import("./cli/overlay.ts") },
+  publish: { summary: "upload an overlay merged with its base as a new S3 object", load: () => import("./cli/publish.ts") },
   cd: { summary: "inspect, verify and make BIN/CUE CD images", load: () => import("./cli/cd.ts") },
 };
 
