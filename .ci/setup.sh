@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
 # Install what the test suite needs on a Debian machine: the npm dependencies (Bun, uvu, mitata,
 # TypeScript) and the real NBD consumers and peers the interop tests drive (QEMU, libnbd tools,
-# nbdkit, nbd-client, fio, xorriso, e2fsprogs). Idempotent: skips apt-get when everything is there.
+# nbdkit, nbd-client, fio, xorriso, e2fsprogs), and the mkfs/partitioning tools the inspect,
+# partition-export and floppy tests make images with and compare against (blkid, sfdisk, sgdisk,
+# mkfs.fat, mkfs.exfat, mkfs.ntfs, mkfs.xfs, mkfs.btrfs, mkudffs, mtools, nbdfuse's fusermount3).
+# Idempotent: skips apt-get when everything is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PKGS=(qemu-utils qemu-system-x86 libnbd-bin python3-libnbd nbdkit nbd-client fio xorriso genisoimage
-      e2fsprogs binutils busybox-static procps)
+      e2fsprogs binutils busybox-static procps
+      util-linux fdisk gdisk dosfstools exfatprogs ntfs-3g xfsprogs btrfs-progs udftools mtools fuse3)
 # Commands that prove the packages are there (one per package, same order).
 CMDS=(qemu-img qemu-system-x86_64 nbdinfo /usr/lib/python3/dist-packages/nbd.py nbdkit nbd-client fio xorriso isoinfo
-      mke2fs as /bin/busybox ps)
+      mke2fs as /bin/busybox ps
+      blkid sfdisk sgdisk mkfs.fat mkfs.exfat mkfs.ntfs mkfs.xfs mkfs.btrfs mkudffs mdir fusermount3)
 
 missing=()
 for i in "${!PKGS[@]}"; do

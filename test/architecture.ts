@@ -1,7 +1,7 @@
-// The layering of src/, checked from the source text: no import cycle anywhere; src/protocol is
-// pure (imports only itself, no bun/node modules); only src/sys loads bun:ffi; only src/server and
-// src/client open sockets; the client stands apart from server and devices; the CLI holds no
-// protocol constants. Fails with the offending file and import, so a broken rule names its fix.
+// The layering of src/, checked from the source text: no import cycle anywhere; src/protocol and
+// src/inspect are pure (import only themselves, no bun/node modules); only src/sys loads bun:ffi;
+// only src/server and src/client open sockets; the client stands apart from server and devices;
+// the CLI holds no protocol constants. Fails with the offending file and import, so a broken rule names its fix.
 import { test } from "uvu";
 import * as assert from "uvu/assert";
 import { existsSync, readdirSync, readFileSync, statSync } from "node:fs";
@@ -88,16 +88,19 @@ test("no import cycle under src/ (type-only imports included)", () => {
   assert.equal(cycles, [], `import cycles:\n${cycles.join("\n")}`);
 });
 
-test("src/protocol is pure: imports only itself, no bun or node modules", () => {
-  const bad: string[] = [];
-  for (const [f, imps] of graph) {
-    if (layer(f) !== "protocol") continue;
-    for (const i of imps) {
-      if (!i.target || layer(i.target) !== "protocol") bad.push(`${rel(f)}:${i.line} imports ${i.spec}`);
+// src/protocol (the codec) and src/inspect (image parsers over a byte source) are pure
+for (const pure of ["protocol", "inspect"]) {
+  test(`src/${pure} is pure: imports only itself, no bun or node modules`, () => {
+    const bad: string[] = [];
+    for (const [f, imps] of graph) {
+      if (layer(f) !== pure) continue;
+      for (const i of imps) {
+        if (!i.target || layer(i.target) !== pure) bad.push(`${rel(f)}:${i.line} imports ${i.spec}`);
+      }
     }
-  }
-  assert.equal(bad, []);
-});
+    assert.equal(bad, []);
+  });
+}
 
 test("src/sys sits below everything: it imports nothing from the other layers", () => {
   const bad: string[] = [];

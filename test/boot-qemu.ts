@@ -1,7 +1,9 @@
 // QEMU boots from bun-nbd exports (SeaBIOS int 13h): IDE and virtio disks against a copy of
-// examples/boot.img and against an 8 GiB sparse image (its last-LBA read is above 4 GiB), and an
-// El Torito CD-ROM served read-only, and an overlay export (writes go to a qcow2, the base stays). Checked from the host: QEMU exit status 33, every serial line
-// in order, and the sector the guest wrote, both over a fresh NBD connection and in the file.
+// examples/boot.img and against an 8 GiB sparse image (its last-LBA read is above 4 GiB), an
+// El Torito CD-ROM served read-only, an overlay export (writes go to a qcow2, the base stays), and
+// a 1.44M FAT12 floppy (if=floppy -boot a, CHS reads and a write). Checked from the host: QEMU exit
+// status 33, every serial line in order, and the sector the guest wrote, both over a fresh NBD
+// connection and in the file.
 import { suite } from "uvu";
 import * as assert from "uvu/assert";
 import { copyFileSync, mkdirSync, readFileSync, statSync } from "node:fs";
@@ -9,7 +11,7 @@ import { join } from "node:path";
 import { bytesEqual } from "./helpers/assert.ts";
 import { need, ROOT, run, runOk, scratch } from "./helpers/env.ts";
 import { boot, fileBytes, type BootMode } from "./e2e/boot.ts";
-import { expectedWrittenSector, GiB, hdExpectations, makeCdIso, makeHdImage, MiB } from "./e2e/images.ts";
+import { expectedWrittenSector, GiB, hdExpectations, makeCdIso, makeFloppyImage, makeHdImage, MiB } from "./e2e/images.ts";
 import { nbdRead, nbdSize } from "./e2e/nbdhost.ts";
 import { BACKEND, startServer } from "./e2e/server.ts";
 
@@ -17,7 +19,7 @@ const test = suite("boot");
 const dir = scratch("bun-nbd-boot-");
 const timings: string[] = [];
 
-test.before(() => need("qemu-system-x86_64", "qemu-img", "xorriso"));
+test.before(() => need("qemu-system-x86_64", "qemu-img", "xorriso", "mkfs.fat"));
 test.after(() => console.log(`  boot tests (${BACKEND}): ${timings.join(", ")}`));
 
 async function hdCase(mode: BootMode, image: string, size: number) {
@@ -96,6 +98,30 @@ test("virtio disk: --snapshot export, writes seen during the session, base uncha
     assert.is(await server.stop(), 0, "server exit status after SIGTERM");
   }
   bytesEqual(readFileSync(base), readFileSync(join(ROOT, "examples/boot.img")), "base image after the boot");
+});
+
+test("floppy: 1.44M FAT12 image booted with if=floppy -boot a (CHS reads of several sectors, a write)", async () => {
+  const d = join(dir, "floppy");
+  mkdirSync(d, { recursive: true });
+  const fd = await makeFloppyImage(join(d, "floppy.img"));
+  const server = await startServer([fd.path]);
+  try {
+    const uri = server.uri("floppy");
+    assert.is(await nbdSize(uri), 1474560, "export size seen by libnbd");
+    const { run, problems } = await boot("floppy", uri, fd.expect, join(dir, "log-floppy"));
+    timings.push(`floppy qemu ${run.seconds.toFixed(2)}s`);
+    assert.ok(problems.length === 0, problems.join("\n"));
+    bytesEqual(await nbdRead(uri, fd.writeLba * 512, 512), expectedWrittenSector(), "written sector over a fresh NBD connection");
+    if (BACKEND === "bun-nbd") {
+      assert.match(server.output(), /FAT12 floppy 1\.44M, bootable, 80\/2\/18 C\/H\/S/, "serve says what it serves");
+      assert.match(server.output(), /-drive file=nbd:\/\/127\.0\.0\.1:\d+\/floppy,format=raw,if=floppy -boot a/, "and prints a QEMU line for a floppy");
+    }
+  } finally {
+    assert.is(await server.stop(), 0, "server exit status after SIGTERM");
+  }
+  bytesEqual(fileBytes(fd.path, fd.writeLba * 512, 512), expectedWrittenSector(), "written sector in the image file");
+  const fsck = await run(["fsck.fat", "-n", fd.path], { timeoutMs: 30_000 });
+  assert.is(fsck.code, 0, `the FAT12 file system is still valid: ${fsck.stdout}${fsck.stderr}`);
 });
 
 test("CD-ROM: El Torito ISO served read-only (-r)", async () => {

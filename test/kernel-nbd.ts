@@ -1,8 +1,8 @@
 // The Linux kernel's NBD client against bun-nbd: Debian's kernel, nbd.ko and nbd-client in a QEMU
 // guest (TCG), reaching the host's servers only through slirp guestfwd. Two guest boots carry
 // every step (a boot costs ~7 s of TCG time): boot A (1 vCPU) attaches with netlink, -nonetlink
-// and -b 4096, odd and >4 GiB sizes, mkfs+mount, a read-only export, an overlay export, and ends
-// with the fsync/kill -9 durability step; boot B (2 vCPUs) runs nbd-client -C 2. Each test below
+// and -b 4096, odd and >4 GiB sizes, mkfs+mount, a partition export of an MBR disk (mounted), a
+// read-only export, an overlay export, and ends with the fsync/kill -9 durability step; boot B (2 vCPUs) runs nbd-client -C 2. Each test below
 // judges one step from the host: the image files, fresh NBD connections, the server's -v log.
 import { suite } from "uvu";
 import * as assert from "uvu/assert";
@@ -12,6 +12,7 @@ import { bytesEqual } from "./helpers/assert.ts";
 import { need, run, runOk, scratch } from "./helpers/env.ts";
 import { fileBytes } from "./e2e/boot.ts";
 import { GiB, makePatternedImage, MiB } from "./e2e/images.ts";
+import { makeDisk, type Disk } from "./helpers/images.ts";
 import { CACHE } from "./e2e/initramfs.ts";
 import { fields, guestPattern, reads, runGuest, type GuestRun, type StepResult } from "./e2e/kernel.ts";
 import { md5, nbdRead } from "./e2e/nbdhost.ts";
@@ -39,6 +40,13 @@ const IMG = {
   multi: { path: join(SB, "multi"), size: 64 * MiB },
 };
 const OVERLAY = join(S3, "ovbase-overlay.qcow2");
+// an MBR disk whose second partition (ext4, with a file) the guest mounts as the export pdisk/p2
+const PDISK = join(S0, "pdisk");
+const PART_HELLO = "hello from a partition export\n";
+const PART_GUEST = "written by the guest through a partition export\n";
+let pdisk: Disk | undefined;
+let pdiskHeadMd5 = "";
+const withPartitions = BACKEND === "bun-nbd";
 const WRITE = { netlink: 192 * MiB, nonetlink: 200 * MiB, b4096: 208 * MiB, overlay: 4 * MiB, durable: 4 * MiB, multi: 16 * MiB };
 const withOverlay = BACKEND === "bun-nbd";
 
@@ -67,10 +75,20 @@ function runBootA(): Promise<Boot> {
     for (const d of [S0, S1, S2, S3]) mkdirSync(d, { recursive: true });
     for (const i of [IMG.disk, IMG.odd512, IMG.odd, IMG.big, IMG.ro, IMG.dur, IMG.ovbase]) makePatternedImage(i.path, i.size);
     makePatternedImage(IMG.fs.path, IMG.fs.size);
+    if (withPartitions) {
+      const files = join(dir, "pfiles");
+      mkdirSync(files, { recursive: true });
+      await Bun.write(join(files, "hello.txt"), PART_HELLO);
+      pdisk = await makeDisk(S0, "pdisk", "dos", 48 * MiB, [
+        { size: 16 * MiB, type: "e", fs: "fat16", label: "PONE" },
+        { size: "rest", type: "83", fs: "ext4", label: "ptwo", files },
+      ]);
+      pdiskHeadMd5 = md5(readFileSync(PDISK).subarray(0, pdisk.parts[1]!.start));
+    }
     roMd5Before = md5(readFileSync(IMG.ro.path));
     ovBaseMd5Before = md5(readFileSync(IMG.ovbase.path));
     const servers = [
-      await startServer([IMG.disk.path, IMG.odd512.path, IMG.odd.path, IMG.big.path, IMG.fs.path]),
+      await startServer([IMG.disk.path, IMG.odd512.path, IMG.odd.path, IMG.big.path, IMG.fs.path, ...(withPartitions ? [PDISK] : [])]),
       await startServer([IMG.ro.path], { readOnly: true, verbose: true }),
       await startServer([IMG.dur.path], { verbose: true }),
     ];
@@ -83,6 +101,7 @@ function runBootA(): Promise<Boot> {
       `step size-odd t_size 0 odd /dev/nbd4`,
       `step size-4g t_size 0 big /dev/nbd5`,
       `step fs t_fs 0 fs /dev/nbd6`,
+      ...(withPartitions ? [`step partmount t_mount 0 pdisk/p2 /dev/nbd10 ext4`] : []),
       `step ro t_ro 1 ro /dev/nbd7`,
       ...(withOverlay ? [`step overlay t_rw 3 ovbase /dev/nbd8 ${WRITE.overlay}`] : []),
       `step durable t_durable 2 dur /dev/nbd9 ${WRITE.durable}`,
@@ -225,6 +244,24 @@ test("mkfs.ext2, mount, write files, unmount, detach; e2fsck -n clean on the hos
   }
   const mk = fields(s, "mkfs");
   report.push(`mkfs.ext2 of ${IMG.fs.size / MiB} MiB: ${mk?.secs}s in the guest`);
+});
+
+test("partition export pdisk/p2 of an MBR disk: the guest mounts its ext4, reads a file, writes one; nothing outside the partition changes", async () => {
+  if (!withPartitions) return console.log("  (partition exports need bun-nbd)");
+  const b = await runBootA();
+  const s = stepOk(b, "partmount");
+  const p2 = pdisk!.parts[1]!;
+  checkAttach(s, p2.size);
+  assert.is(fields(s, "mounted")?.hello, md5(new TextEncoder().encode(PART_HELLO)), "the guest read hello.txt through the partition export");
+  const part = join(dir, "pdisk-p2.img");
+  await Bun.write(part, fileBytes(PDISK, p2.start, p2.size));
+  const fsck = await run(["e2fsck", "-fn", part], { timeoutMs: 60_000 });
+  assert.is(fsck.code, 0, `e2fsck -fn of the partition: ${fsck.stdout}${fsck.stderr}`);
+  const cat = await runOk(["debugfs", "-R", "cat /guest.txt", part], { timeoutMs: 30_000 });
+  assert.is(cat.stdout, PART_GUEST, "the guest's file is in the partition");
+  const now = readFileSync(PDISK);
+  assert.is(md5(now.subarray(0, p2.start)), pdiskHeadMd5, "the MBR and p1 are unchanged");
+  assert.is(p2.start + p2.size, now.length, "p2 runs to the end of the disk, so nothing lies after it");
 });
 
 test("read-only export (-r): reads work, writes fail in the guest, the file is unchanged", async () => {

@@ -11,7 +11,7 @@ import { join } from "node:path";
 import { bytesEqual, rejects } from "./helpers/assert.ts";
 import { conformance, rng } from "./helpers/conformance.ts";
 import { scratch } from "./helpers/env.ts";
-import { logSink, makeImage } from "./helpers/images.ts";
+import { logSink, makeImage } from "./helpers/remote-images.ts";
 import { BASIC_PASSWORD, BASIC_USER, freePort, startNginx, type Nginx } from "./services/nginx.ts";
 import { openRemoteImage, type RemoteImage, type RemoteSettings } from "../src/devices/remote/index.ts";
 import { parseLocation, redactUrl, s3Settings, siblingLocation } from "../src/devices/remote/location.ts";

@@ -10,7 +10,7 @@ import { cpSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, rea
 import { join } from "node:path";
 import { deadline } from "./helpers/assert.ts";
 import { BUN, CLI, need, run, runOk, ROOT, scratch } from "./helpers/env.ts";
-import { makeImage } from "./helpers/images.ts";
+import { makeImage } from "./helpers/remote-images.ts";
 import { serve, type Served } from "./helpers/server.ts";
 import { guardedSuite, nbdpy } from "./interop-lib.ts";
 import { BASIC_PASSWORD, BASIC_USER, freePort, startNginx, type Nginx } from "./services/nginx.ts";

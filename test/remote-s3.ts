@@ -4,17 +4,23 @@
 // counts the GETs), clear errors at start (bad secret, no such key or bucket, store down),
 // credentials kept out of output and LIST, RGW stopped mid-copy (EIO, the server survives, the
 // next copy is exact), an object replaced while served (EIO, a log line, never bytes of the new
-// version) and a CUE sheet whose BINs are found relative to its key.
+// version) and a CUE sheet whose BINs are found relative to its key. Overlays: QEMU boots
+// examples/boot.img from a bucket through --snapshot; two bun-nbd processes on one bucket serve two
+// clients (QEMU guests) with separate overlays; publish uploads an overlay merged with its base;
+// a persistent overlay refuses a replaced object and overlay commit refuses a remote base.
 // BUN_NBD_REMOTE_S3_MIB sets the big object's size (default 1024).
 import * as assert from "uvu/assert";
 import { readdirSync } from "node:fs";
 import { join } from "node:path";
-import { deadline } from "./helpers/assert.ts";
+import { bytesEqual, deadline } from "./helpers/assert.ts";
 import { BUN, CLI, need, ROOT, run, runOk, scratch } from "./helpers/env.ts";
-import { makeImage } from "./helpers/images.ts";
+import { makeImage } from "./helpers/remote-images.ts";
 import { serve, type Served } from "./helpers/server.ts";
 import { guardedSuite, nbdpy } from "./interop-lib.ts";
 import { ACCESS_KEY, SECRET_KEY, startRgw, type Rgw } from "./services/rgw.ts";
+import { boot, fileBytes } from "./e2e/boot.ts";
+import { expectedWrittenSector, hdExpectations } from "./e2e/images.ts";
+import { nbdRead, nbdWrite } from "./e2e/nbdhost.ts";
 
 const MiB = 1024 * 1024;
 const BIG = Number(process.env.BUN_NBD_REMOTE_S3_MIB ?? 1024) * MiB;
@@ -160,6 +166,85 @@ s3test("a CUE sheet in a bucket: its BINs are found relative to its key", 120_00
       await same(a, b);
     }
   } finally { await stopped(remote); await stopped(here); }
+});
+
+s3test("QEMU boots examples/boot.img from an S3 object through --snapshot; the object stays as it was", 120_000, async (g) => {
+  await g.putFile(BUCKET, "golden/boot.img", join(ROOT, "examples/boot.img"));
+  const before = await g.client(BUCKET).stat("golden/boot.img");
+  const want = hdExpectations(4 * MiB);
+  const s = await serve(["--snapshot", "--cache-dir", join(dir, "cache-boot"), `s3://${BUCKET}/golden/boot.img`], { env: g.env });
+  try {
+    const { problems } = await boot("ide", s.uri("boot"), want.expect, join(dir, "log-boot"));
+    assert.ok(problems.length === 0, problems.join("\n"));
+    bytesEqual(await nbdRead(s.uri("boot"), want.writeLba * 512, 512), expectedWrittenSector(), "the written sector over a fresh connection");
+  } finally { await stopped(s); }
+  const after = await g.client(BUCKET).stat("golden/boot.img");
+  assert.equal([after.etag, after.size], [before.etag, before.size], "the object is unchanged");
+});
+
+const A = new Uint8Array(4096).fill(0xaa), B = new Uint8Array(4096).fill(0xbb);
+const ovA = join(dir, "host-a.qcow2"), ovB = join(dir, "host-b.qcow2");
+
+s3test("two bun-nbd processes on one bucket serve two clients, each writing to its own overlay", 180_000, async (g) => {
+  const url = `s3://${BUCKET}/golden/boot.img`;
+  const a = await serve(["--overlay", ovA, "--cache-dir", join(dir, "cache-a"), url], { env: g.env });
+  const b = await serve(["--overlay", ovB, "--cache-dir", join(dir, "cache-b"), url], { env: g.env });
+  const want = hdExpectations(4 * MiB);
+  try {
+    const [ra, rb] = await Promise.all([
+      boot("virtio", a.uri("boot"), want.expect, join(dir, "log-a")),
+      boot("ide", b.uri("boot"), want.expect, join(dir, "log-b")),
+    ]);
+    assert.ok(ra.problems.length === 0 && rb.problems.length === 0, [...ra.problems, ...rb.problems].join("\n"));
+    await nbdWrite(a.uri("boot"), 100 * 512, A);
+    await nbdWrite(b.uri("boot"), 100 * 512, B);
+    bytesEqual(await nbdRead(a.uri("boot"), 100 * 512, 4096), A, "host A reads its own write");
+    bytesEqual(await nbdRead(b.uri("boot"), 100 * 512, 4096), B, "host B reads its own write");
+  } finally { await stopped(a); await stopped(b); }
+  const plain = await serve(["--no-cache", url], { env: g.env });
+  try {
+    bytesEqual(await nbdRead(plain.uri("boot"), 100 * 512, 4096), fileBytes(join(ROOT, "examples/boot.img"), 100 * 512, 4096), "the object itself is untouched");
+  } finally { await stopped(plain); }
+  const again = await serve(["--overlay", ovA, "--cache-dir", join(dir, "cache-a"), url], { env: g.env });
+  try {
+    bytesEqual(await nbdRead(again.uri("boot"), 100 * 512, 4096), A, "host A's overlay after a restart");
+  } finally { await stopped(again); }
+});
+
+s3test("publish uploads an overlay merged with its base as a new object (multipart, progress)", 180_000, async (g) => {
+  const dest = `s3://${BUCKET}/published/boot-a.img`;
+  // under script(1), so that stderr is a terminal and the progress bar is drawn
+  const cmd = [BUN, CLI, "publish", "--part-size", "5M", ovA, dest].map((a) => `'${a}'`).join(" ");
+  const r = await run(["script", "-qec", cmd, "/dev/null"], { env: g.env, timeoutMs: 120_000 });
+  assert.is(r.code, 0, r.stdout);
+  assert.match(r.stdout, /uploading \[#+\] 100% 4 MiB \/ 4 MiB/);
+  assert.match(r.stdout, /published s3:\/\/images\/published\/boot-a\.img: 4194304 bytes in 1 part in/);
+  await Bun.sleep(300);
+  assert.ok(g.ops().some((o) => o.op === "init_multipart" && o.uri.includes("/published/boot-a.img")), "a multipart upload");
+  const pub = await serve(["--no-cache", dest], { env: g.env });
+  const ov = await serve(["-r", "--no-cache", "--overlay", ovA, `s3://${BUCKET}/golden/boot.img`], { env: g.env });
+  try {
+    await runOk(["nbdcopy", pub.uri("boot-a"), join(dir, "published.out")]);
+    await runOk(["nbdcopy", ov.uri("boot"), join(dir, "overlay-view.out")]);
+  } finally { await stopped(pub); await stopped(ov); }
+  await same(join(dir, "published.out"), join(dir, "overlay-view.out"));
+  bytesEqual(fileBytes(join(dir, "published.out"), 100 * 512, 4096), A, "host A's write is in the published object");
+  const again = await run([BUN, CLI, "publish", "-q", ovA, dest], { env: g.env });
+  assert.is(again.code, 1);
+  assert.match(again.stderr, /exists; publish never replaces an object unless given --force/);
+  const big = await run([BUN, CLI, "publish", "-q", "--part-size", "6M", ovB, `s3://${BUCKET}/published/boot-b.img`], { env: g.env });
+  assert.is(big.code, 0, big.stderr);
+});
+
+s3test("a persistent overlay refuses a replaced base; overlay commit refuses a remote base", 60_000, async (g) => {
+  const r0 = await run([BUN, CLI, "overlay", "commit", ovB], { env: g.env });
+  assert.is(r0.code, 1);
+  assert.match(r0.stderr, /refusing to commit .*host-b\.qcow2: its base is the remote object s3 s3:\/\/images\/golden\/boot\.img/);
+  assert.match(r0.stderr, /bun-nbd publish/);
+  await g.putFile(BUCKET, "golden/boot.img", join(dir, "published.out")); // another version of the object
+  const r = await run([BUN, CLI, "serve", "-p", "0", "--no-cache", "--overlay", ovB, `s3://${BUCKET}/golden/boot.img`], { env: g.env });
+  assert.is(r.code, 1);
+  assert.match(r.stderr, /host-b\.qcow2: its base differs \(version\): it was made over s3 s3:\/\/images\/golden\/boot\.img/);
 });
 
 test("stop the store", async () => { await rgw?.stop(); });

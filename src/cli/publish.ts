@@ -13,7 +13,7 @@ const HELP = `usage: bun-nbd publish [options] OVERLAY s3://BUCKET/KEY
 
 Upload the image OVERLAY shows - its base (a raw file, a CD image's cooked view, or a remote
 http(s):// or s3:// object) with the overlay's changes merged - as a new S3 object, in a
-multipart upload, with a progress bar on stderr. The overlay and its base are only read; the
+multipart upload, with a progress bar on stderr (when it is a terminal). The overlay and its base are only read; the
 overlay must not be in use by a writer. Credentials and endpoint come from AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION and AWS_ENDPOINT_URL (or --s3-endpoint).
 Then serve the new object to everyone: bun-nbd serve s3://BUCKET/KEY
@@ -53,10 +53,12 @@ export async function main(argv: string[]): Promise<number> {
     try {
       const what = identity ? describeIdentity(identity) : img.base.path;
       console.error(`publishing ${overlay} (${formatSize(img.size())}) over ${what} to ${dest}`);
-      const bar = progressBar(img.size(), "uploading", !!o.quiet);
-      const r = await publish(img, dest, { s3: settings.s3, partSize, force: o.force, onProgress: (n) => bar.update(n) });
-      bar.finish();
-      console.log(`published ${r.location}: ${r.size} bytes in ${r.parts} part${r.parts > 1 ? "s" : ""}, ETag ${r.etag}`);
+      const size = img.size();
+      const bar = o.quiet ? undefined : progressBar("uploading");
+      const t0 = performance.now();
+      const r = await publish(img, dest, { s3: settings.s3, partSize, force: o.force, onProgress: (n) => bar?.(n, size) });
+      const secs = (performance.now() - t0) / 1000;
+      console.log(`published ${r.location}: ${r.size} bytes in ${r.parts} part${r.parts > 1 ? "s" : ""} in ${secs.toFixed(1)} s (${formatSize(Math.round(r.size / Math.max(secs, 1e-3)))}/s), ETag ${r.etag}`);
     } finally {
       await img.close();
     }

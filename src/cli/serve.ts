@@ -3,17 +3,23 @@
 import { commandArgs } from "./args.ts";
 import { REMOTE_FLAGS, REMOTE_HELP, remoteSettings } from "./remote-args.ts";
 import { openExports } from "../devices/open.ts";
+import { describeExports, describe } from "../devices/partition-exports.ts";
+import { qemuLine, type Report } from "../inspect/index.ts";
 import { createLogger } from "../server/log.ts";
 import { NbdServer } from "../server/server.ts";
 import { formatSize } from "./format.ts";
 import { VERSION } from "../version.ts";
+import { progressBar } from "./progress.ts";
+import { verifyImage } from "../verify/verify.ts";
 
 const HELP = `usage: bun-nbd serve [options] FILE...
 
 Serve disk images over NBD. Each FILE becomes an export named after the file without its
 extension (disk.img -> "disk"); the first one is also the default export "".
-Raw images (.img, .raw, anything else) are served byte for byte; CD images (.cue, .ccd, or a
-lone raw-sector .bin/.img) as cooked and raw track views.
+Raw images (.img, .ima, .vfd, .flp, .raw, anything else) are served byte for byte; CD images
+(.cue, .ccd, or a lone raw-sector .bin/.img) as cooked and raw track views. Each partition of an
+MBR or GPT disk is also offered as NAME/p1, NAME/p2, ... (logical partitions from p5).
+On start, serve says what each export holds and prints a QEMU command line that fits it.
 
 options:
   -p, --port PORT      TCP port (default 10809; 0 picks a free one)
@@ -28,6 +34,9 @@ options:
                        view of its first data track
   -s, --snapshot       like --overlay with a temporary overlay that is deleted at exit
       --compat         create overlays with standard L2 entries (for QEMU older than 5.2)
+      --no-partitions  do not offer partition exports (NAME/pN)
+      --verify         check each FILE against its checksum first (FILE.sha256, SHA256SUMS, ...
+                       beside it; see bun-nbd verify) and refuse to serve on a mismatch
   -v, --verbose        log every request (debug)
   -q, --quiet          log only warnings and errors
   -h, --help           this help
@@ -50,6 +59,8 @@ export async function main(argv: string[]): Promise<number> {
     overlay: { type: "string", short: "o" },
     snapshot: { type: "boolean", short: "s" },
     compat: { type: "boolean" },
+    "no-partitions": { type: "boolean" },
+    verify: { type: "boolean" },
     verbose: { type: "boolean", short: "v" },
     quiet: { type: "boolean", short: "q" },
     version: { type: "boolean", short: "V" },
@@ -78,6 +89,23 @@ export async function main(argv: string[]): Promise<number> {
   const binds = o.bind ?? ["127.0.0.1"];
   const log = createLogger(o.verbose ? "debug" : o.quiet ? "warn" : "info");
 
+  if (o.verify) {
+    for (const file of args.positionals) {
+      try {
+        for (const c of await verifyImage(file, { progress: (f) => (o.quiet ? undefined : progressBar(`verifying ${f}`)) })) {
+          if (!c.ok) {
+            console.error(`bun-nbd serve: ${c.file}: ${c.algo} mismatch: expected ${c.expected}, got ${c.actual} (from ${c.source})`);
+            return 1;
+          }
+          log.info(`${c.file}: ${c.algo} matches ${c.source}`);
+        }
+      } catch (e) {
+        console.error(`bun-nbd serve: --verify: ${(e as Error).message}`);
+        return 1;
+      }
+    }
+  }
+
   let specs;
   try {
     const remote = remoteSettings(o);
@@ -87,6 +115,14 @@ export async function main(argv: string[]): Promise<number> {
     });
   } catch (e) {
     console.error(`bun-nbd serve: ${(e as Error).message}`);
+    return 1;
+  }
+  let reports: Map<string, Report>;
+  try {
+    ({ specs, reports } = await describeExports(specs, { partitions: !o["no-partitions"], log: (m) => log.warn(m) }));
+  } catch (e) {
+    console.error(`bun-nbd serve: ${(e as Error).message}`);
+    for (const s of specs) await s.device.close?.();
     return 1;
   }
 
@@ -105,12 +141,12 @@ export async function main(argv: string[]): Promise<number> {
         const { port: bound } = server.listenTcp(host, port);
         port = bound; // with -p 0, every address uses the port the first one got
         const h = host.includes(":") ? `[${host}]` : host;
-        uris.push(server.exports.map((e) => `nbd://${h}:${bound}/${encodeURIComponent(e.name)}`));
+        uris.push(server.exports.map((e) => `nbd://${h}:${bound}/${uriName(e.name)}`));
       }
     }
     if (o.socket) {
       server.listenUnix(o.socket);
-      uris.push(server.exports.map((e) => `nbd+unix:///${encodeURIComponent(e.name)}?socket=${o.socket}`));
+      uris.push(server.exports.map((e) => `nbd+unix:///${uriName(e.name)}?socket=${o.socket}`));
     }
   } catch (e) {
     const code = (e as NodeJS.ErrnoException).code;
@@ -128,6 +164,11 @@ export async function main(argv: string[]): Promise<number> {
     const mode = e.caps.canWrite ? "read-write" : "read-only";
     const where = uris.map((u) => u[i]).join("  ");
     console.log(`  ${e.name.padEnd(w)}  ${formatSize(e.size).padStart(9)}  ${mode.padEnd(10)}  ${where}${i === 0 ? "  (default export)" : ""}`);
+    const report = reports.get(e.name);
+    if (!report) return;
+    const indent = "      ";
+    console.log(`${indent}${describe(report)}`);
+    if (!e.name.includes("/")) console.log(`${indent}${qemuLine(report, uris[0]![i]!, !e.caps.canWrite)}`);
   });
   console.log("Ready. Press Ctrl-C to stop.");
 
@@ -142,4 +183,9 @@ export async function main(argv: string[]): Promise<number> {
     process.on("SIGINT", () => stop("SIGINT"));
     process.on("SIGTERM", () => stop("SIGTERM"));
   });
+}
+
+/** An export name in a URI path: percent-encoded, except "/" (partition exports read disk/p1). */
+function uriName(name: string): string {
+  return encodeURIComponent(name).replace(/%2F/g, "/");
 }

@@ -1,6 +1,6 @@
 // What the payload of a structured reply chunk does to its request, once the receiver has it
-// whole: OFFSET_HOLE fills (or views) zeros, BLOCK_STATUS adds a context's extents, an error chunk
-// sets the request's error. A payload that breaks the protocol comes back as [code, message].
+// whole: OFFSET_HOLE fills (or views) zeros, BLOCK_STATUS(_EXT) adds a context's extents, an error
+// chunk sets the request's error. A payload that breaks the protocol comes back as [code, message].
 import { NBD_EIO } from "../protocol/constants.ts";
 import { NbdRequestError } from "./errors.ts";
 import type { Extent, Req } from "./requests.ts";
@@ -27,10 +27,7 @@ export function holeChunk(r: Req, p: Buffer): ChunkProblem {
   return null;
 }
 
-/**
- * BLOCK_STATUS (context id, then 32-bit length and flags per extent) for a BLOCK_STATUS request.
- * Extended headers would add BLOCK_STATUS_EXT (64-bit lengths) beside it.
- */
+/** BLOCK_STATUS (context id, then 32-bit length and flags per extent) for a BLOCK_STATUS request. */
 export function blockStatusChunk(r: Req, p: Buffer, contextNames: ReadonlyMap<number, string>): ChunkProblem {
   const name = contextNames.get(u32(p, 0));
   if (name === undefined) return ["UNKNOWN_CONTEXT", `block status for unknown meta context id ${u32(p, 0)}`];
@@ -40,6 +37,28 @@ export function blockStatusChunk(r: Req, p: Buffer, contextNames: ReadonlyMap<nu
     const length = u32(p, o);
     if (length === 0) return ["BAD_BLOCK_STATUS", "zero-length extent"];
     list.push({ offset: pos, length, flags: u32(p, o + 4) });
+    pos += length;
+  }
+  (r.extents ??= new Map()).set(name, list);
+  return null;
+}
+
+/**
+ * BLOCK_STATUS_EXT (extended headers: context id, descriptor count, then 64-bit length and status
+ * per extent). Statuses must fit in a number exactly (every known context's are 32-bit).
+ */
+export function blockStatusExtChunk(r: Req, p: Buffer, contextNames: ReadonlyMap<number, string>): ChunkProblem {
+  const name = contextNames.get(u32(p, 0));
+  if (name === undefined) return ["UNKNOWN_CONTEXT", `block status for unknown meta context id ${u32(p, 0)}`];
+  const count = u32(p, 4);
+  if (count * 16 + 8 !== p.length) return ["BAD_BLOCK_STATUS", `descriptor count ${count} in a ${p.length}-byte BLOCK_STATUS_EXT chunk`];
+  const list: Extent[] = [];
+  let pos = r.offset;
+  for (let o = 8; o < p.length; o += 16) {
+    const length = u64(p, o);
+    const flags = u64(p, o + 8);
+    if (!(length > 0) || !Number.isFinite(flags)) return ["BAD_BLOCK_STATUS", "zero-length extent, or a length or status of 2^53 or more"];
+    list.push({ offset: pos, length, flags });
     pos += length;
   }
   (r.extents ??= new Map()).set(name, list);

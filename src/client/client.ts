@@ -3,8 +3,10 @@
 // and split by the server's block-size limits. The wire work is transmission.ts's.
 import {
   NBD_CMD_BLOCK_STATUS, NBD_CMD_CACHE, NBD_CMD_FLAG_DF, NBD_CMD_FLAG_FAST_ZERO, NBD_CMD_FLAG_FUA, NBD_CMD_FLAG_NO_HOLE,
-  NBD_CMD_FLAG_REQ_ONE, NBD_CMD_FLUSH, NBD_CMD_READ, NBD_CMD_TRIM, NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES, commandName,
+  NBD_CMD_FLAG_REQ_ONE, NBD_CMD_FLUSH, NBD_CMD_READ, NBD_CMD_TRIM, NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES,
+  NBD_FLAG_BLOCK_STATUS_PAYLOAD, commandName,
 } from "../protocol/constants.ts";
+import { encodeStatusPayload } from "../protocol/codec.ts";
 import { NbdClosedError, NbdConnectionError, NbdUsageError } from "./errors.ts";
 import type { ExportInfo, HandshakeStyle, Negotiated } from "./negotiated.ts";
 import type { ClientStats, Extent } from "./requests.ts";
@@ -38,6 +40,11 @@ export interface ZeroOptions extends WriteOptions {
 export interface BlockStatusOptions {
   /** NBD_CMD_FLAG_REQ_ONE: the server returns exactly one extent per context. */
   reqOne?: boolean;
+  /**
+   * Report only these selected contexts (the payload form of BLOCK_STATUS: needs extended headers
+   * and a server that offers it, see {@link NbdClient.canFilterStatus}). Default: every selected one.
+   */
+  contexts?: readonly string[];
 }
 
 /** Effective limits the client enforces and splits by. */
@@ -51,7 +58,7 @@ export interface Limits {
 
 /** The largest payload this client ever puts in one request (interoperable servers accept 32 MiB). */
 const MAX_PAYLOAD_CAP = 32 * 1024 * 1024;
-/** Payload-less commands are split at 2 GiB (a multiple of every legal minimum block size). */
+/** Payload-less commands are split at 2 GiB (a multiple of every legal minimum block size), unless extended headers carry 64-bit lengths. */
 const MAX_EFFECT = 2 ** 31;
 
 /**
@@ -67,8 +74,15 @@ export class NbdClient {
   readonly info: ExportInfo;
   /** Export size in bytes. */
   readonly size: number;
-  /** Whether structured replies are in use (needed for holes, DF and block status). */
+  /** Whether replies come as chunks: structured replies, or extended headers (needed for holes, DF and block status). */
   readonly structured: boolean;
+  /**
+   * Whether extended headers are in use (asked for with `extendedHeaders`): 32-byte requests, so
+   * TRIM, WRITE_ZEROES, CACHE and BLOCK_STATUS go out unsplit whatever their length.
+   */
+  readonly extended: boolean;
+  /** Block status can be asked for some of the selected contexts only ({@link BlockStatusOptions.contexts}). */
+  readonly canFilterStatus: boolean;
   /** Selected meta contexts, name → id. */
   readonly metaContexts: ReadonlyMap<string, number>;
   /** The handshake style the server used. */
@@ -84,6 +98,8 @@ export class NbdClient {
   private readonly link: Transmission;
   /** The transport hands over buffers it never reuses, so READ data may be kept as views. */
   private readonly rxOwned: boolean;
+  /** Largest effect length of one payload-less request. */
+  private readonly maxEffect: number;
 
   /** @internal Use {@link connect}. Built from the plain result of the negotiation. */
   constructor(n: Negotiated, opts: { requestTimeoutMs?: number; busyPollMicros?: number } = {}) {
@@ -91,6 +107,9 @@ export class NbdClient {
     this.info = n.info;
     this.size = n.info.size;
     this.structured = n.structured;
+    this.extended = n.extended === true;
+    this.canFilterStatus = this.extended && (n.info.flags & NBD_FLAG_BLOCK_STATUS_PAYLOAD) !== 0;
+    this.maxEffect = this.extended ? Number.MAX_SAFE_INTEGER : MAX_EFFECT;
     this.metaContexts = n.metaContexts;
     this.style = n.style;
     const bs = n.info.blockSize;
@@ -179,7 +198,7 @@ export class NbdClient {
     if (!this.info.canTrim) return this.usage("UNSUPPORTED", "the server does not support TRIM");
     const bad = this.writable() ?? this.fuaFlag(opts) ?? this.check(NBD_CMD_TRIM, offset, length);
     if (bad) return bad;
-    return this.split(NBD_CMD_TRIM, opts?.fua ? NBD_CMD_FLAG_FUA : 0, offset, length, null, MAX_EFFECT);
+    return this.split(NBD_CMD_TRIM, opts?.fua ? NBD_CMD_FLAG_FUA : 0, offset, length, null, this.maxEffect);
   }
 
   /** NBD_CMD_WRITE_ZEROES: the range reads as zeros afterwards (and may become a hole unless `noHole`). */
@@ -189,7 +208,7 @@ export class NbdClient {
     const bad = this.writable() ?? this.fuaFlag(opts) ?? this.check(NBD_CMD_WRITE_ZEROES, offset, length);
     if (bad) return bad;
     const flags = (opts?.fua ? NBD_CMD_FLAG_FUA : 0) | (opts?.noHole ? NBD_CMD_FLAG_NO_HOLE : 0) | (opts?.fastZero ? NBD_CMD_FLAG_FAST_ZERO : 0);
-    return this.split(NBD_CMD_WRITE_ZEROES, flags, offset, length, null, MAX_EFFECT);
+    return this.split(NBD_CMD_WRITE_ZEROES, flags, offset, length, null, this.maxEffect);
   }
 
   /** NBD_CMD_CACHE: asks the server to prefetch the range. */
@@ -197,13 +216,14 @@ export class NbdClient {
     if (!this.info.canCache) return this.usage("UNSUPPORTED", "the server does not support CACHE");
     const bad = this.check(NBD_CMD_CACHE, offset, length);
     if (bad) return bad;
-    return this.split(NBD_CMD_CACHE, 0, offset, length, null, MAX_EFFECT);
+    return this.split(NBD_CMD_CACHE, 0, offset, length, null, this.maxEffect);
   }
 
   /**
    * One NBD_CMD_BLOCK_STATUS request: the extents of every selected meta context, keyed by
    * context name, starting at `offset`. The server may describe less than `length` (at least one
-   * extent) or, without REQ_ONE, run the last extent past it. Lengths above 2 GiB are clipped.
+   * extent) or, without REQ_ONE, run the last extent past it. Lengths above 2 GiB are clipped
+   * (unless extended headers are in use).
    */
   blockStatus(offset: number, length: number, opts?: BlockStatusOptions): Promise<Map<string, Extent[]>> {
     if (!this.structured || this.metaContexts.size === 0) {
@@ -211,9 +231,21 @@ export class NbdClient {
     }
     const bad = this.check(NBD_CMD_BLOCK_STATUS, offset, length);
     if (bad) return bad;
-    let len = Math.min(length, MAX_EFFECT);
+    let len = Math.min(length, this.maxEffect);
     if (len < length) len -= len % this.limits.minimum;
-    return this.link.submit(NBD_CMD_BLOCK_STATUS, opts?.reqOne ? NBD_CMD_FLAG_REQ_ONE : 0, offset, len, null);
+    let payload: Uint8Array | null = null;
+    if (opts?.contexts) {
+      if (!this.canFilterStatus) return this.usage("UNSUPPORTED", "block status by context needs extended headers and a server that offers it");
+      const ids: number[] = [];
+      for (const c of opts.contexts) {
+        const id = this.metaContexts.get(c);
+        if (id === undefined) return this.usage("UNSUPPORTED", `meta context "${c}" was not selected`);
+        if (!ids.includes(id)) ids.push(id);
+      }
+      if (ids.length === 0) return this.usage("BAD_ARGUMENT", "block status for no context at all");
+      payload = encodeStatusPayload(len, ids);
+    }
+    return this.link.submit(NBD_CMD_BLOCK_STATUS, opts?.reqOne ? NBD_CMD_FLAG_REQ_ONE : 0, offset, len, payload);
   }
 
   /**
@@ -225,8 +257,9 @@ export class NbdClient {
     const out: Extent[] = [];
     const end = offset + length;
     let pos = offset;
+    const only = this.canFilterStatus && this.metaContexts.size > 1 ? { contexts: [context] } : undefined;
     while (pos < end) {
-      const got = (await this.blockStatus(pos, end - pos)).get(context);
+      const got = (await this.blockStatus(pos, end - pos, only)).get(context);
       if (!got || got.length === 0) {
         throw this.link.violation("MISSING_CONTEXT", `block status at ${pos} returned no extents for "${context}"`);
       }

@@ -15,6 +15,13 @@ export interface ClientOptions extends ConnectOptions {
   /** Ask for structured replies (default true; needed for holes, DF and block status). */
   structuredReplies?: boolean;
   /**
+   * Ask for extended headers first (NBD_OPT_EXTENDED_HEADERS; default false): 32-byte requests
+   * and replies, 64-bit effect lengths for TRIM, WRITE_ZEROES, CACHE and BLOCK_STATUS, and block
+   * status filtered by context. They imply structured replies; a server that refuses them gets
+   * STRUCTURED_REPLY instead (unless `structuredReplies` is false). See {@link NbdClient.extended}.
+   */
+  extendedHeaders?: boolean;
+  /**
    * Meta contexts to select (default `["base:allocation"]`). Contexts the server does not know are
    * silently not selected; check {@link NbdClient.metaContexts}.
    */
@@ -31,9 +38,9 @@ function resolveTarget(target: Target, exportName?: string): NbdTarget {
 }
 
 /**
- * Connects to an export and completes the handshake: fixed newstyle, STRUCTURED_REPLY,
- * SET_META_CONTEXT, then GO (with name, description and block-size info), falling back to
- * EXPORT_NAME for servers without GO. Oldstyle servers work too.
+ * Connects to an export and completes the handshake: fixed newstyle, EXTENDED_HEADERS (if asked
+ * for) or STRUCTURED_REPLY, SET_META_CONTEXT, then GO (with name, description and block-size
+ * info), falling back to EXPORT_NAME for servers without GO. Oldstyle servers work too.
  *
  * @throws {NbdUsageError} bad or unsupported URI (e.g. `nbds://`)
  * @throws {NbdDisconnectedError} the connection could not be opened or dropped during the handshake
@@ -44,9 +51,11 @@ export async function connect(target: Target, opts: ClientOptions = {}): Promise
   const t = resolveTarget(target, opts.exportName);
   const neg = await Negotiation.open(t, opts);
   try {
-    if (neg.style === "newstyle-fixed" && opts.structuredReplies !== false && (await neg.structuredReply())) {
+    if (neg.style === "newstyle-fixed") {
+      const chunked = (opts.extendedHeaders === true && (await neg.extendedHeaders())) ||
+        (opts.structuredReplies !== false && (await neg.structuredReply()));
       const wanted = opts.metaContexts ?? [BASE_ALLOCATION];
-      if (wanted.length) await neg.setMetaContexts(t.exportName, wanted);
+      if (chunked && wanted.length) await neg.setMetaContexts(t.exportName, wanted);
     }
     return new NbdClient(await neg.go(t.exportName), opts);
   } catch (e) {

@@ -1,8 +1,8 @@
 // The option phase (cold path, written for clarity): the greeting, fixed newstyle option haggling
-// (LIST, INFO, GO, STRUCTURED_REPLY, LIST/SET_META_CONTEXT, ABORT), the EXPORT_NAME fallback, and
-// oldstyle servers. Ends in go(), which returns a plain `Negotiated` for NbdClient, or in abort().
+// (LIST, INFO, GO, STRUCTURED_REPLY, EXTENDED_HEADERS, LIST/SET_META_CONTEXT, ABORT), the EXPORT_NAME
+// fallback, and oldstyle servers. Ends in go(), which returns a plain `Negotiated`, or in abort().
 import {
-  EXPORT_NAME_PADDING, NBD_OPT_ABORT, NBD_OPT_EXPORT_NAME, NBD_OPT_GO, NBD_OPT_INFO, NBD_OPT_LIST,
+  EXPORT_NAME_PADDING, NBD_OPT_ABORT, NBD_OPT_EXPORT_NAME, NBD_OPT_EXTENDED_HEADERS, NBD_OPT_GO, NBD_OPT_INFO, NBD_OPT_LIST,
   NBD_OPT_LIST_META_CONTEXT, NBD_OPT_SET_META_CONTEXT, NBD_OPT_STRUCTURED_REPLY, NBD_REP_ACK, NBD_REP_ERR_UNSUP,
   NBD_REP_INFO, NBD_REP_META_CONTEXT, NBD_REP_SERVER, optionName, replyTypeName,
 } from "../protocol/constants.ts";
@@ -31,6 +31,8 @@ export class Negotiation {
   readonly style: HandshakeStyle;
   /** Whether STRUCTURED_REPLY was acknowledged. */
   structured = false;
+  /** Whether EXTENDED_HEADERS was acknowledged (it implies chunked replies, and rules out EXPORT_NAME). */
+  extended = false;
   /** Meta contexts selected by the last SET_META_CONTEXT: name → id. */
   metaContexts = new Map<string, number>();
   private finished = false;
@@ -106,14 +108,34 @@ export class Negotiation {
     this.io.destroy();
   }
 
+  /** Sends an option without data that the server acknowledges or refuses; returns whether it agreed. */
+  private async agreed(option: number): Promise<boolean> {
+    this.checkOpen(option);
+    this.io.write(optionRequest(option));
+    const r = await this.readReply(option);
+    if (r.type === NBD_REP_ACK) return true;
+    if (r.type & 0x80000000) return false;
+    throw this.unexpected(option, r.type);
+  }
+
   /** Asks for structured replies; returns whether the server agreed. */
   async structuredReply(): Promise<boolean> {
-    this.checkOpen(NBD_OPT_STRUCTURED_REPLY);
-    this.io.write(optionRequest(NBD_OPT_STRUCTURED_REPLY));
-    const r = await this.readReply(NBD_OPT_STRUCTURED_REPLY);
-    if (r.type === NBD_REP_ACK) return (this.structured = true);
-    if (r.type & 0x80000000) return false;
-    throw this.unexpected(NBD_OPT_STRUCTURED_REPLY, r.type);
+    if (!(await this.agreed(NBD_OPT_STRUCTURED_REPLY))) return false;
+    return (this.structured = true);
+  }
+
+  /**
+   * Asks for extended headers (32-byte requests and replies, 64-bit lengths); returns whether the
+   * server agreed. Once agreed they take precedence over structured replies: do not ask for those.
+   */
+  async extendedHeaders(): Promise<boolean> {
+    if (!(await this.agreed(NBD_OPT_EXTENDED_HEADERS))) return false;
+    return (this.extended = true);
+  }
+
+  /** Chunked replies: structured replies or extended headers. */
+  private get chunked(): boolean {
+    return this.structured || this.extended;
   }
 
   /** NBD_OPT_LIST: every export the server is willing to list. */
@@ -136,7 +158,7 @@ export class Negotiation {
   /** Runs INFO or GO; returns null if the server does not support the option (ERR_UNSUP). */
   private async infoOrGo(option: number, name: string): Promise<ExportInfo | null> {
     this.io.write(optionRequest(option, infoRequest(name)));
-    const replies = new InfoReplies(option, name, this.structured);
+    const replies = new InfoReplies(option, name, this.chunked);
     for (;;) {
       const r = await this.readReply(option);
       if (r.type === NBD_REP_INFO) {
@@ -182,9 +204,9 @@ export class Negotiation {
     return [...(await this.metaContext(NBD_OPT_LIST_META_CONTEXT, name, queries)).keys()];
   }
 
-  /** NBD_OPT_SET_META_CONTEXT: selects contexts for `name`; returns name → id. Needs structured replies. */
+  /** NBD_OPT_SET_META_CONTEXT: selects contexts for `name`; returns name → id. Needs structured replies or extended headers. */
   async setMetaContexts(name: string, queries: readonly string[]): Promise<Map<string, number>> {
-    if (!this.structured) throw new NbdUsageError("UNSUPPORTED", "meta contexts need structured replies");
+    if (!this.chunked) throw new NbdUsageError("UNSUPPORTED", "meta contexts need structured replies or extended headers");
     this.metaContexts = new Map();
     this.metaContexts = await this.metaContext(NBD_OPT_SET_META_CONTEXT, name, queries);
     return this.metaContexts;
@@ -199,11 +221,16 @@ export class Negotiation {
     if (this.finished) throw new NbdClosedError("this negotiation has already ended");
     let info: ExportInfo | null = this.oldstyleInfo;
     if (!info && this.style === "newstyle-fixed") info = await this.infoOrGo(NBD_OPT_GO, name);
+    if (!info && this.extended) {
+      // EXPORT_NAME is forbidden once extended headers are agreed (and such a server must support GO).
+      this.fatal();
+      throw new NbdOptionError("GO", NBD_REP_ERR_UNSUP, "ERR_UNSUP", "the server agreed to extended headers but does not support NBD_OPT_GO");
+    }
     if (!info) info = await this.exportName(name);
     this.finished = true;
     const { socket, rx, leftover } = this.io.detach();
     const metaContexts = new Map(this.metaContexts);
-    return { socket, rx, info, structured: this.structured, metaContexts, leftover, style: this.style };
+    return { socket, rx, info, structured: this.chunked, extended: this.extended, metaContexts, leftover, style: this.style };
   }
 
   private async exportName(name: string): Promise<ExportInfo> {

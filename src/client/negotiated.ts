@@ -37,7 +37,7 @@ export interface ExportInfo {
   canZero: boolean;
   canFastZero: boolean;
   canCache: boolean;
-  /** DF needs both the flag and structured replies. */
+  /** DF needs both the flag and structured replies (or extended headers). */
   canDf: boolean;
   canMultiConn: boolean;
 }
@@ -68,15 +68,21 @@ export interface ConnectOptions {
 
 /**
  * The result of GO/EXPORT_NAME: everything the transmission phase needs, and nothing that points
- * back into the negotiation. (Extended headers, once negotiated, would be one more field here,
- * telling the request writer and the reply receiver which header format to use.)
+ * back into the negotiation.
  */
 export interface Negotiated {
   socket: Conn;
   /** The socket's receive hook (absent: the client listens for "data" events instead). */
   rx?: Rx;
   info: ExportInfo;
+  /** Replies come as chunks: structured replies were agreed, or extended headers (which imply them). */
   structured: boolean;
+  /**
+   * Extended headers were agreed: 32-byte requests (64-bit lengths, PAYLOAD_LEN on payloads) and
+   * 32-byte reply chunks; tells the request writer and the reply receiver which format to use.
+   * Optional for callers that build a Negotiated by hand (absent: compact headers).
+   */
+  extended?: boolean;
   /** Selected meta contexts: name → id. */
   metaContexts: Map<string, number>;
   /** Bytes that arrived after the handshake. */
@@ -84,7 +90,7 @@ export interface Negotiated {
   style: HandshakeStyle;
 }
 
-/** Decodes transmission flags into booleans. */
+/** Decodes transmission flags into booleans (`structured`: chunked replies, from either option). */
 export function describeExport(name: string, size: number, flags: number, structured: boolean): ExportInfo {
   return {
     name, size, flags,

@@ -1,6 +1,6 @@
-// The reply receiver (hot path): a state machine over the socket's bytes that parses simple and
-// structured replies in place, puts READ data where it belongs, gathers the other chunk payloads
-// (whose meaning is in chunks.ts), and settles each request when its last chunk is in.
+// The reply receiver (hot path): a state machine over the socket's bytes that parses simple,
+// structured and extended replies in place, puts READ data where it belongs, gathers the other
+// chunk payloads (whose meaning is in chunks.ts), and settles each request when its last chunk is in.
 //
 // Replies are parsed with plain byte arithmetic (no DataView, no BigInt, no Buffer.concat); READ
 // payloads are copied once, from the socket chunk into the caller's buffer, or kept as views when
@@ -14,11 +14,11 @@
 // (and their requests go out) before it drains more. Optionally it busy-polls for a while when the
 // socket is momentarily empty but replies are due (`busyPollMicros`).
 import {
-  NBD_CMD_BLOCK_STATUS, NBD_CMD_READ, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS, NBD_REPLY_TYPE_NONE,
-  NBD_REPLY_TYPE_OFFSET_DATA, NBD_REPLY_TYPE_OFFSET_HOLE, NBD_SIMPLE_REPLY_MAGIC, NBD_STRUCTURED_REPLY_MAGIC,
-  NBD_MAX_STRING, commandName,
+  NBD_CMD_BLOCK_STATUS, NBD_CMD_READ, NBD_EXTENDED_REPLY_MAGIC, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS,
+  NBD_REPLY_TYPE_BLOCK_STATUS_EXT, NBD_REPLY_TYPE_NONE, NBD_REPLY_TYPE_OFFSET_DATA, NBD_REPLY_TYPE_OFFSET_HOLE,
+  NBD_SIMPLE_REPLY_MAGIC, NBD_STRUCTURED_REPLY_MAGIC, NBD_MAX_STRING, commandName,
 } from "../protocol/constants.ts";
-import { blockStatusChunk, errorChunk, holeChunk, type ChunkProblem } from "./chunks.ts";
+import { blockStatusChunk, blockStatusExtChunk, errorChunk, holeChunk, type ChunkProblem } from "./chunks.ts";
 import type { Rx } from "./conn.ts";
 import { NbdRequestError, type NbdProtocolViolation } from "./errors.ts";
 import { orderViews, type ClientStats, type Req, type RequestTable } from "./requests.ts";
@@ -31,12 +31,9 @@ const S_DATA = 1; // copying READ data into the request's buffer
 const S_OFFSET = 2; // reading the 8-byte offset of an OFFSET_DATA chunk
 const S_PAYLOAD = 3; // gathering a whole chunk payload (hole, block status, error)
 
-/**
- * The reply header size a magic announces (0: not a reply). Extended headers would add their
- * 32-byte form here and a decoder beside onSimple/onChunkHeader; the scratch buffer already fits it.
- */
+/** The reply header size a magic announces (0: not a reply); which ones are allowed is checked by each decoder. */
 function replyHeaderSize(magic: number): number {
-  return magic === NBD_STRUCTURED_REPLY_MAGIC ? 20 : magic === NBD_SIMPLE_REPLY_MAGIC ? 16 : 0;
+  return magic === NBD_STRUCTURED_REPLY_MAGIC ? 20 : magic === NBD_SIMPLE_REPLY_MAGIC ? 16 : magic === NBD_EXTENDED_REPLY_MAGIC ? 32 : 0;
 }
 
 /** What the receiver needs from the connection it serves. */
@@ -49,7 +46,10 @@ export interface ReceiverHost {
 
 /** What the receiver knows of the transmission phase it parses. */
 export interface ReceiverSetup {
+  /** Chunked replies (structured replies, or extended headers). */
   structured: boolean;
+  /** Extended headers: every reply is a 32-byte chunk header, and nothing else is. */
+  extended: boolean;
   /** Selected meta contexts, id → name. */
   contextNames: ReadonlyMap<number, string>;
   stats: ClientStats;
@@ -72,7 +72,9 @@ export class ReplyReceiver {
   private dataLeft = 0;
   private payload: Buffer | null = null;
   private payloadHave = 0;
-  private readonly structured: boolean;
+  /** 20-byte structured chunks are allowed (structured replies without extended headers). */
+  private readonly compactChunks: boolean;
+  private readonly extended: boolean;
   private readonly contextNames: ReadonlyMap<number, string>;
   private readonly stats: ClientStats;
   /** The transport's in-place receive, or null (then every byte arrives through `onData`). */
@@ -87,7 +89,8 @@ export class ReplyReceiver {
     private readonly host: ReceiverHost, private readonly reqs: RequestTable, private readonly writer: RequestWriter,
     setup: ReceiverSetup,
   ) {
-    this.structured = setup.structured;
+    this.compactChunks = setup.structured && !setup.extended;
+    this.extended = setup.extended;
     this.contextNames = setup.contextNames;
     this.stats = setup.stats;
     this.recvIn = setup.recv ?? null;
@@ -165,7 +168,8 @@ export class ReplyReceiver {
             if (n - i >= size) {
               i += size;
               if (size === 16) this.onSimple(chunk, i - 16);
-              else this.onChunkHeader(chunk, i - 20);
+              else if (size === 20) this.onChunkHeader(chunk, i - 20);
+              else this.onExtendedHeader(chunk, i - 32);
               continue;
             }
           }
@@ -188,7 +192,8 @@ export class ReplyReceiver {
           const size = this.scratchNeed;
           this.scratchHave = this.scratchNeed = 0;
           if (size === 16) this.onSimple(this.scratch, 0);
-          else this.onChunkHeader(this.scratch, 0);
+          else if (size === 20) this.onChunkHeader(this.scratch, 0);
+          else this.onExtendedHeader(this.scratch, 0);
           break;
         }
         case S_DATA: {
@@ -252,6 +257,10 @@ export class ReplyReceiver {
   }
 
   private onSimple(b: Uint8Array, o: number): void {
+    if (this.extended) {
+      this.host.violation("UNEXPECTED_SIMPLE_REPLY", "simple reply while extended headers are in use");
+      return;
+    }
     const r = this.lookup(b, o + 8);
     if (!r) return;
     const errno = u32(b, o + 4);
@@ -283,10 +292,34 @@ export class ReplyReceiver {
     const r = this.lookup(b, o + 8);
     if (!r) return;
     const len = u32(b, o + 16);
-    if (!this.structured) {
-      this.host.violation("UNEXPECTED_STRUCTURED_REPLY", "structured reply chunk without structured replies negotiated");
+    if (!this.compactChunks) {
+      this.host.violation("UNEXPECTED_STRUCTURED_REPLY", `structured reply chunk without structured replies negotiated${this.extended ? " (extended headers are in use)" : ""}`);
       return;
     }
+    this.onChunk(r, flags, type, len);
+  }
+
+  /** A 32-byte extended chunk header: it echoes the request's offset, and its length has 64 bits. */
+  private onExtendedHeader(b: Uint8Array, o: number): void {
+    if (!this.extended) {
+      this.host.violation("UNEXPECTED_EXTENDED_REPLY", "extended reply chunk without extended headers negotiated");
+      return;
+    }
+    const r = this.lookup(b, o + 8);
+    if (!r) return;
+    if (u64(b, o + 16) !== r.offset) {
+      this.host.violation("BAD_REPLY_OFFSET", `extended reply to ${commandName(r.type)} at ${r.offset} echoes offset ${u64(b, o + 16)}`);
+      return;
+    }
+    if (u32(b, o + 24) !== 0) {
+      this.host.violation("BAD_CHUNK", `extended reply chunk announces 2^32 bytes of payload or more (high word ${u32(b, o + 24)})`);
+      return;
+    }
+    this.onChunk(r, u16(b, o + 4), u16(b, o + 6), u32(b, o + 28));
+  }
+
+  /** A chunk header of either form: checks the type against the request, then gathers its payload. */
+  private onChunk(r: Req, flags: number, type: number, len: number): void {
     this.cur = r;
     this.chunkType = type;
     this.chunkFlags = flags;
@@ -313,8 +346,14 @@ export class ReplyReceiver {
         }
         break;
       case NBD_REPLY_TYPE_BLOCK_STATUS:
-        if (r.type !== NBD_CMD_BLOCK_STATUS || len < 12 || (len - 4) % 8 !== 0) {
-          this.host.violation("BAD_CHUNK", `BLOCK_STATUS chunk of length ${len} for ${commandName(r.type)}`);
+        if (this.extended || r.type !== NBD_CMD_BLOCK_STATUS || len < 12 || (len - 4) % 8 !== 0) {
+          this.host.violation("BAD_CHUNK", `BLOCK_STATUS chunk of length ${len} for ${commandName(r.type)}${this.extended ? " under extended headers" : ""}`);
+          return;
+        }
+        break;
+      case NBD_REPLY_TYPE_BLOCK_STATUS_EXT:
+        if (!this.extended || r.type !== NBD_CMD_BLOCK_STATUS || len < 24 || (len - 8) % 16 !== 0) {
+          this.host.violation("BAD_CHUNK", `BLOCK_STATUS_EXT chunk of length ${len} for ${commandName(r.type)}${this.extended ? "" : " without extended headers"}`);
           return;
         }
         break;
@@ -355,8 +394,8 @@ export class ReplyReceiver {
     if (type === NBD_REPLY_TYPE_OFFSET_HOLE) {
       bad = holeChunk(r, p);
       if (!bad) this.stats.holeChunks++;
-    } else if (type === NBD_REPLY_TYPE_BLOCK_STATUS) {
-      bad = blockStatusChunk(r, p, this.contextNames);
+    } else if (type === NBD_REPLY_TYPE_BLOCK_STATUS || type === NBD_REPLY_TYPE_BLOCK_STATUS_EXT) {
+      bad = type === NBD_REPLY_TYPE_BLOCK_STATUS ? blockStatusChunk(r, p, this.contextNames) : blockStatusExtChunk(r, p, this.contextNames);
       if (!bad) this.stats.blockStatusChunks++;
     } else {
       bad = errorChunk(r, p, type);

@@ -1,19 +1,13 @@
 // The request writer (hot path): request headers are encoded into a shared staging buffer and
-// handed to the socket once per tick; small WRITE payloads are copied in behind their header,
-// large ones are written as they are. The one place that knows the request header format.
-import { NBD_CMD_DISC } from "../protocol/constants.ts";
-import { encodeRequest } from "../protocol/codec.ts";
+// handed to the socket once per tick; small payloads are copied in behind their header, large ones
+// are written as they are. The one place that knows the request header formats (compact, extended).
+import { NBD_CMD_DISC, NBD_CMD_FLAG_PAYLOAD_LEN, NBD_EXTENDED_REQUEST_SIZE, NBD_REQUEST_SIZE } from "../protocol/constants.ts";
+import { encodeExtendedRequest, encodeRequest } from "../protocol/codec.ts";
 import type { Conn } from "./conn.ts";
 
 /** WRITE payloads up to this size are copied into the staging buffer; larger ones are written as they are. */
 const COPY_PAYLOAD_MAX = 16 * 1024;
 const STAGING_SIZE = 64 * 1024;
-/**
- * The compact request header (magic, flags, type, cookie, offset, 32-bit length). Extended
- * headers, once negotiated, would bring a 32-byte form with a 64-bit length: a second encoder
- * chosen when the writer is built, and nothing else here changes.
- */
-const REQUEST_HEADER = 28;
 
 export class RequestWriter {
   /** Whether a flush is queued for the end of this tick (bytes are staged). */
@@ -25,15 +19,23 @@ export class RequestWriter {
   private stopped = false;
   private readonly flushBound = () => this.flush();
 
-  constructor(private readonly socket: Conn) {}
+  /**
+   * `extended`: extended headers were agreed: 32-byte headers with a 64-bit length, and a request
+   * with a payload says so with NBD_CMD_FLAG_PAYLOAD_LEN (its length is then the payload's).
+   * Otherwise compact 28-byte headers, where only WRITE carries a payload.
+   */
+  constructor(private readonly socket: Conn, private readonly extended = false) {}
 
   /**
-   * Queues one request. `payload` is the WRITE data (null for every other command); the caller
-   * does not modify it until the request is answered (large payloads are written without a copy).
+   * Queues one request. `payload` is the WRITE data, or a BLOCK_STATUS payload under extended
+   * headers (null otherwise); the caller does not modify it until the request is answered (large
+   * payloads are written without a copy).
    */
   request(type: number, flags: number, cookie: number, offset: number, length: number, payload: Uint8Array | null): void {
-    this.queueHeader(type, flags, cookie, offset, length);
+    if (this.extended) this.queueExtended(type, flags, cookie, offset, length, payload);
+    else this.queueHeader(type, flags, cookie, offset, length);
     if (!payload) return;
+    length = payload.length;
     if (length <= COPY_PAYLOAD_MAX) {
       this.ensureStaging(length);
       this.staging.set(payload, this.stagingEnd);
@@ -46,7 +48,7 @@ export class RequestWriter {
 
   /** Sends NBD_CMD_DISC at once (with whatever is staged before it). */
   disconnect(): void {
-    this.queueHeader(NBD_CMD_DISC, 0, 0, 0, 0);
+    this.request(NBD_CMD_DISC, 0, 0, 0, 0, null);
     this.flush();
   }
 
@@ -77,9 +79,25 @@ export class RequestWriter {
   }
 
   private queueHeader(type: number, flags: number, cookie: number, offset: number, length: number): void {
-    this.ensureStaging(REQUEST_HEADER);
+    this.ensureStaging(NBD_REQUEST_SIZE);
     encodeRequest(this.staging, this.stagingEnd, flags, type, 0, cookie, offset, length);
-    this.stagingEnd += REQUEST_HEADER;
+    this.stagingEnd += NBD_REQUEST_SIZE;
+    this.flushSoon();
+  }
+
+  /** The 32-byte extended header: a payload's length replaces the effect length, flagged PAYLOAD_LEN. */
+  private queueExtended(type: number, flags: number, cookie: number, offset: number, length: number, payload: Uint8Array | null): void {
+    if (payload) {
+      flags |= NBD_CMD_FLAG_PAYLOAD_LEN;
+      length = payload.length;
+    }
+    this.ensureStaging(NBD_EXTENDED_REQUEST_SIZE);
+    encodeExtendedRequest(this.staging, this.stagingEnd, flags, type, 0, cookie, offset, length);
+    this.stagingEnd += NBD_EXTENDED_REQUEST_SIZE;
+    this.flushSoon();
+  }
+
+  private flushSoon(): void {
     if (!this.flushQueued) {
       this.flushQueued = true;
       queueMicrotask(this.flushBound);

@@ -1,7 +1,7 @@
 // One connection in the transmission phase, under NbdClient's commands: submits requests (a
 // cookie and a deadline each, then the writer), feeds the reply receiver from the transport, and
 // owns the connection's life (socket events, deadlines, failure, DISC and close).
-import { NBD_CMD_WRITE, commandName } from "../protocol/constants.ts";
+import { NBD_CMD_READ, commandName } from "../protocol/constants.ts";
 import type { Conn } from "./conn.ts";
 import { NbdClosedError, NbdDisconnectedError, NbdProtocolViolation, NbdTimeoutError } from "./errors.ts";
 import type { Negotiated } from "./negotiated.ts";
@@ -26,11 +26,11 @@ export class Transmission implements ReceiverHost {
   constructor(n: Negotiated, private readonly stats: ClientStats, private readonly timeoutMs: number, busyPollMs: number) {
     this.socket = n.socket;
     this.closed = new Promise((r) => (this.resolveClosed = r));
-    this.writer = new RequestWriter(n.socket);
+    this.writer = new RequestWriter(n.socket, n.extended === true);
     const contextNames = new Map<number, string>();
     for (const [name, id] of n.metaContexts) contextNames.set(id, name);
     const rv = new ReplyReceiver(this, this.requests, this.writer, {
-      structured: n.structured, contextNames, stats, recv: n.rx?.recv ?? null, busyPollMs,
+      structured: n.structured, extended: n.extended === true, contextNames, stats, recv: n.rx?.recv ?? null, busyPollMs,
     });
     this.receiver = rv;
     if (n.rx && rv.recvIn) {
@@ -51,7 +51,8 @@ export class Transmission implements ReceiverHost {
 
   /**
    * Sends one request and settles with its reply: nothing for most commands, the extents for
-   * BLOCK_STATUS, the data views when `views` is set. `buf` is a READ's destination or a WRITE's payload.
+   * BLOCK_STATUS, the data views when `views` is set. `buf` is a READ's destination, or the
+   * payload of any other command (WRITE's data; BLOCK_STATUS's context filter, extended headers only).
    */
   submit<T>(type: number, flags: number, offset: number, length: number, buf: Uint8Array | null, views = false): Promise<T> {
     if (this.dead) return Promise.reject(this.dead);
@@ -61,7 +62,7 @@ export class Transmission implements ReceiverHost {
       const r = this.requests.add(type, flags, offset, length, buf, views, deadline, resolve as (v: never) => void, reject);
       this.stats.requests++;
       if (!this.sweeper) this.startSweeper();
-      this.writer.request(type, flags, r.id, offset, length, type === NBD_CMD_WRITE ? buf : null);
+      this.writer.request(type, flags, r.id, offset, length, type === NBD_CMD_READ ? null : buf);
     });
   }
 

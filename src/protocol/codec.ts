@@ -5,7 +5,7 @@
 import {
   IHAVEOPT_HI, IHAVEOPT_LO, MAX_SAFE_OFFSET, NBDMAGIC_HI, NBDMAGIC_LO, NBD_FLAG_FIXED_NEWSTYLE, NBD_FLAG_NO_ZEROES,
   NBD_REQUEST_MAGIC, NBD_SIMPLE_REPLY_MAGIC, NBD_STRUCTURED_REPLY_MAGIC, OPT_REPLY_MAGIC_HI, OPT_REPLY_MAGIC_LO,
-  EXPORT_NAME_PADDING, NBD_MAX_STRING,
+  EXPORT_NAME_PADDING, NBD_MAX_STRING, NBD_EXTENDED_REQUEST_MAGIC, NBD_EXTENDED_REPLY_MAGIC,
 } from "./constants.ts";
 
 // ---- big-endian primitives -------------------------------------------------------------------
@@ -48,12 +48,16 @@ export interface RequestHeader {
   cookieLo: number;
   /** Exact when < 2^53; `offsetTooBig` says when it is not. */
   offset: number;
+  /** The offset (or, in an extended request, the 64-bit length) is 2^53 or more: not exact, the request fails. */
   offsetTooBig: boolean;
   length: number;
+  /** Extended requests only: the offset's exact halves (extended replies echo them). */
+  offsetHi: number;
+  offsetLo: number;
 }
 
 export function newRequestHeader(): RequestHeader {
-  return { flags: 0, type: 0, cookieHi: 0, cookieLo: 0, offset: 0, offsetTooBig: false, length: 0 };
+  return { flags: 0, type: 0, cookieHi: 0, cookieLo: 0, offset: 0, offsetTooBig: false, length: 0, offsetHi: 0, offsetLo: 0 };
 }
 
 /** Parse the 28-byte compact request at b[p]. Returns false on a bad magic. */
@@ -81,6 +85,62 @@ export function encodeRequest(b: Uint8Array, p: number, flags: number, type: num
   putU32(b, p + 24, length);
 }
 
+/**
+ * Parse the 32-byte extended request at b[p] (extended headers negotiated): the length is 64 bits,
+ * a payload length with NBD_CMD_FLAG_PAYLOAD_LEN and an effect length without. Returns false on a
+ * bad magic.
+ */
+export function parseExtendedRequest(b: Uint8Array, p: number, out: RequestHeader): boolean {
+  if (getU32(b, p) !== NBD_EXTENDED_REQUEST_MAGIC) return false;
+  out.flags = getU16(b, p + 4);
+  out.type = getU16(b, p + 6);
+  out.cookieHi = getU32(b, p + 8);
+  out.cookieLo = getU32(b, p + 12);
+  const hi = getU32(b, p + 16);
+  const lo = getU32(b, p + 20);
+  const lenHi = getU32(b, p + 24);
+  out.offsetHi = hi;
+  out.offsetLo = lo;
+  out.offsetTooBig = hi >= MAX_SAFE_OFFSET / 4294967296 || lenHi >= MAX_SAFE_OFFSET / 4294967296;
+  out.offset = hi * 4294967296 + lo;
+  out.length = lenHi * 4294967296 + getU32(b, p + 28);
+  return true;
+}
+
+/** Encode an extended request (client side, and tests); `length` below 2^53. */
+export function encodeExtendedRequest(b: Uint8Array, p: number, flags: number, type: number, cookieHi: number, cookieLo: number, offset: number, length: number): void {
+  putU32(b, p, NBD_EXTENDED_REQUEST_MAGIC);
+  putU16(b, p + 4, flags);
+  putU16(b, p + 6, type);
+  putU32(b, p + 8, cookieHi);
+  putU32(b, p + 12, cookieLo);
+  putU64(b, p + 16, offset);
+  putU64(b, p + 24, length);
+}
+
+/** The payload form of BLOCK_STATUS (extended headers): an effect length and the context ids wanted. */
+export interface StatusPayload { length: number; ids: number[] }
+
+/**
+ * Parse a BLOCK_STATUS payload: u64 effect length, then n ≥ 1 u32 context ids (8 + 4n bytes).
+ * Returns null when malformed, or when the length is 2^53 or more (beyond any export).
+ */
+export function parseStatusPayload(d: Uint8Array): StatusPayload | null {
+  if (d.length < 12 || (d.length - 8) % 4 !== 0) return null;
+  const hi = getU32(d, 0);
+  if (hi >= MAX_SAFE_OFFSET / 4294967296) return null;
+  const ids: number[] = [];
+  for (let p = 8; p < d.length; p += 4) ids.push(getU32(d, p));
+  return { length: hi * 4294967296 + getU32(d, 4), ids };
+}
+
+export function encodeStatusPayload(length: number, ids: readonly number[]): Uint8Array {
+  const b = new Uint8Array(8 + 4 * ids.length);
+  putU64(b, 0, length);
+  ids.forEach((id, i) => putU32(b, 8 + 4 * i, id));
+  return b;
+}
+
 // ---- transmission: replies -------------------------------------------------------------------
 
 /** 16-byte simple reply header. */
@@ -99,6 +159,25 @@ export function putChunkHeader(b: Uint8Array, p: number, flags: number, type: nu
   putU32(b, p + 8, cookieHi);
   putU32(b, p + 12, cookieLo);
   putU32(b, p + 16, length);
+}
+
+/**
+ * 32-byte extended reply chunk header: the request's offset echoed from its exact halves, and a
+ * 64-bit payload length (below 2^53).
+ */
+export function putExtendedReply(
+  b: Uint8Array, p: number, flags: number, type: number, cookieHi: number, cookieLo: number,
+  offsetHi: number, offsetLo: number, length: number,
+): void {
+  putU32(b, p, NBD_EXTENDED_REPLY_MAGIC);
+  putU16(b, p + 4, flags);
+  putU16(b, p + 6, type);
+  putU32(b, p + 8, cookieHi);
+  putU32(b, p + 12, cookieLo);
+  putU32(b, p + 16, offsetHi);
+  putU32(b, p + 20, offsetLo);
+  putU32(b, p + 24, (length / 4294967296) >>> 0);
+  putU32(b, p + 28, length);
 }
 
 // ---- handshake (cold) ------------------------------------------------------------------------

@@ -15,6 +15,7 @@ export const NBD_REQUEST_MAGIC = 0x25609513;
 export const NBD_SIMPLE_REPLY_MAGIC = 0x67446698;
 export const NBD_STRUCTURED_REPLY_MAGIC = 0x668e33ef;
 export const NBD_EXTENDED_REQUEST_MAGIC = 0x21e41c71;
+export const NBD_EXTENDED_REPLY_MAGIC = 0x6e8a278c;
 
 // Handshake flags (server, 16 bit) and client flags (32 bit)
 export const NBD_FLAG_FIXED_NEWSTYLE = 1 << 0;
@@ -70,6 +71,8 @@ export const NBD_FLAG_CAN_MULTI_CONN = 1 << 8;
 export const NBD_FLAG_SEND_RESIZE = 1 << 9;
 export const NBD_FLAG_SEND_CACHE = 1 << 10;
 export const NBD_FLAG_SEND_FAST_ZERO = 1 << 11;
+/** Extended headers only: BLOCK_STATUS may carry a payload naming the contexts to report. */
+export const NBD_FLAG_BLOCK_STATUS_PAYLOAD = 1 << 12;
 
 // Commands
 export const NBD_CMD_READ = 0;
@@ -95,6 +98,8 @@ export const NBD_REPLY_TYPE_NONE = 0;
 export const NBD_REPLY_TYPE_OFFSET_DATA = 1;
 export const NBD_REPLY_TYPE_OFFSET_HOLE = 2;
 export const NBD_REPLY_TYPE_BLOCK_STATUS = 5;
+/** Extended headers only (and the only status chunk then): 64-bit extent lengths and status. */
+export const NBD_REPLY_TYPE_BLOCK_STATUS_EXT = 6;
 export const NBD_REPLY_TYPE_ERROR = 0x8001;
 export const NBD_REPLY_TYPE_ERROR_OFFSET = 0x8002;
 
@@ -119,6 +124,9 @@ export const QEMU_ALLOCATION_DEPTH = "qemu:allocation-depth";
 export const NBD_REQUEST_SIZE = 28;
 export const NBD_SIMPLE_REPLY_SIZE = 16;
 export const NBD_STRUCTURED_HEADER_SIZE = 20;
+/** Extended headers: every request and every reply chunk header is 32 bytes. */
+export const NBD_EXTENDED_REQUEST_SIZE = 32;
+export const NBD_EXTENDED_REPLY_SIZE = 32;
 export const NBD_OPTION_HEADER_SIZE = 16;
 export const NBD_OPTION_REPLY_HEADER_SIZE = 20;
 /** The 124 zero bytes after an EXPORT_NAME reply when NO_ZEROES was not agreed. */
@@ -132,7 +140,12 @@ export const MAX_SAFE_OFFSET = 2 ** 53;
 export const DEFAULT_MIN_BLOCK = 1;
 export const DEFAULT_PREFERRED_BLOCK = 4096;
 export const DEFAULT_MAX_PAYLOAD = 32 * 1024 * 1024;
-/** Payloads are accepted up to this (legacy clients send 64 MiB); above it the payload is consumed and EINVAL returned. */
+/**
+ * Payloads are accepted up to this from clients that never agreed to block sizes (legacy clients
+ * send 48 MiB writes); above it a compact WRITE's payload is consumed and EINVAL returned, and an
+ * extended request's payload disconnects. Clients that asked for NBD_INFO_BLOCK_SIZE in GO are
+ * held to the advertised maximum instead.
+ */
 export const HARD_MAX_PAYLOAD = 64 * 1024 * 1024;
 
 const errnoNames: Record<number, string> = {

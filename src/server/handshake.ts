@@ -1,10 +1,11 @@
 // The fixed-newstyle handshake (cold path): greeting, client flags, option haggling and its state
-// (structured replies, meta contexts), and export selection at GO / EXPORT_NAME. It ends with a
-// Negotiated result; STARTTLS and extended headers are options that will land in handleOption.
+// (structured replies, extended headers, meta contexts), and export selection at GO / EXPORT_NAME.
+// It ends with a Negotiated result; STARTTLS is an option that will land in handleOption.
 import {
-  NBD_FLAG_C_FIXED_NEWSTYLE, NBD_FLAG_C_NO_ZEROES, NBD_FLAG_SEND_DF, NBD_INFO_DESCRIPTION, NBD_INFO_NAME, NBD_OPT_ABORT,
-  NBD_OPT_EXPORT_NAME, NBD_OPT_GO, NBD_OPT_INFO, NBD_OPT_LIST, NBD_OPT_LIST_META_CONTEXT, NBD_OPT_SET_META_CONTEXT,
-  NBD_OPT_STARTTLS, NBD_OPT_STRUCTURED_REPLY, NBD_REP_ACK, NBD_REP_ERR_INVALID, NBD_REP_ERR_POLICY,
+  HARD_MAX_PAYLOAD, NBD_FLAG_BLOCK_STATUS_PAYLOAD, NBD_FLAG_C_FIXED_NEWSTYLE, NBD_FLAG_C_NO_ZEROES, NBD_FLAG_SEND_DF,
+  NBD_INFO_BLOCK_SIZE, NBD_INFO_DESCRIPTION, NBD_INFO_NAME, NBD_OPT_ABORT, NBD_OPT_EXPORT_NAME, NBD_OPT_EXTENDED_HEADERS,
+  NBD_OPT_GO, NBD_OPT_INFO, NBD_OPT_LIST, NBD_OPT_LIST_META_CONTEXT, NBD_OPT_SET_META_CONTEXT, NBD_OPT_STARTTLS,
+  NBD_OPT_STRUCTURED_REPLY, NBD_REP_ACK, NBD_REP_ERR_EXT_HEADER_REQD, NBD_REP_ERR_INVALID, NBD_REP_ERR_POLICY,
   NBD_REP_ERR_SHUTDOWN, NBD_REP_ERR_UNKNOWN, NBD_REP_ERR_UNSUP, NBD_REP_INFO, NBD_REP_META_CONTEXT, NBD_REP_SERVER,
   optionName,
 } from "../protocol/constants.ts";
@@ -33,6 +34,8 @@ export class Handshake {
   private gotClientFlags = false;
   private noZeroes = false;
   private structured = false;
+  /** Extended headers were agreed: they take precedence over (and imply) structured replies. */
+  private extended = false;
   /** Meta contexts chosen by SET_META_CONTEXT, for the export named here (canonical name). */
   private metaExport: string | null = null;
   private metaSelected: ExportContext[] = [];
@@ -142,7 +145,12 @@ export class Handshake {
         case NBD_OPT_GO: return this.optInfoGo(option, data);
         case NBD_OPT_STRUCTURED_REPLY:
           if (data.length) return this.replyError(option, NBD_REP_ERR_INVALID, "STRUCTURED_REPLY takes no data");
+          if (this.extended) return this.replyError(option, NBD_REP_ERR_EXT_HEADER_REQD, "extended headers are already in use");
           this.structured = true;
+          return this.reply(option, NBD_REP_ACK);
+        case NBD_OPT_EXTENDED_HEADERS:
+          if (data.length) return this.replyError(option, NBD_REP_ERR_INVALID, "EXTENDED_HEADERS takes no data");
+          this.extended = true;
           return this.reply(option, NBD_REP_ACK);
         case NBD_OPT_LIST_META_CONTEXT:
         case NBD_OPT_SET_META_CONTEXT: return this.optMetaContext(option, data);
@@ -157,6 +165,12 @@ export class Handshake {
 
   private optExportName(data: Uint8Array): void {
     const name = decodeString(data);
+    if (this.extended) {
+      // A client that agreed to extended headers MUST NOT use EXPORT_NAME, which cannot carry an error.
+      this.log.info(`[${this.s.id}] ${this.s.peer}: EXPORT_NAME after extended headers were agreed; closing`);
+      this.s.close();
+      return;
+    }
     const exp = this.resolve(name);
     if (!exp) {
       // EXPORT_NAME cannot carry an error: the only answer is to close.
@@ -164,7 +178,7 @@ export class Handshake {
       this.s.close();
       return;
     }
-    this.choose(exp);
+    this.choose(exp, false);
     this.t.send(encodeExportNameReply(exp.size, this.transmissionFlags(exp), this.noZeroes));
   }
 
@@ -183,21 +197,29 @@ export class Handshake {
     // Name and description are cheap: send them whether asked or not (clients ignore what they did not ask for).
     this.reply(option, NBD_REP_INFO, encodeInfoString(NBD_INFO_NAME, exp.name));
     if (exp.description) this.reply(option, NBD_REP_INFO, encodeInfoString(NBD_INFO_DESCRIPTION, exp.description));
+    // Sent whether asked or not (a server MAY send unrequested information); but only a GO that
+    // asked for it commits the client to the limits (see choose).
     const bs = exp.blockSize;
     this.reply(option, NBD_REP_INFO, encodeInfoBlockSize(bs.minimum, bs.preferred, bs.maximum));
     this.reply(option, NBD_REP_ACK);
-    if (option === NBD_OPT_GO) this.choose(exp);
+    if (option === NBD_OPT_GO) this.choose(exp, req.infos.includes(NBD_INFO_BLOCK_SIZE));
   }
 
   private transmissionFlags(exp: CheckedExport): number {
-    return exp.flags | (this.structured ? NBD_FLAG_SEND_DF : 0);
+    let f = exp.flags;
+    if (this.structured || this.extended) f |= NBD_FLAG_SEND_DF;
+    // The payload form of BLOCK_STATUS: only with extended headers and contexts selected for `exp`.
+    if (this.extended && this.metaExport === exp.name && this.metaSelected.length > 0) f |= NBD_FLAG_BLOCK_STATUS_PAYLOAD;
+    return f;
   }
 
   private optMetaContext(option: number, data: Uint8Array): void {
     const set = option === NBD_OPT_SET_META_CONTEXT;
     if (set) { this.metaSelected = []; this.metaIds = []; this.metaExport = null; }
     const req = parseMetaContextRequest(data);
-    if (!this.structured) return this.replyError(option, NBD_REP_ERR_INVALID, "meta contexts need structured replies first");
+    if (!this.structured && !this.extended) {
+      return this.replyError(option, NBD_REP_ERR_INVALID, "meta contexts need structured replies or extended headers first");
+    }
     const exp = this.resolve(req.name);
     if (!exp) return this.replyError(option, NBD_REP_ERR_UNKNOWN, `no export named "${req.name}"`);
     const chosen: number[] = [];
@@ -225,10 +247,17 @@ export class Handshake {
     this.reply(option, NBD_REP_ACK);
   }
 
-  /** GO or EXPORT_NAME chose `exp`: the handshake is over. */
-  private choose(exp: CheckedExport): void {
+  /**
+   * GO or EXPORT_NAME chose `exp`: the handshake is over. `agreedSizes`: the GO asked for
+   * NBD_INFO_BLOCK_SIZE, so the client promised to obey the limits it was sent (an INFO that
+   * asked, or a GO that did not, promises nothing): its payloads are held to the advertised maximum.
+   */
+  private choose(exp: CheckedExport, agreedSizes: boolean): void {
     if (this.metaExport !== exp.name) this.metaSelected = [];
-    this.result = { exp, structured: this.structured, contexts: this.metaSelected, contextIds: this.metaIds };
-    this.log.info(`[${this.s.id}] ${this.s.peer}: export "${exp.name}" (${exp.size} bytes, ${this.structured ? "structured" : "simple"} replies${this.metaSelected.length ? `, contexts ${this.metaSelected.map((c) => c.name).join(",")}` : ""})`);
+    const maxPayload = agreedSizes ? Math.min(exp.blockSize.maximum, HARD_MAX_PAYLOAD) : HARD_MAX_PAYLOAD;
+    const structured = this.structured || this.extended;
+    this.result = { exp, structured, extended: this.extended, maxPayload, contexts: this.metaSelected, contextIds: this.metaIds };
+    const replies = this.extended ? "extended headers" : structured ? "structured replies" : "simple replies";
+    this.log.info(`[${this.s.id}] ${this.s.peer}: export "${exp.name}" (${exp.size} bytes, ${replies}, payloads up to ${maxPayload}${this.metaSelected.length ? `, contexts ${this.metaSelected.map((c) => c.name).join(",")}` : ""})`);
   }
 }

@@ -1,9 +1,10 @@
 // Reply encoding for the transmission phase: simple and structured replies, error chunks, READ
-// replies (sendfile, a copy, or OFFSET_HOLE/OFFSET_DATA chunks) and BLOCK_STATUS chunks. Every
-// reply header layout lives here; extended headers will be a third format chosen at construction.
+// replies (sendfile, a copy, or OFFSET_HOLE/OFFSET_DATA chunks) and BLOCK_STATUS chunks. Chunks
+// are laid out around a header of `hdr` bytes written by chunkHeader(); extended headers
+// (extended.ts) override those two and the status chunk, and share everything else.
 import {
   NBD_CMD_FLAG_DF, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS, NBD_REPLY_TYPE_ERROR, NBD_REPLY_TYPE_NONE,
-  NBD_REPLY_TYPE_OFFSET_DATA, NBD_REPLY_TYPE_OFFSET_HOLE, NBD_STATE_ZERO,
+  NBD_REPLY_TYPE_OFFSET_DATA, NBD_REPLY_TYPE_OFFSET_HOLE, NBD_STATE_ZERO, NBD_STRUCTURED_HEADER_SIZE,
 } from "../protocol/constants.ts";
 import { encodeString, putChunkHeader, putSimpleReply, putU16, putU32, putU64 } from "../protocol/codec.ts";
 import { type CheckedExport, type ExportContext, ExtentList } from "../devices/checked.ts";
@@ -27,27 +28,41 @@ export class ReplyWriter {
   private readonly structured: boolean;
   private readonly contexts: readonly ExportContext[];
   private readonly contextIds: readonly number[];
-  /** Preallocated reply headers, sent with sendTransient (the transport copies if it must keep them). */
+  /**
+   * Preallocated reply headers, sent with sendTransient (the transport copies if it must keep
+   * them): a simple reply, a chunk header alone (NONE), a chunk header and an offset (OFFSET_DATA).
+   */
   private readonly rep16 = new Uint8Array(16);
-  private readonly rep20 = new Uint8Array(20);
-  private readonly rep28 = new Uint8Array(28);
+  private readonly repNone: Uint8Array;
+  private readonly repData: Uint8Array;
   private readonly range: FileRange = { fd: -1, offset: 0 };
   /** Extents of the current large read (synchronous devices only; reused). */
   private readonly readExtents = new ExtentList();
 
-  constructor(private readonly s: SessionLink, private readonly t: Transport, n: Negotiated) {
+  /** `hdr`: the chunk header size chunkHeader() writes (20; extended headers 32). */
+  constructor(
+    private readonly s: SessionLink, private readonly t: Transport, n: Negotiated,
+    protected readonly hdr = NBD_STRUCTURED_HEADER_SIZE,
+  ) {
     this.exp = n.exp;
     this.structured = n.structured;
     this.contexts = n.contexts;
     this.contextIds = n.contextIds;
+    this.repNone = new Uint8Array(hdr);
+    this.repData = new Uint8Array(hdr + 8);
+  }
+
+  /** Write the `hdr`-byte header of a chunk of `req` with a payload of `length` bytes at b[p]. */
+  protected chunkHeader(b: Uint8Array, p: number, flags: number, type: number, req: PendingRequest, length: number): void {
+    putChunkHeader(b, p, flags, type, req.cookieHi, req.cookieLo, length);
   }
 
   /** Success without data. */
   ok(req: PendingRequest): void {
     if (this.s.closed) return;
     if (this.structured) {
-      putChunkHeader(this.rep20, 0, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, req.cookieHi, req.cookieLo, 0);
-      this.t.sendTransient(this.rep20);
+      this.chunkHeader(this.repNone, 0, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, req, 0);
+      this.t.sendTransient(this.repNone);
     } else {
       putSimpleReply(this.rep16, 0, 0, req.cookieHi, req.cookieLo);
       this.t.sendTransient(this.rep16);
@@ -59,11 +74,12 @@ export class ReplyWriter {
     if (this.s.closed) return;
     if (this.structured) {
       const m = encodeString(msg.slice(0, 512));
-      const b = new Uint8Array(20 + 6 + m.length);
-      putChunkHeader(b, 0, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR, req.cookieHi, req.cookieLo, 6 + m.length);
-      putU32(b, 20, errno);
-      putU16(b, 24, m.length);
-      b.set(m, 26);
+      const h = this.hdr;
+      const b = new Uint8Array(h + 6 + m.length);
+      this.chunkHeader(b, 0, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR, req, 6 + m.length);
+      putU32(b, h, errno);
+      putU16(b, h + 4, m.length);
+      b.set(m, h + 6);
       this.t.send(b);
     } else {
       const b = new Uint8Array(16);
@@ -101,13 +117,13 @@ export class ReplyWriter {
       if (list.lengths.length > 1 || list.types[0]! & NBD_STATE_ZERO) return this.sparseRead(req, undefined, list);
     }
     if (zeroCopy && exp.fileRange(req.offset, len, this.range)) {
-      putChunkHeader(this.rep28, 0, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, req.cookieHi, req.cookieLo, 8 + len);
-      putU64(this.rep28, 20, req.offset);
-      this.t.sendFile!(this.rep28, this.range.fd, this.range.offset, len);
+      this.chunkHeader(this.repData, 0, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, req, 8 + len);
+      putU64(this.repData, this.hdr, req.offset);
+      this.t.sendFile!(this.repData, this.range.fd, this.range.offset, len);
       return;
     }
-    const b = Buffer.allocUnsafe(28 + len);
-    const r = exp.read(b.subarray(28), req.offset);
+    const b = Buffer.allocUnsafe(this.hdr + 8 + len);
+    const r = exp.read(b.subarray(this.hdr + 8), req.offset);
     if (isPromise(r)) return r.then(() => this.sendDataChunk(req, b));
     this.sendDataChunk(req, b);
   }
@@ -120,8 +136,8 @@ export class ReplyWriter {
 
   private sendDataChunk(req: PendingRequest, b: Uint8Array): void {
     if (this.s.closed) return;
-    putChunkHeader(b, 0, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, req.cookieHi, req.cookieLo, 8 + req.length);
-    putU64(b, 20, req.offset);
+    this.chunkHeader(b, 0, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, req, 8 + req.length);
+    putU64(b, this.hdr, req.offset);
     this.t.send(b);
   }
 
@@ -136,32 +152,33 @@ export class ReplyWriter {
     const end = req.offset + req.length;
     // Read all data first, so an error can be reported before any chunk is sent.
     const chunks: Uint8Array[] = [];
+    const h = this.hdr;
     for (let i = 0; i < n && off < end; i++) {
       const l = Math.min(list.lengths[i]!, end - off);
       const last = off + l >= end;
       if (list.types[i]! & NBD_STATE_ZERO) {
-        const b = new Uint8Array(32);
-        putChunkHeader(b, 0, last ? NBD_REPLY_FLAG_DONE : 0, NBD_REPLY_TYPE_OFFSET_HOLE, req.cookieHi, req.cookieLo, 12);
-        putU64(b, 20, off);
-        putU32(b, 28, l);
+        const b = new Uint8Array(h + 12);
+        this.chunkHeader(b, 0, last ? NBD_REPLY_FLAG_DONE : 0, NBD_REPLY_TYPE_OFFSET_HOLE, req, 12);
+        putU64(b, h, off);
+        putU32(b, h + 8, l);
         chunks.push(b);
       } else {
-        const b = Buffer.allocUnsafe(28 + l);
-        const rr = exp.read(b.subarray(28), off);
+        const b = Buffer.allocUnsafe(h + 8 + l);
+        const rr = exp.read(b.subarray(h + 8), off);
         if (isPromise(rr)) await rr;
-        putChunkHeader(b, 0, last ? NBD_REPLY_FLAG_DONE : 0, NBD_REPLY_TYPE_OFFSET_DATA, req.cookieHi, req.cookieLo, 8 + l);
-        putU64(b, 20, off);
+        this.chunkHeader(b, 0, last ? NBD_REPLY_FLAG_DONE : 0, NBD_REPLY_TYPE_OFFSET_DATA, req, 8 + l);
+        putU64(b, h, off);
         chunks.push(b);
       }
       off += l;
     }
     if (off < end) {
       // Extents did not cover the range (should not happen): read the rest as data.
-      const b = Buffer.allocUnsafe(28 + end - off);
-      const rr = exp.read(b.subarray(28), off);
+      const b = Buffer.allocUnsafe(h + 8 + end - off);
+      const rr = exp.read(b.subarray(h + 8), off);
       if (isPromise(rr)) await rr;
-      putChunkHeader(b, 0, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, req.cookieHi, req.cookieLo, 8 + end - off);
-      putU64(b, 20, off);
+      this.chunkHeader(b, 0, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, req, 8 + end - off);
+      putU64(b, h, off);
       chunks.push(b);
     }
     if (this.s.closed) return;
@@ -170,29 +187,32 @@ export class ReplyWriter {
 
   /**
    * Reply to a (validated) BLOCK_STATUS: one chunk per selected context, DONE on the last.
-   * `flags` are internal device flags (REQ_ONE). Returns a Promise when a device answered asynchronously.
+   * `flags` are internal device flags (REQ_ONE). `length` is the effect length, and `only` the
+   * indices of the contexts to report (the payload form of extended headers; default: all).
+   * Returns a Promise when a device answered asynchronously.
    */
-  blockStatus(req: PendingRequest, flags: number): unknown {
+  blockStatus(req: PendingRequest, flags: number, length = req.length, only: readonly number[] | null = null): unknown {
     const exp = this.exp;
-    const n = this.contexts.length;
+    const n = only ? only.length : this.contexts.length;
     const lists: ExtentList[] = [];
     let pending: Promise<unknown>[] | null = null;
     for (let i = 0; i < n; i++) {
       const list = new ExtentList();
       lists.push(list);
-      const r = exp.extents(this.contexts[i]!, req.offset, req.length, flags, list);
+      const r = exp.extents(this.contexts[only ? only[i]! : i]!, req.offset, length, flags, list);
       if (isPromise(r)) (pending ??= []).push(r);
     }
     const ids = this.contextIds;
     const send = () => {
       if (this.s.closed) return;
-      for (let i = 0; i < n; i++) this.t.send(this.encodeStatusChunk(req, ids[i]!, lists[i]!, i === n - 1));
+      for (let i = 0; i < n; i++) this.t.send(this.encodeStatusChunk(req, ids[only ? only[i]! : i]!, lists[i]!, i === n - 1));
     };
     if (pending) return Promise.all(pending).then(send);
     send();
   }
 
-  private encodeStatusChunk(req: PendingRequest, id: number, list: ExtentList, last: boolean): Uint8Array {
+  /** One BLOCK_STATUS chunk (32-bit extents) for context `id`. */
+  protected encodeStatusChunk(req: PendingRequest, id: number, list: ExtentList, last: boolean): Uint8Array {
     const n = list.lengths.length;
     const b = new Uint8Array(20 + 4 + 8 * n);
     putChunkHeader(b, 0, last ? NBD_REPLY_FLAG_DONE : 0, NBD_REPLY_TYPE_BLOCK_STATUS, req.cookieHi, req.cookieLo, 4 + 8 * n);

@@ -1,7 +1,8 @@
 // One client connection: handshake → transmission → closed. The session owns the phase and the
-// connection's end, and composes Handshake, then Transmission (with its ReplyWriter); it talks to
-// a Transport, never to a socket, so the same code runs over TCP, unix sockets and test fakes.
+// connection's end, and composes Handshake, then Transmission (or ExtendedTransmission) with its
+// ReplyWriter; it talks to a Transport, never a socket, so it runs over TCP, unix sockets and fakes.
 import type { Logger } from "./log.ts";
+import { ExtendedTransmission } from "./extended.ts";
 import { Handshake } from "./handshake.ts";
 import { HIGH_WATER, LOW_WATER, Transmission } from "./transmission.ts";
 import type { ExportTable, SessionLink, Transport } from "./types.ts";
@@ -45,7 +46,10 @@ export class Session implements SessionLink {
     const hs = this.hs!;
     const rest = hs.feed(chunk);
     if (rest === null) return;
-    const next = new Transmission(this, this.t, this.exports, this.log, hs.result!, this.hsPaused);
+    const n = hs.result!;
+    const next = n.extended
+      ? new ExtendedTransmission(this, this.t, this.exports, this.log, n, this.hsPaused)
+      : new Transmission(this, this.t, this.exports, this.log, n, this.hsPaused);
     this.hs = null;
     this.tx = next;
     if (rest.length) next.onData(rest);

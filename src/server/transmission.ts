@@ -1,10 +1,12 @@
-// The transmission phase (hot path): the receiver state machine asking for "N bytes" (headers
-// parsed in place, WRITE payloads taken as views of the incoming chunk when they fit), request
-// checks and dispatch to the checked export, in-flight bookkeeping, flow control and disconnect.
+// The transmission phase (hot path): the receiver state machine asking for "N bytes" (compact
+// headers parsed in place, WRITE payloads taken as views of the incoming chunk when they fit),
+// request checks and dispatch to the checked export, in-flight bookkeeping, flow control and
+// disconnect. Extended headers subclass it (extended.ts): another header step, same everything else.
 import {
-  HARD_MAX_PAYLOAD, NBD_CMD_BLOCK_STATUS, NBD_CMD_CACHE, NBD_CMD_DISC, NBD_CMD_FLAG_DF, NBD_CMD_FLAG_FAST_ZERO,
+  NBD_CMD_BLOCK_STATUS, NBD_CMD_CACHE, NBD_CMD_DISC, NBD_CMD_FLAG_DF, NBD_CMD_FLAG_FAST_ZERO,
   NBD_CMD_FLAG_FUA, NBD_CMD_FLAG_NO_HOLE, NBD_CMD_FLAG_REQ_ONE, NBD_CMD_FLUSH, NBD_CMD_READ, NBD_CMD_TRIM,
-  NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES, NBD_EINVAL, NBD_ENOSPC, NBD_ESHUTDOWN, NBD_REQUEST_SIZE, commandName, errnoName,
+  NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES, NBD_EINVAL, NBD_ENOSPC, NBD_ESHUTDOWN, NBD_EXTENDED_REQUEST_SIZE, NBD_REQUEST_SIZE,
+  commandName, errnoName,
 } from "../protocol/constants.ts";
 import { newRequestHeader, parseRequest } from "../protocol/codec.ts";
 import { NbdError, toNbdErrno } from "../protocol/errors.ts";
@@ -14,7 +16,7 @@ import type { Logger } from "./log.ts";
 import { ReplyWriter } from "./replies.ts";
 import { type ExportTable, type Negotiated, PendingRequest, type SessionLink, type Transport } from "./types.ts";
 
-const enum Rx { Header, Payload, Discard }
+export const enum Rx { Header, Payload, Discard }
 
 /** Output queued above this pauses reading from the client; reading resumes below LOW_WATER. */
 export const HIGH_WATER = 32 * 1024 * 1024;
@@ -31,27 +33,35 @@ VALID_FLAGS[NBD_CMD_TRIM] = NBD_CMD_FLAG_FUA;
 VALID_FLAGS[NBD_CMD_CACHE] = NBD_CMD_FLAG_FUA;
 VALID_FLAGS[NBD_CMD_WRITE_ZEROES] = NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FAST_ZERO;
 VALID_FLAGS[NBD_CMD_BLOCK_STATUS] = NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_REQ_ONE;
+/** Without structured replies there is no DF (SEND_DF is not advertised): a DF READ gets EINVAL. */
+const VALID_FLAGS_SIMPLE = VALID_FLAGS.slice();
+VALID_FLAGS_SIMPLE[NBD_CMD_READ] = NBD_CMD_FLAG_FUA;
 
-const EMPTY = new Uint8Array(0);
+export const EMPTY = new Uint8Array(0);
 
 /**
  * One connection's transmission phase, built once the handshake chose an export. The receiver
  * and dispatch stay in this one class so a request goes from bytes to device call without
- * crossing objects; replies go to one ReplyWriter. Extended headers will make the request header
- * size and parser a choice fixed here at construction (from Negotiated).
+ * crossing objects; replies go to one ReplyWriter. Extended headers are a subclass with its own
+ * header step (ExtendedTransmission); the compact receive loop below never asks which it is.
  */
 export class Transmission {
   private readonly exp: CheckedExport;
   private readonly structured: boolean;
   private readonly hasContexts: boolean;
-  private readonly w: ReplyWriter;
+  /** Allowed command flags per command (no DF without structured replies). */
+  private readonly validFlags: readonly number[];
+  /** Largest payload a request may carry (Negotiated.maxPayload). */
+  protected readonly payloadLimit: number;
+  protected readonly w: ReplyWriter;
   private readonly debug: boolean;
 
   // Receiver.
-  private rx = Rx.Header;
-  private readonly hdr = newRequestHeader();
-  private readonly hdrBuf = new Uint8Array(NBD_REQUEST_SIZE);
-  private hdrFill = 0;
+  protected rx = Rx.Header;
+  protected readonly hdr = newRequestHeader();
+  /** Gathers a header split across chunks (room for the extended form too). */
+  protected readonly hdrBuf = new Uint8Array(NBD_EXTENDED_REQUEST_SIZE);
+  protected hdrFill = 0;
   private payload: Uint8Array = EMPTY;
   private payloadFill = 0;
   private discardLeft = 0;
@@ -60,19 +70,24 @@ export class Transmission {
 
   // In-flight bookkeeping and flow control.
   private inFlight = 0;
-  private paused: boolean;
-  private backlog: Uint8Array | null = null;
-  private disconnecting = false;
+  protected paused: boolean;
+  protected backlog: Uint8Array | null = null;
+  protected disconnecting = false;
 
-  /** `paused`: reading was already paused during the handshake (output backpressure). */
+  /**
+   * `paused`: reading was already paused during the handshake (output backpressure). `w`: the
+   * reply writer (extended headers bring their own).
+   */
   constructor(
-    private readonly s: SessionLink, private readonly t: Transport, private readonly exports: ExportTable,
-    private readonly log: Logger, n: Negotiated, paused: boolean,
+    protected readonly s: SessionLink, private readonly t: Transport, private readonly exports: ExportTable,
+    private readonly log: Logger, n: Negotiated, paused: boolean, w?: ReplyWriter,
   ) {
     this.exp = n.exp;
     this.structured = n.structured;
     this.hasContexts = n.contexts.length > 0;
-    this.w = new ReplyWriter(s, t, n);
+    this.validFlags = n.structured ? VALID_FLAGS : VALID_FLAGS_SIMPLE;
+    this.payloadLimit = n.maxPayload;
+    this.w = w ?? new ReplyWriter(s, t, n);
     this.debug = log.debugEnabled;
     this.paused = paused;
   }
@@ -93,7 +108,7 @@ export class Transmission {
 
   // ---------------------------------------------------------------- receiver (hot) -------------
 
-  private receive(chunk: Uint8Array, pos: number): void {
+  protected receive(chunk: Uint8Array, pos: number): void {
     const len = chunk.length;
     while (pos < len) {
       if (this.s.closed || this.disconnecting) return;
@@ -107,10 +122,7 @@ export class Transmission {
             if (!parseRequest(chunk, pos, this.hdr)) return this.badMagic();
             pos += NBD_REQUEST_SIZE;
           } else {
-            const n = Math.min(NBD_REQUEST_SIZE - this.hdrFill, len - pos);
-            this.hdrBuf.set(chunk.subarray(pos, pos + n), this.hdrFill);
-            this.hdrFill += n;
-            pos += n;
+            pos = this.gatherHeader(chunk, pos, NBD_REQUEST_SIZE);
             if (this.hdrFill < NBD_REQUEST_SIZE) return;
             this.hdrFill = 0;
             if (!parseRequest(this.hdrBuf, 0, this.hdr)) return this.badMagic();
@@ -118,71 +130,104 @@ export class Transmission {
           const h = this.hdr;
           if (h.type === NBD_CMD_WRITE && h.length > 0) {
             const req = this.newRequest();
-            if (h.length > HARD_MAX_PAYLOAD) {
-              req.error = new NbdError(NBD_EINVAL, `write payload of ${h.length} bytes exceeds the maximum ${HARD_MAX_PAYLOAD}`);
-              this.pendingReq = req;
-              this.discardLeft = h.length;
-              this.rx = Rx.Discard;
-              continue;
-            }
-            if (len - pos >= h.length) {
-              // The whole payload is in this chunk: take a view (each chunk is its own buffer).
-              pos += h.length;
-              this.dispatch(req, chunk.subarray(pos - h.length, pos));
-              continue;
-            }
-            this.pendingReq = req;
-            this.payload = new Uint8Array(h.length);
-            this.payloadFill = 0;
-            this.rx = Rx.Payload;
+            if (h.length > this.payloadLimit) req.error = this.tooLarge(h.length);
+            pos = this.startPayload(req, chunk, pos, h.length);
             continue;
           }
           this.dispatch(this.newRequest(), EMPTY);
           continue;
         }
-        case Rx.Payload: {
-          const n = Math.min(this.payload.length - this.payloadFill, len - pos);
-          this.payload.set(chunk.subarray(pos, pos + n), this.payloadFill);
-          this.payloadFill += n;
-          pos += n;
-          if (this.payloadFill === this.payload.length) {
-            const req = this.pendingReq!;
-            const payload = this.payload;
-            this.pendingReq = null;
-            this.payload = EMPTY;
-            this.rx = Rx.Header;
-            this.dispatch(req, payload);
-          }
+        case Rx.Payload:
+          pos = this.takePayload(chunk, pos);
           continue;
-        }
-        case Rx.Discard: {
-          const n = Math.min(this.discardLeft, len - pos);
-          this.discardLeft -= n;
-          pos += n;
-          if (this.discardLeft === 0) {
-            const req = this.pendingReq!;
-            this.pendingReq = null;
-            this.rx = Rx.Header;
-            this.dispatch(req, EMPTY);
-          }
+        case Rx.Discard:
+          pos = this.takeDiscard(chunk, pos);
           continue;
-        }
       }
     }
   }
 
-  private badMagic(): void {
-    this.s.protocolError("BAD_REQUEST_MAGIC", "request does not start with NBD_REQUEST_MAGIC");
+  /** A header split across chunks: copy what `chunk` holds of its `size` bytes into hdrBuf. Returns the new position. */
+  protected gatherHeader(chunk: Uint8Array, pos: number, size: number): number {
+    const n = Math.min(size - this.hdrFill, chunk.length - pos);
+    this.hdrBuf.set(chunk.subarray(pos, pos + n), this.hdrFill);
+    this.hdrFill += n;
+    return pos + n;
   }
 
-  private newRequest(): PendingRequest {
+  /** Rx.Payload: copy what `chunk` holds of the payload; dispatch once it is whole. Returns the new position. */
+  protected takePayload(chunk: Uint8Array, pos: number): number {
+    const n = Math.min(this.payload.length - this.payloadFill, chunk.length - pos);
+    this.payload.set(chunk.subarray(pos, pos + n), this.payloadFill);
+    this.payloadFill += n;
+    pos += n;
+    if (this.payloadFill === this.payload.length) {
+      const req = this.pendingReq!;
+      const payload = this.payload;
+      this.pendingReq = null;
+      this.payload = EMPTY;
+      this.rx = Rx.Header;
+      this.dispatch(req, payload);
+    }
+    return pos;
+  }
+
+  /** Rx.Discard: skip what `chunk` holds of a refused payload; answer the request once it is all consumed. */
+  protected takeDiscard(chunk: Uint8Array, pos: number): number {
+    const n = Math.min(this.discardLeft, chunk.length - pos);
+    this.discardLeft -= n;
+    pos += n;
+    if (this.discardLeft === 0) {
+      const req = this.pendingReq!;
+      this.pendingReq = null;
+      this.rx = Rx.Header;
+      this.dispatch(req, EMPTY);
+    }
+    return pos;
+  }
+
+  /**
+   * `req` carries `length` payload bytes from chunk[pos] on: consume and drop them when `req.error`
+   * is already set (the stream stays in step), else dispatch with a view when the chunk holds them
+   * all (each chunk is its own buffer), else receive them into a buffer of their own. Returns the
+   * new position.
+   */
+  protected startPayload(req: PendingRequest, chunk: Uint8Array, pos: number, length: number): number {
+    if (req.error !== null) {
+      this.pendingReq = req;
+      this.discardLeft = length;
+      this.rx = Rx.Discard;
+      return pos;
+    }
+    if (chunk.length - pos >= length) {
+      pos += length;
+      this.dispatch(req, chunk.subarray(pos - length, pos));
+      return pos;
+    }
+    this.pendingReq = req;
+    this.payload = new Uint8Array(length);
+    this.payloadFill = 0;
+    this.rx = Rx.Payload;
+    return pos;
+  }
+
+  /** The error for a payload above this session's limit (Negotiated.maxPayload). */
+  protected tooLarge(length: number): NbdError {
+    return new NbdError(NBD_EINVAL, `payload of ${length} bytes exceeds the maximum ${this.payloadLimit}`);
+  }
+
+  protected badMagic(): void {
+    this.s.protocolError("BAD_REQUEST_MAGIC", "request does not start with the request magic");
+  }
+
+  protected newRequest(): PendingRequest {
     const h = this.hdr;
     return new PendingRequest(h.type, h.flags, h.cookieHi, h.cookieLo, h.offset, h.offsetTooBig, h.length);
   }
 
   // ---------------------------------------------------------------- dispatch (hot) -------------
 
-  private dispatch(req: PendingRequest, payload: Uint8Array): void {
+  protected dispatch(req: PendingRequest, payload: Uint8Array): void {
     if (this.debug) this.log.debug(`[${this.s.id}] ${commandName(req.type)} flags=0x${req.flags.toString(16)} offset=${req.offset} length=${req.length}`);
     if (req.type === NBD_CMD_DISC) {
       this.disconnecting = true;
@@ -218,14 +263,14 @@ export class Transmission {
     const exp = this.exp;
     const type = req.type;
     if (type > NBD_CMD_BLOCK_STATUS) throw new NbdError(NBD_EINVAL, `unknown command ${type}`);
-    const badFlags = req.flags & ~VALID_FLAGS[type]!;
-    if (badFlags) throw new NbdError(NBD_EINVAL, `flags 0x${badFlags.toString(16)} are not valid for ${commandName(type)}`);
-    if (req.offsetTooBig) throw new NbdError(type === NBD_CMD_WRITE || type === NBD_CMD_WRITE_ZEROES ? NBD_ENOSPC : NBD_EINVAL, `offset ${req.offset} is beyond 2^53`);
+    const badFlags = req.flags & ~this.validFlags[type]!;
+    if (badFlags) throw badFlagsError(type, badFlags);
+    if (req.offsetTooBig) throw new NbdError(type === NBD_CMD_WRITE || type === NBD_CMD_WRITE_ZEROES ? NBD_ENOSPC : NBD_EINVAL, `request at ${req.offset} (+${req.length}) reaches beyond 2^53`);
     if (this.exports.shuttingDown()) throw new NbdError(NBD_ESHUTDOWN, "server is shutting down");
     const fua = req.flags & NBD_CMD_FLAG_FUA ? FUA : 0;
     switch (type) {
       case NBD_CMD_READ: {
-        if (req.length > HARD_MAX_PAYLOAD) throw new NbdError(NBD_EINVAL, `read of ${req.length} bytes exceeds the maximum ${HARD_MAX_PAYLOAD}`);
+        if (req.length > this.payloadLimit) throw new NbdError(NBD_EINVAL, `read of ${req.length} bytes exceeds the maximum ${this.payloadLimit}`);
         return this.w.read(req);
       }
       case NBD_CMD_WRITE: {
@@ -245,10 +290,17 @@ export class Transmission {
         if (!this.structured || !this.hasContexts) {
           throw new NbdError(NBD_EINVAL, "BLOCK_STATUS needs structured replies and a selected meta context");
         }
+        const flags = req.flags & NBD_CMD_FLAG_REQ_ONE ? REQ_ONE : 0;
+        if (payload.length !== 0) return this.filteredStatus(req, payload, flags);
         if (req.length === 0) throw new NbdError(NBD_EINVAL, "BLOCK_STATUS of zero length");
-        return this.w.blockStatus(req, req.flags & NBD_CMD_FLAG_REQ_ONE ? REQ_ONE : 0);
+        return this.w.blockStatus(req, flags);
       }
     }
+  }
+
+  /** BLOCK_STATUS with a payload: only extended headers have that form (ExtendedTransmission). */
+  protected filteredStatus(_req: PendingRequest, _payload: Uint8Array, _flags: number): unknown {
+    throw new NbdError(NBD_EINVAL, "BLOCK_STATUS takes no payload");
   }
 
   /** Send the success reply now, or when `r` resolves. */
@@ -327,6 +379,11 @@ export class Transmission {
     }
     this.s.close();
   }
+}
+
+function badFlagsError(type: number, bad: number): NbdError {
+  const why = type === NBD_CMD_READ && bad & NBD_CMD_FLAG_DF ? " (DF needs structured replies)" : "";
+  return new NbdError(NBD_EINVAL, `flags 0x${bad.toString(16)} are not valid for ${commandName(type)}${why}`);
 }
 
 function concat(a: Uint8Array, b: Uint8Array): Uint8Array {

@@ -1,6 +1,6 @@
 // The shapes a session's parts share: the Transport it talks through, the ExportTable it selects
 // from, what the handshake settled (Negotiated), the SessionLink each part sees of the session
-// that composes it, and one decoded request (PendingRequest).
+// that composes it, and one decoded request (PendingRequest; ExtendedRequest under extended headers).
 import type { NbdError } from "../protocol/errors.ts";
 import type { CheckedExport, ExportContext } from "../devices/checked.ts";
 
@@ -40,12 +40,21 @@ export interface ExportTable {
 }
 
 /**
- * What option haggling settled, fixed for the whole transmission phase. Extended headers will
- * add a flag here, read once when the receiver and reply writer are built.
+ * What option haggling settled, fixed for the whole transmission phase: read once when the
+ * receiver and reply writer are built.
  */
 export interface Negotiated {
   readonly exp: CheckedExport;
+  /** Replies are chunks: structured replies were agreed, or extended headers (which imply them). */
   readonly structured: boolean;
+  /** Extended headers: 32-byte requests and replies (NBD_OPT_EXTENDED_HEADERS). */
+  readonly extended: boolean;
+  /**
+   * The largest payload (WRITE data, or a READ's data) a request may carry: the advertised maximum
+   * when the client asked for NBD_INFO_BLOCK_SIZE in GO (it agreed to the limits), else the
+   * server's own hard limit (clients that never saw block sizes keep the legacy 64 MiB).
+   */
+  readonly maxPayload: number;
   /** Meta contexts selected with SET_META_CONTEXT for `exp` (empty if none), and their ids. */
   readonly contexts: readonly ExportContext[];
   readonly contextIds: readonly number[];
@@ -71,4 +80,14 @@ export class PendingRequest {
     readonly type: number, readonly flags: number, readonly cookieHi: number, readonly cookieLo: number,
     readonly offset: number, readonly offsetTooBig: boolean, readonly length: number,
   ) {}
+}
+
+/** A request of an extended-headers session: its replies echo the request's offset, exactly. */
+export class ExtendedRequest extends PendingRequest {
+  constructor(
+    type: number, flags: number, cookieHi: number, cookieLo: number, offset: number, offsetTooBig: boolean, length: number,
+    readonly offsetHi: number, readonly offsetLo: number,
+  ) {
+    super(type, flags, cookieHi, cookieLo, offset, offsetTooBig, length);
+  }
 }

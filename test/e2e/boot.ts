@@ -1,4 +1,4 @@
-// SeaBIOS boots from an NBD export: the guest (hdboot.bin / cdboot.bin) does all its disk I/O
+// SeaBIOS boots from an NBD export: the guest (hdboot.bin / cdboot.bin / fdboot.bin) does all its disk I/O
 // through int 13h, prints one line per step on the serial port and leaves through isa-debug-exit
 // with status 33 when everything matched.
 import { closeSync, openSync, readSync } from "node:fs";
@@ -6,13 +6,13 @@ import { runQemu, tail, type QemuResult } from "./qemu.ts";
 
 export const BOOT_TIMEOUT_MS = Number(process.env.BUN_NBD_E2E_BOOT_TIMEOUT_MS || 60_000);
 
-export type BootMode = "ide" | "virtio" | "cdrom";
+export type BootMode = "ide" | "virtio" | "cdrom" | "floppy";
 
 export function bootArgs(mode: BootMode, uri: string): string[] {
   const drive = mode === "cdrom"
     ? `file=${uri},format=raw,media=cdrom,readonly=on`
     : `file=${uri},format=raw,if=${mode}`;
-  return ["-nodefaults", "-display", "none", "-serial", "stdio", "-no-reboot", "-boot", "reboot-timeout=0",
+  return ["-nodefaults", "-display", "none", "-serial", "stdio", "-no-reboot", "-boot", `${mode === "floppy" ? "order=a," : ""}reboot-timeout=0`,
     "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04", "-drive", drive];
 }
 

@@ -8,6 +8,7 @@ import { runOk } from "../helpers/env.ts";
 export const E2E_DIR = new URL(".", import.meta.url).pathname.replace(/\/$/, "");
 export const HDBOOT_BIN = join(E2E_DIR, "boot/hdboot.bin");
 export const CDBOOT_BIN = join(E2E_DIR, "boot/cdboot.bin");
+export const FDBOOT_BIN = join(E2E_DIR, "boot/fdboot.bin");
 
 export const MiB = 1 << 20;
 export const GiB = 1 << 30;
@@ -106,6 +107,50 @@ export function expectedWrittenSector(): Uint8Array {
   const s = new Uint8Array(512).fill(HD.WRITTEN_FILL);
   s.set(Buffer.from(HD.WRITTEN_PREFIX), 0);
   return s;
+}
+
+export const FD = {
+  SIZE: 1474560,
+  /** C40 H1 S1 and C79 H1 S18 (the last sector), as LBAs of an 80/2/18 floppy. */
+  MID_LBA: (40 * 2 + 1) * 18,
+  END_LBA: 2879,
+  /** The track the guest hashes (C1 H0 S1-18) and the sector it writes (C79 H1 S17). */
+  TRACK_LBA: 36,
+  WRITE_LBA: 2878,
+  MID_TEXT: "FLOPPY-MID-MARKER-C40-H1-S1",
+  END_TEXT: "FLOPPY-END-MARKER-C79-H1-S18",
+};
+
+export interface FloppyImage { path: string; expect: string[]; writeLba: number }
+
+/**
+ * A 1.44M FAT12 floppy (mkfs.fat -R 4) around fdboot.bin: mkfs.fat's BPB kept, the boot program
+ * around it and in reserved sectors 1-3, text markers at C40 H1 S1 and in the last sector, and an
+ * offset pattern over the track C1 H0 (the first free clusters, so the file system stays valid).
+ */
+export async function makeFloppyImage(path: string, label = "BUNNBDBOOT"): Promise<FloppyImage> {
+  rmSync(path, { force: true });
+  await runOk(["mkfs.fat", "-F", "12", "-R", "4", "-n", label, "-C", path, String(FD.SIZE / 1024)], { timeoutMs: 30_000 });
+  const boot = readFileSync(FDBOOT_BIN);
+  const fd = openSync(path, "r+");
+  try {
+    writeAt(fd, boot.subarray(0, 3), 0);
+    writeAt(fd, boot.subarray(0x3e, 512), 0x3e);
+    writeAt(fd, boot.subarray(512, 2048), 512);
+    writeAt(fd, Buffer.from(FD.MID_TEXT + "\0"), FD.MID_LBA * 512);
+    writeAt(fd, Buffer.from(FD.END_TEXT + "\0"), FD.END_LBA * 512);
+    writeAt(fd, offsetPattern(FD.TRACK_LBA * 512, 18 * 512), FD.TRACK_LBA * 512);
+  } finally {
+    closeSync(fd);
+  }
+  return {
+    path, writeLba: FD.WRITE_LBA,
+    expect: [
+      "FDBOOT STAGE1 OK drive=00", "FDBOOT STAGE2 OK (C0 H0 S2 via AH=02h)", "GEOMETRY LASTC=4F LASTH=01 SPT=12 TYPE=04",
+      `C40 H1 S1: ${FD.MID_TEXT}`, `C79 H1 S18: ${FD.END_TEXT}`, `HASH31 C1 H0 S1-18: ${hash31(offsetPattern(FD.TRACK_LBA * 512, 18 * 512))}`,
+      "WROTE C79 H1 S17", "READBACK OK", "ALL-OK",
+    ],
+  };
 }
 
 export interface CdImage { path: string; expect: string[] }
