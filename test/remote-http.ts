@@ -4,7 +4,7 @@
 // (the cache stays consistent and is reused after a restart), nginx stopped mid-copy (EIO, the
 // server survives, the next copy is exact), an image replaced while served (EIO and a log line,
 // never bytes of the new version), a CUE sheet whose BINs sit next to it, credentials kept out of
-// logs and LIST, and clear errors at start. BUN_NBD_REMOTE_BIG_MIB sets the big image's size.
+// logs and LIST, and clear errors at start (and a throw-away overlay over the remote disc). BUN_NBD_REMOTE_BIG_MIB sets the big image's size.
 import * as assert from "uvu/assert";
 import { cpSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, renameSync, utimesSync, closeSync } from "node:fs";
 import { join } from "node:path";
@@ -206,6 +206,12 @@ test("a CUE sheet over HTTP: BINs found next to it, exports equal to serving the
       await same(join(dir, `cd-r-${n.replace(/\//g, "_")}`), join(dir, `cd-l-${n.replace(/\//g, "_")}`));
     }
   } finally { await stopped(remote); await stopped(here); }
+  // a throw-away overlay over the remote disc's cooked view takes writes
+  const snap = await serve(["--snapshot", "--no-cache", ngx.url("cds/mixed.cue")]);
+  try {
+    const o = await nbdpy(snap.uri("mixed"), "h.pwrite(b'\\x42' * 4096, 8192)\nout['back'] = h.pread(4096, 8192) == b'\\x42' * 4096\nout['ro'] = h.is_read_only()");
+    assert.equal(o, { back: true, ro: false });
+  } finally { await stopped(snap); }
 }));
 
 test("credentials in the URL are used but never printed, listed or logged", () => deadline(60_000, "credentials", async () => {
