@@ -19,6 +19,8 @@ extension (disk.img -> "disk"); the first one is also the default export "".
 Raw images (.img, .ima, .vfd, .flp, .raw, anything else) are served byte for byte; CD images
 (.cue, .ccd, or a lone raw-sector .bin/.img) as cooked and raw track views. Each partition of an
 MBR or GPT disk is also offered as NAME/p1, NAME/p2, ... (logical partitions from p5).
+A FILE may be remote: https://host/path/disk.img or s3://BUCKET/KEY (raw, or a CUE sheet whose
+BINs sit next to it), read through a local cache (see below).
 On start, serve says what each export holds and prints a QEMU command line that fits it.
 
 options:
