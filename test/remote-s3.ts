@@ -13,7 +13,8 @@
 import * as assert from "uvu/assert";
 import { readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
-import { bytesEqual, deadline } from "./helpers/assert.ts";
+import { bytesEqual, deadline, rejects } from "./helpers/assert.ts";
+import { openRemoteImage } from "../src/devices/remote/index.ts";
 import { BUN, CLI, need, ROOT, run, runOk, scratch } from "./helpers/env.ts";
 import { makeImage } from "./helpers/remote-images.ts";
 import { serve, type Served } from "./helpers/server.ts";
@@ -81,6 +82,34 @@ s3test("nbdcopy of the big object is byte-exact; the second pass comes from the 
   await same(join(dir, "big2.out"), big);
   const out = s.output();
   for (const secret of [SECRET_KEY, ACCESS_KEY, "X-Amz-Signature"]) assert.not.ok(out.includes(secret), `server output shows ${secret}`);
+});
+
+s3test("edges (where S3File slices go wrong): the last byte, a partial last block, a 1-byte object, an empty one", 60_000, async (g) => {
+  const c = g.client(BUCKET);
+  const odd = makeImage(join(dir, "odd.img"), 3 * MiB + 7, 33);
+  await g.putFile(BUCKET, "edge/odd.img", odd);
+  await c.write("edge/one.img", new Uint8Array([0x7f]));
+  await c.write("edge/empty.img", new Uint8Array(0));
+  const s3 = { endpoint: g.endpoint, accessKeyId: ACCESS_KEY, secretAccessKey: SECRET_KEY };
+  const opts = { cacheDir: null, blockSize: 64 * 1024, s3 };
+  const want = readFileSync(odd);
+  const d = await openRemoteImage(`s3://${BUCKET}/edge/odd.img`, opts, () => {});
+  try {
+    assert.is(d.size(), 3 * MiB + 7);
+    for (const [off, len] of [[3 * MiB + 6, 1], [3 * MiB, 7], [3 * MiB - 70_000, 70_007], [0, 1], [65535, 2], [0, 3 * MiB + 7]] as const) {
+      const b = new Uint8Array(len);
+      await d.pread(b, off, 0);
+      bytesEqual(b, want.subarray(off, off + len), `[${off}, +${len})`);
+    }
+  } finally { d.close(); }
+  const one = await openRemoteImage(`s3://${BUCKET}/edge/one.img`, opts, () => {});
+  try {
+    const b = new Uint8Array(1);
+    await one.pread(b, 0, 0);
+    assert.equal([one.size(), b[0]], [1, 0x7f]);
+  } finally { one.close(); }
+  const e = await rejects(() => openRemoteImage(`s3://${BUCKET}/edge/empty.img`, opts, () => {}), "an empty object");
+  assert.match(e.message, /s3:\/\/images\/edge\/empty\.img is empty/);
 });
 
 s3test("credentials never appear in LIST or in the server's output", 60_000, async (g) => {
