@@ -49,3 +49,25 @@ export function logSink(): { log: (m: string) => void; lines: string[]; has: (re
   const lines: string[] = [];
   return { log: (m) => { lines.push(m); }, lines, has: (re) => lines.some((l) => re.test(l)) };
 }
+
+/**
+ * Read every 1 MiB block of the export at `uri` (libnbd) and say whose bytes it holds: "old" (the
+ * file `oldPath`), "new" (`newPath`), "other", or the errno of a failed read ("EIO").
+ */
+export async function whoseBlocks(uri: string, oldPath: string, newPath: string, blocks: number): Promise<string[]> {
+  const { nbdpy } = await import("../interop-lib.ts");
+  const o = await nbdpy(uri, `
+old = open(${JSON.stringify(oldPath)}, 'rb').read()
+new = open(${JSON.stringify(newPath)}, 'rb').read()
+res = []
+for b in range(${blocks}):
+    try:
+        got = h.pread(1024 * 1024, b * 1024 * 1024)
+        seg = slice(b * 1024 * 1024, (b + 1) * 1024 * 1024)
+        res.append('old' if got == old[seg] else 'new' if got == new[seg] else 'other')
+    except nbd.Error as e:
+        res.append(e.errno or 'error')
+out['res'] = res
+`, { timeoutMs: 60_000 });
+  return o.res as string[];
+}
