@@ -43,7 +43,6 @@ export class BlockCache {
   private head = -1; // most recently used
   private tail = -1;
   private closed = false;
-  private writeFailed = false;
   private readonly one = new Uint8Array(1);
 
   private constructor(readonly fd: number, private readonly mapFd: number, readonly path: string | null,
@@ -153,26 +152,71 @@ export class BlockCache {
     }
   }
 
+  /** Blocks being written as their bytes stream in: whether a nonzero byte was written, or a write failed. */
+  private readonly filling = new Map<number, { nonzero: boolean; failed: boolean }>();
+
   /**
-   * Keep block `b` (its bytes as fetched). Evicts least recently used blocks to stay within the
-   * budget. A failed write (disk full) is logged once; the block then just stays uncached.
+   * Bytes [pos, pos + chunk.length) of block `b` arrived: write them to the data file (all-zero
+   * chunks are skipped: the region is a hole or already holds these bytes). The block's first
+   * chunk reserves room for all of it, evicting least recently used blocks to stay within the
+   * budget. A failed write (disk full) is logged once; the block then stays uncached.
    */
-  store(b: number, bytes: Uint8Array): void {
+  write(b: number, pos: number, chunk: Uint8Array): void {
     if (this.closed || this.state[b] !== ABSENT) return;
-    const zero = isZero(bytes);
-    try {
-      if (!zero) {
-        while (this.used + bytes.length > this.budget && this.tail >= 0) this.evict(this.tail);
-        writeFull(this.fd, bytes, b * this.blockSize);
-        this.used += bytes.length;
-      }
-      this.setState(b, zero ? ZERO : DATA);
-    } catch (e) {
-      if (!this.writeFailed) this.log(`cache ${this.path ?? "(throw-away)"}: cannot write: ${(e as Error).message}; serving without caching`);
-      this.writeFailed = true;
-      return;
+    let f = this.filling.get(b);
+    if (f === undefined) {
+      const len = this.blockBytes(b);
+      while (this.used + len > this.budget && this.tail >= 0) this.evict(this.tail);
+      this.used += len;
+      f = { nonzero: false, failed: false };
+      this.filling.set(b, f);
     }
-    if (!zero) this.pushFront(b);
+    if (f.failed || isZero(chunk)) return;
+    try {
+      writeFull(this.fd, chunk, pos);
+      f.nonzero = true;
+    } catch (e) {
+      f.failed = true;
+      this.writeFailed(e);
+    }
+  }
+
+  /** Every byte of block `b` is written: from now on it counts as cached. False if it could not be kept. */
+  complete(b: number): boolean {
+    const f = this.filling.get(b);
+    if (f === undefined) return this.state[b] !== ABSENT;
+    this.filling.delete(b);
+    if (!f.failed) {
+      try {
+        this.setState(b, f.nonzero ? DATA : ZERO);
+        if (f.nonzero) this.pushFront(b);
+        else this.used -= this.blockBytes(b);
+        return true;
+      } catch (e) {
+        this.writeFailed(e);
+      }
+    }
+    this.release(b, f.nonzero);
+    return false;
+  }
+
+  /** Block `b` will not be completed: give back its room (and punch what was written of it). */
+  abandon(b: number): void {
+    const f = this.filling.get(b);
+    if (f === undefined) return;
+    this.filling.delete(b);
+    this.release(b, f.nonzero);
+  }
+
+  private release(b: number, written: boolean): void {
+    this.used -= this.blockBytes(b);
+    if (written) this.punch(b);
+  }
+
+  private failedOnce = false;
+  private writeFailed(e: unknown): void {
+    if (!this.failedOnce) this.log(`cache ${this.path ?? "(throw-away)"}: cannot write: ${(e as Error).message}; serving without caching what does not fit`);
+    this.failedOnce = true;
   }
 
   private setState(b: number, s: number): void {
@@ -184,12 +228,16 @@ export class BlockCache {
   private evict(b: number): void {
     this.unlink(b);
     this.setState(b, ABSENT); // the map first: a crash between leaves an unmarked block, never a marked hole
-    try {
-      fallocate(this.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, b * this.blockSize, this.blockBytes(b));
-    } catch { /* no hole punching: the bytes stay allocated but unmarked */ }
+    this.punch(b);
     this.used -= this.blockBytes(b);
     this.evicted = true;
     this.evictions++;
+  }
+
+  private punch(b: number): void {
+    try {
+      fallocate(this.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, b * this.blockSize, this.blockBytes(b));
+    } catch { /* no hole punching: the bytes stay allocated but unmarked */ }
   }
 
   private shrinkTo(budget: number): void {

@@ -21,14 +21,18 @@ export interface ReadPolicy {
 const CAPS: Capabilities = Object.freeze(caps({ canCache: true, canExtents: true, canMultiConn: true }));
 const RECENT = 8;
 
-/** Copies the bytes it needs out of a block, synchronously (the block's buffer is reused after). */
-type Take = (block: Uint8Array) => void;
+/** Copies what it needs of a piece of a block (`chunk` holds the block's bytes from `at` on; valid only during the call). */
+type Take = (chunk: Uint8Array, at: number) => void;
 
 interface Waiter {
   promise: Promise<void>;
   /** The GET bringing it, once sent (blocks wanted this tick are not yet). */
   job: FetchJob | null;
+  /** Readers given each piece as it arrives. */
   takers: Take[];
+  /** Readers that came after the first piece: served from the cache file once the block is complete. */
+  late: ((cached: boolean) => void)[];
+  started: boolean;
   resolve: () => void;
   reject: (e: Error) => void;
 }
@@ -123,7 +127,12 @@ export class RemoteImage implements BlockDevice {
         continue;
       }
       this.counters.cacheMisses++;
-      ps.push(this.want(b, false, (bytes) => { buf.set(bytes.subarray(s - b * bs, e - b * bs), s - offset); }));
+      // the part of each arriving piece that falls in [s, e) goes straight into buf
+      const from = s - b * bs, to = e - b * bs;
+      ps.push(this.want(b, false, (chunk, at) => {
+        const lo = Math.max(from, at), hi = Math.min(to, at + chunk.length);
+        if (hi > lo) buf.set(chunk.subarray(lo - at, hi - at), b * bs + lo - offset);
+      }));
     }
     this.sequential(b0, b1);
     return settle(ps);
@@ -139,12 +148,16 @@ export class RemoteImage implements BlockDevice {
       // A read joining a GET already under way gets a full deadline of its own (and a readahead
       // GET, which would give up at its first error, becomes a read's).
       if (!ahead) w.job?.extend();
-      if (take) w.takers.push(take);
-      return w.promise;
+      if (take === undefined) return w.promise;
+      if (!w.started) {
+        w.takers.push(take);
+        return w.promise;
+      }
+      return this.late(w, b, take);
     }
     let resolve!: () => void, reject!: (e: Error) => void;
     const promise = new Promise<void>((res, rej) => { resolve = res; reject = rej; });
-    this.waiting.set(b, { promise, resolve, reject, job: null, takers: take ? [take] : [] });
+    this.waiting.set(b, { promise, resolve, reject, job: null, takers: take ? [take] : [], late: [], started: false });
     (ahead ? this.wantedAhead : this.wanted).push(b);
     if (!this.flushQueued) {
       this.flushQueued = true;
@@ -176,21 +189,52 @@ export class RemoteImage implements BlockDevice {
     }
   }
 
+  /**
+   * A reader joining a block whose first bytes already went by: once the block is complete it
+   * reads it from the cache file (at once, before anything can evict it); if the block could not
+   * be cached, it asks for the block again.
+   */
+  private late(w: Waiter, b: number, take: Take): Promise<void> {
+    return new Promise<void>((resolve, reject) => {
+      w.late.push((cached) => {
+        if (!cached) { this.want(b, false, take).then(resolve, reject); return; }
+        const bytes = Buffer.allocUnsafe(this.blocks.blockBytes(b));
+        this.blocks.read(bytes, 0, bytes.length, b * this.bs);
+        take(bytes, 0);
+        resolve();
+      });
+      w.promise.catch(reject);
+    });
+  }
+
   private fetchRun(first: number, last: number, ahead: boolean): void {
     const bs = this.bs;
-    // Each block is stored and handed to its readers as soon as its bytes are in.
-    const job = this.fetcher.fetch(first * bs, Math.min(this.bytes, (last + 1) * bs), ahead, bs, (offset, bytes) => {
-      const b = offset / bs;
-      if (!this.closed) {
-        this.blocks.store(b, bytes);
+    // Each piece goes to the cache file and to the readers as it arrives; a block counts as
+    // cached (and its readers are answered) when its last byte is in.
+    const job: FetchJob = this.fetcher.fetch(first * bs, Math.min(this.bytes, (last + 1) * bs), ahead, bs, {
+      data: (offset, chunk) => {
+        const b = Math.floor(offset / bs);
+        if (!this.closed) this.blocks.write(b, offset, chunk);
+        const w = this.waiting.get(b);
+        if (w === undefined || w.job !== job) return;
+        w.started = true;
+        const at = offset - b * bs;
+        for (const take of w.takers) take(chunk, at);
+      },
+      unit: (offset) => {
+        const b = offset / bs;
+        const cached = !this.closed && this.blocks.complete(b);
         this.counters.cachedBytes = this.blocks.used;
         this.counters.evictions = this.blocks.evictions;
-      }
-      const w = this.waiting.get(b);
-      if (w === undefined) return;
-      this.waiting.delete(b);
-      for (const take of w.takers) take(bytes);
-      w.resolve();
+        const w = this.waiting.get(b);
+        if (w === undefined || w.job !== job) return;
+        this.waiting.delete(b);
+        for (const l of w.late) l(cached);
+        w.resolve();
+      },
+      lost: (offset) => {
+        for (let b = offset / bs; b <= last; b++) this.blocks.abandon(b);
+      },
     });
     for (let b = first; b <= last; b++) this.waiting.get(b)!.job = job;
     job.promise.catch((e: Error) => {

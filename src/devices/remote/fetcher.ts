@@ -25,11 +25,15 @@ export interface FetchJob {
   extend(): void;
 }
 
-/**
- * Receives each unit (block) of a GET as soon as all its bytes are in, in order. The buffer is
- * reused once it returns: copy what you keep.
- */
-export type Deliver = (offset: number, bytes: Uint8Array) => void;
+/** Receives a GET's bytes as they arrive, cut at unit (block) boundaries, in order. */
+export interface ChunkSink {
+  /** Bytes [offset, offset + chunk.length) of one unit (the view is valid only during the call). */
+  data(offset: number, chunk: Uint8Array): void;
+  /** Every byte of the unit [offset, offset + length) has been given to data(). */
+  unit(offset: number, length: number): void;
+  /** The unit at `offset` will not be completed by this GET (it failed or gave up). */
+  lost(offset: number): void;
+}
 
 interface Job extends FetchJob {
   ahead: boolean;
@@ -38,7 +42,7 @@ interface Job extends FetchJob {
   /** The first byte not delivered yet: a retry asks for [next, end) only. */
   next: number;
   unit: number;
-  deliver: Deliver;
+  sink: ChunkSink;
   resolve: () => void;
   reject: (e: Error) => void;
 }
@@ -60,16 +64,16 @@ export class Fetcher {
   get aheadQueued(): number { return this.ahead.length; }
 
   /**
-   * Bytes [start, end) of the pinned version, handed to `deliver` in units of `unit` bytes (the
-   * last one may be shorter) as they arrive; the promise rejects with an NbdError (EIO) naming
-   * the cause when the rest cannot be had.
+   * Bytes [start, end) of the pinned version, handed to `sink` as they arrive (cut into units of
+   * `unit` bytes; the last may be shorter); the promise rejects with an NbdError (EIO) naming the
+   * cause when the rest cannot be had. A retry starts again at the first unfinished unit.
    */
-  fetch(start: number, end: number, ahead: boolean, unit: number, deliver: Deliver): FetchJob {
+  fetch(start: number, end: number, ahead: boolean, unit: number, sink: ChunkSink): FetchJob {
     const now = Date.now();
     let resolve!: () => void, reject!: (e: Error) => void;
     const promise = new Promise<void>((res, rej) => { resolve = res; reject = rej; });
     const job: Job = {
-      start, end, promise, ahead, t0: now, deadlineAt: now + this.policy.deadlineMs, resolve, reject, next: start, unit, deliver,
+      start, end, promise, ahead, t0: now, deadlineAt: now + this.policy.deadlineMs, resolve, reject, next: start, unit, sink,
       extend: () => { job.ahead = false; job.deadlineAt = Math.max(job.deadlineAt, Date.now() + this.policy.deadlineMs); },
     };
     (ahead ? this.ahead : this.demand).push(job);
@@ -83,7 +87,7 @@ export class Fetcher {
       const job = this.demand.shift() ?? (this.active < Math.max(1, this.policy.maxInFlight - 1) ? this.ahead.shift() : undefined);
       if (job === undefined) return;
       this.active++;
-      this.run(job).then(job.resolve, job.reject).finally(() => { this.active--; this.pump(); });
+      this.run(job).then(job.resolve, (e: Error) => this.fail(job, e)).finally(() => { this.active--; this.pump(); });
     }
   }
 
@@ -93,24 +97,19 @@ export class Fetcher {
       if (this.stop.signal.aborted) throw eio(`${this.store.display}: closed`);
       this.counters.requests++;
       if (job.ahead) this.counters.readaheadRequests++;
-      let unit: Uint8Array | null = null;
-      let fill = 0;
+      let pos = job.next; // the next byte expected in this attempt
       const sink = (chunk: Uint8Array) => {
         this.counters.bytesFetched += chunk.length;
         for (let off = 0; off < chunk.length;) {
-          unit ??= this.buffer(Math.min(job.unit, job.end - job.next));
-          const take = Math.min(chunk.length - off, unit.length - fill);
-          unit.set(chunk.subarray(off, off + take), fill);
-          fill += take;
+          const unitEnd = Math.min(job.end, job.next + job.unit);
+          const take = Math.min(chunk.length - off, unitEnd - pos);
+          job.sink.data(pos, chunk.subarray(off, off + take));
+          pos += take;
           off += take;
-          if (fill === unit.length) {
+          if (pos === unitEnd) {
             const at = job.next;
-            job.next += unit.length;
-            const u = unit;
-            unit = null;
-            fill = 0;
-            job.deliver(at, u);
-            this.recycle(u);
+            job.next = unitEnd;
+            job.sink.unit(at, unitEnd - at);
           }
         }
       };
@@ -119,10 +118,11 @@ export class Fetcher {
         this.recovered();
         return;
       } catch (e) {
+        if (this.stop.signal.aborted) throw eio(`${this.store.display}: closed`);
         const err = e instanceof RemoteError ? e : new RemoteError(`${this.store.display}: ${(e as Error).message}`, 0, true);
         if (err.changed) throw this.versionChanged(err);
         const left = job.deadlineAt - Date.now();
-        if (!err.retryable || job.ahead || left <= 50 || this.stop.signal.aborted) {
+        if (!err.retryable || job.ahead || left <= 50) {
           const tries = attempt + 1;
           const fail = eio(`bytes ${job.next}-${job.end - 1} of ${err.message}${err.retryable && !job.ahead ? ` (gave up after ${tries} attempt${tries > 1 ? "s" : ""} in ${((Date.now() - job.t0) / 1000).toFixed(1)} s)` : ""}`);
           if (!job.ahead) {
@@ -140,17 +140,6 @@ export class Fetcher {
         await sleep(Math.min(2000, 100 * 2 ** attempt, left) * (0.5 + Math.random() / 2), this.stop.signal);
       }
     }
-  }
-
-  /** Unit buffers are reused: fresh ones would cost page faults (and zeroing) on every block. */
-  private readonly spare: Uint8Array[] = [];
-  private buffer(n: number): Uint8Array {
-    const last = this.spare.length - 1;
-    if (last >= 0 && this.spare[last]!.length === n) return this.spare.pop()!;
-    return Buffer.allocUnsafe(n);
-  }
-  private recycle(b: Uint8Array): void {
-    if (this.spare.length < 2 * this.policy.maxInFlight) this.spare.push(b);
   }
 
   private recovered(): void {
@@ -185,11 +174,16 @@ export class Fetcher {
     }
   }
 
+  private fail(job: Job, e: Error): void {
+    if (job.next < job.end) job.sink.lost(job.next);
+    job.reject(e);
+  }
+
   /** Fail everything queued and stop retrying. */
   close(): void {
     this.stop.abort();
-    for (const j of this.demand.splice(0)) j.reject(eio(`${this.store.display}: closed`));
-    for (const j of this.ahead.splice(0)) j.reject(eio(`${this.store.display}: closed`));
+    for (const j of this.demand.splice(0)) this.fail(j, eio(`${this.store.display}: closed`));
+    for (const j of this.ahead.splice(0)) this.fail(j, eio(`${this.store.display}: closed`));
   }
 }
 
