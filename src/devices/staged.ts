@@ -1,9 +1,6 @@
-// The seam between devices that read their container file synchronously through an fd (the CD
-// views, with their shared scratch buffers) and containers whose bytes may not be local yet (a
-// remote object behind its block cache, whose fd is the cache file). A synchronous reader asks
-// `isLocal` first and throws NotLocal when it must wait; `whenLocal` awaits and reruns the read.
-// Devices written against BlockDevice.pread (async allowed) need none of this: they can sit on a
-// RawFile locally and on a RemoteImage remotely, unchanged.
+// The seam for devices that read their file synchronously through an fd (the CD views) over bytes
+// that may not be local yet (a remote object: the fd is its cache file). isLocal/NotLocal/whenLocal:
+// wait and rerun. Devices written against async BlockDevice.pread can sit on a RemoteImage as is.
 import { eio } from "../protocol/errors.ts";
 import type { Maybe } from "./types.ts";
 

@@ -1,9 +1,6 @@
-// The persistent local cache of a remote object: a sparse data file (the object's bytes at their
-// own offsets) and a map file (a header naming the object and its version, then one state byte per
-// block), kept per URL + ETag in a cache directory, bounded in size with least-recently-used
-// eviction. A block counts as cached only once its bytes are written (data first, then its map
-// byte; eviction clears the map byte before punching the hole), so kill -9 never leaves a block
-// marked that holds anything but its bytes. All-zero blocks are marked without writing (holes).
+// The persistent cache of a remote object, per URL + ETag: a sparse data file (bytes at their own
+// offsets) and a map (identity, one state byte per block), bounded with LRU eviction. A block is
+// marked only after its bytes are written, and unmarked before its hole is punched: kill -9 safe.
 import { closeSync, existsSync, fstatSync, ftruncateSync, mkdirSync, openSync, readdirSync, readSync, statSync, unlinkSync, writeSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";

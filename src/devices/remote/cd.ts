@@ -1,7 +1,6 @@
-// CD images in a bucket or behind a web server: a CUE sheet whose BINs are found relative to the
-// sheet's key or URL (each BIN its own remote image with its own cache entry), or a lone file of raw
-// sectors. The disc model and views are the local ones; their files are staged through the block
-// cache (staged.ts), so the views read the cache file once the bytes are local. Cold code.
+// CD images in a bucket or behind a web server: a CUE sheet whose BINs are found next to it, or a
+// lone raw-sector file. The local disc model and views, their files staged through the block
+// cache (staged.ts). Cold code.
 import { basename } from "node:path";
 import { cueTrackSpecs, parseCue } from "../cd/cue.ts";
 import type { DiscFile } from "../cd/disc.ts";

@@ -1,9 +1,6 @@
-// A remote object as a read-only block device: reads are served from the local block cache when
-// every block they touch is there (synchronously, or by sendfile from the cache file), otherwise
-// the missing blocks are fetched as aligned ranged GETs (neighbours wanted in the same tick merged
-// into one GET, several in flight, readahead for sequential readers) and stored before they count
-// as cached. Other devices can sit on it: it is an async BlockDevice, and isCached/load let code
-// that reads synchronously (the CD views) make bytes local first.
+// A remote object as a read-only BlockDevice: cached blocks are read from the cache file at once,
+// missing ones fetched by aligned ranged GETs (merged, several in flight, readahead) and handed to
+// readers and the cache as they stream in. Other devices sit on it (async pread, or isCached/load).
 import { eio } from "../../protocol/errors.ts";
 import { caps, EXTENT_HOLE, EXTENT_ZERO, type BlockDevice, type BlockSize, type Capabilities, type ExtentSink, type FileRange, type Maybe } from "../types.ts";
 import { ABSENT, ZERO, type BlockCache } from "./cache.ts";

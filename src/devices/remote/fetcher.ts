@@ -1,7 +1,6 @@
-// The GETs of one remote image in flight: at most `maxInFlight` at once, reads that wait for bytes
-// before readahead, and network errors and 5xx answers retried with capped exponential backoff
-// until a deadline, after which only the request that asked gets EIO. Everything is async: a slow
-// or dead store holds requests, never the event loop. The outage and the recovery are logged once.
+// The GETs of one remote image: at most `maxInFlight` at once, reads before readahead, network
+// errors, 5xx and stalls retried with backoff until a deadline (then EIO for the reads waiting);
+// all async, so a slow store never holds the event loop. Outages and recoveries are logged once.
 import { eio } from "../../protocol/errors.ts";
 import type { RemoteCounters } from "./metrics.ts";
 import { RemoteError, describeVersion, type ObjectStore, type ObjectVersion } from "./store.ts";

@@ -1,7 +1,6 @@
-// Opening remote images: from an http(s):// URL or s3://bucket/key to exports. The object is found
-// and its version pinned (open-image.ts), then its content sniffed: a CUE sheet (by name: the BINs
-// are found next to it), raw CD sectors (sync pattern, size a multiple of 2352), otherwise a raw
-// disk image. Cold code.
+// Opening remote images (http(s)://, s3://) as exports: found and pinned (open-image.ts), then
+// sniffed: a CUE sheet (by name; BINs next to it), raw CD sectors (sync pattern, size a multiple of
+// 2352), else a raw disk image. Cold code.
 import type { ExportSpec } from "../types.ts";
 import { objectBaseName, parseLocation, s3Settings } from "./location.ts";
 import { openRemoteImage, remoteExportName, type RemoteOpenOptions } from "./open-image.ts";

@@ -1,7 +1,6 @@
-// Where a remote image lives: an http(s):// URL or an s3://bucket/key name, with the S3 settings
-// taken from the AWS conventions (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN,
-// AWS_REGION, AWS_ENDPOINT_URL) and overridden by flags. Also the one place that makes a location
-// safe to print: no user:password, no signing query parameters. Cold code.
+// Where a remote image lives (an http(s):// URL or s3://bucket/key), S3 settings from the AWS
+// conventions (AWS_ACCESS_KEY_ID, ..., AWS_ENDPOINT_URL) overridden by flags, and the one place that
+// makes a location safe to print (no user:password, no signing parameters). Cold code.
 
 /** S3 settings; flags and config entries override the environment. Secrets never get printed. */
 export interface S3Settings {

@@ -1,8 +1,6 @@
-// Talking to the object: one ranged GET at a time, over Bun's fetch. A web server is asked by its
-// URL; an S3 object through a URL presigned by Bun.S3Client (so every response's status, ETag and
-// Content-Range are ours to check: S3File hides them, and its slices misbehave at the edges). Every
-// GET is conditional on the version pinned at open (If-Match, else If-Unmodified-Since) and its
-// answer is checked again (ETag, Content-Range, length), so two versions never mix.
+// One ranged GET at a time over Bun's fetch: a web server by its URL, S3 through URLs presigned by
+// Bun.S3Client (S3File hides statuses and misreads edges). Every GET is conditional on the pinned
+// version (If-Match) and its answer checked (ETag, Content-Range, length): two versions never mix.
 import { VERSION } from "../../version.ts";
 import { type RemoteLocation } from "./location.ts";
 
