@@ -6,7 +6,7 @@
 // while the store is slow. URL parsing and redaction are checked here too.
 import { suite } from "uvu";
 import * as assert from "uvu/assert";
-import { mkdirSync, readFileSync, renameSync, statSync, symlinkSync, utimesSync } from "node:fs";
+import { mkdirSync, readdirSync, readFileSync, renameSync, statSync, symlinkSync, utimesSync } from "node:fs";
 import { join } from "node:path";
 import { bytesEqual, rejects } from "./helpers/assert.ts";
 import { conformance, rng } from "./helpers/conformance.ts";
@@ -16,6 +16,7 @@ import { BASIC_PASSWORD, BASIC_USER, freePort, startNginx, type Nginx } from "./
 import { openRemoteImage, type RemoteImage, type RemoteSettings } from "../src/devices/remote/index.ts";
 import { parseLocation, redactUrl, s3Settings, siblingLocation } from "../src/devices/remote/location.ts";
 import { parseSize } from "../src/cli/remote-args.ts";
+import { ABSENT, BlockCache, DATA, ZERO } from "../src/devices/remote/cache.ts";
 import { NbdError } from "../src/protocol/errors.ts";
 import { NBD_EIO } from "../src/protocol/constants.ts";
 import { isPromise } from "../src/devices/types.ts";
@@ -33,7 +34,7 @@ const read = async (d: RemoteImage, off: number, len: number) => {
 const settings = (o: RemoteSettings = {}): RemoteSettings => ({ cacheDir: null, blockSize: 64 * KiB, maxRequest: 256 * KiB, readahead: 0, deadlineMs: 1500, attemptTimeoutMs: 1000, ...o });
 
 // ---------------------------------------------------------------------------------------------
-const unit = suite("remote: locations and sizes");
+const unit = suite("remote: locations, sizes, the cache file");
 
 unit("URLs are printed without user:password or signing parameters", () => {
   const u = new URL("https://alice:hunter2@example.com/img/disk.img?X-Amz-Signature=abc&X-Amz-Credential=AKIA%2Fx&part=1");
@@ -63,6 +64,43 @@ unit("s3:// names and AWS environment settings", () => {
 unit("sizes", () => {
   assert.equal([parseSize("8G", "x"), parseSize("512M", "x"), parseSize("64KiB", "x"), parseSize("4096", "x")], [8 * 2 ** 30, 512 * MiB, 64 * KiB, 4096]);
   assert.throws(() => parseSize("lots", "--cache-size"), /--cache-size/);
+});
+
+unit("the cache marks a block only once complete; a reopen sees exactly the marked blocks; LRU eviction", () => {
+  const bs = 64 * KiB;
+  const version = { size: 40 * bs + 100, etag: '"v1"', lastModified: null };
+  const o = { dir: join(dir, "unit-cache"), key: "http://h/x.img", version, blockSize: bs, budget: 16 * bs, log: () => {} };
+  let c = BlockCache.open(o);
+  const data = new Uint8Array(bs).fill(9);
+  c.write(0, 0, data.subarray(0, bs / 2)); // half of block 0, never completed (a kill -9 here)
+  c.write(1, bs, data);
+  assert.ok(c.complete(1));
+  c.write(2, 2 * bs, new Uint8Array(bs)); // all zeros: marked, nothing written
+  assert.ok(c.complete(2));
+  c.write(3, 3 * bs, data);
+  c.abandon(3); // the GET failed
+  assert.is(c.used, 2 * bs, "block 1 and the reservation of the unfinished block 0");
+  c.close();
+  c = BlockCache.open(o);
+  assert.equal([...c.state.subarray(0, 4)], [ABSENT, DATA, ZERO, ABSENT]);
+  assert.is(c.used, bs);
+  const b = new Uint8Array(bs);
+  c.read(b, 0, bs, bs);
+  bytesEqual(b, data, "block 1 after the reopen");
+  for (let i = 4; i < 22; i++) {
+    c.write(i, i * bs, data);
+    c.complete(i);
+    c.touch(1); // block 1 stays the most recently used
+    assert.ok(c.used <= 16 * bs);
+  }
+  assert.is(c.state[1], DATA, "the block kept in use is never evicted");
+  assert.equal([...c.state.subarray(4, 7)], [ABSENT, ABSENT, ABSENT], "the oldest blocks went first");
+  assert.is(c.state[21], DATA);
+  c.close();
+  const other = BlockCache.open({ ...o, version: { ...version, etag: '"v2"' } });
+  assert.equal([...other.state.subarray(0, 22)].filter((x) => x !== ABSENT), [], "another ETag: a new, empty entry");
+  other.close();
+  assert.is(readdirSync(o.dir).filter((n) => n.endsWith(".map")).length, 1, "the entry of the older version was removed");
 });
 
 unit.run();
