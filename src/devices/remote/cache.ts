@@ -1,7 +1,7 @@
 // The persistent cache of a remote object, per URL + ETag: a sparse data file (bytes at their own
 // offsets) and a map (identity, one state byte per block), bounded with LRU eviction. A block is
 // marked only after its bytes are written, and unmarked before its hole is punched: kill -9 safe.
-import { closeSync, existsSync, fstatSync, ftruncateSync, mkdirSync, openSync, readdirSync, readSync, statSync, unlinkSync, writeSync } from "node:fs";
+import { closeSync, existsSync, fstatSync, ftruncateSync, mkdirSync, openSync, readdirSync, readSync, statSync, unlinkSync, write as fsWrite, writeSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createHash } from "node:crypto";
@@ -9,6 +9,20 @@ import { F_UNLCK, F_WRLCK, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate,
 import { versionTag, type ObjectVersion } from "./store.ts";
 
 const MAGIC = "BNBDRCv1";
+/** Most bytes of data writes waiting for the disk; beyond, new blocks are served but not kept. */
+const MAX_PENDING = 64 * 1024 * 1024;
+
+interface Filling {
+  /** Some nonzero byte was written (otherwise the block is all zeros: a hole). */
+  nonzero: boolean;
+  /** A write failed or was skipped: the block will not be kept. */
+  failed: boolean;
+  /** Writes in flight. */
+  pending: number;
+  /** Set by complete(): called once the block is marked (or let go). */
+  done: ((cached: boolean) => void) | null;
+  abandoned: boolean;
+}
 const HEADER = 4096;
 export const ABSENT = 0;
 export const DATA = 1;
@@ -39,6 +53,7 @@ export class BlockCache {
   private readonly next: Int32Array;
   private head = -1; // most recently used
   private tail = -1;
+  private closing = false;
   private closed = false;
   private readonly one = new Uint8Array(1);
 
@@ -149,65 +164,96 @@ export class BlockCache {
     }
   }
 
-  /** Blocks being written as their bytes stream in: whether a nonzero byte was written, or a write failed. */
-  private readonly filling = new Map<number, { nonzero: boolean; failed: boolean }>();
+  /** Blocks being written as their bytes stream in (see write()). */
+  private readonly filling = new Map<number, Filling>();
+  /** Data writes in flight and their bytes: the event loop never waits for the disk. */
+  private inflight = 0;
+  private pendingBytes = 0;
+  private drained: (() => void) | null = null;
 
   /**
-   * Bytes [pos, pos + chunk.length) of block `b` arrived: write them to the data file (all-zero
-   * chunks are skipped: the region is a hole or already holds these bytes). The block's first
-   * chunk reserves room for all of it, evicting least recently used blocks to stay within the
-   * budget. A failed write (disk full) is logged once; the block then stays uncached.
+   * Bytes [pos, pos + chunk.length) of block `b` arrived: write them to the data file, without
+   * waiting (synchronous writes stall the event loop whenever the kernel throttles dirty pages).
+   * All-zero chunks are skipped: the region is a hole or already holds these bytes. The block's
+   * first chunk reserves room for all of it, evicting least recently used blocks. A failed write
+   * (disk full), or more than MAX_PENDING bytes waiting for the disk, leave the block uncached.
+   * `chunk` must not change until its write is done.
    */
   write(b: number, pos: number, chunk: Uint8Array): void {
-    if (this.closed || this.state[b] !== ABSENT) return;
+    if (this.closing || this.state[b] !== ABSENT) return;
     let f = this.filling.get(b);
     if (f === undefined) {
       const len = this.blockBytes(b);
       while (this.used + len > this.budget && this.tail >= 0) this.evict(this.tail);
       this.used += len;
-      f = { nonzero: false, failed: false };
+      f = { nonzero: false, failed: false, pending: 0, done: null, abandoned: false };
       this.filling.set(b, f);
     }
     if (f.failed || isZero(chunk)) return;
-    try {
-      writeFull(this.fd, chunk, pos);
-      f.nonzero = true;
-    } catch (e) {
-      f.failed = true;
-      this.writeFailed(e);
+    if (this.pendingBytes + chunk.length > MAX_PENDING) {
+      f.failed = true; // the disk is behind: serve this block without keeping it
+      return;
     }
+    f.nonzero = true;
+    f.pending++;
+    this.inflight++;
+    this.pendingBytes += chunk.length;
+    const filling = f;
+    fsWrite(this.fd, chunk, 0, chunk.length, pos, (err, n) => {
+      this.inflight--;
+      this.pendingBytes -= chunk.length;
+      if (err !== null || n !== chunk.length) {
+        filling.failed = true;
+        this.writeFailed(err ?? new Error(`short write (${n} of ${chunk.length} bytes)`));
+      }
+      if (--filling.pending === 0) this.settle(b, filling);
+      if (this.inflight === 0) this.drained?.();
+    });
   }
 
-  /** Every byte of block `b` is written: from now on it counts as cached. False if it could not be kept. */
-  complete(b: number): boolean {
+  /**
+   * Every byte of block `b` has been given to write(): once they are on their way to the disk,
+   * the block counts as cached and `done(true)` is called (false if it could not be kept), at once
+   * or when the last write ends.
+   */
+  complete(b: number, done: (cached: boolean) => void): void {
     const f = this.filling.get(b);
-    if (f === undefined) return this.state[b] !== ABSENT;
-    this.filling.delete(b);
-    if (!f.failed) {
-      try {
-        this.setState(b, f.nonzero ? DATA : ZERO);
-        if (f.nonzero) this.pushFront(b);
-        else this.used -= this.blockBytes(b);
-        return true;
-      } catch (e) {
-        this.writeFailed(e);
-      }
-    }
-    this.release(b, f.nonzero);
-    return false;
+    if (f === undefined) { done(this.state[b] !== ABSENT); return; }
+    f.done = done;
+    if (f.pending === 0) this.settle(b, f);
   }
 
   /** Block `b` will not be completed: give back its room (and punch what was written of it). */
   abandon(b: number): void {
     const f = this.filling.get(b);
     if (f === undefined) return;
+    f.abandoned = true;
+    if (f.pending === 0) this.settle(b, f);
+  }
+
+  /** A block whose writes are all done and whose fate is known: mark it (map byte after the data), or let it go. */
+  private settle(b: number, f: Filling): void {
+    if (f.done === null && !f.abandoned) return; // bytes still arriving
     this.filling.delete(b);
-    this.release(b, f.nonzero);
+    let cached = false;
+    if (!f.abandoned && !f.failed && !this.closed) {
+      try {
+        this.setState(b, f.nonzero ? DATA : ZERO);
+        if (f.nonzero) this.pushFront(b);
+        else this.used -= this.blockBytes(b);
+        cached = true;
+      } catch (e) {
+        this.writeFailed(e);
+      }
+    }
+    if (!cached) this.release(b, f.nonzero);
+    f.done?.(cached);
   }
 
   private release(b: number, written: boolean): void {
     this.used -= this.blockBytes(b);
-    if (written) this.punch(b);
+    // Unmarked bytes are never read; after close the fd may even belong to another file by now.
+    if (written && !this.closed) this.punch(b);
   }
 
   private failedOnce = false;
@@ -257,8 +303,11 @@ export class BlockCache {
     this.next[b] = -1;
   }
 
-  close(): void {
-    if (this.closed) return;
+  /** Close once the writes in flight have ended (an fd closed under them could be reused by another file). */
+  async close(): Promise<void> {
+    if (this.closing) return;
+    this.closing = true; // no new writes; those in flight still mark their blocks
+    if (this.inflight > 0) await new Promise<void>((resolve) => { this.drained = resolve; });
     this.closed = true;
     if (this.path !== null) { try { ofdLock(this.mapFd, F_UNLCK, 0, 1); } catch { /* closing anyway */ } }
     closeSync(this.fd);

@@ -27,9 +27,12 @@ interface Waiter {
   job: FetchJob | null;
   /** Readers given each piece as it arrives. */
   takers: Take[];
-  /** Readers that came after the first piece: served from the cache file once the block is complete. */
+  /** Called once the block is marked in the cache (or let go): readers that came after the first piece, load(). */
   late: ((cached: boolean) => void)[];
+  /** Its first piece arrived (new readers can no longer get every piece). */
   started: boolean;
+  /** Every piece went to the takers; the cache is still writing it (the waiter stays until then). */
+  delivered: boolean;
   resolve: () => void;
   reject: (e: Error) => void;
 }
@@ -140,27 +143,37 @@ export class RemoteImage implements BlockDevice {
    * are in. Resolves after that, rejects with EIO when they cannot be had.
    */
   private want(b: number, ahead: boolean, take?: Take): Promise<void> {
-    const w = this.waiting.get(b);
-    if (w !== undefined) {
+    let w = this.waiting.get(b);
+    if (w === undefined) {
+      let resolve!: () => void, reject!: (e: Error) => void;
+      const promise = new Promise<void>((res, rej) => { resolve = res; reject = rej; });
+      promise.catch(() => {}); // every user attaches its own handler; this one keeps a failure from going unhandled
+      w = { promise, resolve, reject, job: null, takers: [], late: [], started: false, delivered: false };
+      this.waiting.set(b, w);
+      (ahead ? this.wantedAhead : this.wanted).push(b);
+      if (!this.flushQueued) {
+        this.flushQueued = true;
+        queueMicrotask(() => this.sendWanted());
+      }
+    } else if (!ahead) {
       // A read joining a GET already under way gets a full deadline of its own (and a readahead
       // GET, which would give up at its first error, becomes a read's).
-      if (!ahead) w.job?.extend();
-      if (take === undefined) return w.promise;
-      if (!w.started) {
-        w.takers.push(take);
-        return w.promise;
-      }
-      return this.late(w, b, take);
+      w.job?.extend();
     }
-    let resolve!: () => void, reject!: (e: Error) => void;
-    const promise = new Promise<void>((res, rej) => { resolve = res; reject = rej; });
-    this.waiting.set(b, { promise, resolve, reject, job: null, takers: take ? [take] : [], late: [], started: false });
-    (ahead ? this.wantedAhead : this.wanted).push(b);
-    if (!this.flushQueued) {
-      this.flushQueued = true;
-      queueMicrotask(() => this.sendWanted());
+    if (take === undefined) return this.marked(w);
+    if (!w.started) {
+      w.takers.push(take);
+      return w.promise;
     }
-    return promise;
+    return this.late(w, b, take);
+  }
+
+  /** Resolves once the block is marked in the cache, or let go (load() then looks again). */
+  private marked(w: Waiter): Promise<void> {
+    return new Promise<void>((resolve, reject) => {
+      w.late.push(() => resolve());
+      w.promise.catch(reject);
+    });
   }
 
   /** Send what was wanted this tick: runs of neighbouring blocks merged into GETs of up to maxRequest. */
@@ -220,14 +233,21 @@ export class RemoteImage implements BlockDevice {
       },
       unit: (offset) => {
         const b = offset / bs;
-        const cached = !this.closed && this.blocks.complete(b);
-        this.counters.cachedBytes = this.blocks.used;
-        this.counters.evictions = this.blocks.evictions;
         const w = this.waiting.get(b);
-        if (w === undefined || w.job !== job) return;
-        this.waiting.delete(b);
-        for (const l of w.late) l(cached);
-        w.resolve();
+        const mine = w !== undefined && w.job === job;
+        if (mine) {
+          w.delivered = true;
+          w.resolve(); // the takers have every byte; the waiter stays until the cache has them too
+        }
+        const marked = (cached: boolean) => {
+          this.counters.cachedBytes = this.blocks.used;
+          this.counters.evictions = this.blocks.evictions;
+          if (!mine || this.waiting.get(b) !== w) return;
+          this.waiting.delete(b);
+          for (const l of w.late) l(cached);
+        };
+        if (this.closed) marked(false);
+        else this.blocks.complete(b, marked);
       },
       lost: (offset) => {
         for (let b = offset / bs; b <= last; b++) this.blocks.abandon(b);
@@ -237,7 +257,7 @@ export class RemoteImage implements BlockDevice {
     job.promise.catch((e: Error) => {
       for (let b = first; b <= last; b++) {
         const w = this.waiting.get(b);
-        if (w?.job !== job) continue;
+        if (w?.job !== job || w.delivered) continue;
         this.waiting.delete(b);
         w.reject(e);
       }
@@ -283,12 +303,12 @@ export class RemoteImage implements BlockDevice {
     return this.load(offset, length);
   }
 
-  close(): void {
-    if (this.closed) return;
+  close(): Promise<void> {
+    if (this.closed) return Promise.resolve();
     this.closed = true;
     this.fetcher.close();
-    this.blocks.close();
     dropCounters(this.counters);
+    return this.blocks.close();
   }
 }
 
