@@ -22,8 +22,8 @@ export interface Rgw {
   readonly env: Record<string, string>;
   client(bucket: string): InstanceType<typeof Bun.S3Client>;
   createBucket(bucket: string): Promise<void>;
-  /** Upload a local file (multipart, streamed). */
-  putFile(bucket: string, key: string, path: string): Promise<void>;
+  /** Upload a local file (multipart, streamed); `acl: "public-read"` lets anonymous clients read it. */
+  putFile(bucket: string, key: string, path: string, o?: { acl?: "public-read" }): Promise<void>;
   /** Ops-log entries so far: { op, uri, status, bytes }. */
   ops(): { op: string; uri: string; status: string; bytes: number }[];
   /** Stop the gateway alone (the cluster keeps its data); startGateway() brings it back. */
@@ -96,8 +96,8 @@ export async function startRgw(): Promise<Rgw | null> {
       await runOk(["curl", "-sSf", "-X", "PUT", "--aws-sigv4", "aws:amz:us-east-1:s3", "--user", `${ACCESS_KEY}:${SECRET_KEY}`,
         "-H", "x-amz-content-sha256: e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855", `${endpoint}/${bucket}`]);
     },
-    async putFile(bucket, key, path) {
-      const w = client(bucket).file(key).writer({ partSize: 16 * 1024 * 1024, queueSize: 4, retry: 3 });
+    async putFile(bucket, key, path, o = {}) {
+      const w = client(bucket).file(key, o.acl ? { acl: o.acl } : {}).writer({ partSize: 16 * 1024 * 1024, queueSize: 4, retry: 3 });
       for await (const chunk of Bun.file(path).stream()) await w.write(chunk);
       await w.end();
     },
