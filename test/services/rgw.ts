@@ -97,7 +97,12 @@ export async function startRgw(): Promise<Rgw | null> {
         "-H", "x-amz-content-sha256: e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855", `${endpoint}/${bucket}`]);
     },
     async putFile(bucket, key, path, o = {}) {
-      const w = client(bucket).file(key, o.acl ? { acl: o.acl } : {}).writer({ partSize: 16 * 1024 * 1024, queueSize: 4, retry: 3 });
+      if (o.acl) {
+        // Bun's multipart writer drops the ACL (measured against RGW): one PUT carries it
+        await client(bucket).write(key, readFileSync(path), { acl: o.acl });
+        return;
+      }
+      const w = client(bucket).file(key).writer({ partSize: 16 * 1024 * 1024, queueSize: 4, retry: 3 });
       for await (const chunk of Bun.file(path).stream()) await w.write(chunk);
       await w.end();
     },
