@@ -21,12 +21,18 @@ const RECENT = 8;
 /** Copies what it needs of a piece of a block (`chunk` holds the block's bytes from `at` on; valid only during the call). */
 type Take = (chunk: Uint8Array, at: number) => void;
 
+/**
+ * A reader of a block's bytes up to `until`: answered as soon as a piece reaches that far, not when
+ * the whole block is in (pieces arrive in order; a retry starts again at the block's beginning).
+ */
+interface Taker { take: Take; until: number; done: boolean; resolve: () => void }
+
 interface Waiter {
   promise: Promise<void>;
   /** The GET bringing it, once sent (blocks wanted this tick are not yet). */
   job: FetchJob | null;
   /** Readers given each piece as it arrives. */
-  takers: Take[];
+  takers: Taker[];
   /** Called once the block is marked in the cache (or let go): readers that came after the first piece, load(). */
   late: ((cached: boolean) => void)[];
   /** Its first piece arrived (new readers can no longer get every piece). */
@@ -132,7 +138,7 @@ export class RemoteImage implements BlockDevice {
       ps.push(this.want(b, false, (chunk, at) => {
         const lo = Math.max(from, at), hi = Math.min(to, at + chunk.length);
         if (hi > lo) buf.set(chunk.subarray(lo - at, hi - at), b * bs + lo - offset);
-      }));
+      }, to));
     }
     this.sequential(b0, b1);
     return settle(ps);
@@ -140,9 +146,10 @@ export class RemoteImage implements BlockDevice {
 
   /**
    * Fetch block `b` (or join the GET already bringing it); `take` gets its bytes the moment they
-   * are in. Resolves after that, rejects with EIO when they cannot be had.
+   * are in and the promise resolves once they reach `until` (block-relative); it rejects with EIO
+   * when they cannot be had. Without `take`, it resolves once the block is marked in the cache.
    */
-  private want(b: number, ahead: boolean, take?: Take): Promise<void> {
+  private want(b: number, ahead: boolean, take?: Take, until = 0): Promise<void> {
     let w = this.waiting.get(b);
     if (w === undefined) {
       let resolve!: () => void, reject!: (e: Error) => void;
@@ -162,8 +169,11 @@ export class RemoteImage implements BlockDevice {
     }
     if (take === undefined) return this.marked(w);
     if (!w.started) {
-      w.takers.push(take);
-      return w.promise;
+      const waiter = w;
+      return new Promise<void>((resolve, reject) => {
+        waiter.takers.push({ take, until, done: false, resolve });
+        waiter.promise.then(resolve, reject);
+      });
     }
     return this.late(w, b, take);
   }
@@ -229,7 +239,12 @@ export class RemoteImage implements BlockDevice {
         if (w === undefined || w.job !== job) return;
         w.started = true;
         const at = offset - b * bs;
-        for (const take of w.takers) take(chunk, at);
+        const reached = at + chunk.length;
+        for (const t of w.takers) {
+          if (t.done) continue; // answered already: its buffer may be on the wire
+          t.take(chunk, at);
+          if (reached >= t.until) { t.done = true; t.resolve(); }
+        }
       },
       unit: (offset) => {
         const b = offset / bs;
