@@ -53,15 +53,24 @@ export class MemoryDevice implements BlockDevice {
 
   zero(offset: number, length: number, _flags: number): void {
     const end = offset + length;
-    let pos = offset;
-    while (pos < end) {
-      const idx = Math.floor(pos / PAGE);
-      const within = pos - idx * PAGE;
-      const n = Math.min(PAGE - within, end - pos);
-      if (n === PAGE) this.pages.delete(idx);
-      else this.pages.get(idx)?.fill(0, within, within + n);
-      pos += n;
+    const first = Math.ceil(offset / PAGE);   // first whole page in the range
+    const last = Math.floor(end / PAGE);      // one past the last whole page
+    if (first >= last) { this.zeroPartial(offset, end); return; }
+    this.zeroPartial(offset, first * PAGE);
+    this.zeroPartial(last * PAGE, end);
+    // Whole pages: walk whichever is smaller, the range or the allocated pages, so zeroing a
+    // huge sparse export (one extended-header request may cover all of it) costs what is stored.
+    if (last - first <= this.pages.size) {
+      for (let i = first; i < last; i++) this.pages.delete(i);
+    } else {
+      for (const k of [...this.pages.keys()]) if (k >= first && k < last) this.pages.delete(k);
     }
+  }
+
+  private zeroPartial(from: number, to: number): void {
+    if (from >= to) return;
+    const idx = Math.floor(from / PAGE);
+    this.pages.get(idx)?.fill(0, from - idx * PAGE, to - idx * PAGE);
   }
 
   extents(offset: number, length: number, _flags: number, sink: ExtentSink): void {

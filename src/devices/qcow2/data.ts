@@ -62,9 +62,7 @@ export class WritePath {
       const inC = pos - c * cs;
       const n = Math.min(cs - inC, end - bo);
       if (this.locks.held(c)) {
-        const b = bo;
-        const p = pos;
-        (pending ??= []).push(this.locks.after(c, () => this.writeCluster(buf, b, n, p, c, inC, true)));
+        (pending ??= []).push(this.writeAfter(buf, bo, n, pos, c, inC));
       } else {
         const r = this.writeCluster(buf, bo, n, pos, c, inC, false);
         if (r !== undefined) (pending ??= []).push(this.locks.hold(c, r));
@@ -97,8 +95,7 @@ export class WritePath {
       const c = Math.floor(pos / cs);
       const n = Math.min(cs - (pos - c * cs), end - pos);
       if (this.locks.held(c)) {
-        const p = pos;
-        (pending ??= []).push(this.locks.after(c, () => this.zeroCluster(p, n, c, flags, true)));
+        (pending ??= []).push(this.zeroAfter(pos, n, c, flags));
       } else {
         const r = this.zeroCluster(pos, n, c, flags, false);
         if (r !== undefined) (pending ??= []).push(this.locks.hold(c, r));
@@ -142,7 +139,7 @@ export class WritePath {
           const r = this.base.read(s, 0, cs, c * cs);
           if (r !== undefined) {
             this.scratch = new Uint8Array(cs); // s stays with the base read
-            return r.then(() => this.finishStd(buf, bo, n, c, inC, s, undefined));
+            return this.finishStdAfter(r, buf, bo, n, c, inC, s);
           }
         }
       }
@@ -184,7 +181,31 @@ export class WritePath {
     }
     this.scratch = new Uint8Array(cs); // s stays with the base reads
     const wait = r1 !== undefined && r2 !== undefined ? settleAll([r1, r2]) : (r1 ?? r2)!;
-    return wait.then(() => this.finishExt(buf, bo, n, c, inC, s, headPartial, tailPartial, undefined));
+    return this.finishExtAfter(wait, buf, bo, n, c, inC, s, headPartial, tailPartial);
+  }
+
+  // Closures live in these small methods only: a closure in the hot methods above would make the
+  // JIT keep their variables in a heap scope, allocated on every call even when nothing waits.
+
+  private writeAfter(buf: Uint8Array, bo: number, n: number, pos: number, c: number, inC: number): Promise<void> {
+    return this.locks.after(c, () => this.writeCluster(buf, bo, n, pos, c, inC, true));
+  }
+
+  private zeroAfter(pos: number, n: number, c: number, flags: number): Promise<void> {
+    return this.locks.after(c, () => this.zeroCluster(pos, n, c, flags, true));
+  }
+
+  private finishStdAfter(r: Promise<void>, buf: Uint8Array, bo: number, n: number, c: number, inC: number, s: Uint8Array): Promise<void> {
+    return r.then(() => this.finishStd(buf, bo, n, c, inC, s, undefined));
+  }
+
+  private finishExtAfter(r: Promise<void>, buf: Uint8Array, bo: number, n: number, c: number, inC: number, s: Uint8Array,
+    headPartial: boolean, tailPartial: boolean): Promise<void> {
+    return r.then(() => this.finishExt(buf, bo, n, c, inC, s, headPartial, tailPartial, undefined));
+  }
+
+  private zeroDataAfter(r: Promise<void>, pos: number, len: number, c: number): Promise<void> {
+    return r.then(() => this.zeroData(pos, len, c, true));
   }
 
   /**
@@ -334,7 +355,7 @@ export class WritePath {
     const tailPos = c * cs + j1 * sc;
     const tailLen = inC + n - j1 * sc;
     // the tail waits for the head when that went asynchronous (both change cluster c)
-    if (r !== undefined) return r.then(() => this.zeroData(tailPos, tailLen, c, true));
+    if (r !== undefined) return this.zeroDataAfter(r, tailPos, tailLen, c);
     return this.zeroData(tailPos, tailLen, c, direct);
   }
 
