@@ -1,23 +1,27 @@
 #!/usr/bin/env bash
 # Install what the test suite needs on a Debian machine: the npm dependencies (Bun, uvu, mitata,
 # TypeScript) and the real NBD consumers and peers the interop tests drive (QEMU, libnbd tools,
-# nbdkit, nbd-client, fio, xorriso, e2fsprogs), and the mkfs/partitioning tools the inspect,
-# partition-export and floppy tests make images with and compare against (blkid, sfdisk, sgdisk,
-# mkfs.fat, mkfs.exfat, mkfs.ntfs, mkfs.xfs, mkfs.btrfs, mkudffs, mtools, nbdfuse's fusermount3),
-# and the stores the remote-image tests start themselves: nginx (nginx-light) and a single-node Ceph
-# RADOS Gateway (ceph-mon, ceph-osd, radosgw, ceph-common; curl creates buckets, script(1) gives
-# the publish test a terminal). Idempotent: skips apt-get when everything is there.
+# nbdkit (with its xz and gzip filters), nbd-client, fio, xorriso, e2fsprogs), the mkfs/partitioning
+# tools the inspect, partition-export and floppy tests make images with and compare against (blkid,
+# sfdisk, sgdisk, mkfs.fat, mkfs.exfat, mkfs.ntfs, mkfs.xfs, mkfs.btrfs, mkudffs, mtools, nbdfuse's
+# fusermount3), the compressors the compressed-image tests use (xz-utils, gzip, zip; liblzma5 and
+# zlib1g are loaded through bun:ffi), and the stores the remote-image tests start themselves: nginx
+# (nginx-light) and a single-node Ceph RADOS Gateway (ceph-mon, ceph-osd, radosgw, ceph-common; curl
+# creates buckets, script(1) gives the publish test a terminal).
+# Idempotent: skips apt-get when everything is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PKGS=(qemu-utils qemu-system-x86 libnbd-bin python3-libnbd nbdkit nbd-client fio xorriso genisoimage
       e2fsprogs binutils busybox-static procps
       util-linux fdisk gdisk dosfstools exfatprogs ntfs-3g xfsprogs btrfs-progs udftools mtools fuse3
+      xz-utils gzip zip unzip liblzma5 zlib1g
       nginx-light ceph-mon ceph-osd radosgw ceph-common curl bsdutils)
 # Commands that prove the packages are there (one per package, same order).
 CMDS=(qemu-img qemu-system-x86_64 nbdinfo /usr/lib/python3/dist-packages/nbd.py nbdkit nbd-client fio xorriso isoinfo
       mke2fs as /bin/busybox ps
       blkid sfdisk sgdisk mkfs.fat mkfs.exfat mkfs.ntfs mkfs.xfs mkfs.btrfs mkudffs mdir fusermount3
+      xz gzip zip unzip /usr/lib/x86_64-linux-gnu/liblzma.so.5 /usr/lib/x86_64-linux-gnu/libz.so.1
       nginx ceph-mon ceph-osd radosgw ceph curl script)
 
 missing=()

@@ -2,7 +2,8 @@
 // descriptions (nbdinfo --list); nbdcopy fetches a cooked export and isoinfo lists its files; and
 // QEMU boots an El Torito CD (SeaBIOS, -accel tcg) from the cooked export of a MODE1/2352 BIN, of a
 // data track followed by audio in one BIN, and of a MODE2/2352 BIN, each made in the test from an
-// xorriso ISO with `bun-nbd cd make` and checked with `cd verify` first.
+// xorriso ISO with `bun-nbd cd make` and checked with `cd verify` first; and from the ISO itself,
+// served as a CD, plain and xz-compressed.
 import { suite } from "uvu";
 import * as assert from "uvu/assert";
 import { copyFileSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
@@ -58,7 +59,10 @@ test.before(async () => {
     const v = await cd("verify", join(dir, c));
     assert.match(v.stdout, new RegExp(`${n} data sectors checked, 0 bad`));
   }
-  server = await serve([join(dir, "m1.cue"), join(dir, "m2.cue"), join(dir, "da.cue"), fix("mixed/mixed.cue")]);
+  // The ISO itself, served like a CD, and an xz-compressed copy of it (multi-block, random access).
+  copyFileSync(iso, join(dir, "bootxz.iso"));
+  await runOk(["xz", "-T1", "--block-size=65536", join(dir, "bootxz.iso")]);
+  server = await serve([join(dir, "m1.cue"), join(dir, "m2.cue"), join(dir, "da.cue"), fix("mixed/mixed.cue"), iso, join(dir, "bootxz.iso.xz")]);
 });
 
 test.after(async () => {
@@ -81,6 +85,17 @@ test("nbdinfo --list shows every CD export with its description", async () => {
   assert.match(get("m2").description ?? "", /MODE2\/2352/);
   assert.is(get("mixed")["export-size"], 917504);
   assert.is(get("mixed/raw")["export-size"], 3170496);
+});
+
+test("an .iso is served like a CD: read-only, 2048-byte blocks, described as ISO 9660 with El Torito", async () => {
+  const r = await runOk(["nbdinfo", "--json", server!.uri("boot")], { timeoutMs: 30_000 });
+  const e = JSON.parse(r.stdout).exports[0];
+  assert.ok(e.is_read_only, "read-only without an overlay");
+  assert.equal([e.block_size_minimum, e.block_size_preferred], [2048, 2048]);
+  assert.match(e.description, /^boot\.iso: CD image, [\d.]+ MiB of 2048-byte sectors: ISO 9660 "NBDTESTCD".*El Torito/);
+  const x = JSON.parse((await runOk(["nbdinfo", "--json", server!.uri("bootxz")], { timeoutMs: 30_000 })).stdout).exports[0];
+  assert.match(x.description, /^bootxz\.iso\.xz: xz, \d+ blocks, .* uncompressed: CD image, .*: ISO 9660 "NBDTESTCD".*El Torito/);
+  assert.equal([x.block_size_minimum, x["export-size"], x.is_read_only], [2048, e["export-size"], true]);
 });
 
 test("nbdcopy of the cooked export equals the ISO; isoinfo lists its files", async () => {
@@ -114,5 +129,7 @@ async function bootCd(name: string): Promise<void> {
 test("QEMU boots the cooked export of a MODE1/2352 BIN", () => bootCd("m1"));
 test("QEMU boots the cooked export of a data + audio BIN", () => bootCd("da"));
 test("QEMU boots the cooked export of a MODE2/2352 BIN", () => bootCd("m2"));
+test("QEMU boots the .iso served directly (2048-byte minimum block size)", () => bootCd("boot"));
+test("QEMU boots an .iso.xz served from its compressed blocks", () => bootCd("bootxz"));
 
 test.run();

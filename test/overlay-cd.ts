@@ -130,12 +130,16 @@ test("an overlay refuses another disc, naming both", async () => {
   const r2 = await run([BUN, CLI, "serve", "-k", join(d, "sock"), "--overlay", ov, fix("mode2/mode2.cue")]);
   assert.is(r2.code, 1);
   assert.match(r2.stderr, /its base differs \(device stack\)/);
-  // the raw BIN named as a raw image (another engineer's sniffing would call it a CD; today the
-  // lone .bin is a CD too) and a plain raw file with the cooked bytes under another name
+  // the cooked bytes under another name: the opener sniffs an ISO (another device stack, same
+  // version); and a plain raw file of the same size: not a device stack at all
   copyFileSync(iso, join(d, "cooked.raw"));
   const r3 = await run([BUN, CLI, "serve", "-k", join(d, "sock"), "--overlay", ov, join(d, "cooked.raw")]);
   assert.is(r3.code, 1);
-  assert.match(r3.stderr, /made over cd .*disc1\.cue .*not over the raw file .*cooked\.raw/);
+  assert.match(r3.stderr, /its base differs \(kind, device stack\): it was made over cd .*disc1\.cue .*; the base given is iso .*cooked\.raw \(cooked\.raw: CD image/);
+  writeFileSync(join(d, "zero.raw"), new Uint8Array(readFileSync(iso).length));
+  const r4 = await run([BUN, CLI, "serve", "-k", join(d, "sock"), "--overlay", ov, join(d, "zero.raw")]);
+  assert.is(r4.code, 1);
+  assert.match(r4.stderr, /made over cd .*disc1\.cue .*not over the raw file .*zero\.raw/);
   assert.ok(!existsSync(join(d, "sock")));
 });
 

@@ -171,7 +171,8 @@ test("an image replaced while served: EIO and a log line, never bytes of the new
     utimesSync(next, new Date(), new Date(Date.now() + 10_000));
     renameSync(next, path);
     const res = await whoseBlocks(s.uri("swap"), oldBytes, path, 16);
-    assert.equal(res, [...Array(4).fill("old"), ...Array(12).fill("EIO")]);
+    // blocks 0-3 were read before the swap, the last one when the image was opened (sniffing reads its tail)
+    assert.equal(res, [...Array(4).fill("old"), ...Array(11).fill("EIO"), "old"]);
     await waitFor(() => /swap\.img changed since it was opened/.test(s.output()), "the server logs the change", s);
   } finally { await stopped(s); }
 }));

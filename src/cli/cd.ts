@@ -2,7 +2,7 @@
 // EDC/ECC, or wrap a 2048-byte image into a BIN/CUE. Argument parsing and output only.
 import { parseArgs } from "node:util";
 import { loadDisc } from "../devices/cd/index.ts";
-import { discInfo, verifyDisc, type DiscInfo } from "../devices/cd/inspect.ts";
+import { type BadSector, discInfo, verifyDisc, type DiscInfo } from "../devices/cd/inspect.ts";
 import { makeBinCue, type MakeMode } from "../devices/cd/make.ts";
 import { msf } from "../devices/cd/disc.ts";
 
@@ -12,10 +12,12 @@ const HELP = `usage: bun-nbd cd <command> ...
                                 postgap), sessions, warnings, and a header check of the first
                                 and last raw sector of each data track
   cd verify IMAGE               recompute EDC (and ECC for Mode 1 and XA Form 1) of every
-                                stored data sector; lists bad sectors by LBA (exit 1 if any)
-  cd make IN.iso OUT.cue [--mode MODE1|MODE2]
+                                stored data sector; lists the first bad sectors by LBA, then
+                                a summary by problem and track (exit 1 if any)
+  cd make IN.iso OUT.cue [--mode MODE1|MODE2] [--force]
                                 wrap a 2048-byte-sector image into raw 2352-byte sectors
-                                (OUT.bin) with a one-track CUE sheet (default MODE1)
+                                (OUT.bin) with a one-track CUE sheet (default MODE1); an
+                                existing OUT.cue or OUT.bin is only replaced with --force
 
 IMAGE is a .cue sheet, a CloneCD .ccd, or a lone raw-sector .bin/.img.
 Exit status: 0 ok, 1 bad sectors or a broken image, 2 usage error.`;
@@ -29,6 +31,7 @@ export async function main(argv: string[]): Promise<number> {
       options: {
         json: { type: "boolean" },
         mode: { type: "string" },
+        force: { type: "boolean", short: "f" },
         help: { type: "boolean", short: "h" },
       },
     });
@@ -52,7 +55,7 @@ export async function main(argv: string[]): Promise<number> {
         if (rest.length !== 2) return usage("cd make takes IN.iso OUT.cue");
         const m = (args.values.mode ?? "MODE1").toUpperCase();
         if (m !== "MODE1" && m !== "MODE2") return usage(`unknown --mode "${args.values.mode}" (MODE1 or MODE2)`);
-        const r = makeBinCue(rest[0]!, rest[1]!, m as MakeMode);
+        const r = makeBinCue(rest[0]!, rest[1]!, m as MakeMode, { force: args.values.force === true });
         console.log(`wrote ${r.bin} (${r.sectors} ${m}/2352 sectors) and ${rest[1]}`);
         return 0;
       }
@@ -99,15 +102,32 @@ function formatInfo(d: DiscInfo): string {
   return lines.join("\n");
 }
 
+/** Bad sectors listed one per line; the rest are summarized. */
+const SHOW_BAD = 10;
+
+/** `... 881 more bad sectors, LBA 10-890: 881 mode (track 1)` */
+function summarizeBad(rest: BadSector[]): string {
+  const kinds = new Map<string, number>();
+  const tracks = new Map<number, number>();
+  for (const b of rest) {
+    const k = b.problem.split(/[ :(]/)[0]!;
+    kinds.set(k, (kinds.get(k) ?? 0) + 1);
+    tracks.set(b.track, (tracks.get(b.track) ?? 0) + 1);
+  }
+  const byKind = [...kinds].map(([k, n]) => `${n} ${k}`).join(", ");
+  const byTrack = [...tracks].map(([t, n]) => `track ${t}: ${n}`).join(", ");
+  return `... ${rest.length} more bad sectors, LBA ${rest[0]!.lba}-${rest[rest.length - 1]!.lba}: ${byKind} (${byTrack})`;
+}
+
 function verify(path: string): number {
   const disc = loadDisc(path);
   try {
     for (const w of disc.warnings) console.error(`warning: ${w}`);
     let shown = 0;
     const r = verifyDisc(disc, (b) => {
-      if (++shown <= 1000) console.log(`bad sector LBA ${b.lba} (${msf(b.lba)}, track ${b.track}): ${b.problem}`);
+      if (++shown <= SHOW_BAD) console.log(`bad sector LBA ${b.lba} (${msf(b.lba)}, track ${b.track}): ${b.problem}`);
     });
-    if (r.bad.length > 1000) console.log(`... ${r.bad.length - 1000} more bad sectors`);
+    if (r.bad.length > SHOW_BAD) console.log(summarizeBad(r.bad.slice(SHOW_BAD)));
     const skipped = r.skipped ? `, ${r.skipped} stored without EDC/ECC (not checked)` : "";
     console.log(`${path}: ${r.checked} data sectors checked, ${r.bad.length} bad${skipped}`);
     return r.bad.length ? 1 : 0;

@@ -16,11 +16,14 @@ const HELP = `usage: bun-nbd serve [options] FILE...
 
 Serve disk images over NBD. Each FILE becomes an export named after the file without its
 extension (disk.img -> "disk"); the first one is also the default export "".
-Raw images (.img, .ima, .vfd, .flp, .raw, anything else) are served byte for byte; CD images
-(.cue, .ccd, or a lone raw-sector .bin/.img) as cooked and raw track views. Each partition of an
-MBR or GPT disk is also offered as NAME/p1, NAME/p2, ... (logical partitions from p5).
-A FILE may be remote: https://host/path/disk.img or s3://BUCKET/KEY (raw, or a CUE sheet whose
-BINs sit next to it), read through a local cache (see below).
+What FILE is comes from its content: raw images (.img, .ima, .vfd, .flp, .raw, anything else) are
+served byte for byte; CD images (.cue, .ccd, or lone raw sectors) as cooked and raw track views;
+ISO 9660 images like a CD (read-only, 2048-byte blocks); .xz/.gz/.zip/.imz images as their
+uncompressed bytes (read-only; archive.zip/MEMBER picks a member); VHDs (fixed: read-write;
+dynamic: read-only); qcow2 overlays as themselves. Each partition of an MBR or GPT disk is also
+offered as NAME/p1, NAME/p2, ... (logical partitions from p5).
+A FILE may be remote: https://host/path/disk.img or s3://BUCKET/KEY (raw, ISO, fixed VHD, or a
+CUE sheet whose BINs sit next to it), read through a local cache (see below).
 On start, serve says what each export holds and prints a QEMU command line that fits it.
 
 options:

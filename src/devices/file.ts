@@ -38,8 +38,11 @@ export class RawFile implements BlockDevice {
     this.readOnly = readOnly;
   }
 
-  /** Open a regular file (read-only with `readOnly`). Throws a clear Error if it is missing or unreadable. */
-  static open(path: string, opts: { readOnly?: boolean } = {}): RawFile {
+  /**
+   * Open a regular file (read-only with `readOnly`). Throws a clear Error if it is missing or
+   * unreadable. `size` exports only the file's first `size` bytes (a fixed VHD without its footer).
+   */
+  static open(path: string, opts: { readOnly?: boolean; size?: number } = {}): RawFile {
     const readOnly = opts.readOnly ?? false;
     let fd: number;
     try {
@@ -59,6 +62,10 @@ export class RawFile implements BlockDevice {
     if (st.isBlockDevice()) {
       // fstat reports 0 for block devices; the end of the device is where lseek(SEEK_END) lands.
       size = blockDeviceSize(fd);
+    }
+    if (opts.size !== undefined) {
+      if (opts.size > size) { fs.closeSync(fd); throw new Error(`cannot open ${path}: ${opts.size} bytes wanted, the file has ${size}`); }
+      size = opts.size;
     }
     return new RawFile(path, fd, size, readOnly);
   }

@@ -46,6 +46,8 @@ function load(f: Ffi) {
     sendfile: { args: [FFIType.i32, FFIType.i32, FFIType.ptr, FFIType.u64], returns: FFIType.i64_fast },
     recv: { args: [FFIType.i32, FFIType.ptr, FFIType.u64, FFIType.i32], returns: FFIType.i64_fast },
     posix_fadvise: { args: [FFIType.i32, FFIType.i64, FFIType.i64, FFIType.i32], returns: FFIType.i32 },
+    calloc: { args: [FFIType.u64, FFIType.u64], returns: FFIType.ptr },
+    free: { args: [FFIType.ptr], returns: FFIType.void },
     __errno_location: { args: [], returns: FFIType.ptr },
   }).symbols;
 }
@@ -103,6 +105,20 @@ export function willNeed(fd: number, offset: number, length: number): void {
   if (!lib) return;
   const r = lib.posix_fadvise(fd, offset, length, 3);
   if (r !== 0) throw errnoError("posix_fadvise", r);
+}
+
+/**
+ * Zeroed memory outside the JavaScript heap, for C structs a library keeps pointers to between
+ * calls (zlib checks that its z_stream never moves). Returns the address and a view of the bytes.
+ */
+export function cAlloc(size: number): { addr: number; bytes: Uint8Array } {
+  if (!lib || !ffi) throw errnoError("calloc", 38);
+  const addr = lib.calloc(1, size);
+  if (!addr) throw errnoError("calloc", 12);
+  return { addr: addr as number, bytes: new Uint8Array(ffi.toArrayBuffer(addr, 0, size)) };
+}
+export function cFree(addr: number): void {
+  if (lib && addr) lib.free(addr as never);
 }
 
 /** sendfile(2) from `inFd` at `offset` to `outFd`. Returns bytes sent (may be short), or -EAGAIN as -11. */

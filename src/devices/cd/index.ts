@@ -89,11 +89,12 @@ function closeAll(files: DiscFile[]): void {
   for (const f of files) if (f.fd >= 0) { try { closeSync(f.fd); } catch { /* ignore */ } f.fd = -1; }
 }
 
-/** Loads a disc (files opened read-only). Throws an Error naming the file and line for a bad descriptor. */
-export function loadDisc(path: string): CdDisc {
+/** Loads a disc (files opened read-only; the format by extension unless given). Throws an Error naming the file and line for a bad descriptor. */
+export function loadDisc(path: string, format?: "cue" | "ccd" | "raw"): CdDisc {
   const ext = extname(path).toLowerCase();
-  if (ext === ".cue") return loadCue(path);
-  if (ext === ".ccd") return loadCcd(path);
+  const f = format ?? (ext === ".cue" ? "cue" : ext === ".ccd" ? "ccd" : "raw");
+  if (f === "cue") return loadCue(path);
+  if (f === "ccd") return loadCcd(path);
   return loadRaw(path);
 }
 
@@ -101,8 +102,25 @@ function readDescriptor(path: string): Uint8Array {
   let st;
   try { st = statSync(path); } catch (e) { throw new Error(`${path}: ${(e as Error).message}`); }
   if (!st.isFile()) throw new Error(`${path}: not a regular file`);
+  notAnImage(path, st.size);
   if (st.size > 1024 * 1024) throw new Error(`${path}: ${st.size} bytes is too large for a disc descriptor (limit 1048576)`);
   return readFileSync(path);
+}
+
+/** A descriptor (.cue/.ccd) that is really a disc image: refuse with what to do instead. */
+function notAnImage(path: string, size: number): void {
+  const head = new Uint8Array(32774);
+  const fd = openSync(path, "r");
+  let n: number;
+  try { n = readSync(fd, head, 0, head.length, 0); } finally { closeSync(fd); }
+  const kind = extname(path).toLowerCase() === ".ccd" ? "CloneCD descriptor" : "CUE sheet";
+  if (n === head.length && size % 2048 === 0 && new TextDecoder().decode(head.subarray(32769, 32774)) === "CD001") {
+    throw new Error(`${path} is not a ${kind} but an ISO 9660 image (CD001 at byte 32769): rename it to .iso and serve it directly ` +
+      `(an ISO is served as a CD), or write a sheet for it with MODE1/2048, or make a raw image with \`bun-nbd cd make\``);
+  }
+  if (size % RAW_SECTOR === 0 && hasSync(head, 0)) {
+    throw new Error(`${path} is not a ${kind} but raw 2352-byte CD sectors: rename it to .bin and serve it directly (served as one data track), or write a sheet for it`);
+  }
 }
 
 function loadCue(path: string): CdDisc {
@@ -127,10 +145,35 @@ function loadCue(path: string): CdDisc {
       return f;
     });
     const specs = cueTrackSpecs(sheet, perFile, path, warnings);
+    for (const t of specs) checkSectorFormat(path, t);
     return finish(path, "cue", files, specs, warnings);
   } catch (e) {
     closeAll(files);
     throw e;
+  }
+}
+
+/**
+ * Refuse a sheet whose data track mode contradicts the file: a raw mode (MODE1/2352...) over a
+ * 2048-byte ISO (no sync pattern where one must be, CD001 at byte 32769 of the track, a whole
+ * number of 2048-byte sectors), or a cooked mode (MODE1/2048) over raw sectors. Served as
+ * written, either gives garbage sectors; the message says how to fix it.
+ */
+function checkSectorFormat(path: string, t: TrackSpec): void {
+  if (t.mode.audio || t.fileSectors <= 0) return;
+  const head = new Uint8Array(32 * 1024 + 8);
+  const n = readSync(t.file.fd, head, 0, head.length, t.byteOffset);
+  const rest = t.file.size - t.byteOffset;
+  const where = `${path}:${t.line}: track ${String(t.number).padStart(2, "0")} is declared ${t.mode.name}`;
+  if (t.mode.sectorSize === RAW_SECTOR && !hasSync(head, 0)) {
+    const iso = n >= 32774 && head[32769] === 0x43 && head[32770] === 0x44 && head[32771] === 0x30 && head[32772] === 0x30 && head[32773] === 0x31;
+    if (iso && rest % 2048 === 0) {
+      throw new Error(`${where}, but "${t.file.label}" is a 2048-byte-sector ISO 9660 image (no sync pattern, CD001 at byte 32769): ` +
+        `write MODE1/2048 in the sheet, or make a real raw image with \`bun-nbd cd make ${t.file.label} NEW.cue\`, or serve the .iso directly`);
+    }
+  }
+  if (t.mode.sectorSize === 2048 && t.mode.cookedOffset === 0 && hasSync(head, 0) && rest % RAW_SECTOR === 0) {
+    throw new Error(`${where}, but "${t.file.label}" holds raw 2352-byte sectors (sync pattern at its start): write MODE${head[15] === 2 ? 2 : 1}/2352 in the sheet`);
   }
 }
 
@@ -248,8 +291,8 @@ function range(first: number, count: number): string {
 }
 
 /** The exports of a CD image (see the file comment). Every device is read-only. */
-export async function openCdImage(path: string, opts: { name?: string; log: (msg: string) => void }): Promise<ExportSpec[]> {
-  return discExports(loadDisc(path), basename(path), opts.name ?? basename(path, extname(path)), opts.log);
+export async function openCdImage(path: string, opts: { name?: string; log: (msg: string) => void; format?: "cue" | "ccd" | "raw" }): Promise<ExportSpec[]> {
+  return discExports(loadDisc(path, opts.format), basename(path), opts.name ?? basename(path, extname(path)), opts.log);
 }
 
 /** The exports of a loaded disc (closed on failure); `file` names the descriptor in descriptions. */

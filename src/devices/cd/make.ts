@@ -1,7 +1,7 @@
 // `cd make`: wraps a 2048-byte-sector image (an ISO) into raw 2352-byte sectors with sync,
 // header, EDC and ECC (Mode 1, or Mode 2 XA Form 1 with subheaders) and writes a one-track CUE
 // sheet beside the BIN. Streams in chunks, so large images need little memory.
-import { closeSync, fstatSync, openSync, readSync, writeFileSync, writeSync } from "node:fs";
+import { closeSync, existsSync, fstatSync, openSync, readSync, writeFileSync, writeSync } from "node:fs";
 import { basename, dirname, extname, join, resolve } from "node:path";
 import {
   COOKED_SECTOR, encodeMode1, encodeMode2Form1, RAW_SECTOR, SUBMODE_DATA, SUBMODE_EOF, SUBMODE_EOR,
@@ -24,13 +24,18 @@ export function wrapSector(src: Uint8Array, so: number, dst: Uint8Array, o: numb
 
 /**
  * Writes `<cue stem>.bin` next to `cuePath` and the sheet itself. Returns the BIN path and the
- * sector count. Throws a clear Error for an input that is not a whole number of 2048-byte sectors.
+ * sector count. Throws a clear Error for an input that is not a whole number of 2048-byte sectors,
+ * and (without `force`) when the BIN or the sheet already exists.
  */
-export function makeBinCue(isoPath: string, cuePath: string, mode: MakeMode): { bin: string; sectors: number } {
+export function makeBinCue(isoPath: string, cuePath: string, mode: MakeMode, opts: { force?: boolean } = {}): { bin: string; sectors: number } {
   if (extname(cuePath).toLowerCase() !== ".cue") throw new Error(`${cuePath}: the sheet's name must end in .cue`);
   const binName = `${basename(cuePath, extname(cuePath))}.bin`;
   const binPath = join(dirname(cuePath), binName);
   if (resolve(binPath) === resolve(isoPath)) throw new Error(`${isoPath}: would be overwritten by the BIN ${binPath}`);
+  if (!opts.force) {
+    const there = [cuePath, binPath].filter((p) => existsSync(p));
+    if (there.length) throw new Error(`${there.join(" and ")} already exist${there.length === 1 ? "s" : ""}: not overwriting (use --force to replace)`);
+  }
   const fd = openSync(isoPath, "r");
   let out = -1;
   try {

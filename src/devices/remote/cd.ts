@@ -5,7 +5,6 @@ import { basename } from "node:path";
 import { cueTrackSpecs, parseCue } from "../cd/cue.ts";
 import type { DiscFile } from "../cd/disc.ts";
 import { discExports, finish, rawDisc } from "../cd/index.ts";
-import { hasSync, RAW_SECTOR } from "../cd/sector.ts";
 import { untilLocal } from "../staged.ts";
 import type { ExportSpec } from "../types.ts";
 import type { RemoteImage } from "./device.ts";
@@ -13,14 +12,6 @@ import { objectBaseName, siblingLocation, type RemoteLocation } from "./location
 import { openRemoteImage, stagedFile, type RemoteOpenOptions } from "./open-image.ts";
 
 const MAX_SHEET = 1024 * 1024;
-
-/** Sync pattern at byte 0 and a size that is a whole number of 2352-byte sectors. */
-export async function looksLikeRawCd(img: RemoteImage): Promise<boolean> {
-  if (img.size() % RAW_SECTOR !== 0 || img.size() < RAW_SECTOR) return false;
-  const head = new Uint8Array(16);
-  await img.pread(head, 0, 0);
-  return hasSync(head, 0);
-}
 
 function discFile(img: RemoteImage, label: string): DiscFile {
   return { path: img.location, label, size: img.size(), fd: img.blocks.fd, staged: stagedFile(img) };

@@ -1,0 +1,215 @@
+// Random access to a compressed image, whatever the format: the image is cut into segments that
+// can each be decoded from their start (xz Blocks, or the spans between a zran index's access
+// points). A segment is decoded once, on first read, into a sparse, unlinked spill file; every
+// later read of it is a plain file read (or sendfile: fileRange). Segments up to FULL_SEGMENT are
+// decoded whole, so their integrity check is verified before a byte is served; larger ones (a
+// single-block xz file) are decoded progressively by a cursor kept open between reads.
+import { closeSync, fstatSync, openSync, readSync, unlinkSync, writeSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { caps, type BlockDevice, type BlockSize, type Capabilities, type FileRange } from "../types.ts";
+
+/** Damaged or missing image data: logged by the server as an error (not a client mistake), answered with EIO. */
+function damaged(msg: string): Error {
+  return Object.assign(new Error(msg), { code: "EIO" });
+}
+
+/** Segments at most this long are decoded whole on first touch. */
+export const FULL_SEGMENT = 64 * 1024 * 1024;
+/** A cursor over a larger segment decodes at least this much past what a read needs. */
+const STEP = 4 * 1024 * 1024;
+const STAGE = 1024 * 1024;
+const MAX_CURSORS = 2;
+
+/** Decodes one segment from its start, in order. */
+export interface SegmentStream {
+  /** Up to `len` bytes of output into buf[off..]; returns how many (0 only at the segment's end). Throws on corrupt data. */
+  read(buf: Uint8Array, off: number, len: number): number;
+  /** Called once the segment's last byte was read: verify what follows (integrity check), throw if bad. */
+  finish(): void;
+  close(): void;
+}
+
+/** The format side: segment layout and a way to decode each. */
+export interface SegmentSource {
+  /** What it is, for messages ("disk.img.xz"). */
+  readonly label: string;
+  readonly size: number;
+  /** Uncompressed start of each segment, increasing, starts[0] = 0. */
+  readonly starts: Float64Array;
+  open(segment: number): SegmentStream;
+  close(): void;
+}
+
+/** An unlinked temporary file that holds decoded bytes at their uncompressed offsets. */
+export class SpillFile {
+  readonly fd: number;
+  constructor(label: string) {
+    const dir = process.env.TMPDIR || tmpdir();
+    const path = join(dir, `bun-nbd-decoded-${process.pid}-${Math.random().toString(36).slice(2, 10)}`);
+    try {
+      this.fd = openSync(path, "wx+", 0o600);
+    } catch (e) {
+      throw new Error(`${label}: cannot create a temporary file in ${dir} for decoded data: ${(e as Error).message}`);
+    }
+    unlinkSync(path);
+  }
+  write(buf: Uint8Array, off: number, len: number, pos: number): void {
+    let done = 0;
+    while (done < len) done += writeSync(this.fd, buf, off + done, len - done, pos + done);
+  }
+  close(): void { closeSync(this.fd); }
+}
+
+interface Cursor { segment: number; stream: SegmentStream; pos: number }
+
+const READ_ONLY: Capabilities = Object.freeze(caps({ canWrite: false, canFlush: false, canCache: true, canMultiConn: true }));
+
+/** A read-only block device over a SegmentSource, decoding into a spill file. */
+export class DecompressedDevice implements BlockDevice {
+  private readonly n: number;
+  private readonly starts: Float64Array;
+  /** Bytes of each segment decoded (from its start) and present in the spill file. */
+  private readonly done: Float64Array;
+  private readonly bad: (string | undefined)[];
+  private readonly stage = new Uint8Array(STAGE);
+  private cursors: Cursor[] = [];
+  private closed = false;
+
+  constructor(private readonly src: SegmentSource, private readonly spill: SpillFile, opts: { decoded?: boolean } = {}) {
+    this.starts = src.starts;
+    this.n = src.starts.length;
+    this.done = new Float64Array(this.n);
+    this.bad = new Array(this.n);
+    if (opts.decoded) for (let i = 0; i < this.n; i++) this.done[i] = this.segLen(i);
+  }
+
+  size(): number { return this.src.size; }
+  blockSize(): BlockSize { return { minimum: 1, preferred: 4096, maximum: 32 * 1024 * 1024 }; }
+  capabilities(): Capabilities { return READ_ONLY; }
+
+  private segLen(i: number): number {
+    return (i + 1 < this.n ? this.starts[i + 1]! : this.src.size) - this.starts[i]!;
+  }
+
+  /** The segment holding byte `pos` (binary search). */
+  private segmentAt(pos: number): number {
+    const s = this.starts;
+    let lo = 0, hi = this.n - 1;
+    while (lo < hi) {
+      const mid = (lo + hi + 1) >> 1;
+      if (s[mid]! <= pos) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+  }
+
+  /** True if every byte of [offset, offset+length) is in the spill file. */
+  private present(offset: number, length: number, fill: boolean): boolean {
+    const end = offset + length;
+    for (let i = this.segmentAt(offset); i < this.n && this.starts[i]! < end; i++) {
+      const need = Math.min(end, this.starts[i]! + this.segLen(i)) - this.starts[i]!;
+      if (this.done[i]! >= need) continue;
+      if (!fill) return false;
+      this.fill(i, need);
+    }
+    return true;
+  }
+
+  fileRange(offset: number, length: number, out: FileRange): boolean {
+    if (!this.present(offset, length, false)) return false;
+    out.fd = this.spill.fd;
+    out.offset = offset;
+    return true;
+  }
+
+  pread(buf: Uint8Array, offset: number, _flags: number): void {
+    if (buf.length === 0) return;
+    this.present(offset, buf.length, true);
+    let done = 0;
+    while (done < buf.length) {
+      const r = readSync(this.spill.fd, buf, done, buf.length - done, offset + done);
+      if (r === 0) throw damaged(`${this.src.label}: decoded data missing at ${offset + done}`);
+      done += r;
+    }
+  }
+
+  cache(offset: number, length: number): void {
+    this.present(offset, length, true);
+  }
+
+  /** Decode segment i until at least `need` bytes of it are present. */
+  private fill(i: number, need: number): void {
+    const bad = this.bad[i];
+    if (bad) throw damaged(bad);
+    const len = this.segLen(i);
+    const whole = len <= FULL_SEGMENT;
+    const target = whole ? len : Math.min(len, Math.max(need, this.done[i]! + STEP));
+    let c = this.cursors.find((x) => x.segment === i);
+    if (!c) {
+      c = { segment: i, stream: this.src.open(i), pos: 0 };
+      if (!whole) this.keep(c);
+    }
+    const base = this.starts[i]!;
+    try {
+      while (c.pos < target) {
+        const want = Math.min(STAGE, target - c.pos);
+        let got = 0;
+        while (got < want) {
+          const r = c.stream.read(this.stage, got, want - got);
+          if (r === 0) throw new Error(`segment ${i} ended ${len - (c.pos + got)} bytes early`);
+          got += r;
+        }
+        // Rewriting bytes already present (a restarted cursor) writes the same bytes again.
+        this.spill.write(this.stage, 0, got, base + c.pos);
+        c.pos += got;
+        if (!whole && c.pos > this.done[i]!) this.done[i] = c.pos;
+      }
+      if (c.pos === len) {
+        c.stream.finish();
+        this.drop(c);
+      }
+      if (whole) this.done[i] = len;
+    } catch (e) {
+      this.drop(c);
+      // Remembered: a damaged segment fails fast from now on, and other segments are unaffected.
+      const msg = `${this.src.label}: bytes ${base}-${base + len - 1} cannot be decoded: ${(e as Error).message}`;
+      this.bad[i] = msg;
+      throw damaged(msg);
+    } finally {
+      if (whole) { try { c.stream.close(); } catch { /* already failing */ } }
+    }
+  }
+
+  private keep(c: Cursor): void {
+    this.cursors.push(c);
+    while (this.cursors.length > MAX_CURSORS) this.drop(this.cursors[0]!);
+  }
+
+  private drop(c: Cursor): void {
+    const k = this.cursors.indexOf(c);
+    if (k >= 0) {
+      this.cursors.splice(k, 1);
+      try { c.stream.close(); } catch { /* ignore */ }
+    }
+  }
+
+  /** Bytes decoded so far (for tests and messages). */
+  decodedBytes(): number {
+    let t = 0;
+    for (let i = 0; i < this.n; i++) t += this.done[i]!;
+    return t;
+  }
+
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    for (const c of [...this.cursors]) this.drop(c);
+    this.src.close();
+    this.spill.close();
+  }
+}
+
+/** Size of an open file. */
+export function fdSize(fd: number): number {
+  return fstatSync(fd).size;
+}
