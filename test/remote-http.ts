@@ -6,7 +6,7 @@
 // never bytes of the new version), a CUE sheet whose BINs sit next to it, credentials kept out of
 // logs and LIST, and clear errors at start (and a throw-away overlay over the remote disc). BUN_NBD_REMOTE_BIG_MIB sets the big image's size.
 import * as assert from "uvu/assert";
-import { cpSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, renameSync, utimesSync, closeSync } from "node:fs";
+import { cpSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, renameSync, utimesSync, closeSync, writeSync } from "node:fs";
 import { join } from "node:path";
 import { deadline } from "./helpers/assert.ts";
 import { BUN, CLI, need, run, runOk, ROOT, scratch } from "./helpers/env.ts";
@@ -201,6 +201,33 @@ test("a CUE sheet over HTTP: BINs found next to it, exports equal to serving the
     const o = await nbdpy(snap.uri("mixed"), "h.pwrite(b'\\x42' * 4096, 8192)\nout['back'] = h.pread(4096, 8192) == b'\\x42' * 4096\nout['ro'] = h.is_read_only()");
     assert.equal(o, { back: true, ro: false });
   } finally { await stopped(snap); }
+}));
+
+test("remote ISO and fixed VHD are sniffed and served like the local files; a remote .xz is refused by name", () => deadline(120_000, "kinds", async () => {
+  need("qemu-img", "xz");
+  const raw = makeImage(join(dir, "kinds.raw"), 8 * MiB, 51);
+  await runOk(["qemu-img", "convert", "-f", "raw", "-O", "vpc", "-o", "subformat=fixed,force_size=on", raw, join(ngx.root, "fixed.vhd")]);
+  const iso = makeImage(join(ngx.root, "disc.iso"), 4 * MiB, 52);
+  const fd = openSync(iso, "r+"); // a primary volume descriptor at sector 16 makes it an ISO
+  writeSync(fd, Buffer.from("\x01CD001\x01"), 0, 7, 16 * 2048);
+  closeSync(fd);
+  await runOk(["xz", "-k", "-0", raw]);
+  cpSync(`${raw}.xz`, join(ngx.root, "kinds.img.xz"));
+  for (const [file, name] of [["fixed.vhd", "fixed"], ["disc.iso", "disc"]] as const) {
+    const remote = await serve(["--no-cache", ngx.url(file)]);
+    const here = await serve(["-r", join(ngx.root, file)]);
+    try {
+      const list = await runOk(["nbdinfo", "--list", remote.uri()]);
+      assert.match(list.stdout, file === "fixed.vhd" ? /fixed VHD/ : /CD image/);
+      await copyOk(remote.uri(name), join(dir, `${name}-r.out`));
+      await copyOk(here.uri(name), join(dir, `${name}-l.out`));
+    } finally { await stopped(remote); await stopped(here); }
+    await same(join(dir, `${name}-r.out`), join(dir, `${name}-l.out`));
+  }
+  await same(join(dir, "fixed-r.out"), raw);
+  const r = await run([BUN, CLI, "serve", "-p", "0", "--no-cache", ngx.url("kinds.img.xz")]);
+  assert.is(r.code, 1);
+  assert.match(r.stderr, /kinds\.img\.xz is a xz image: compressed images.*cannot be served from a remote store yet/);
 }));
 
 test("credentials in the URL are used but never printed, listed or logged", () => deadline(60_000, "credentials", async () => {
