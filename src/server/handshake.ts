@@ -94,15 +94,19 @@ export class Handshake {
       this.handleOption(h.option, data);
     }
     if (this.s.closed) return null;
-    // Keep what is left (an incomplete option, or requests pipelined after GO).
-    const rest = this.buf.slice(p, this.len);
-    this.len = 0;
     if (this.result !== null) {
+      // Requests pipelined after GO go to the transmission phase.
+      const rest = this.buf.slice(p, this.len);
       this.buf = new Uint8Array(0);
+      this.len = 0;
       return rest;
     }
-    this.buf.set(rest, 0);
-    this.len = rest.length;
+    // Keep an incomplete option where it is: move it only when something before it was consumed,
+    // so an option dribbled in one byte at a time costs linear time, not a copy per byte.
+    if (p > 0) {
+      this.buf.copyWithin(0, p, this.len);
+      this.len -= p;
+    }
     return null;
   }
 

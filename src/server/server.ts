@@ -84,7 +84,16 @@ class SocketTransport implements Transport {
     const sfd = (this.sock as unknown as { fd: number }).fd; // present at run time, missing from the typings
     for (;;) {
       while (seg.length > 0) {
-        const r = sendfile(sfd, seg.fd, seg.offset, seg.length);
+        let r: number;
+        try {
+          r = sendfile(sfd, seg.fd, seg.offset, seg.length);
+        } catch {
+          // EPIPE, ECONNRESET: the client hung up. Not a request error: drop the connection (a
+          // paused socket would not see the hang-up by itself) and let close clean up.
+          seg.length = 0;
+          this.destroy();
+          return null;
+        }
         if (r <= 0) break; // EAGAIN (socket full), or end of file (handled by the read below)
         seg.offset += r;
         seg.length -= r;
