@@ -11,6 +11,7 @@ const commands: Record<string, { summary: string; load: () => Promise<{ main(arg
   copy: { summary: "copy between files and NBD exports (sparse-aware)", load: () => import("./cli/copy.ts") },
   overlay: { summary: "create, inspect, commit or reset copy-on-write overlays", load: () => import("./cli/overlay.ts") },
   config: { summary: "check a config file (bun-nbd config check FILE)", load: () => import("./cli/config.ts") },
+  publish: { summary: "upload an overlay merged with its base as a new S3 object", load: () => import("./cli/publish.ts") },
   cd: { summary: "inspect, verify and make BIN/CUE CD images", load: () => import("./cli/cd.ts") },
   verify: { summary: "check an image against its published checksum (sidecars, SHA256SUMS, --sha256)", load: () => import("./cli/verify.ts") },
   inspect: { summary: "what an image or export holds: partitions, file systems, how it boots", load: () => import("./cli/inspect.ts") },

@@ -8,6 +8,12 @@ import { parseHostPort } from "../config/values.ts";
 import { cidrProblem } from "../server/access.ts";
 import { exportNameFor } from "../devices/open.ts";
 
+const isRemote = (f: string) => /^(https?|s3):\/\//i.test(f);
+/** The object's name, for a remote FILE ("https://h/images/disk.img?x" -> "disk"). */
+function remoteName(url: string): string {
+  try { return exportNameFor(decodeURIComponent(new URL(url).pathname)); } catch { return exportNameFor(url.replace(/[?#].*$/, "")); }
+}
+
 export interface ServeFlags {
   config?: string;
   port?: string;
@@ -88,8 +94,8 @@ function exportsFromFiles(f: ServeFlags, files: string[]): ExportConfig[] | stri
   if ((f.overlay !== undefined || f.snapshot) && files.length > 1) return "--overlay and --snapshot need exactly one FILE (the base image)";
   const dir = f["per-client-overlay"];
   return files.map((file) => ({
-    name: f.name ?? exportNameFor(file),
-    file: resolve(file),
+    name: f.name ?? (isRemote(file) ? remoteName(file) : exportNameFor(file)),
+    file: isRemote(file) ? file : resolve(file),
     readOnly: !!f["read-only"],
     overlay: f.overlay !== undefined ? { kind: "file" as const, path: resolve(f.overlay) }
       : f.snapshot ? { kind: "snapshot" as const }

@@ -3,6 +3,7 @@
 // down cleanly on SIGINT/SIGTERM. Wiring only.
 import { statSync } from "node:fs";
 import { commandArgs } from "./args.ts";
+import { REMOTE_FLAGS, REMOTE_HELP, remoteSettings } from "./remote-args.ts";
 import { serveConfig, type ServeFlags } from "./serve-config.ts";
 import { formatConfig } from "../config/print.ts";
 import type { ServiceConfig } from "../config/types.ts";
@@ -30,6 +31,8 @@ ISO 9660 images like a CD (read-only, 2048-byte blocks); .xz/.gz/.zip/.imz image
 uncompressed bytes (read-only; archive.zip/MEMBER picks a member); VHDs (fixed: read-write;
 dynamic: read-only); qcow2 overlays as themselves. Each partition of an MBR or GPT disk is also
 offered as NAME/p1, NAME/p2, ... (logical partitions from p5).
+A FILE may be remote: https://host/path/disk.img or s3://BUCKET/KEY (raw, ISO, fixed VHD, or a
+CUE sheet whose BINs sit next to it), read through a local cache (see below).
 On start, serve says what each export holds and prints a QEMU command line that fits it.
 
 options:
@@ -79,6 +82,8 @@ TLS and access control:
   -h, --help           this help
   -V, --version        print the version
 
+${REMOTE_HELP}
+
 Connect with, for example:
   qemu-system-x86_64 -drive file=nbd://127.0.0.1:10809/NAME,format=raw
   nbdinfo nbd://127.0.0.1:10809/NAME
@@ -112,6 +117,7 @@ export async function main(argv: string[]): Promise<number> {
     "handshake-timeout": { type: "string" },
     quiet: { type: "boolean", short: "q" },
     version: { type: "boolean", short: "V" },
+    ...REMOTE_FLAGS,
   }, { min: 0, max: Infinity, what: "FILE..." });
   if (typeof args === "number") return args;
   const o = args.values;
@@ -132,7 +138,14 @@ export async function main(argv: string[]): Promise<number> {
   const say = s.logFormat === "json" ? (l: string) => log.info(l) : (l: string) => console.log(l);
   if (o.verify && !(await verifyAll(cfg, log, !!s.quiet))) return 1;
 
-  const service = new ExportService({ readOnly: s.readOnly, tls: s.tls, log, metrics: s.metrics !== null, openPerClient });
+  let remote;
+  try {
+    remote = remoteSettings(o);
+  } catch (e) {
+    console.error(`bun-nbd serve: ${(e as Error).message}`);
+    return 2;
+  }
+  const service = new ExportService({ readOnly: s.readOnly, tls: s.tls, log, metrics: s.metrics !== null, openPerClient, remote });
   let server: NbdServer;
   try {
     const registry = await service.start(cfg.exports);
@@ -211,7 +224,7 @@ export async function main(argv: string[]): Promise<number> {
 }
 
 /** Per-client overlays: the qcow2 code is loaded only when an export uses them. */
-const openPerClient: OpenPerClient = async (e, log) => (await import("../devices/per-client.ts")).openClientOverlays(e, log);
+const openPerClient: OpenPerClient = async (e, log, remote) => (await import("../devices/per-client.ts")).openClientOverlays(e, log, remote);
 
 /** Listen where the configuration says, or on systemd's sockets; returns how to reach each. */
 function listen(server: NbdServer, cfg: ServiceConfig): string[] {

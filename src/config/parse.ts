@@ -18,6 +18,9 @@ export const EXPORT_KEYS = [
   "name", "file", "read-only", "overlay", "overlay-dir", "compat", "partitions", "description", "allow", "client-name",
 ] as const;
 
+/** A file that is an object on a web server or in S3 (served through src/devices/remote). */
+const REMOTE_URL = /^(https?|s3):\/\//i;
+
 /** A per-client overlay's client part: NAME@CLIENT. */
 export const CLIENT_NAME = /^[A-Za-z0-9._-]{1,64}$/;
 const MAX_EXPORT_NAME = 4096;
@@ -212,8 +215,10 @@ class Checker {
       if (name === "") this.err(`${at}.name`, "must not be empty (the first export is the default one)");
       else if (new TextEncoder().encode(name).length > MAX_EXPORT_NAME) this.err(`${at}.name`, `is longer than ${MAX_EXPORT_NAME} bytes`);
     }
-    const file = fileText === undefined ? undefined : this.path(fileText);
-    if (file !== undefined) this.probe(file, `${at}.file`, "file", "file");
+    // a remote base (http(s)://, s3://) is kept as written: the opener checks it when it starts
+    const remote = fileText !== undefined && REMOTE_URL.test(fileText);
+    const file = fileText === undefined ? undefined : remote ? fileText : this.path(fileText);
+    if (file !== undefined && !remote) this.probe(file, `${at}.file`, "file", "file");
     const readOnly = this.bool(t, "read-only", at, false);
     const compat = this.bool(t, "compat", at, false);
     const partitions = this.bool(t, "partitions", at, true);

@@ -5,6 +5,7 @@ import { closeSync, existsSync, openSync, readdirSync, statSync, unlinkSync, uti
 import { join } from "node:path";
 import { F_UNLCK, F_WRLCK, ofdTestLock } from "../sys/libc.ts";
 import { openOverlayBase } from "./open.ts";
+import type { RemoteSettings } from "./remote/index.ts";
 import { readHeader } from "./qcow2/format.ts";
 import { createOverlayFile, openImage, type OverlayBase } from "./qcow2/index.ts";
 import { PERM_WRITE, RW_DENY, RW_PERMS, lockImage } from "./qcow2/lock.ts";
@@ -209,8 +210,8 @@ export class ClientOverlays {
  * cooked view) once, read-only, and a manager for its clients' overlays in `dir`.
  */
 export async function openClientOverlays(e: { name: string; file: string; compat: boolean; overlay: { dir: string } },
-  log: (msg: string) => void, lingerMs?: number): Promise<ClientOverlays> {
-  const { base } = await openOverlayBase(e.file, { log });
+  log: (msg: string) => void, remote?: RemoteSettings, lingerMs?: number): Promise<ClientOverlays> {
+  const { base } = await openOverlayBase(e.file, { log, remote });
   return new ClientOverlays(base, { name: e.name, dir: e.overlay.dir, compat: e.compat, log, lingerMs });
 }
 

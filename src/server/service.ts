@@ -10,9 +10,10 @@ import { ExportRegistry, Generation, SharedStack, type ClientOverlayManager, typ
 import type { Logger } from "./log.ts";
 import { ExportStats } from "./metrics.ts";
 import { CheckedExport } from "../devices/checked.ts";
+import type { RemoteSettings } from "../devices/remote/index.ts";
 
 /** Opens a per-client export's manager (src/devices/per-client.ts), injected so tests and the CLI choose. */
-export type OpenPerClient = (e: ExportConfig & { overlay: { kind: "per-client"; dir: string } }, log: (msg: string) => void) => Promise<ClientOverlayManager>;
+export type OpenPerClient = (e: ExportConfig & { overlay: { kind: "per-client"; dir: string } }, log: (msg: string) => void, remote?: RemoteSettings) => Promise<ClientOverlayManager>;
 
 export interface ServiceOptions {
   /** The server-wide read-only setting (on top of each export's own). */
@@ -23,6 +24,8 @@ export interface ServiceOptions {
   /** Keep per-export counters (metrics on). */
   metrics: boolean;
   openPerClient?: OpenPerClient;
+  /** How remote bases (http(s)://, s3:// files) are read: cache, block size, S3 endpoint. */
+  remote?: RemoteSettings;
 }
 
 type Source = { kind: "static"; stack: SharedStack } | { kind: "per-client"; manager: ClientOverlayManager };
@@ -124,14 +127,14 @@ export class ExportService {
     const ov = e.overlay;
     if (ov.kind === "per-client") {
       if (!this.o.openPerClient) throw new Error(`${e.source}: export "${e.name}": per-client overlays are not available here`);
-      return { kind: "per-client", manager: await this.o.openPerClient({ ...e, overlay: ov }, info) };
+      return { kind: "per-client", manager: await this.o.openPerClient({ ...e, overlay: ov }, info, this.o.remote) };
     }
     const warn = (m: string) => this.o.log.warn(m, { export: e.name });
     let specs;
     try {
       specs = await openExports([e.file], {
         name: e.name, readOnly, compat: e.compat, log: warn, info,
-        overlay: ov.kind === "file" ? ov.path : undefined, snapshot: ov.kind === "snapshot",
+        overlay: ov.kind === "file" ? ov.path : undefined, snapshot: ov.kind === "snapshot", remote: this.o.remote,
       });
     } catch (err) {
       throw new Error(e.source === "command line" ? (err as Error).message : `${e.source}: export "${e.name}": ${(err as Error).message}`);

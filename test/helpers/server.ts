@@ -14,9 +14,11 @@ export interface Served {
   stop(signal?: NodeJS.Signals): Promise<number>;
 }
 
-export async function serve(args: string[], opts: { socket?: string; timeoutMs?: number } = {}): Promise<Served> {
+export async function serve(args: string[], opts: { socket?: string; timeoutMs?: number; env?: Record<string, string> } = {}): Promise<Served> {
   const listen = opts.socket ? ["-k", opts.socket] : ["-p", "0"];
-  const proc = Bun.spawn([BUN, CLI, "serve", ...listen, ...args], { stdout: "pipe", stderr: "pipe", stdin: "ignore" });
+  const proc = Bun.spawn([BUN, CLI, "serve", ...listen, ...args], {
+    stdout: "pipe", stderr: "pipe", stdin: "ignore", env: opts.env ? { ...process.env, ...opts.env } : undefined,
+  });
   let out = "";
   const pump = async (s: ReadableStream<Uint8Array>) => {
     const dec = new TextDecoder();
