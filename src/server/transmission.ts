@@ -13,6 +13,8 @@ import { NbdError, toNbdErrno } from "../protocol/errors.ts";
 import type { CheckedExport } from "../devices/checked.ts";
 import { FAST_ZERO, FUA, MAY_TRIM, REQ_ONE, isPromise } from "../devices/types.ts";
 import type { Logger } from "./log.ts";
+import type { ExportStats } from "./metrics.ts";
+import { clientFields } from "./identity.ts";
 import { ReplyWriter } from "./replies.ts";
 import { type ExportTable, type Negotiated, PendingRequest, type SessionLink, type Transport } from "./types.ts";
 
@@ -55,6 +57,8 @@ export class Transmission {
   protected readonly payloadLimit: number;
   protected readonly w: ReplyWriter;
   private readonly debug: boolean;
+  /** Counters for metrics, or null when they are off. */
+  private readonly stats: ExportStats | null;
 
   // Receiver.
   protected rx = Rx.Header;
@@ -73,6 +77,8 @@ export class Transmission {
   protected paused: boolean;
   protected backlog: Uint8Array | null = null;
   protected disconnecting = false;
+  /** Called once nothing is in flight any more, after the connection closed (see whenIdle). */
+  private onIdle: (() => void) | null = null;
 
   /**
    * `paused`: reading was already paused during the handshake (output backpressure). `w`: the
@@ -89,6 +95,7 @@ export class Transmission {
     this.payloadLimit = n.maxPayload;
     this.w = w ?? new ReplyWriter(s, t, n);
     this.debug = log.debugEnabled;
+    this.stats = n.lease.stats;
     this.paused = paused;
   }
 
@@ -236,6 +243,8 @@ export class Transmission {
       this.maybeFinishDisconnect();
       return;
     }
+    const st = this.stats;
+    if (st !== null) req.start = performance.now();
     let r: unknown;
     try {
       if (req.error) throw req.error;
@@ -244,6 +253,7 @@ export class Transmission {
       this.fail(req, e);
       return;
     }
+    if (st !== null && !isPromise(r)) st.record(req.type, req.length, 0, req.start);
     if (isPromise(r)) {
       this.inFlight++;
       if (this.inFlight >= MAX_IN_FLIGHT) this.pauseReading();
@@ -254,6 +264,8 @@ export class Transmission {
   private asyncDone(req: PendingRequest, err: unknown): void {
     this.inFlight--;
     if (err !== null) this.fail(req, err);
+    else if (this.stats !== null) this.stats.record(req.type, req.length, 0, req.start);
+    if (this.inFlight === 0 && this.onIdle !== null) this.idle();
     if (this.paused && this.inFlight < MAX_IN_FLIGHT && this.t.queued() < LOW_WATER) this.unpause();
     this.maybeFinishDisconnect();
   }
@@ -313,12 +325,29 @@ export class Transmission {
   private fail(req: PendingRequest, e: unknown): void {
     const errno = toNbdErrno(e);
     const msg = e instanceof Error ? e.message : String(e);
+    if (this.stats !== null) this.stats.record(req.type, req.length, errno, req.start);
     if (e instanceof NbdError) {
-      if (this.debug) this.log.debug(`[${this.s.id}] ${commandName(req.type)} offset=${req.offset} length=${req.length}: ${errnoName(errno)}: ${msg}`);
+      if (this.debug) this.log.debug(`[${this.s.id}] ${commandName(req.type)} offset=${req.offset} length=${req.length}: ${errnoName(errno)}: ${msg}`, this.fields(req, errno));
     } else {
-      this.log.error(`[${this.s.id}] ${commandName(req.type)} offset=${req.offset} length=${req.length} failed: ${msg} (replying ${errnoName(errno)})`);
+      this.log.error(`[${this.s.id}] ${commandName(req.type)} offset=${req.offset} length=${req.length} failed: ${msg} (replying ${errnoName(errno)})`, this.fields(req, errno));
     }
     this.w.error(req, errno, msg);
+  }
+
+  private fields(req: PendingRequest, errno: number) {
+    return { conn: this.s.id, ...clientFields(this.s.client), export: this.exp.name, command: commandName(req.type), errno: errnoName(errno) };
+  }
+
+  /** Run `f` once no request is in flight (now, or when the last one finishes). */
+  whenIdle(f: () => void): void {
+    this.onIdle = f;
+    if (this.inFlight === 0) this.idle();
+  }
+
+  private idle(): void {
+    const f = this.onIdle!;
+    this.onIdle = null;
+    f();
   }
 
   // ---------------------------------------------------------------- flow control ---------------
@@ -357,6 +386,12 @@ export class Transmission {
     }
   }
 
+  private flushedAtDisconnect(): void {
+    this.inFlight--;
+    if (this.inFlight === 0 && this.onIdle !== null) this.idle();
+    this.s.close();
+  }
+
   private maybeFinishDisconnect(): void {
     if (!this.disconnecting || this.inFlight > 0 || this.s.closed) return;
     // Everything answered: make writes durable, then close once the output has drained.
@@ -366,10 +401,9 @@ export class Transmission {
         const r = exp.flush();
         if (isPromise(r)) {
           this.inFlight++;
-          r.then(() => { this.inFlight--; this.s.close(); }, (e: unknown) => {
-            this.inFlight--;
+          r.then(() => { this.flushedAtDisconnect(); }, (e: unknown) => {
             this.log.error(`[${this.s.id}] flush at disconnect failed: ${(e as Error).message}`);
-            this.s.close();
+            this.flushedAtDisconnect();
           });
           return;
         }

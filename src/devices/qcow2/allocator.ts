@@ -32,13 +32,16 @@ export class Allocator {
     const cs = this.cs = 2 ** header.clusterBits;
     this.entries = cs / 2;
     const rtBytes = header.refcountTableClusters * cs;
+    const fileSize = file.size();
     const rtraw = new Uint8Array(rtBytes);
     file.read(rtraw, 0, rtBytes, header.refcountTableOffset);
     const rtv = new DataView(rtraw.buffer);
     this.rt = new Float64Array(rtBytes / 8);
     for (let i = 0; i < this.rt.length; i++) {
-      const off = (rtv.getUint32(i * 8) * TWO32) + (rtv.getUint32(i * 8 + 4) & LO_OFFSET_MASK);
+      const off = (rtv.getUint32(i * 8) * TWO32) + ((rtv.getUint32(i * 8 + 4) & LO_OFFSET_MASK) >>> 0);
       if (off % cs !== 0) throw new Qcow2Error(path, `refcount table entry ${i} is unaligned (corrupt image)`);
+      // A block past the end of the file was never written: refuse it (reading it would also cost a cluster each).
+      if (off !== 0 && off + cs > fileSize) throw new Qcow2Error(path, `refcount table entry ${i} points past the end of the file (corrupt image)`);
       this.rt[i] = off;
     }
     this.rb = new Array(this.rt.length).fill(undefined);

@@ -122,7 +122,7 @@ export class WritePath {
       if (t !== undefined) {
         const hi = t.dv.getUint32(i * 8);
         const lo = t.dv.getUint32(i * 8 + 4);
-        const host = (hi & HI_OFFSET_MASK) * TWO32 + (lo & LO_OFFSET_MASK);
+        const host = (hi & HI_OFFSET_MASK) * TWO32 + ((lo & LO_OFFSET_MASK) >>> 0);
         zero = (lo & LO_ZERO) !== 0;
         if (host !== 0 && !zero) {
           if (direct) this.file.write(buf, bo, n, host + inC);
@@ -157,7 +157,7 @@ export class WritePath {
       zero = t.dv.getUint32(e + 8);
       alloc = t.dv.getUint32(e + 12);
       if (((alloc & mask) >>> 0) === mask) {
-        const host = (t.dv.getUint32(e) & HI_OFFSET_MASK) * TWO32 + (t.dv.getUint32(e + 4) & LO_OFFSET_MASK);
+        const host = (t.dv.getUint32(e) & HI_OFFSET_MASK) * TWO32 + ((t.dv.getUint32(e + 4) & LO_OFFSET_MASK) >>> 0);
         if (direct) this.file.write(buf, bo, n, host + inC);
         else this.emitWrite(bo, n, host + inC);
         return;
@@ -240,7 +240,7 @@ export class WritePath {
     const i = c - Math.floor(c / this.l2Entries) * this.l2Entries;
     // a preallocated zero cluster keeps its host cluster (and refcount); a fresh one is given back
     // if writing it fails (a full disk), so that nothing leaks
-    let host = (t.dv.getUint32(i * 8) & HI_OFFSET_MASK) * TWO32 + (t.dv.getUint32(i * 8 + 4) & LO_OFFSET_MASK);
+    let host = (t.dv.getUint32(i * 8) & HI_OFFSET_MASK) * TWO32 + ((t.dv.getUint32(i * 8 + 4) & LO_OFFSET_MASK) >>> 0);
     const fresh = host === 0;
     if (fresh) host = this.alloc.alloc();
     try {
@@ -262,7 +262,7 @@ export class WritePath {
     headPartial: boolean, tailPartial: boolean, known: L2Table | undefined): void {
     const t = this.tableFor(c, known);
     const e = (c - Math.floor(c / this.l2Entries) * this.l2Entries) * 16;
-    let host = (t.dv.getUint32(e) & HI_OFFSET_MASK) * TWO32 + (t.dv.getUint32(e + 4) & LO_OFFSET_MASK);
+    let host = (t.dv.getUint32(e) & HI_OFFSET_MASK) * TWO32 + ((t.dv.getUint32(e + 4) & LO_OFFSET_MASK) >>> 0);
     const zero = t.dv.getUint32(e + 8);
     const alloc = t.dv.getUint32(e + 12);
     // (as above: a fresh cluster is given back if writing fails)
@@ -341,7 +341,7 @@ export class WritePath {
         const hi = t.dv.getUint32(i * 8);
         const lo = t.dv.getUint32(i * 8 + 4);
         if (!(lo & LO_ZERO)) {
-          const host = (hi & HI_OFFSET_MASK) * TWO32 + (lo & LO_OFFSET_MASK);
+          const host = (hi & HI_OFFSET_MASK) * TWO32 + ((lo & LO_OFFSET_MASK) >>> 0);
           this.tables.setStd(t, i, host, true); // keep a preallocated host cluster: no refcount change
           if (host !== 0 && flags & MAY_TRIM) this.punch(host, cs);
         }
@@ -362,7 +362,7 @@ export class WritePath {
       const lo = t.dv.getUint32(e + 4);
       zero = t.dv.getUint32(e + 8);
       const alloc = t.dv.getUint32(e + 12);
-      const host = (hi & HI_OFFSET_MASK) * TWO32 + (lo & LO_OFFSET_MASK);
+      const host = (hi & HI_OFFSET_MASK) * TWO32 + ((lo & LO_OFFSET_MASK) >>> 0);
       const mask = rangeMask(j0, j1 - 1);
       const wasAlloc = (alloc & mask) >>> 0;
       zero = (zero | mask) >>> 0;
