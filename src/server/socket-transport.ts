@@ -1,0 +1,263 @@
+// The socket writer under a session (SocketTransport). Bun's write() takes what the kernel takes and
+// returns the count without queueing the rest, so tails are kept and resent on `drain`, with
+// backpressure to the session. READ payloads from files go out with sendfile(2) behind a MSG_MORE header.
+import type { Socket } from "bun";
+import { readSync } from "node:fs";
+import { sendfile, sendMore } from "../sys/libc.ts";
+import type { Session } from "./session.ts";
+import type { Transport } from "./types.ts";
+
+/** What each accepted socket carries in `socket.data`. */
+export interface Conn {
+  session: Session | null;
+  transport: SocketTransport | null;
+}
+
+/** Sends up to this size are copied into the cork batch; larger ones go out directly. */
+const BATCH_SIZE = 256 * 1024;
+const SMALL_SEND = 64 * 1024;
+
+/** Part of a file still to be sent with sendfile(2). */
+interface FileSegment {
+  fd: number;
+  offset: number;
+  length: number;
+}
+
+/** Counters of the reply path, for tests and `serve --stats`: which ways bytes left. */
+export interface TransportStats {
+  /** sendfile(2) calls, and those that sent less than asked or nothing (socket full). */
+  sendfileCalls: number;
+  sendfileShort: number;
+  /** Times the socket was full and the writer waited for `drain`. */
+  drainWaits: number;
+  /** File bytes that were read into memory because sendfile could not be used. */
+  copiedFileBytes: number;
+}
+
+export class SocketTransport implements Transport {
+  private readonly q: (Uint8Array | FileSegment)[] = [];
+  private bytes = 0;
+  private ending = false;
+  private corked = false;
+  private batch = new Uint8Array(BATCH_SIZE);
+  private batchLen = 0;
+  /** The socket's descriptor (-1: unknown, so no sendfile or MSG_MORE). */
+  private readonly fd: number;
+  /** One byte of a file, written through Bun when sendfile finds the socket full (see pumpFile). */
+  private readonly probe = new Uint8Array(1);
+  readonly stats: TransportStats = { sendfileCalls: 0, sendfileShort: 0, drainWaits: 0, copiedFileBytes: 0 };
+  session: Session | null = null;
+
+  constructor(private readonly sock: Socket<Conn>) {
+    const fd = (sock as unknown as { fd?: number }).fd; // present at run time, missing from the typings
+    this.fd = typeof fd === "number" ? fd : -1;
+  }
+
+  send(b: Uint8Array): void {
+    if (this.corked) {
+      if (b.length <= SMALL_SEND) {
+        if (this.batchLen + b.length > BATCH_SIZE) this.flushBatch();
+        this.batch.set(b, this.batchLen);
+        this.batchLen += b.length;
+        return;
+      }
+      this.flushBatch();
+    }
+    this.write(b, false);
+  }
+
+  sendTransient(b: Uint8Array): void {
+    if (this.corked) { this.send(b); return; }
+    this.write(b, true);
+  }
+
+  /**
+   * Room for a small reply of `length` bytes in the cork batch, to be filled in place and then
+   * committed; null when not corked or too large (then send() an allocated buffer instead).
+   */
+  reserve(length: number): Uint8Array | null {
+    if (!this.corked || length > SMALL_SEND) return null;
+    if (this.batchLen + length > BATCH_SIZE) this.flushBatch();
+    return this.batch.subarray(this.batchLen, this.batchLen + length);
+  }
+
+  /** The reserved bytes are filled: they are part of the output now. */
+  commit(length: number): void {
+    this.batchLen += length;
+  }
+
+  /** Someone keeps the reserved region (an asynchronous read fills it later): flush, take a new batch. */
+  detach(): void {
+    this.flushBatch();
+    this.batch = new Uint8Array(BATCH_SIZE);
+  }
+
+  /**
+   * Header, then `length` bytes of file `fd` at `offset` with sendfile(2). The header goes with
+   * MSG_MORE so that it leaves in one segment with the payload. When the socket fills, the rest
+   * stays queued as a file segment and continues with sendfile on `drain`.
+   */
+  sendFile(header: Uint8Array, fd: number, offset: number, length: number): void {
+    this.flushBatch();
+    const seg: FileSegment = { fd, offset, length };
+    if (this.q.length === 0 && this.fd >= 0) {
+      const n = sendMore(this.fd, header, 0, header.length);
+      // What did not go (socket full, or an error) goes through Bun: it arms `drain`, or reports the error.
+      const m = n === header.length ? 0 : this.sock.write(n > 0 ? header.subarray(n) : header);
+      if (m < 0) return; // the socket is gone
+      if (n + m === header.length) {
+        this.bytes += length;
+        if (!this.pumpFile(seg)) this.queueSegment(seg);
+        return;
+      }
+      header = header.subarray(n + m);
+      this.stats.drainWaits++;
+    }
+    this.q.push(header.slice());
+    this.bytes += header.length + length;
+    this.queueSegment(seg);
+  }
+
+  private queueSegment(seg: FileSegment): void {
+    this.q.push(seg);
+    this.session?.checkBackpressure();
+  }
+
+  /**
+   * sendfile() `seg` (updated in place) until it is sent or the socket is full. Returns true once
+   * it is sent (or the socket is gone). Bun reports `drain` only after one of its own writes came
+   * up short, so on a full socket one byte of the file is written through Bun: the socket cannot
+   * take it and Bun watches for room (if it can after all, the byte is sent and sendfile goes on).
+   */
+  private pumpFile(seg: FileSegment): boolean {
+    const st = this.stats;
+    for (;;) {
+      while (seg.length > 0) {
+        const r = sendfile(this.fd, seg.fd, seg.offset, seg.length);
+        st.sendfileCalls++;
+        if (r <= 0) {
+          st.sendfileShort++;
+          if (r === 0) return this.sendPastEnd(seg);
+          break; // the socket is full
+        }
+        seg.offset += r;
+        seg.length -= r;
+        this.bytes -= r;
+        if (seg.length > 0) st.sendfileShort++;
+      }
+      if (seg.length === 0) return true;
+      if (readSync(seg.fd, this.probe, 0, 1, seg.offset) !== 1) this.probe[0] = 0;
+      const n = this.sock.write(this.probe);
+      if (n < 0) return this.dropSegment(seg);
+      if (n === 0) {
+        st.drainWaits++;
+        return false;
+      }
+      seg.offset++;
+      seg.length--;
+      this.bytes--;
+      st.copiedFileBytes++;
+    }
+  }
+
+  /**
+   * The file ended before the segment did (it shrank under us): the rest reads as zeros, sent
+   * next, before anything queued after the segment (a segment being drained is at the queue's head).
+   */
+  private sendPastEnd(seg: FileSegment): boolean {
+    const zeros = new Uint8Array(seg.length);
+    this.bytes -= seg.length;
+    seg.length = 0;
+    if (this.q.length === 0) {
+      this.write(zeros, false);
+    } else {
+      this.q.unshift(zeros);
+      this.bytes += zeros.length;
+    }
+    return true;
+  }
+
+  private dropSegment(seg: FileSegment): boolean {
+    this.bytes -= seg.length;
+    seg.length = 0;
+    return true;
+  }
+
+  cork(): void { this.corked = true; }
+  uncork(): void {
+    this.corked = false;
+    this.flushBatch();
+  }
+
+  private flushBatch(): void {
+    if (this.batchLen === 0) return;
+    const b = this.batch.subarray(0, this.batchLen);
+    this.batchLen = 0;
+    this.write(b, true);
+  }
+
+  private write(b: Uint8Array, transient: boolean): void {
+    if (this.q.length === 0) {
+      const n = this.sock.write(b);
+      if (n === b.length || n < 0) return; // all sent, or the socket is gone
+      this.stats.drainWaits++;
+      b = transient ? b.slice(n) : b.subarray(n);
+    } else if (transient) {
+      b = b.slice();
+    }
+    this.q.push(b);
+    this.bytes += b.length;
+    this.session?.checkBackpressure();
+  }
+
+  queued(): number { return this.bytes + this.batchLen; }
+  pause(): void { this.sock.pause(); }
+  resume(): void { this.sock.resume(); }
+  end(): void {
+    this.flushBatch();
+    this.ending = true;
+    if (this.q.length === 0) this.sock.end();
+  }
+  destroy(): void {
+    this.q.length = 0;
+    this.bytes = 0;
+    this.batchLen = 0;
+    this.sock.terminate();
+  }
+
+  /** The kernel can take more: send what is queued. */
+  drain(): void {
+    const q = this.q;
+    while (q.length) {
+      const item = q[0]!;
+      if (item instanceof Uint8Array) {
+        const n = this.sock.write(item);
+        if (n < 0) { q.length = 0; this.bytes = 0; return; }
+        this.bytes -= n;
+        if (n < item.length) {
+          q[0] = item.subarray(n);
+          this.stats.drainWaits++;
+          return;
+        }
+        q.shift();
+      } else {
+        // A segment that ran past the end of its file puts its zeros in front of itself.
+        if (!this.pumpFile(item)) return;
+        if (q[0] === item) q.shift();
+        else q.splice(q.indexOf(item), 1);
+      }
+    }
+    if (this.ending) this.sock.end();
+  }
+}
+
+/** Reads `b.length` bytes of `fd` at `offset`; past the end of the file the rest reads as zeros. */
+export function readFully(fd: number, b: Uint8Array, offset: number): void {
+  let done = 0;
+  while (done < b.length) {
+    const n = readSync(fd, b, done, b.length - done, offset + done);
+    if (n === 0) { b.fill(0, done); return; }
+    done += n;
+  }
+}
