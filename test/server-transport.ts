@@ -104,11 +104,11 @@ async function pipelined(t: Target, name: string, structured: boolean, reqs: Req
   w.destroy();
 }
 
-/** 64 reads mixing sendfile sizes (128 KiB, odd ones) and small copies (4 KiB, in place). */
+/** 64 reads (17 MB) mixing sendfile sizes (384 KiB, odd ones) and small copies (4 KiB, in place): more than socket buffers hold. */
 function mixed(): Req[] {
   const reqs: Req[] = [];
   for (let i = 0; i < 64; i++) {
-    const length = i % 3 === 2 ? 4096 : 128 * 1024 + (i % 5) * 4096 + (i % 2);
+    const length = i % 3 === 2 ? 4096 : 384 * 1024 + (i % 5) * 4096 + (i % 2);
     reqs.push({ cookie: BigInt(i + 1), offset: (i * 211 * 1024) % (SIZE - length), length });
   }
   return reqs;

@@ -52,13 +52,14 @@ export class NbdServer implements ExportTable {
     return sum;
   }
 
-  private handlers() {
+  private handlers(transport: "tcp" | "unix") {
     const self = this;
     return {
       open(sock: Socket<Conn>) {
         if (self.closing) { sock.terminate(); return; }
         sock.setNoDelay?.(true);
         const t = new SocketTransport(sock);
+        if (transport === "unix") t.widenSendBuffer();
         const peer = sock.remoteAddress ? `${sock.remoteAddress}` : "unix";
         const s = new Session(t, self, self.log, peer);
         t.session = s;
@@ -105,7 +106,7 @@ export class NbdServer implements ExportTable {
 
   /** Listen on TCP. Port 0 picks a free port; the bound port is returned. */
   listenTcp(hostname: string, port: number): { hostname: string; port: number } {
-    const l = Bun.listen<Conn>({ hostname, port, socket: this.handlers(), data: { session: null, transport: null } });
+    const l = Bun.listen<Conn>({ hostname, port, socket: this.handlers("tcp"), data: { session: null, transport: null } });
     this.listeners.push(l);
     return { hostname, port: l.port };
   }
@@ -115,7 +116,7 @@ export class NbdServer implements ExportTable {
     try {
       if (statSync(path).isSocket()) rmSync(path);
     } catch { /* does not exist */ }
-    const l = Bun.listen<Conn>({ unix: path, socket: this.handlers(), data: { session: null, transport: null } });
+    const l = Bun.listen<Conn>({ unix: path, socket: this.handlers("unix"), data: { session: null, transport: null } });
     this.listeners.push(l);
     this.unixPaths.push(path);
   }

@@ -3,7 +3,7 @@
 // backpressure to the session. READ payloads from files go out with sendfile(2) behind a MSG_MORE header.
 import type { Socket } from "bun";
 import { readSync } from "node:fs";
-import { sendfile, sendMore } from "../sys/libc.ts";
+import { sendfile, sendMore, setSendBuffer } from "../sys/libc.ts";
 import type { Session } from "./session.ts";
 import type { Transport } from "./types.ts";
 
@@ -16,6 +16,12 @@ export interface Conn {
 /** Sends up to this size are copied into the cork batch; larger ones go out directly. */
 const BATCH_SIZE = 256 * 1024;
 const SMALL_SEND = 64 * 1024;
+/**
+ * The send buffer asked for on unix sockets (the kernel doubles it, capped by net.core.wmem_max).
+ * Their default (net.core.wmem_default, 208 KiB here) is less than one 256 KiB nbdcopy reply, so
+ * every large reply stalled the writer; TCP tunes its own buffer (net.ipv4.tcp_wmem) and is left alone.
+ */
+const UNIX_SEND_BUFFER = 4 * 1024 * 1024;
 
 /** Part of a file still to be sent with sendfile(2). */
 interface FileSegment {
@@ -52,6 +58,11 @@ export class SocketTransport implements Transport {
   constructor(private readonly sock: Socket<Conn>) {
     const fd = (sock as unknown as { fd?: number }).fd; // present at run time, missing from the typings
     this.fd = typeof fd === "number" ? fd : -1;
+  }
+
+  /** A unix socket: ask for a send buffer that holds several large replies (UNIX_SEND_BUFFER). */
+  widenSendBuffer(): void {
+    if (this.fd >= 0) setSendBuffer(this.fd, UNIX_SEND_BUFFER);
   }
 
   send(b: Uint8Array): void {
