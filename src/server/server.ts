@@ -24,7 +24,7 @@ export class NbdServer implements ExportTable {
   private readonly sessions = new Set<Session>();
   private closing = false;
   /** Reply-path counters of connections already closed (open ones are summed on demand). */
-  private readonly closedStats: TransportStats = { sendfileCalls: 0, sendfileShort: 0, drainWaits: 0, copiedFileBytes: 0 };
+  private readonly closedStats: TransportStats = { sendfileCalls: 0, sendfileShort: 0, drainWaits: 0, copiedFileBytes: 0, receivedInPlace: 0 };
   private readonly transports = new Set<SocketTransport>();
 
   constructor(specs: ExportSpec[], opts: ServerOptions = {}) {
@@ -152,4 +152,5 @@ function addStats(to: TransportStats, from: TransportStats): void {
   to.sendfileShort += from.sendfileShort;
   to.drainWaits += from.drainWaits;
   to.copiedFileBytes += from.copiedFileBytes;
+  to.receivedInPlace += from.receivedInPlace;
 }

@@ -3,7 +3,7 @@
 // backpressure to the session. READ payloads from files go out with sendfile(2) behind a MSG_MORE header.
 import type { Socket } from "bun";
 import { readSync } from "node:fs";
-import { sendfile, sendMore, setSendBuffer } from "../sys/libc.ts";
+import { recvNow, sendfile, sendMore, setSendBuffer } from "../sys/libc.ts";
 import type { Session } from "./session.ts";
 import type { Transport } from "./types.ts";
 
@@ -39,6 +39,8 @@ export interface TransportStats {
   drainWaits: number;
   /** File bytes that were read into memory because sendfile could not be used. */
   copiedFileBytes: number;
+  /** WRITE payload bytes received straight into their buffer (recvInto) rather than through Bun. */
+  receivedInPlace: number;
 }
 
 export class SocketTransport implements Transport {
@@ -52,12 +54,19 @@ export class SocketTransport implements Transport {
   private readonly fd: number;
   /** One byte of a file, written through Bun when sendfile finds the socket full (see pumpFile). */
   private readonly probe = new Uint8Array(1);
-  readonly stats: TransportStats = { sendfileCalls: 0, sendfileShort: 0, drainWaits: 0, copiedFileBytes: 0 };
+  readonly stats: TransportStats = { sendfileCalls: 0, sendfileShort: 0, drainWaits: 0, copiedFileBytes: 0, receivedInPlace: 0 };
   session: Session | null = null;
 
   constructor(private readonly sock: Socket<Conn>) {
     const fd = (sock as unknown as { fd?: number }).fd; // present at run time, missing from the typings
     this.fd = typeof fd === "number" ? fd : -1;
+  }
+
+  /** What the socket holds now, read into `dst` (see Transport.recvInto). */
+  recvInto(dst: Uint8Array, off: number, len: number): number {
+    const n = this.fd >= 0 ? recvNow(this.fd, dst, off, len) : 0;
+    this.stats.receivedInPlace += n;
+    return n;
   }
 
   /** A unix socket: ask for a send buffer that holds several large replies (UNIX_SEND_BUFFER). */

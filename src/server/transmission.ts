@@ -13,6 +13,7 @@ import { NbdError, toNbdErrno } from "../protocol/errors.ts";
 import type { CheckedExport } from "../devices/checked.ts";
 import { FAST_ZERO, FUA, MAY_TRIM, REQ_ONE, isPromise } from "../devices/types.ts";
 import type { Logger } from "./log.ts";
+import { DirectReader, STREAM_CHUNK } from "./direct-reader.ts";
 import { ReplyWriter } from "./replies.ts";
 import { type ExportTable, type Negotiated, PendingRequest, type SessionLink, type Transport } from "./types.ts";
 
@@ -23,6 +24,8 @@ export const HIGH_WATER = 32 * 1024 * 1024;
 export const LOW_WATER = 8 * 1024 * 1024;
 /** At most this many asynchronous requests in flight per connection. */
 const MAX_IN_FLIGHT = 64;
+/** WRITE payloads at least this large in the direct reader's buffer get a buffer of their own. */
+const OWN_PAYLOAD = 32 * 1024;
 
 const VALID_FLAGS: number[] = [];
 VALID_FLAGS[NBD_CMD_READ] = NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_DF;
@@ -73,6 +76,10 @@ export class Transmission {
   protected paused: boolean;
   protected backlog: Uint8Array | null = null;
   protected disconnecting = false;
+  /** Reads on from the socket after a large chunk (null when the transport cannot). */
+  protected readonly direct: DirectReader | null;
+  private readonly feed = (chunk: Uint8Array): void => this.receive(chunk, 0);
+  private readonly reading = (): boolean => !this.paused && !this.disconnecting && !this.s.closed;
 
   /**
    * `paused`: reading was already paused during the handshake (output backpressure). `w`: the
@@ -90,6 +97,7 @@ export class Transmission {
     this.w = w ?? new ReplyWriter(s, t, n);
     this.debug = log.debugEnabled;
     this.paused = paused;
+    this.direct = t.recvInto ? new DirectReader((d, o, l) => t.recvInto!(d, o, l)) : null;
   }
 
   /** Requests answered asynchronously and not finished yet. */
@@ -104,6 +112,7 @@ export class Transmission {
       return;
     }
     this.receive(chunk, 0);
+    if (this.direct !== null && chunk.length >= STREAM_CHUNK) this.direct.drain(this.feed, this.reading);
   }
 
   // ---------------------------------------------------------------- receiver (hot) -------------
@@ -113,7 +122,7 @@ export class Transmission {
     while (pos < len) {
       if (this.s.closed || this.disconnecting) return;
       if (this.paused) {
-        this.backlog = pos === 0 ? chunk : chunk.subarray(pos);
+        this.keepBacklog(chunk, pos);
         return;
       }
       switch (this.rx) {
@@ -147,6 +156,12 @@ export class Transmission {
     }
   }
 
+  /** Paused in the middle of `chunk`: keep the rest for later (a view, so the chunk must not be reused). */
+  protected keepBacklog(chunk: Uint8Array, pos: number): void {
+    this.backlog = pos === 0 ? chunk : chunk.subarray(pos);
+    this.direct?.hold();
+  }
+
   /** A header split across chunks: copy what `chunk` holds of its `size` bytes into hdrBuf. Returns the new position. */
   protected gatherHeader(chunk: Uint8Array, pos: number, size: number): number {
     const n = Math.min(size - this.hdrFill, chunk.length - pos);
@@ -157,11 +172,20 @@ export class Transmission {
 
   /** Rx.Payload: copy what `chunk` holds of the payload; dispatch once it is whole. Returns the new position. */
   protected takePayload(chunk: Uint8Array, pos: number): number {
-    const n = Math.min(this.payload.length - this.payloadFill, chunk.length - pos);
-    this.payload.set(chunk.subarray(pos, pos + n), this.payloadFill);
+    const p = this.payload;
+    const n = Math.min(p.length - this.payloadFill, chunk.length - pos);
+    p.set(chunk.subarray(pos, pos + n), this.payloadFill);
     this.payloadFill += n;
     pos += n;
-    if (this.payloadFill === this.payload.length) {
+    if (this.payloadFill < p.length && pos === chunk.length && this.t.recvInto !== undefined) {
+      // The chunk is used up: take the rest of the payload straight from the socket (one copy, not
+      // two, and no chunk allocated for it); whatever is not there yet comes with later chunks.
+      for (let k = 1; k > 0 && this.payloadFill < p.length;) {
+        k = this.t.recvInto(p, this.payloadFill, p.length - this.payloadFill);
+        this.payloadFill += k;
+      }
+    }
+    if (this.payloadFill === p.length) {
       const req = this.pendingReq!;
       const payload = this.payload;
       this.pendingReq = null;
@@ -200,12 +224,21 @@ export class Transmission {
       return pos;
     }
     if (chunk.length - pos >= length) {
-      pos += length;
-      this.dispatch(req, chunk.subarray(pos - length, pos));
-      return pos;
+      const view = chunk.subarray(pos, pos + length);
+      const d = this.direct;
+      if (d === null || !d.active) {
+        this.dispatch(req, view);
+      } else if (length >= OWN_PAYLOAD) {
+        this.dispatch(req, Buffer.from(view)); // the reader's buffer is reused: a large payload gets its own
+      } else {
+        const before = this.inFlight;
+        this.dispatch(req, view);
+        if (this.inFlight > before) d.hold(); // the device finishes later: keep the buffer as it is
+      }
+      return pos + length;
     }
     this.pendingReq = req;
-    this.payload = new Uint8Array(length);
+    this.payload = Buffer.allocUnsafe(length); // every byte is received before it is used
     this.payloadFill = 0;
     this.rx = Rx.Payload;
     return pos;

@@ -25,6 +25,12 @@ export interface Transport {
   reserve?(length: number): Uint8Array | null;
   commit?(length: number): void;
   detach?(): void;
+  /**
+   * Optional in-place receive: up to `len` bytes the socket holds now, read straight into
+   * `dst[off, ...)` without waiting; returns the count (0: nothing there). Only called from the
+   * data callback once its chunk is used up, so the bytes come in order.
+   */
+  recvInto?(dst: Uint8Array, off: number, len: number): number;
   /** Bytes queued but not yet taken by the kernel. */
   queued(): number;
   pause(): void;
