@@ -21,12 +21,12 @@
 //   qemu-nbd  qemu-nbd -f raw -t -e 8 -p 12512 -b 127.0.0.1 IMG       (defaults: cache=writeback,
 //             aio=threads; -e 8 lets nbdcopy open several connections, like the other two allow)
 import { spawn, spawnSync, type Subprocess } from "bun";
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
-import { cpus, tmpdir, totalmem } from "node:os";
+import { readFileSync, writeFileSync } from "node:fs";
+import { cpus, totalmem } from "node:os";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
 
-import { CLK_TCK, cpuTicks, fio, fsType, PATH, ROOT, waitPort, writeRandomImage } from "./lib/harness.ts";
+import { benchScratch, CLK_TCK, cpuTicks, fio, fsType, PATH, ROOT, stopProcess, waitPort, writeRandomImage } from "./lib/harness.ts";
 const GiB = 1024 ** 3;
 const MiB = 1024 ** 2;
 
@@ -72,14 +72,7 @@ if (opt.only) {
 interface Result { value: number; bytes: number; cpu: number; seconds: number }
 type Results = Record<string, Record<string, Result>>;
 
-const dir = mkdtempSync(join(opt.dir ?? tmpdir(), "bun-nbd-e2e-"));
-let current: Subprocess | null = null;
-const cleanup = () => {
-  if (current && current.exitCode === null) current.kill("SIGKILL");
-  rmSync(dir, { recursive: true, force: true });
-};
-process.on("exit", cleanup);
-process.on("SIGINT", () => { cleanup(); process.exit(130); });
+const { dir, running } = benchScratch("bun-nbd-e2e-", opt.dir);
 
 function makeImage(path: string): void {
   writeRandomImage(path, SIZE, 0x9e3779b9);
@@ -105,17 +98,14 @@ async function start(server: string, img: string): Promise<Started> {
     uri = tcp ? `nbd://127.0.0.1:${port}/` : `nbd+unix:///?socket=${sock}`;
   } else throw new Error(`unknown server ${server}`);
   const proc = spawn(cmd, { stdout: "ignore", stderr: "inherit", stdin: "ignore", env: { ...process.env, PATH } });
-  current = proc;
+  running(proc);
   await waitPort(uri, proc, server);
   return { proc, uri, pid: proc.pid };
 }
 
 async function stop(s: Started): Promise<void> {
-  s.proc.kill("SIGTERM");
-  const t = setTimeout(() => s.proc.kill("SIGKILL"), 10_000);
-  await s.proc.exited;
-  clearTimeout(t);
-  current = null;
+  await stopProcess(s.proc);
+  running(null);
 }
 
 function runFio(uri: string, w: Workload): { value: number; bytes: number } {

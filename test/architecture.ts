@@ -1,7 +1,8 @@
 // The layering of src/, checked from the source text: no import cycle anywhere; src/protocol and
-// src/inspect are pure (import only themselves, no bun/node modules); only src/sys loads bun:ffi;
-// only src/server and src/client open sockets; the client stands apart from server and devices;
-// the CLI holds no protocol constants. Fails with the offending file and import, so a broken rule names its fix.
+// src/inspect are pure (import only themselves, no bun/node modules), so is src/config (node:path
+// aside); only src/sys loads bun:ffi; only src/server and src/client open sockets; the client stands
+// apart from server and devices; the CLI holds no protocol constants. Fails with the offending file
+// and import, so a broken rule names its fix.
 import { test } from "uvu";
 import * as assert from "uvu/assert";
 import { existsSync, readdirSync, readFileSync, statSync } from "node:fs";
@@ -101,6 +102,17 @@ for (const pure of ["protocol", "inspect"]) {
     assert.equal(bad, []);
   });
 }
+
+test("src/config is pure: imports only itself and node:path (a probe stands in for the file system)", () => {
+  const bad: string[] = [];
+  for (const [f, imps] of graph) {
+    if (layer(f) !== "config") continue;
+    for (const i of imps) {
+      if (i.target ? layer(i.target) !== "config" : i.spec !== "node:path") bad.push(`${rel(f)}:${i.line} imports ${i.spec}`);
+    }
+  }
+  assert.equal(bad, []);
+});
 
 test("src/sys sits below everything: it imports nothing from the other layers", () => {
   const bad: string[] = [];

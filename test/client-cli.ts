@@ -108,9 +108,9 @@ test("info, list, map and copy fail clearly and exit non-zero", () => deadline(3
   const refused = await bunNbd("info", "nbd://127.0.0.1:1/");
   assert.is(refused.code, 1);
   assert.match(refused.stderr, /cannot connect to 127\.0\.0\.1:1/);
-  const tls = await bunNbd("list", "nbds://127.0.0.1:12000/");
+  const tls = await bunNbd("list", "nbds://127.0.0.1:1/?tls-psk-file=/nonexistent/keys.psk");
   assert.is(tls.code, 1);
-  assert.match(tls.stderr, /TLS/);
+  assert.match(tls.stderr, /cannot read the PSK file \/nonexistent\/keys\.psk/);
   const missing = await bunNbd("map", uris.nbdkit!.replace("///one", "///nope"));
   assert.is(missing.code, 1);
   assert.match(missing.stderr, /ERR_UNKNOWN/);

@@ -49,10 +49,12 @@ test("URI: unsupported and malformed forms give typed errors", () => {
     }
     return "none";
   };
-  assert.is(code("nbds://h/x"), "UNSUPPORTED_SCHEME");
-  assert.is(code("nbds+unix:///x?socket=/s"), "UNSUPPORTED_SCHEME");
+  assert.is(code("nbds://h/x?tls-type=anon"), "UNSUPPORTED_SCHEME");
+  assert.is(code("nbds://h/x?tls-certificates=/d&tls-psk-file=/k"), "BAD_URI");
+  assert.is(code("nbds+unix:///x"), "BAD_URI");
   assert.is(code("http://h/x"), "UNSUPPORTED_SCHEME");
-  assert.is(code("nbd://h/x?tls-type=x509"), "UNSUPPORTED_SCHEME");
+  assert.is(code("nbd://h/x?tls-type=x509"), "BAD_URI");
+  assert.is(code("nbd://h/x?tls-certificates=/d"), "BAD_URI");
   assert.is(code("nbd+unix:///x"), "BAD_URI");
   assert.is(code("nbd://h:99999/x"), "BAD_URI");
   assert.is(code("nbd://h/x?socket=/s"), "BAD_URI");

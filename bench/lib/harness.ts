@@ -1,7 +1,9 @@
 // Shared pieces of the end-to-end benchmark scripts: the PATH the tools need, a server's CPU
-// ticks, waiting for an NBD server to answer, and one fio nbd-engine run.
+// ticks, waiting for an NBD server to answer and stopping it, and one fio nbd-engine run.
 import { spawnSync, type Subprocess } from "bun";
-import { closeSync, openSync, readFileSync, writeSync } from "node:fs";
+import { closeSync, mkdtempSync, openSync, readFileSync, rmSync, writeSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 
 export const ROOT = new URL("../..", import.meta.url).pathname.replace(/\/$/, "");
 /** /usr/bin first: the system python3 has the libnbd module, and the Debian tools live there. */
@@ -31,6 +33,30 @@ export async function waitPort(uri: string, proc: Subprocess, what: string): Pro
     if (Date.now() > limit) throw new Error(`${what} did not come up`);
     await Bun.sleep(100);
   }
+}
+
+/**
+ * A scratch directory under `parent` that is removed at exit (and on Ctrl-C), and `running(p)` to
+ * name the server process that must be killed with it if the script dies midway.
+ */
+export function benchScratch(prefix: string, parent = tmpdir()): { dir: string; running: (p: Subprocess | null) => void } {
+  const dir = mkdtempSync(join(parent, prefix));
+  let current: Subprocess | null = null;
+  const cleanup = () => {
+    if (current && current.exitCode === null) current.kill("SIGKILL");
+    rmSync(dir, { recursive: true, force: true });
+  };
+  process.on("exit", cleanup);
+  process.on("SIGINT", () => { cleanup(); process.exit(130); });
+  return { dir, running: (p) => { current = p; } };
+}
+
+/** SIGTERM, then SIGKILL after 10 s if the server has not exited; resolves once it has. */
+export async function stopProcess(proc: Subprocess): Promise<void> {
+  proc.kill("SIGTERM");
+  const t = setTimeout(() => proc.kill("SIGKILL"), 10_000);
+  await proc.exited;
+  clearTimeout(t);
 }
 
 export interface FioResult { iops: number; mbps: number; bytes: number }

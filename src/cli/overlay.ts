@@ -1,6 +1,6 @@
-// bun-nbd overlay create|info|diff|commit|reset|check: manage qcow2 copy-on-write overlays over raw
-// base images or CD images (their cooked view). Argument parsing and wiring only; the format lives
-// in src/devices/qcow2/.
+// bun-nbd overlay create|info|diff|commit|reset|check|list: manage qcow2 copy-on-write overlays
+// over raw base images or CD images (their cooked view), and list a per-client overlay directory.
+// Argument parsing and wiring only; the format lives in src/devices/qcow2/.
 import { closeSync, fdatasyncSync, fstatSync, openSync, statSync, writeSync } from "node:fs";
 import { parseArgs } from "node:util";
 import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate } from "../sys/libc.ts";
@@ -17,15 +17,19 @@ const USAGE = `usage: bun-nbd overlay <command> [options] OVERLAY
   create [--compat] [--cluster-size BYTES] OVERLAY BASE
                         create an empty overlay over the raw image BASE (backing name stored
                         relative to the overlay when both sit in the same directory), or over
-                        the cooked data-track view of the CD image BASE (.cue, .ccd, raw .bin)
+                        the cooked data-track view of the CD image BASE (.cue, .ccd, raw .bin),
+                        or over a remote image (http(s)://, s3://: its URL and ETag are recorded)
   info [--json] OVERLAY show the backing file, sizes, allocated bytes and changed ranges
   diff [--json] OVERLAY list the changed ranges (offset, length, data or zero)
   commit [-q] OVERLAY   write the changes into the base image and empty the overlay (refused
                         while anything serves or uses the overlay or the base, and for bases
-                        that are not writable raw files, such as CD images)
+                        that are not writable raw files, such as CD images and remote objects:
+                        bun-nbd publish uploads those merged as a new object)
   reset OVERLAY         discard every change
   check [--repair] [--json] OVERLAY
                         check refcounts; --repair frees leaked clusters (left by a crash)
+  list [--json] DIR     the per-client overlays (NAME@CLIENT.qcow2) in a serve --per-client-overlay
+                        directory: export, client, size, bytes on disk, last use, in use or idle
 
 Exit status: 0 success; check: 2 corruption found, 3 leaked clusters found; 1 other errors.`;
 
@@ -67,6 +71,7 @@ export async function main(argv: string[]): Promise<number> {
       case "commit": return await commit(pos, o);
       case "reset": return await reset(pos);
       case "check": return await check(pos, o);
+      case "list": return (await import("./overlay-list.ts")).list(pos, o);
       default:
         console.error(`bun-nbd overlay: unknown command "${cmd}"\n\n${USAGE}`);
         return 2;
@@ -99,9 +104,9 @@ async function create(pos: string[], o: Opts): Promise<number> {
     }
   }
   let what = base;
-  if (isCdImage(base)) {
-    // the cooked view `serve` would give: the overlay records it as its base's identity
-    const b = await openOverlayBase(base, { log: errLog });
+  if (isCdImage(base) || /^(https?|s3):\/\//i.test(base)) {
+    // the cooked view (or the remote object) `serve` would give: the overlay records its identity
+    const b = await openOverlayBase(base, { log: errLog, remote: { cacheDir: null } });
     try {
       createOverlayFile(pos[0]!, b.base, { compat: !!o.compat, clusterBits });
       what = `${base} (${b.base.identity!.stack})`;
@@ -256,6 +261,10 @@ async function commit(pos: string[], o: Opts): Promise<number> {
   const basePath = resolveBacking(path, probe.header.backingName!);
   const identity = probe.base.identity;
   await probe.close();
+  if (identity !== null && /^(https?|s3):\/\//i.test(identity.location)) {
+    throw new Error(`refusing to commit ${path}: its base is the remote object ${describeIdentity(identity)}, which bun-nbd never writes; ` +
+      `publish the merged image as a new object instead: bun-nbd publish ${path} s3://BUCKET/NEW-KEY`);
+  }
   if (identity !== null) {
     throw new Error(`refusing to commit ${path}: its base is ${describeIdentity(identity)}, not a raw file; ` +
       "a device stack cannot take the changes back (export the overlay's view instead, e.g. bun-nbd serve --overlay and qemu-img convert)");

@@ -2,9 +2,10 @@
 // `Conn`, the part of a node:net Socket the client uses, and `Rx`, where incoming bytes go. Types
 // only: both implementations and the factory that picks one (transport.ts) import this file.
 //
-// The negotiation and the transmission phase see nothing but these. STARTTLS (nbds://, not built
-// yet) fits as an upgrade from one `Opened` to another: the handshake channel
-// (handshake-channel.ts) detaches from the plain connection and attaches to the encrypted one.
+// The negotiation and the transmission phase see nothing but these. STARTTLS (nbds://) is an
+// upgrade from one `Opened` to another: the handshake channel (handshake-channel.ts) detaches
+// from the plain connection and attaches to the encrypted one.
+import type { ClientTls } from "./tls.ts";
 import type { NbdTarget } from "./uri.ts";
 
 /** The socket operations the client needs (a node:net Socket satisfies it). */
@@ -44,6 +45,12 @@ export interface Rx {
 export interface Opened {
   socket: Conn;
   rx: Rx;
+  /**
+   * Runs the TLS handshake over this connection (after STARTTLS was acknowledged) and resolves
+   * with the encrypted connection; this one must not be used any more. Fails with
+   * NbdDisconnectedError (code "TLS_FAILED") or NbdTimeoutError.
+   */
+  startTls?(tls: ClientTls, timeoutMs: number): Promise<Opened>;
 }
 
 /** Opens a Conn; fails with NbdDisconnectedError("CONNECT_FAILED") or NbdTimeoutError. */

@@ -42,7 +42,7 @@ function resolveTarget(target: Target, exportName?: string): NbdTarget {
  * for) or STRUCTURED_REPLY, SET_META_CONTEXT, then GO (with name, description and block-size
  * info), falling back to EXPORT_NAME for servers without GO. Oldstyle servers work too.
  *
- * @throws {NbdUsageError} bad or unsupported URI (e.g. `nbds://`)
+ * @throws {NbdUsageError} bad or unsupported URI, or unreadable TLS credentials
  * @throws {NbdDisconnectedError} the connection could not be opened or dropped during the handshake
  * @throws {NbdOptionError} the server refused the export (code "ERR_UNKNOWN" when it does not exist)
  * @throws {NbdTimeoutError} the server did not answer within `connectTimeoutMs`
@@ -75,6 +75,8 @@ export interface ListedExport extends ExportInfo {
 /** What a server says about itself and its exports, without entering the transmission phase. */
 export interface ServerListing {
   style: HandshakeStyle;
+  /** Whether the connection was encrypted (nbds://). */
+  tls: boolean;
   structured: boolean;
   exports: ListedExport[];
 }
@@ -93,7 +95,7 @@ export async function listExports(target: Target, opts: ConnectOptions = {}): Pr
     const structured = await neg.structuredReply();
     const exports: ListedExport[] = [];
     for (const l of await neg.list()) exports.push(await describe(neg, l, structured));
-    return { style: neg.style, structured, exports };
+    return { style: neg.style, tls: neg.tls, structured, exports };
   } finally {
     await neg.abort();
   }
@@ -113,11 +115,11 @@ export async function inspectExport(target: Target, opts: ConnectOptions & { exp
       done = true;
       const c = new NbdClient(n, opts);
       await c.close();
-      return { style: neg.style, structured: false, exports: [{ ...n.info, listDescription: "", contexts: [] }] };
+      return { style: neg.style, tls: false, structured: false, exports: [{ ...n.info, listDescription: "", contexts: [] }] };
     }
     const structured = await neg.structuredReply();
     const e = await describe(neg, { name: t.exportName, description: "" }, structured);
-    return { style: neg.style, structured, exports: [e] };
+    return { style: neg.style, tls: neg.tls, structured, exports: [e] };
   } finally {
     if (!done) await neg.abort();
   }

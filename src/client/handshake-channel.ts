@@ -2,7 +2,8 @@
 // reads with a deadline; writes go straight to the socket. The only place the option phase
 // touches the transport, so STARTTLS can swap the connection under it: detach(), upgrade, attach().
 import type { Conn, Opened, Rx } from "./conn.ts";
-import { NbdDisconnectedError, NbdTimeoutError } from "./errors.ts";
+import { NbdDisconnectedError, NbdProtocolViolation, NbdTimeoutError, NbdUsageError } from "./errors.ts";
+import type { ClientTls } from "./tls.ts";
 
 /** Buffers incoming bytes during the handshake and serves exact-length reads with a deadline. */
 class ByteQueue {
@@ -74,6 +75,7 @@ export class HandshakeChannel {
   stage: "the greeting" | "the handshake" = "the greeting";
   private socket!: Conn;
   private rx!: Rx;
+  private opened!: Opened;
   private readonly queue = new ByteQueue();
   private readonly onData = (b: Buffer, n: number) => this.queue.push(Buffer.from(b.subarray(0, n)));
   private readonly onError = (e: Error) => this.queue.fail(new NbdDisconnectedError(`connection error during the handshake: ${e.message}`, { cause: e }));
@@ -85,6 +87,7 @@ export class HandshakeChannel {
 
   /** Starts taking the bytes and the failures of `opened` (at open, and after a transport upgrade). */
   attach(opened: Opened): void {
+    this.opened = opened;
     this.socket = opened.socket;
     this.rx = opened.rx;
     this.rx.on = this.onData;
@@ -101,6 +104,24 @@ export class HandshakeChannel {
     this.socket.off("error", this.onError);
     this.socket.off("close", this.onClose);
     return { socket: this.socket, rx: this.rx, leftover: this.queue.rest() };
+  }
+
+  /**
+   * STARTTLS was acknowledged: hand the connection to the transport's TLS handshake and go on
+   * reading and writing through the encrypted one.
+   */
+  async upgrade(tls: ClientTls): Promise<void> {
+    const { leftover } = this.detach();
+    const opened = this.opened;
+    if (leftover.length) {
+      opened.socket.destroy();
+      throw new NbdProtocolViolation("DATA_AFTER_STARTTLS", "the server sent data after acknowledging STARTTLS, before TLS");
+    }
+    if (!opened.startTls) {
+      opened.socket.destroy();
+      throw new NbdUsageError("UNSUPPORTED", "this transport cannot do TLS");
+    }
+    this.attach(await opened.startTls(tls, this.timeoutMs));
   }
 
   /** Exactly `n` bytes; fails on close, error or after the handshake deadline (naming `what`). */

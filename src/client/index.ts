@@ -38,5 +38,5 @@ export { describeExport } from "./negotiated.ts";
 export type { BlockSizeInfo, ConnectOptions, ExportInfo, ExportListing, HandshakeStyle, Negotiated } from "./negotiated.ts";
 export { copy, FileDestination, FileSource, NbdEndpoint, NullEndpoint } from "./copy.ts";
 export type { CopyDestination, CopyOptions, CopyResult, CopySource, FileExtentProbe } from "./copy.ts";
-export { formatNbdUri, NBD_DEFAULT_PORT, parseNbdUri, type NbdTarget } from "./uri.ts";
+export { formatNbdUri, NBD_DEFAULT_PORT, parseNbdUri, type NbdTarget, type TlsTarget } from "./uri.ts";
 export { NBD_STATE_HOLE, NBD_STATE_ZERO } from "../protocol/constants.ts";

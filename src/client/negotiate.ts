@@ -1,9 +1,11 @@
-// The option phase (cold path, written for clarity): the greeting, fixed newstyle option haggling
-// (LIST, INFO, GO, STRUCTURED_REPLY, EXTENDED_HEADERS, LIST/SET_META_CONTEXT, ABORT), the EXPORT_NAME
-// fallback, and oldstyle servers. Ends in go(), which returns a plain `Negotiated`, or in abort().
+// The option phase (cold path, written for clarity): the greeting, STARTTLS for nbds:// targets,
+// fixed newstyle option haggling (LIST, INFO, GO, STRUCTURED_REPLY, EXTENDED_HEADERS,
+// LIST/SET_META_CONTEXT, ABORT), the EXPORT_NAME fallback, and oldstyle servers. Ends in go(),
+// which returns a plain `Negotiated`, or in abort().
 import {
   EXPORT_NAME_PADDING, NBD_OPT_ABORT, NBD_OPT_EXPORT_NAME, NBD_OPT_EXTENDED_HEADERS, NBD_OPT_GO, NBD_OPT_INFO, NBD_OPT_LIST,
-  NBD_OPT_LIST_META_CONTEXT, NBD_OPT_SET_META_CONTEXT, NBD_OPT_STRUCTURED_REPLY, NBD_REP_ACK, NBD_REP_ERR_UNSUP,
+  NBD_OPT_LIST_META_CONTEXT, NBD_OPT_SET_META_CONTEXT, NBD_OPT_STARTTLS, NBD_OPT_STRUCTURED_REPLY, NBD_REP_ACK,
+  NBD_REP_ERR_UNSUP,
   NBD_REP_INFO, NBD_REP_META_CONTEXT, NBD_REP_SERVER, optionName, replyTypeName,
 } from "../protocol/constants.ts";
 import { NbdClosedError, NbdDisconnectedError, NbdOptionError, NbdProtocolViolation, NbdUsageError } from "./errors.ts";
@@ -13,6 +15,7 @@ import {
   clientFlags, exportNameReply, greetingKind, infoRequest, InfoReplies, metaContextReply, metaRequest, nbdString,
   OLDSTYLE_HEADER, oldstyleExport, OPTION_REPLY_HEADER, optionReplyHeader, optionRequest, serverReply,
 } from "./option-codec.ts";
+import { type ClientTls, loadClientTls } from "./tls.ts";
 import { openConn } from "./transport.ts";
 import type { NbdTarget } from "./uri.ts";
 import { u16 } from "./wire.ts";
@@ -22,9 +25,9 @@ import { u16 } from "./wire.ts";
  * meta-context questions, then either {@link go} (enter transmission) or {@link abort}.
  * Only one option is in flight at a time, as the protocol requires.
  *
- * Every byte goes through one {@link HandshakeChannel}. STARTTLS (nbds://, not built yet) would be
- * one more option here: after its ACK, the channel is detached, its transport upgraded, and the
- * result attached again; the options that follow do not notice.
+ * Every byte goes through one {@link HandshakeChannel}. For an nbds:// target STARTTLS comes
+ * first: after its ACK the channel's transport is upgraded, and the options that follow do not
+ * notice.
  */
 export class Negotiation {
   /** "newstyle-fixed" normally; "newstyle" for servers without fixed newstyle (only EXPORT_NAME works); "oldstyle". */
@@ -35,6 +38,8 @@ export class Negotiation {
   extended = false;
   /** Meta contexts selected by the last SET_META_CONTEXT: name → id. */
   metaContexts = new Map<string, number>();
+  /** Whether the connection is encrypted (STARTTLS succeeded). */
+  tls = false;
   private finished = false;
 
   private constructor(
@@ -47,6 +52,7 @@ export class Negotiation {
   /** Connects (transport.ts picks Bun's or Node's transport) and reads the greeting. */
   static async open(target: NbdTarget, opts: ConnectOptions = {}): Promise<Negotiation> {
     const timeoutMs = opts.connectTimeoutMs ?? 10_000;
+    const tls = target.tls ? loadClientTls(target) : null; // credential errors before connecting
     const io = new HandshakeChannel(await openConn(target, timeoutMs), timeoutMs);
     try {
       const g = await io.read(16, "the greeting");
@@ -60,6 +66,7 @@ export class Negotiation {
         neg = new Negotiation(io, "oldstyle", false, oldstyleExport(header));
       }
       io.stage = "the handshake";
+      if (tls) await neg.startTls(tls);
       return neg;
     } catch (e) {
       io.destroy();
@@ -106,6 +113,19 @@ export class Negotiation {
   private fatal(): void {
     this.finished = true;
     this.io.destroy();
+  }
+
+  /** STARTTLS, then the TLS handshake: required for an nbds:// target (no fallback to plaintext). */
+  private async startTls(tls: ClientTls): Promise<void> {
+    if (this.style !== "newstyle-fixed") {
+      throw new NbdOptionError("STARTTLS", NBD_REP_ERR_UNSUP, "ERR_UNSUP", `TLS was required, but a ${this.style} server cannot do STARTTLS`);
+    }
+    this.io.write(optionRequest(NBD_OPT_STARTTLS));
+    const r = await this.readReply(NBD_OPT_STARTTLS);
+    if (r.type & 0x80000000) throw this.refuse(NBD_OPT_STARTTLS, r.type, r.data, "TLS was required, but the server refused STARTTLS");
+    if (r.type !== NBD_REP_ACK) throw this.unexpected(NBD_OPT_STARTTLS, r.type);
+    await this.io.upgrade(tls);
+    this.tls = true;
   }
 
   /** Sends an option without data that the server acknowledges or refuses; returns whether it agreed. */

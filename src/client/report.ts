@@ -46,7 +46,7 @@ function description(e: ListedExport): string | undefined {
 
 /** The text `nbdinfo` (or `nbdinfo --list`) prints, minus its "content:" line (which needs file(1)). */
 export function formatListingText(l: ServerListing, target: NbdTarget): string {
-  const lines = [`protocol: ${l.style} without TLS, using ${l.structured ? "structured" : "simple"} packets`];
+  const lines = [`protocol: ${l.style} ${l.tls ? "with" : "without"} TLS, using ${l.structured ? "structured" : "simple"} packets`];
   for (const e of l.exports) {
     lines.push(`export="${e.name}":`);
     const d = description(e);
@@ -67,7 +67,7 @@ export function formatListingText(l: ServerListing, target: NbdTarget): string {
 export function formatListingJson(l: ServerListing, target: NbdTarget): string {
   const doc = {
     protocol: l.style,
-    TLS: false,
+    TLS: l.tls,
     structured: l.structured,
     exports: l.exports.map((e) => {
       const o: Record<string, unknown> = { "export-name": e.name };

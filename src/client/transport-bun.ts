@@ -11,28 +11,82 @@
 // reachable through bun:ffi, `rx.recv` also reads the socket's fd directly (recv with
 // MSG_DONTWAIT), so the client can take READ payloads straight into their destination buffers.
 // Bun still owns the fd: it polls it, and reports end of stream and errors as usual.
+//
+// STARTTLS: X.509 through Bun's own TLS (socket.upgradeTLS: a second BunConn on the TLS socket;
+// the raw one goes quiet, since Bun keeps firing its events), PSK through the OpenSSL engine
+// (transport-bun-psk.ts, over this connection). Encrypted connections have no `rx.recv`.
 import type { Socket } from "bun";
 import { haveLibc, recvNow } from "../sys/libc.ts";
 import { NbdDisconnectedError, NbdTimeoutError } from "./errors.ts";
 import type { Conn, Opened, Rx } from "./conn.ts";
+import { ConnEmitter } from "./emitter.ts";
+import type { ClientTls } from "./tls.ts";
+import { startPskTls } from "./transport-bun-psk.ts";
 import type { NbdTarget } from "./uri.ts";
 
-type Listener = (arg?: unknown) => void;
-
-class BunConn implements Conn {
+class BunConn extends ConnEmitter implements Conn {
   sock: Socket<BunConn> | null = null;
   /** Bytes that arrived before a receiver was attached (kept, not lost). */
   private early: Buffer[] | null = [];
   private receiver: ((b: Buffer, n: number) => void) | null = null;
-  readonly rx: Rx = makeRx(this);
+  readonly rx: Rx;
   private queue: Uint8Array[] = [];
   private queueHead = 0;
   private endPending = false;
   private closed = false;
-  private readonly listeners: Record<string, Listener[]> = { error: [], end: [], close: [], data: [] };
+  /** Upgraded to TLS: this (raw) connection's events are ciphertext for the TLS socket, not ours. */
+  private upgraded = false;
 
   /** The socket's fd, for receiving in place (-1 when unknown). */
   fd = -1;
+
+  /** A TLS socket: its fd carries ciphertext, so no in-place receiving. */
+  readonly encrypted: boolean;
+
+  constructor(encrypted = false) {
+    super();
+    this.encrypted = encrypted;
+    this.rx = makeRx(this);
+  }
+
+  /** The connection as handed to the negotiation: in-place receiving only while plaintext is on the socket. */
+  opened(): Opened {
+    return { socket: this, rx: this.rx, startTls: (tls, ms) => this.startTls(tls, ms) };
+  }
+
+  /** STARTTLS was acknowledged: run the TLS handshake; resolves with the encrypted connection. */
+  startTls(tls: ClientTls, timeoutMs: number): Promise<Opened> {
+    if (tls.kind === "psk") return startPskTls({ socket: this, rx: this.rx }, tls, timeoutMs);
+    const raw = this.sock!;
+    const conn = new BunConn(true);
+    this.upgraded = true;
+    return new Promise<Opened>((resolve, reject) => {
+      const failed = (e: Error) => { clearTimeout(timer); conn.off("close", onClose); conn.destroy(); this.destroy(); reject(e); };
+      const onClose = () => failed(new NbdDisconnectedError("the server closed the connection during the TLS handshake", undefined, "TLS_FAILED"));
+      const timer = setTimeout(() => failed(new NbdTimeoutError(`the TLS handshake took longer than ${timeoutMs} ms`)), timeoutMs);
+      conn.on("close", onClose);
+      const [, ts] = raw.upgradeTLS<BunConn>({
+        data: conn,
+        tls: {
+          ...(tls.ca ? { ca: tls.ca } : {}), ...(tls.cert ? { cert: tls.cert, key: tls.key } : {}),
+          serverName: tls.hostname, rejectUnauthorized: tls.verifyPeer,
+        },
+        socket: {
+          ...handlers,
+          handshake(s: Socket<BunConn>, ok: boolean, err: Error | null) {
+            if (!ok || (tls.verifyPeer && !s.authorized)) {
+              failed(new NbdDisconnectedError(`TLS handshake with the server failed: ${err?.message ?? "not authorized"}`, { cause: err }, "TLS_FAILED"));
+              return;
+            }
+            clearTimeout(timer);
+            conn.off("close", onClose);
+            resolve(conn.opened());
+          },
+        },
+      });
+      conn.sock = ts;
+    });
+  }
 
   /** recv(2) on the socket while it is open; 0 once closed (the fd number may be reused). */
   recv(dst: Uint8Array, off: number, len: number): number {
@@ -41,6 +95,7 @@ class BunConn implements Conn {
 
   /** Hands one incoming chunk to the receiver. */
   deliver(b: Buffer): void {
+    if (this.upgraded) return;
     const f = this.receiver;
     if (f) f(b, b.length);
     else this.early?.push(b);
@@ -74,7 +129,7 @@ class BunConn implements Conn {
   /** Called on `drain`: sends the queued tails until the kernel stops taking them. */
   drain(): void {
     const s = this.sock;
-    if (!s || this.closed) return;
+    if (!s || this.closed || this.upgraded) return;
     const q = this.queue;
     while (this.queueHead < q.length) {
       const d = q[this.queueHead]!;
@@ -114,23 +169,6 @@ class BunConn implements Conn {
     queueMicrotask(() => this.emit("close"));
   }
 
-  emit(event: string, arg?: unknown): void {
-    const l = this.listeners[event]!;
-    if (l.length === 1) l[0]!(arg);
-    else for (const f of [...l]) f(arg);
-  }
-
-  on(event: string, f: (...a: never[]) => void): this {
-    this.listeners[event]!.push(f as Listener);
-    return this;
-  }
-
-  off(event: string, f: (...a: never[]) => void): this {
-    const l = this.listeners[event]!;
-    const i = l.indexOf(f as Listener);
-    if (i >= 0) l.splice(i, 1);
-    return this;
-  }
 }
 
 const EMPTY = new Uint8Array(0);
@@ -138,7 +176,7 @@ const EMPTY = new Uint8Array(0);
 function makeRx(c: BunConn): Rx {
   return {
     owned: true,
-    recv: haveLibc ? (dst, off, len) => c.recv(dst, off, len) : undefined,
+    recv: haveLibc && !c.encrypted ? (dst, off, len) => c.recv(dst, off, len) : undefined,
     get on() {
       return c.getReceiver();
     },
@@ -190,7 +228,7 @@ export async function openBunConn(target: NbdTarget, timeoutMs: number): Promise
     const fd = (s as unknown as { fd?: number }).fd; // present at run time, missing from the typings
     if (typeof fd === "number" && fd >= 0) conn.fd = fd;
     if (target.transport === "tcp") s.setNoDelay(true);
-    return { socket: conn, rx: conn.rx };
+    return conn.opened();
   } catch (e) {
     if (timedOut) {
       connecting.then((s) => s.terminate(), () => {});

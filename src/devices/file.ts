@@ -2,9 +2,11 @@
 // synchronous positional I/O (fs.readSync/writeSync: 0.6 µs for a page-cached 4 KiB read against
 // 32 µs for an awaited FileHandle.read, see DESIGN.md). FLUSH and FUA use fdatasync; TRIM punches
 // holes; WRITE_ZEROES uses FALLOC_FL_ZERO_RANGE or hole punching, with a write fallback; extents
-// come from SEEK_DATA/SEEK_HOLE.
+// come from SEEK_DATA/SEEK_HOLE. Writes and syncs go through a RawIo seam (tests inject failures);
+// after a failed fdatasync or write, writes and flushes fail with EIO (failure.ts).
 import fs from "node:fs";
 import { enotsup } from "../protocol/errors.ts";
+import { FailureLatch } from "./failure.ts";
 import {
   fallocate, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, haveLibc, seekData, seekHole, willNeed,
 } from "../sys/libc.ts";
@@ -13,6 +15,18 @@ import {
 } from "./types.ts";
 
 const ZERO_CHUNK = 1024 * 1024;
+
+/** The raw file's write-side system calls: the seam where tests inject failing writes and syncs. */
+export interface RawIo {
+  /** pwrite(2): returns the bytes written, throws an Error with a `code` like Node's. */
+  pwrite(fd: number, buf: Uint8Array, off: number, len: number, pos: number): number;
+  fdatasync(fd: number): void;
+}
+
+const plainIo: RawIo = {
+  pwrite: (fd, buf, off, len, pos) => fs.writeSync(fd, buf, off, len, pos),
+  fdatasync: (fd) => fs.fdatasyncSync(fd),
+};
 
 export class RawFile implements BlockDevice {
   readonly path: string;
@@ -23,6 +37,9 @@ export class RawFile implements BlockDevice {
   private canZeroRange = haveLibc;
   private canSeekHoles = haveLibc;
   private closed = false;
+  private readonly io: RawIo;
+  /** The first failed write or sync: then writes and flushes are refused. */
+  private readonly latch: FailureLatch;
   /**
    * The last run found to be data by SEEK_DATA/SEEK_HOLE. Large reads ask for extents (to send
    * holes as holes); inside this run the two lseek calls are skipped. Reporting data is always
@@ -31,18 +48,21 @@ export class RawFile implements BlockDevice {
   private dataStart = 0;
   private dataEnd = 0;
 
-  private constructor(path: string, fd: number, size: number, readOnly: boolean) {
+  private constructor(path: string, fd: number, size: number, readOnly: boolean, io: RawIo, log: (msg: string) => void) {
     this.path = path;
     this.fd = fd;
     this.bytes = size;
     this.readOnly = readOnly;
+    this.io = io;
+    this.latch = new FailureLatch(path, log);
   }
 
   /**
    * Open a regular file (read-only with `readOnly`). Throws a clear Error if it is missing or
    * unreadable. `size` exports only the file's first `size` bytes (a fixed VHD without its footer).
+   * `log` gets warnings (a failed sync); `io` replaces the write-side system calls.
    */
-  static open(path: string, opts: { readOnly?: boolean; size?: number } = {}): RawFile {
+  static open(path: string, opts: { readOnly?: boolean; size?: number; log?: (msg: string) => void; io?: RawIo } = {}): RawFile {
     const readOnly = opts.readOnly ?? false;
     let fd: number;
     try {
@@ -67,7 +87,7 @@ export class RawFile implements BlockDevice {
       if (opts.size > size) { fs.closeSync(fd); throw new Error(`cannot open ${path}: ${opts.size} bytes wanted, the file has ${size}`); }
       size = opts.size;
     }
-    return new RawFile(path, fd, size, readOnly);
+    return new RawFile(path, fd, size, readOnly, opts.io ?? plainIo, opts.log ?? ((m) => console.error(m)));
   }
 
   size(): number { return this.bytes; }
@@ -100,35 +120,51 @@ export class RawFile implements BlockDevice {
   }
 
   pwrite(buf: Uint8Array, offset: number, flags: number): void {
+    if (this.latch.failure !== null) this.latch.refuse();
     let done = 0;
-    while (done < buf.length) {
-      done += fs.writeSync(this.fd, buf, done, buf.length - done, offset + done);
+    try {
+      while (done < buf.length) {
+        done += this.io.pwrite(this.fd, buf, done, buf.length - done, offset + done);
+      }
+    } catch (e) {
+      throw this.latch.note(e, "write");
     }
-    if (flags & FUA) fs.fdatasyncSync(this.fd);
+    if (flags & FUA) this.sync();
   }
 
   flush(): void {
-    fs.fdatasyncSync(this.fd);
+    this.latch.refuse();
+    this.sync();
+  }
+
+  private sync(): void {
+    try {
+      this.io.fdatasync(this.fd);
+    } catch (e) {
+      throw this.latch.note(e, "fdatasync");
+    }
   }
 
   trim(offset: number, length: number, flags: number): void {
+    this.latch.refuse();
     this.dataEnd = 0;
     // TRIM is a hint: where the filesystem cannot punch holes we do nothing.
     if (this.canPunch) {
       try {
         fallocate(this.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
       } catch (e) {
-        if (!notSupported(e)) throw e;
+        if (!notSupported(e)) throw this.latch.note(e, "fallocate");
         this.canPunch = false;
       }
     }
-    if (flags & FUA) fs.fdatasyncSync(this.fd);
+    if (flags & FUA) this.sync();
   }
 
   zero(offset: number, length: number, flags: number): void {
+    this.latch.refuse();
     this.dataEnd = 0;
     if (this.zeroFast(offset, length, flags)) {
-      if (flags & FUA) fs.fdatasyncSync(this.fd);
+      if (flags & FUA) this.sync();
       return;
     }
     if (flags & FAST_ZERO) throw enotsup("this file system cannot zero a range quickly");
@@ -137,7 +173,7 @@ export class RawFile implements BlockDevice {
       const n = Math.min(z.length, end - o);
       this.pwrite(n === z.length ? z : z.subarray(0, n), o, 0);
     }
-    if (flags & FUA) fs.fdatasyncSync(this.fd);
+    if (flags & FUA) this.sync();
   }
 
   private zeroFast(offset: number, length: number, flags: number): boolean {
@@ -146,7 +182,7 @@ export class RawFile implements BlockDevice {
         fallocate(this.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
         return true;
       } catch (e) {
-        if (!notSupported(e)) throw e;
+        if (!notSupported(e)) throw this.latch.note(e, "fallocate");
         this.canPunch = false;
       }
     }
@@ -155,7 +191,7 @@ export class RawFile implements BlockDevice {
         fallocate(this.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length);
         return true;
       } catch (e) {
-        if (!notSupported(e)) throw e;
+        if (!notSupported(e)) throw this.latch.note(e, "fallocate");
         this.canZeroRange = false;
       }
     }
@@ -202,8 +238,9 @@ export class RawFile implements BlockDevice {
   close(): void {
     if (this.closed) return;
     this.closed = true;
-    if (!this.readOnly) {
-      try { fs.fdatasyncSync(this.fd); } catch { /* reported by the last flush, if any */ }
+    // After a failure nothing more is synced (the latch said so in the log); a failing final sync is logged.
+    if (!this.readOnly && this.latch.failure === null) {
+      try { this.sync(); } catch { /* logged by the latch */ }
     }
     fs.closeSync(this.fd);
   }

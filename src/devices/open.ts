@@ -2,12 +2,13 @@
 // by what the content is (sniff.ts: magic numbers, CD001, sync patterns, a sheet's text) rather
 // than the extension alone. Each kind has one small opener in OPENERS; compressed containers are
 // opened and their content sniffed again. Overlays (--overlay/--snapshot) wrap what FILE would
-// serve without one (openOverlayBase). Every file is checked before the server listens, so a bad
-// file is a clear error and nothing is half-started.
+// serve without one (openOverlayBase). Remote names (http(s)://, s3://) go to remote/index.ts, which
+// sniffs the object the same way. Everything is checked before the server listens.
 import { closeSync, fstatSync, openSync, readSync, statSync } from "node:fs";
 import { basename, dirname, extname, resolve } from "node:path";
 import { RawFile } from "./file.ts";
 import type { OverlayBase } from "./qcow2/base.ts";
+import type { RemoteSettings } from "./remote/index.ts";
 import { IsoView } from "./iso.ts";
 import { HEAD_BYTES, type Kind, type Probe, sniff } from "./sniff.ts";
 import { type BlockDevice, type ExportSpec, isPromise } from "./types.ts";
@@ -26,7 +27,11 @@ export interface OpenOptions {
   log: (msg: string) => void;
   /** Notices (e.g. an overlay was created, an index was built). */
   info?: (msg: string) => void;
+  /** How http(s):// and s3:// images are fetched and cached. */
+  remote?: RemoteSettings;
 }
+
+const isRemoteName = (f: string) => /^(https?|s3):\/\//i.test(f);
 
 /** What one FILE serves without an overlay. */
 export interface Opened {
@@ -67,7 +72,7 @@ async function closeAll(specs: ExportSpec[]): Promise<void> {
 
 async function openOne(file: string, opts: OpenOptions): Promise<ExportSpec[]> {
   if (opts.overlay === undefined && !opts.snapshot) return (await openImage(file, opts)).exports;
-  const name = opts.name ?? exportNameFor(file);
+  const name = opts.name ?? (isRemoteName(file) ? (await import("./remote/index.ts")).remoteExportName(file) : exportNameFor(file));
   const { openOverlay } = await import("./qcow2/index.ts");
   const base = await openOverlayBase(file, opts);
   try {
@@ -85,9 +90,9 @@ async function openOne(file: string, opts: OpenOptions): Promise<ExportSpec[]> {
  * compressed image, a VHD) is recorded as a device-stack base. The files under a CD view get QEMU's
  * shared read lock, as a raw base does. The caller releases the handle.
  */
-export async function openOverlayBase(file: string, opts: { log: (msg: string) => void; info?: (msg: string) => void }): Promise<{ base: OverlayBase; description: string }> {
+export async function openOverlayBase(file: string, opts: { log: (msg: string) => void; info?: (msg: string) => void; remote?: RemoteSettings }): Promise<{ base: OverlayBase; description: string }> {
   const { openBase, deviceBase } = await import("./qcow2/index.ts");
-  const img = await openImage(file, { log: opts.log, info: opts.info, readOnly: true });
+  const img = await openImage(file, { log: opts.log, info: opts.info, readOnly: true, remote: opts.remote });
   const [first, ...rest] = img.exports;
   await closeAll(rest);
   if (!first) throw new Error(`${file}: nothing to put an overlay on`);
@@ -99,16 +104,26 @@ export async function openOverlayBase(file: string, opts: { log: (msg: string) =
   try {
     let stack = first.description ?? KIND_NAMES[img.kind];
     let kind: string = img.kind;
+    let location = resolve(file);
+    if (isRemoteName(file)) {
+      // A remote raw object is recorded by its URL and ETag; other remote kinds by URL and content.
+      const remote = await import("./remote/index.ts");
+      if (first.device instanceof remote.RemoteImage) {
+        const base = await deviceBase(first.device, remote.remoteIdentity(first.device));
+        return { base, description: first.description ?? file };
+      }
+      location = remote.parseLocation(file, {}).display;
+    }
     if (img.kind === "cue" || img.kind === "ccd" || img.kind === "rawcd") {
       const { CookedTrackView } = await import("./cd/views.ts");
       const { lockImage, RO_DENY, RO_PERMS } = await import("./qcow2/lock.ts");
       const view = first.device;
       if (!(view instanceof CookedTrackView)) throw new Error(`${file}: no data track with a 2048-byte view to put an overlay on (audio only?)`);
-      for (const f of view.disc.files) lockImage(f.fd, f.path, RO_PERMS, RO_DENY);
+      for (const f of view.disc.files) if (!f.staged) lockImage(f.fd, f.path, RO_PERMS, RO_DENY);
       stack = `cooked 2048-byte view of track ${String(view.track.number).padStart(2, "0")} (${view.track.mode.name})`;
       kind = "cd";
     }
-    const base = await deviceBase(first.device, { kind, location: resolve(file), stack });
+    const base = await deviceBase(first.device, { kind, location, stack });
     return { base, description: first.description ?? basename(file) };
   } catch (e) {
     await closeAll([first]);
@@ -164,6 +179,10 @@ type Opener = (c: Ctx) => Promise<Opened>;
 
 /** What FILE serves (without an overlay). */
 export async function openImage(file: string, opts: OpenOptions): Promise<Opened> {
+  if (isRemoteName(file)) {
+    const { openRemote } = await import("./remote/index.ts");
+    return openRemote(file, { name: opts.name, settings: opts.remote ?? {}, log: opts.info ?? opts.log });
+  }
   const { path, member } = locate(file);
   const probe = probeFile(path);
   const ext = extname(path).toLowerCase();
@@ -188,7 +207,7 @@ function cdImage(format: "cue" | "ccd" | "raw"): Opener {
 const OPENERS: Record<Kind, Opener> = {
   raw: async (c) => ({
     kind: "raw", rawBase: c.path,
-    exports: [{ name: c.name, description: `raw image ${basename(c.path)}`, device: RawFile.open(c.path, { readOnly: c.opts.readOnly }) }],
+    exports: [{ name: c.name, description: `raw image ${basename(c.path)}`, device: RawFile.open(c.path, { readOnly: c.opts.readOnly, log: c.opts.log }) }],
   }),
   cue: cdImage("cue"),
   ccd: cdImage("ccd"),

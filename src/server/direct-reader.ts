@@ -13,6 +13,8 @@ const BUFFER = 256 * 1024;
 const BUDGET = 4 * 1024 * 1024;
 /** A chunk from Bun at least this large means the client is streaming: read on directly. */
 export const STREAM_CHUNK = 64 * 1024;
+/** WRITE payloads at least this large in this reader's buffer get a buffer of their own. */
+const OWN_PAYLOAD = 32 * 1024;
 
 export class DirectReader {
   private buf: Uint8Array | null = null;
@@ -46,6 +48,23 @@ export class DirectReader {
       }
       if (n < b.length) return;
     }
+  }
+
+  /**
+   * The rest of a payload that spans chunks, read straight into `p` from `fill` (one copy, not two,
+   * and no chunk allocated for it); returns the new fill. What is not there yet comes with later chunks.
+   */
+  fill(p: Uint8Array, fill: number): number {
+    for (let k = 1; k > 0 && fill < p.length;) {
+      k = this.recv(p, fill, p.length - fill);
+      fill += k;
+    }
+    return fill;
+  }
+
+  /** A WRITE payload seen as `view` of the chunk: itself, or a copy when large and in the reused buffer. */
+  payload(view: Uint8Array): Uint8Array {
+    return this.active && view.length >= OWN_PAYLOAD ? Buffer.from(view) : view;
   }
 
   /** The receiver keeps a view of the chunk it is given (only matters for this reader's own buffer). */

@@ -1,12 +1,14 @@
 // The fixed-newstyle handshake (cold path): greeting, client flags, option haggling and its state
-// (structured replies, extended headers, meta contexts), and export selection at GO / EXPORT_NAME.
-// It ends with a Negotiated result; STARTTLS is an option that will land in handleOption.
+// (structured replies, extended headers, meta contexts), the TLS modes' option rules (STARTTLS,
+// FORCEDTLS), and export selection at GO / EXPORT_NAME. It ends with a Negotiated result, or hands
+// over to TLS.
 import {
   HARD_MAX_PAYLOAD, NBD_FLAG_BLOCK_STATUS_PAYLOAD, NBD_FLAG_C_FIXED_NEWSTYLE, NBD_FLAG_C_NO_ZEROES, NBD_FLAG_SEND_DF,
   NBD_INFO_BLOCK_SIZE, NBD_INFO_DESCRIPTION, NBD_INFO_NAME, NBD_OPT_ABORT, NBD_OPT_EXPORT_NAME, NBD_OPT_EXTENDED_HEADERS,
   NBD_OPT_GO, NBD_OPT_INFO, NBD_OPT_LIST, NBD_OPT_LIST_META_CONTEXT, NBD_OPT_SET_META_CONTEXT, NBD_OPT_STARTTLS,
   NBD_OPT_STRUCTURED_REPLY, NBD_REP_ACK, NBD_REP_ERR_EXT_HEADER_REQD, NBD_REP_ERR_INVALID, NBD_REP_ERR_POLICY,
-  NBD_REP_ERR_SHUTDOWN, NBD_REP_ERR_UNKNOWN, NBD_REP_ERR_UNSUP, NBD_REP_INFO, NBD_REP_META_CONTEXT, NBD_REP_SERVER,
+  NBD_REP_ERR_SHUTDOWN, NBD_REP_ERR_TLS_REQD, NBD_REP_ERR_UNKNOWN, NBD_REP_ERR_UNSUP, NBD_REP_INFO, NBD_REP_META_CONTEXT,
+  NBD_REP_SERVER,
   optionName,
 } from "../protocol/constants.ts";
 import {
@@ -15,18 +17,28 @@ import {
   parseInfoRequest, parseMetaContextRequest, parseOptionHeader,
 } from "../protocol/codec.ts";
 import type { CheckedExport, ExportContext } from "../devices/checked.ts";
+import type { ExportLease } from "./exports.ts";
+import { clientFields } from "./identity.ts";
 import type { Logger } from "./log.ts";
-import type { ExportTable, Negotiated, SessionLink, Transport } from "./types.ts";
+import type { ExportTable, Negotiated, SessionLink, TlsMode, Transport } from "./types.ts";
 
 /** Options longer than this are a denial of service: the connection closes. */
 const MAX_OPTION_LENGTH = 1024 * 1024;
 const MAX_ERROR_MESSAGE = 4096;
 
+/** How a handshake starts: its TLS mode, and whether it is the one restarted inside TLS. */
+export interface HandshakeOptions {
+  tls?: TlsMode;
+  /** Haggling restarts inside TLS: no greeting, client flags already read (NO_ZEROES carried over). */
+  encrypted?: { noZeroes: boolean };
+}
+
 /**
  * One connection's handshake. The session feeds it bytes until it returns what followed the
- * handshake; `result` then says what was chosen. It closes the session itself on ABORT, on
- * protocol errors and where EXPORT_NAME cannot answer. Under TLS it will also learn "now
- * encrypted" and the peer identity (from the session, after the transport's upgrade).
+ * handshake; `result` then says what was chosen, or `startTls` that STARTTLS was acknowledged
+ * (the bytes returned are then the start of the TLS handshake, and a new Handshake takes over
+ * inside TLS). It closes the session itself on ABORT, on protocol errors and where EXPORT_NAME
+ * cannot answer.
  */
 export class Handshake {
   private buf: Uint8Array = new Uint8Array(256);
@@ -41,16 +53,32 @@ export class Handshake {
   private metaSelected: ExportContext[] = [];
   private metaIds: number[] = [];
   private readonly debug: boolean;
+  private readonly tls: TlsMode;
+  private readonly encrypted: boolean;
+  /** Leases taken while handling the current option; all but the chosen one are given back after it. */
+  private leases: ExportLease[] = [];
   /** Set when GO or EXPORT_NAME chose an export: the handshake is over. */
   result: Negotiated | null = null;
+  /** Set when STARTTLS was acknowledged: what follows is TLS. */
+  startTls = false;
 
   constructor(
     private readonly s: SessionLink, private readonly t: Transport, private readonly exports: ExportTable,
-    private readonly log: Logger,
+    private readonly log: Logger, opts: HandshakeOptions = {},
   ) {
     this.debug = log.debugEnabled;
-    t.send(encodeGreeting());
+    this.tls = opts.tls ?? "off";
+    this.encrypted = opts.encrypted !== undefined;
+    if (opts.encrypted) {
+      this.gotClientFlags = true;
+      this.noZeroes = opts.encrypted.noZeroes;
+    } else {
+      t.send(encodeGreeting());
+    }
   }
+
+  /** Whether the client asked for NO_ZEROES (carried into the handshake restarted inside TLS). */
+  get clientNoZeroes(): boolean { return this.noZeroes; }
 
   /**
    * Feed bytes from the socket. Returns the bytes that followed the handshake (requests pipelined
@@ -65,7 +93,7 @@ export class Handshake {
     this.buf.set(chunk, this.len);
     this.len += chunk.length;
     let p = 0;
-    while (this.result === null && !this.s.closed) {
+    while (this.result === null && !this.startTls && !this.s.closed) {
       if (!this.gotClientFlags) {
         if (this.len - p < 4) break;
         const flags = getU32(this.buf, p);
@@ -91,27 +119,44 @@ export class Handshake {
       if (this.len - p < 16 + h.length) break;
       const data = this.buf.slice(p + 16, p + 16 + h.length);
       p += 16 + h.length;
-      this.handleOption(h.option, data);
+      try {
+        this.handleOption(h.option, data);
+      } finally {
+        this.releaseLeases();
+      }
     }
     if (this.s.closed) return null;
-    // Keep what is left (an incomplete option, or requests pipelined after GO).
-    const rest = this.buf.slice(p, this.len);
-    this.len = 0;
-    if (this.result !== null) {
+    if (this.result !== null || this.startTls) {
+      // Requests pipelined after GO go to the transmission phase; bytes after STARTTLS to TLS.
+      const rest = this.buf.slice(p, this.len);
       this.buf = new Uint8Array(0);
+      this.len = 0;
       return rest;
     }
-    this.buf.set(rest, 0);
-    this.len = rest.length;
+    // Keep an incomplete option where it is: move it only when something before it was consumed,
+    // so an option dribbled in one byte at a time costs linear time, not a copy per byte.
+    if (p > 0) {
+      this.buf.copyWithin(0, p, this.len);
+      this.len -= p;
+    }
     return null;
   }
 
   /**
-   * The one place the handshake asks for an export (GO, INFO, EXPORT_NAME, meta contexts).
-   * Per-client resolution will pass the client's identity along here.
+   * The one place the handshake asks for an export (GO, INFO, EXPORT_NAME, meta contexts), with
+   * the client's identity (address, and the TLS identity once encrypted).
    */
   private resolve(name: string): CheckedExport | undefined {
-    return this.exports.get(name);
+    const l = this.exports.resolve(name, this.s.client);
+    if (l === undefined) return undefined;
+    this.leases.push(l);
+    return l.exp;
+  }
+
+  private releaseLeases(): void {
+    const keep = this.result?.lease;
+    for (const l of this.leases) if (l !== keep) l.release();
+    this.leases = [];
   }
 
   private reply(option: number, type: number, data?: Uint8Array): void {
@@ -129,6 +174,15 @@ export class Handshake {
       this.replyError(option, NBD_REP_ERR_SHUTDOWN, "server is shutting down");
       return;
     }
+    if (this.tls === "require" && !this.encrypted && option !== NBD_OPT_STARTTLS && option !== NBD_OPT_ABORT) {
+      // FORCEDTLS: nothing but STARTTLS and ABORT before TLS; EXPORT_NAME cannot carry the error.
+      if (option === NBD_OPT_EXPORT_NAME) {
+        this.log.info(`[${this.s.id}] ${this.s.peer}: EXPORT_NAME before STARTTLS on a server that requires TLS; closing`);
+        this.s.close();
+        return;
+      }
+      return this.replyError(option, NBD_REP_ERR_TLS_REQD, "this server requires TLS: send NBD_OPT_STARTTLS first");
+    }
     try {
       switch (option) {
         case NBD_OPT_EXPORT_NAME: return this.optExportName(data);
@@ -137,10 +191,7 @@ export class Handshake {
           this.s.close();
           return;
         case NBD_OPT_LIST: return this.optList(data);
-        case NBD_OPT_STARTTLS:
-          // TLS will land here: ACK, stop parsing, hand the bytes after this option to the
-          // transport's upgrade, reset option state, and go on once the session says "encrypted".
-          return this.replyError(option, NBD_REP_ERR_POLICY, "TLS is not available on this server");
+        case NBD_OPT_STARTTLS: return this.optStartTls(data);
         case NBD_OPT_INFO:
         case NBD_OPT_GO: return this.optInfoGo(option, data);
         case NBD_OPT_STRUCTURED_REPLY:
@@ -161,6 +212,16 @@ export class Handshake {
       if (e instanceof OptionFormatError) return this.replyError(option, NBD_REP_ERR_INVALID, e.message);
       throw e;
     }
+  }
+
+  /** ACK, then stop parsing: the session hands what follows to the transport's TLS upgrade. */
+  private optStartTls(data: Uint8Array): void {
+    const o = NBD_OPT_STARTTLS;
+    if (this.tls === "off") return this.replyError(o, NBD_REP_ERR_POLICY, "TLS is not enabled on this server");
+    if (data.length) return this.replyError(o, NBD_REP_ERR_INVALID, "STARTTLS takes no data");
+    if (this.encrypted) return this.replyError(o, NBD_REP_ERR_INVALID, "TLS is already on");
+    this.reply(o, NBD_REP_ACK);
+    this.startTls = true;
   }
 
   private optExportName(data: Uint8Array): void {
@@ -184,7 +245,7 @@ export class Handshake {
 
   private optList(data: Uint8Array): void {
     if (data.length) return this.replyError(NBD_OPT_LIST, NBD_REP_ERR_INVALID, "LIST takes no data");
-    for (const e of this.exports.list()) this.reply(NBD_OPT_LIST, NBD_REP_SERVER, encodeRepServer(e.name, e.description));
+    for (const e of this.exports.list(this.s.client)) this.reply(NBD_OPT_LIST, NBD_REP_SERVER, encodeRepServer(e.name, e.description));
     this.reply(NBD_OPT_LIST, NBD_REP_ACK);
   }
 
@@ -254,10 +315,12 @@ export class Handshake {
    */
   private choose(exp: CheckedExport, agreedSizes: boolean): void {
     if (this.metaExport !== exp.name) this.metaSelected = [];
+    const lease = this.leases.find((l) => l.exp === exp)!;
     const maxPayload = agreedSizes ? Math.min(exp.blockSize.maximum, HARD_MAX_PAYLOAD) : HARD_MAX_PAYLOAD;
     const structured = this.structured || this.extended;
-    this.result = { exp, structured, extended: this.extended, maxPayload, contexts: this.metaSelected, contextIds: this.metaIds };
+    this.result = { exp, lease, structured, extended: this.extended, maxPayload, contexts: this.metaSelected, contextIds: this.metaIds };
     const replies = this.extended ? "extended headers" : structured ? "structured replies" : "simple replies";
-    this.log.info(`[${this.s.id}] ${this.s.peer}: export "${exp.name}" (${exp.size} bytes, ${replies}, payloads up to ${maxPayload}${this.metaSelected.length ? `, contexts ${this.metaSelected.map((c) => c.name).join(",")}` : ""})`);
+    this.log.info(`[${this.s.id}] ${this.s.peer}: export "${exp.name}" (${exp.size} bytes, ${replies}, payloads up to ${maxPayload}${this.metaSelected.length ? `, contexts ${this.metaSelected.map((c) => c.name).join(",")}` : ""})`,
+      { conn: this.s.id, ...clientFields(this.s.client), export: exp.name });
   }
 }

@@ -1,77 +1,115 @@
-// The only code that touches listening sockets: Bun.listen on TCP (IPv4/IPv6) and unix sockets, one
-// Session per connection over a SocketTransport (socket-transport.ts), and shutdown.
+// The only code that touches listening sockets: Bun.listen on TCP (IPv4/IPv6) and unix sockets,
+// admission at accept (allow-list, connection caps), the handshake deadline, one Session per
+// connection over a SocketTransport (socket-transport.ts), and STARTTLS through an Upgrader
+// (starttls.ts) built from the credentials read at start (tls.ts).
 import type { Socket, TCPSocketListener, UnixSocketListener } from "bun";
 import { rmSync, statSync } from "node:fs";
-import { CheckedExport } from "../devices/checked.ts";
-import { type ExportSpec, isPromise } from "../devices/types.ts";
-import { Session } from "./session.ts";
-import type { ExportTable } from "./types.ts";
+import type { CheckedExport } from "../devices/checked.ts";
+import type { ExportSpec } from "../devices/types.ts";
+import { Admission, exposureWarning } from "./access.ts";
+import { ExportRegistry, Generation, staticRows, type ExportLease } from "./exports.ts";
+import { clientFields, describeClient, type ClientIdentity } from "./identity.ts";
 import { type Logger, silentLogger } from "./log.ts";
-import { type Conn, SocketTransport, type TransportStats } from "./socket-transport.ts";
+import { Session } from "./session.ts";
+import { type CheckedSettings, checkSettings, type ServerSettings } from "./settings.ts";
+import { type Conn, SocketTransport, type TransportStats, type Upgrader } from "./socket-transport.ts";
+import { type ConnEvents, makeUpgrader } from "./starttls.ts";
+import { loadServerCredentials, type ServerCredentials } from "./tls.ts";
+import type { ExportTable } from "./types.ts";
 
-export interface ServerOptions {
-  /** Serve every export read-only, whatever its device can do. */
+export interface ServerOptions extends Partial<ServerSettings> {
+  /** Serve every export read-only, whatever its device can do (with a list of specs). */
   readOnly?: boolean;
   log?: Logger;
 }
 
+/** Unwraps IPv4-mapped IPv6 ("::ffff:192.0.2.1" from a dual-stack listener) to plain IPv4. */
+function peerAddress(a: string): string {
+  return /^::ffff:\d+\.\d+\.\d+\.\d+$/i.test(a) ? a.slice(7) : a;
+}
+
 export class NbdServer implements ExportTable {
-  readonly exports: CheckedExport[];
-  private readonly byName = new Map<string, CheckedExport>();
+  /** The export table; reloads swap generations in it. */
+  readonly registry: ExportRegistry;
+  /** The settings in force (validated, defaults filled). */
+  readonly settings: CheckedSettings;
   private readonly log: Logger;
   private readonly listeners: (TCPSocketListener<Conn> | UnixSocketListener<Conn>)[] = [];
   private readonly unixPaths: string[] = [];
   private readonly sessions = new Set<Session>();
+  private readonly admission: Admission;
+  private credentials: ServerCredentials | null;
+  private upgrader: Upgrader | null;
+  private readonly events: ConnEvents;
   private closing = false;
   /** Reply-path counters of connections already closed (open ones are summed on demand). */
   private readonly closedStats: TransportStats = { sendfileCalls: 0, sendfileShort: 0, drainWaits: 0, copiedFileBytes: 0, receivedInPlace: 0 };
   private readonly transports = new Set<SocketTransport>();
 
-  constructor(specs: ExportSpec[], opts: ServerOptions = {}) {
-    if (specs.length === 0) throw new Error("no exports to serve");
+  /**
+   * Serve `specs` (fixed, one stack each), or the exports of a registry built from a configuration.
+   * Throws a configuration error (SettingsError, or one naming a certificate or key file).
+   */
+  constructor(exports: ExportSpec[] | ExportRegistry, opts: ServerOptions = {}) {
     this.log = opts.log ?? silentLogger;
-    this.exports = specs.map((s) => new CheckedExport(s, { readOnly: opts.readOnly }));
-    for (const e of this.exports) {
-      if (this.byName.has(e.name)) throw new Error(`two exports are named "${e.name}": use --name or rename a file`);
-      this.byName.set(e.name, e);
-    }
+    this.settings = checkSettings(opts);
+    this.credentials = loadServerCredentials(this.settings);
+    this.admission = new Admission({
+      allow: this.settings.allowList, maxConnections: this.settings.maxConnections,
+      maxConnectionsPerAddress: this.settings.maxConnectionsPerAddress,
+    });
+    this.events = this.connEvents();
+    this.upgrader = this.credentials ? makeUpgrader(this.credentials, this.events) : null;
+    this.registry = exports instanceof ExportRegistry
+      ? exports
+      : new ExportRegistry(new Generation(staticRows(exports, { readOnly: opts.readOnly, log: this.log })), this.log);
   }
 
-  get(name: string): CheckedExport | undefined {
-    return this.byName.get(name) ?? (name === "" ? this.exports[0] : undefined);
+  /** The current table's exports that have one fixed stack (per-client exports have one per client). */
+  get exports(): CheckedExport[] {
+    return this.registry.current.rows.flatMap((r) => (r.kind === "static" ? [r.exp] : []));
   }
-  list(): readonly CheckedExport[] { return this.exports; }
+
+  resolve(name: string, client: ClientIdentity): ExportLease | undefined {
+    return this.registry.resolve(name, client);
+  }
+  list(client: ClientIdentity): readonly { name: string; description: string }[] {
+    return this.registry.list(client);
+  }
   shuttingDown(): boolean { return this.closing; }
   /** Connections currently open. */
   get connections(): number { return this.sessions.size; }
-
-  /** How replies left, summed over every connection so far (see TransportStats). */
+  /** How replies left and requests arrived, summed over every connection so far (see TransportStats). */
   transportStats(): TransportStats {
     const sum = { ...this.closedStats };
     for (const t of this.transports) addStats(sum, t.stats);
     return sum;
   }
+  /** What TLS serves with, in one line (null with TLS off). */
+  get tlsSummary(): string | null {
+    return this.credentials ? `TLS ${this.settings.tls === "require" ? "required" : "offered"}: ${this.credentials.summary}` : null;
+  }
 
-  private handlers(transport: "tcp" | "unix") {
+  /**
+   * Reads the certificates or key file again (after they were renewed); new connections use them,
+   * open ones keep theirs. On error the old credentials stay and the error is thrown.
+   */
+  reloadTls(): void {
+    const next = loadServerCredentials(this.settings);
+    const old = this.credentials;
+    this.credentials = next;
+    this.upgrader = next ? makeUpgrader(next, this.events) : null;
+    if (old?.kind === "psk") old.engine.free();
+  }
+
+  /** A connection's events, whichever socket (plain, Bun TLS, PSK engine) carries them. */
+  private connEvents(): ConnEvents {
     const self = this;
     return {
-      open(sock: Socket<Conn>) {
-        if (self.closing) { sock.terminate(); return; }
-        sock.setNoDelay?.(true);
-        const t = new SocketTransport(sock);
-        if (transport === "unix") t.widenSendBuffer();
-        const peer = sock.remoteAddress ? `${sock.remoteAddress}` : "unix";
-        const s = new Session(t, self, self.log, peer);
-        t.session = s;
-        self.transports.add(t);
-        sock.data = { session: s, transport: t };
-        self.sessions.add(s);
-        self.log.info(`[${s.id}] connection from ${peer}`);
-      },
-      data(sock: Socket<Conn>, chunk: Uint8Array) {
-        const s = sock.data?.session;
+      data(c: Conn, chunk: Uint8Array) {
+        const s = c.session;
         if (!s) return;
-        const t = sock.data!.transport!;
+        const t = c.transport!;
         t.cork();
         try {
           s.onData(chunk);
@@ -79,36 +117,103 @@ export class NbdServer implements ExportTable {
         } catch (e) {
           // A bug must not take the server down: close this connection only.
           self.log.error(`[${s.id}] internal error, closing the connection: ${(e as Error).stack ?? e}`);
-          sock.terminate();
+          t.destroy();
         }
       },
-      drain(sock: Socket<Conn>) {
-        const c = sock.data;
-        if (!c?.transport) return;
+      drain(c: Conn) {
+        if (!c.transport) return;
         c.transport.drain();
         c.session?.onDrain();
       },
-      close(sock: Socket<Conn>) {
-        const t = sock.data?.transport;
+      close(c: Conn) {
+        const t = c.transport;
         if (t && self.transports.delete(t)) addStats(self.closedStats, t.stats);
-        const s = sock.data?.session;
+        const s = c.session;
         if (!s) return;
+        c.session = null;
+        if (c.deadline) clearTimeout(c.deadline);
         s.onClose();
         self.sessions.delete(s);
-        self.log.info(`[${s.id}] closed`);
+        self.admission.release(s.client);
+        self.log.info(`[${s.id}] closed`, { conn: s.id, ...clientFields(s.client), export: s.exportName });
       },
-      error(sock: Socket<Conn>, err: Error) {
-        const s = sock.data?.session;
-        self.log.warn(`[${s?.id ?? "?"}] socket error: ${err.message}`);
+      error(c: Conn, err: Error) {
+        self.log.warn(`[${c.session?.id ?? "?"}] socket error: ${err.message}`);
       },
+    };
+  }
+
+  /** Socket handlers; "auto" (an inherited listening socket) tells TCP from unix by the peer address. */
+  private handlers(kind: "tcp" | "unix" | "auto") {
+    const self = this;
+    const ev = this.events;
+    return {
+      open(sock: Socket<Conn>) {
+        if (self.closing) { sock.terminate(); return; }
+        const transport = kind === "auto" ? (sock.remoteAddress ? "tcp" : "unix") : kind;
+        const address = transport === "tcp" && sock.remoteAddress ? peerAddress(sock.remoteAddress) : null;
+        const client: ClientIdentity = { transport, address, port: address !== null ? sock.remotePort : null, tls: null };
+        const peer = describeClient(client);
+        const refused = self.admission.admit(client);
+        if (refused !== null) {
+          self.log.warn(`refused a connection from ${peer}: ${refused}`);
+          sock.data = { session: null, transport: null, secure: null, deadline: null };
+          sock.end(); // a FIN, not a reset: the client sees the server close before its greeting
+          return;
+        }
+        sock.setNoDelay?.(true);
+        const t = new SocketTransport(sock, self.upgrader);
+        if (transport === "unix") t.widenSendBuffer(); // inherited unix sockets too ("auto")
+        self.transports.add(t);
+        const s = new Session(t, self, self.log, peer, { client, tls: self.upgrader ? self.settings.tls : "off" });
+        t.session = s;
+        const c: Conn = { session: s, transport: t, secure: null, deadline: null };
+        sock.data = c;
+        self.sessions.add(s);
+        self.log.info(`[${s.id}] connection from ${peer}${address !== null ? `:${sock.remotePort}` : ""}`, { conn: s.id, ...clientFields(client) });
+        const limit = self.settings.handshakeTimeout;
+        if (limit > 0) {
+          c.deadline = setTimeout(() => {
+            c.deadline = null;
+            if (s.negotiating) s.protocolError("HANDSHAKE_TIMEOUT", `no export chosen within the ${limit} s handshake timeout`);
+          }, limit * 1000);
+        }
+      },
+      data(sock: Socket<Conn>, chunk: Uint8Array) {
+        const c = sock.data;
+        if (c.secure !== null) c.secure.data(chunk);
+        else ev.data(c, chunk);
+      },
+      drain(sock: Socket<Conn>) {
+        const c = sock.data;
+        if (c.secure !== null) c.secure.drain();
+        else ev.drain(c);
+      },
+      close(sock: Socket<Conn>) {
+        const c = sock.data;
+        if (c.secure !== null) c.secure.close();
+        else ev.close(c);
+      },
+      error(sock: Socket<Conn>, err: Error) { ev.error(sock.data, err); },
     };
   }
 
   /** Listen on TCP. Port 0 picks a free port; the bound port is returned. */
   listenTcp(hostname: string, port: number): { hostname: string; port: number } {
-    const l = Bun.listen<Conn>({ hostname, port, socket: this.handlers("tcp"), data: { session: null, transport: null } });
+    const l = Bun.listen<Conn>({ hostname, port, socket: this.handlers("tcp") });
     this.listeners.push(l);
+    const warning = exposureWarning(hostname, l.port, this.settings.tls, this.settings.allowList.rules.length > 0);
+    if (warning) this.log.warn(warning);
     return { hostname, port: l.port };
+  }
+
+  /**
+   * Serve on a listening socket inherited from the service manager (systemd socket activation):
+   * TCP or unix, already bound; Bun.listen takes it as is.
+   */
+  listenFd(fd: number): void {
+    const l = Bun.listen<Conn>({ fd, socket: this.handlers("auto") } as unknown as Parameters<typeof Bun.listen<Conn>>[0]);
+    this.listeners.push(l);
   }
 
   /** Listen on a unix socket (a stale socket file left by a dead server is replaced). */
@@ -116,11 +221,10 @@ export class NbdServer implements ExportTable {
     try {
       if (statSync(path).isSocket()) rmSync(path);
     } catch { /* does not exist */ }
-    const l = Bun.listen<Conn>({ unix: path, socket: this.handlers("unix"), data: { session: null, transport: null } });
+    const l = Bun.listen<Conn>({ unix: path, socket: this.handlers("unix") });
     this.listeners.push(l);
     this.unixPaths.push(path);
   }
-
   /**
    * Stop accepting, let in-flight requests finish (new ones get ESHUTDOWN), close connections,
    * flush and close every export. Resolves when done or after `graceMs`.
@@ -134,16 +238,8 @@ export class NbdServer implements ExportTable {
     while (this.sessions.size > 0 && Date.now() < limit) await Bun.sleep(10);
     for (const l of this.listeners) l.stop(true);
     for (const p of this.unixPaths) rmSync(p, { force: true });
-    for (const e of this.exports) {
-      try {
-        const f = e.flush();
-        if (isPromise(f)) await f;
-        const c = e.close();
-        if (isPromise(c)) await c;
-      } catch (err) {
-        this.log.error(`closing export "${e.name}": ${(err as Error).message}`);
-      }
-    }
+    await this.registry.close();
+    if (this.credentials?.kind === "psk") this.credentials.engine.free();
   }
 }
 

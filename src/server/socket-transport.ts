@@ -1,17 +1,46 @@
 // The socket writer under a session (SocketTransport). Bun's write() takes what the kernel takes and
 // returns the count without queueing the rest, so tails are kept and resent on `drain`, with
-// backpressure to the session. READ payloads from files go out with sendfile(2) behind a MSG_MORE header.
+// backpressure to the session. READ payloads from files go out with sendfile(2) behind a MSG_MORE
+// header; after STARTTLS the same writer writes to an encrypting socket (no sendfile, no raw recv).
 import type { Socket } from "bun";
 import { readSync } from "node:fs";
 import { recvNow, sendfile, sendMore, setSendBuffer } from "../sys/libc.ts";
 import type { Session } from "./session.ts";
 import type { Transport } from "./types.ts";
 
+/** What the writer needs of a socket: Bun's plain and TLS sockets, and the PSK engine's adapter. */
+export interface ByteSocket {
+  /** Takes what it can and returns the count (-1: the socket is gone). */
+  write(b: Uint8Array): number;
+  end(): void;
+  terminate(): void;
+  pause(): void;
+  resume(): void;
+}
+
+/**
+ * Where the raw socket's events go once STARTTLS happened: to the PSK engine (which decrypts and
+ * passes plaintext on), or nowhere (Bun's TLS socket has handlers of its own, and the raw
+ * socket's keep firing: Bun issue #26297).
+ */
+export interface RawTap {
+  data(chunk: Uint8Array): void;
+  drain(): void;
+  close(): void;
+}
+
 /** What each accepted socket carries in `socket.data`. */
 export interface Conn {
   session: Session | null;
   transport: SocketTransport | null;
+  /** Set by STARTTLS: the raw socket's events go here. */
+  secure: RawTap | null;
+  /** Closes a client that has not chosen an export in time. */
+  deadline: ReturnType<typeof setTimeout> | null;
 }
+
+/** Upgrades a connection's raw socket to TLS; `initial` is what arrived after STARTTLS. */
+export type Upgrader = (raw: Socket<Conn>, initial: Uint8Array) => void;
 
 /** Sends up to this size are copied into the cork batch; larger ones go out directly. */
 const BATCH_SIZE = 256 * 1024;
@@ -56,17 +85,42 @@ export class SocketTransport implements Transport {
   private readonly probe = new Uint8Array(1);
   readonly stats: TransportStats = { sendfileCalls: 0, sendfileShort: 0, drainWaits: 0, copiedFileBytes: 0, receivedInPlace: 0 };
   session: Session | null = null;
+  private sock: ByteSocket;
+  /**
+   * STARTTLS was asked for: from then on the raw socket carries TLS records, so neither sendfile,
+   * nor MSG_MORE, nor recv on its descriptor (that would take records away from the TLS layer).
+   * File ranges are read in user space and written through the encrypting socket.
+   */
+  private encrypted = false;
+  /** STARTTLS waiting for the plaintext queue (the ACK) to drain. */
+  private pendingUpgrade: Uint8Array | null = null;
 
-  constructor(private readonly sock: Socket<Conn>) {
-    const fd = (sock as unknown as { fd?: number }).fd; // present at run time, missing from the typings
+  constructor(private readonly raw: Socket<Conn>, private readonly upgrader: Upgrader | null = null) {
+    this.sock = raw;
+    const fd = (raw as unknown as { fd?: number }).fd; // present at run time, missing from the typings
     this.fd = typeof fd === "number" ? fd : -1;
   }
 
-  /** What the socket holds now, read into `dst` (see Transport.recvInto). */
+  /** What the socket holds now, read into `dst` (see Transport.recvInto); nothing once TLS started. */
   recvInto(dst: Uint8Array, off: number, len: number): number {
-    const n = this.fd >= 0 ? recvNow(this.fd, dst, off, len) : 0;
+    if (this.encrypted || this.fd < 0) return 0;
+    const n = recvNow(this.fd, dst, off, len);
     this.stats.receivedInPlace += n;
     return n;
+  }
+
+  /** STARTTLS: once what is queued (the ACK) has gone out in plaintext, upgrade the socket. */
+  startTls(initial: Uint8Array): void {
+    this.encrypted = true; // the raw descriptor is the TLS layer's from now on
+    this.flushBatch();
+    if (this.q.length > 0) this.pendingUpgrade = initial;
+    else this.upgrader!(this.raw, initial);
+  }
+
+  /** From now on write to `s`, an encrypting socket. */
+  useSocket(s: ByteSocket): void {
+    this.sock = s;
+    this.encrypted = true;
   }
 
   /** A unix socket: ask for a send buffer that holds several large replies (UNIX_SEND_BUFFER). */
@@ -121,8 +175,8 @@ export class SocketTransport implements Transport {
   sendFile(header: Uint8Array, fd: number, offset: number, length: number): void {
     this.flushBatch();
     const seg: FileSegment = { fd, offset, length };
-    if (this.q.length === 0 && this.fd >= 0) {
-      const n = sendMore(this.fd, header, 0, header.length);
+    if (this.q.length === 0) {
+      const n = this.encrypted || this.fd < 0 ? 0 : sendMore(this.fd, header, 0, header.length);
       // What did not go (socket full, or an error) goes through Bun: it arms `drain`, or reports the error.
       const m = n === header.length ? 0 : this.sock.write(n > 0 ? header.subarray(n) : header);
       if (m < 0) return; // the socket is gone
@@ -151,10 +205,20 @@ export class SocketTransport implements Transport {
    * take it and Bun watches for room (if it can after all, the byte is sent and sendfile goes on).
    */
   private pumpFile(seg: FileSegment): boolean {
+    if (this.encrypted || this.fd < 0) return this.pumpCopied(seg);
     const st = this.stats;
     for (;;) {
       while (seg.length > 0) {
-        const r = sendfile(this.fd, seg.fd, seg.offset, seg.length);
+        let r: number;
+        try {
+          r = sendfile(this.fd, seg.fd, seg.offset, seg.length);
+        } catch {
+          // EPIPE, ECONNRESET: the client hung up. Not a request error: drop the connection (a
+          // paused socket would not see the hang-up by itself) and let close clean up.
+          this.dropSegment(seg);
+          this.destroy();
+          return true;
+        }
         st.sendfileCalls++;
         if (r <= 0) {
           st.sendfileShort++;
@@ -179,6 +243,31 @@ export class SocketTransport implements Transport {
       this.bytes--;
       st.copiedFileBytes++;
     }
+  }
+
+  /**
+   * The TLS path for file ranges: read a piece into the shared scratch buffer and write it through
+   * the encrypting socket, which copies (encrypts) it at once. Whatever the socket does not take
+   * stays in `seg` and is read again on `drain`: queued payloads are never copied in memory.
+   * Returns true once `seg` is sent (or the socket is gone).
+   */
+  private pumpCopied(seg: FileSegment): boolean {
+    while (seg.length > 0) {
+      const k = Math.min(seg.length, SCRATCH.length);
+      const b = SCRATCH.subarray(0, k);
+      readFully(seg.fd, b, seg.offset);
+      const n = this.sock.write(b);
+      if (n < 0) return this.dropSegment(seg);
+      seg.offset += n;
+      seg.length -= n;
+      this.bytes -= n;
+      this.stats.copiedFileBytes += n;
+      if (n < k) {
+        this.stats.drainWaits++;
+        return false;
+      }
+    }
+    return true;
   }
 
   /**
@@ -268,9 +357,18 @@ export class SocketTransport implements Transport {
         else q.splice(q.indexOf(item), 1);
       }
     }
+    if (this.pendingUpgrade) {
+      const initial = this.pendingUpgrade;
+      this.pendingUpgrade = null;
+      this.upgrader!(this.raw, initial);
+      return;
+    }
     if (this.ending) this.sock.end();
   }
 }
+
+/** The TLS path's read buffer, shared: every write through TLS consumes it before returning. */
+const SCRATCH = new Uint8Array(256 * 1024);
 
 /** Reads `b.length` bytes of `fd` at `offset`; past the end of the file the rest reads as zeros. */
 export function readFully(fd: number, b: Uint8Array, offset: number): void {

@@ -1,5 +1,6 @@
 // The transmission phase (hot path): the receiver state machine asking for "N bytes" (compact
-// headers parsed in place, WRITE payloads taken as views of the incoming chunk when they fit),
+// headers parsed in place, WRITE payloads taken as views of the incoming chunk when they fit, the
+// rest of a stream read on from the socket by direct-reader.ts where the transport allows),
 // request checks and dispatch to the checked export, in-flight bookkeeping, flow control and
 // disconnect. Extended headers subclass it (extended.ts): another header step, same everything else.
 import {
@@ -14,6 +15,8 @@ import type { CheckedExport } from "../devices/checked.ts";
 import { FAST_ZERO, FUA, MAY_TRIM, REQ_ONE, isPromise } from "../devices/types.ts";
 import type { Logger } from "./log.ts";
 import { DirectReader, STREAM_CHUNK } from "./direct-reader.ts";
+import type { ExportStats } from "./metrics.ts";
+import { clientFields } from "./identity.ts";
 import { ReplyWriter } from "./replies.ts";
 import { type ExportTable, type Negotiated, PendingRequest, type SessionLink, type Transport } from "./types.ts";
 
@@ -24,8 +27,6 @@ export const HIGH_WATER = 32 * 1024 * 1024;
 export const LOW_WATER = 8 * 1024 * 1024;
 /** At most this many asynchronous requests in flight per connection. */
 const MAX_IN_FLIGHT = 64;
-/** WRITE payloads at least this large in the direct reader's buffer get a buffer of their own. */
-const OWN_PAYLOAD = 32 * 1024;
 
 const VALID_FLAGS: number[] = [];
 VALID_FLAGS[NBD_CMD_READ] = NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_DF;
@@ -58,6 +59,8 @@ export class Transmission {
   protected readonly payloadLimit: number;
   protected readonly w: ReplyWriter;
   private readonly debug: boolean;
+  /** Counters for metrics, or null when they are off. */
+  private readonly stats: ExportStats | null;
 
   // Receiver.
   protected rx = Rx.Header;
@@ -80,6 +83,8 @@ export class Transmission {
   protected readonly direct: DirectReader | null;
   private readonly feed = (chunk: Uint8Array): void => this.receive(chunk, 0);
   private readonly reading = (): boolean => !this.paused && !this.disconnecting && !this.s.closed;
+  /** Called once nothing is in flight any more, after the connection closed (see whenIdle). */
+  private onIdle: (() => void) | null = null;
 
   /**
    * `paused`: reading was already paused during the handshake (output backpressure). `w`: the
@@ -96,6 +101,7 @@ export class Transmission {
     this.payloadLimit = n.maxPayload;
     this.w = w ?? new ReplyWriter(s, t, n);
     this.debug = log.debugEnabled;
+    this.stats = n.lease.stats;
     this.paused = paused;
     this.direct = t.recvInto ? new DirectReader((d, o, l) => t.recvInto!(d, o, l)) : null;
   }
@@ -177,14 +183,8 @@ export class Transmission {
     p.set(chunk.subarray(pos, pos + n), this.payloadFill);
     this.payloadFill += n;
     pos += n;
-    if (this.payloadFill < p.length && pos === chunk.length && this.t.recvInto !== undefined) {
-      // The chunk is used up: take the rest of the payload straight from the socket (one copy, not
-      // two, and no chunk allocated for it); whatever is not there yet comes with later chunks.
-      for (let k = 1; k > 0 && this.payloadFill < p.length;) {
-        k = this.t.recvInto(p, this.payloadFill, p.length - this.payloadFill);
-        this.payloadFill += k;
-      }
-    }
+    // The chunk is used up: the rest of the payload straight from the socket, if it is there.
+    if (this.payloadFill < p.length && pos === chunk.length && this.direct !== null) this.payloadFill = this.direct.fill(p, this.payloadFill);
     if (this.payloadFill === p.length) {
       const req = this.pendingReq!;
       const payload = this.payload;
@@ -225,16 +225,10 @@ export class Transmission {
     }
     if (chunk.length - pos >= length) {
       const view = chunk.subarray(pos, pos + length);
-      const d = this.direct;
-      if (d === null || !d.active) {
-        this.dispatch(req, view);
-      } else if (length >= OWN_PAYLOAD) {
-        this.dispatch(req, Buffer.from(view)); // the reader's buffer is reused: a large payload gets its own
-      } else {
-        const before = this.inFlight;
-        this.dispatch(req, view);
-        if (this.inFlight > before) d.hold(); // the device finishes later: keep the buffer as it is
-      }
+      const p = this.direct === null ? view : this.direct.payload(view);
+      const before = this.inFlight;
+      this.dispatch(req, p);
+      if (p === view && this.inFlight > before) this.direct?.hold(); // the device finishes later: keep the buffer
       return pos + length;
     }
     this.pendingReq = req;
@@ -269,6 +263,8 @@ export class Transmission {
       this.maybeFinishDisconnect();
       return;
     }
+    const st = this.stats;
+    if (st !== null) req.start = performance.now();
     let r: unknown;
     try {
       if (req.error) throw req.error;
@@ -277,6 +273,7 @@ export class Transmission {
       this.fail(req, e);
       return;
     }
+    if (st !== null && !isPromise(r)) st.record(req.type, req.length, 0, req.start);
     if (isPromise(r)) {
       this.inFlight++;
       if (this.inFlight >= MAX_IN_FLIGHT) this.pauseReading();
@@ -287,6 +284,8 @@ export class Transmission {
   private asyncDone(req: PendingRequest, err: unknown): void {
     this.inFlight--;
     if (err !== null) this.fail(req, err);
+    else if (this.stats !== null) this.stats.record(req.type, req.length, 0, req.start);
+    if (this.inFlight === 0 && this.onIdle !== null) this.idle();
     if (this.paused && this.inFlight < MAX_IN_FLIGHT && this.t.queued() < LOW_WATER) this.unpause();
     this.maybeFinishDisconnect();
   }
@@ -346,12 +345,29 @@ export class Transmission {
   private fail(req: PendingRequest, e: unknown): void {
     const errno = toNbdErrno(e);
     const msg = e instanceof Error ? e.message : String(e);
+    if (this.stats !== null) this.stats.record(req.type, req.length, errno, req.start);
     if (e instanceof NbdError) {
-      if (this.debug) this.log.debug(`[${this.s.id}] ${commandName(req.type)} offset=${req.offset} length=${req.length}: ${errnoName(errno)}: ${msg}`);
+      if (this.debug) this.log.debug(`[${this.s.id}] ${commandName(req.type)} offset=${req.offset} length=${req.length}: ${errnoName(errno)}: ${msg}`, this.fields(req, errno));
     } else {
-      this.log.error(`[${this.s.id}] ${commandName(req.type)} offset=${req.offset} length=${req.length} failed: ${msg} (replying ${errnoName(errno)})`);
+      this.log.error(`[${this.s.id}] ${commandName(req.type)} offset=${req.offset} length=${req.length} failed: ${msg} (replying ${errnoName(errno)})`, this.fields(req, errno));
     }
     this.w.error(req, errno, msg);
+  }
+
+  private fields(req: PendingRequest, errno: number) {
+    return { conn: this.s.id, ...clientFields(this.s.client), export: this.exp.name, command: commandName(req.type), errno: errnoName(errno) };
+  }
+
+  /** Run `f` once no request is in flight (now, or when the last one finishes). */
+  whenIdle(f: () => void): void {
+    this.onIdle = f;
+    if (this.inFlight === 0) this.idle();
+  }
+
+  private idle(): void {
+    const f = this.onIdle!;
+    this.onIdle = null;
+    f();
   }
 
   // ---------------------------------------------------------------- flow control ---------------
@@ -390,6 +406,12 @@ export class Transmission {
     }
   }
 
+  private flushedAtDisconnect(): void {
+    this.inFlight--;
+    if (this.inFlight === 0 && this.onIdle !== null) this.idle();
+    this.s.close();
+  }
+
   private maybeFinishDisconnect(): void {
     if (!this.disconnecting || this.inFlight > 0 || this.s.closed) return;
     // Everything answered: make writes durable, then close once the output has drained.
@@ -399,10 +421,9 @@ export class Transmission {
         const r = exp.flush();
         if (isPromise(r)) {
           this.inFlight++;
-          r.then(() => { this.inFlight--; this.s.close(); }, (e: unknown) => {
-            this.inFlight--;
+          r.then(() => { this.flushedAtDisconnect(); }, (e: unknown) => {
             this.log.error(`[${this.s.id}] flush at disconnect failed: ${(e as Error).message}`);
-            this.s.close();
+            this.flushedAtDisconnect();
           });
           return;
         }

@@ -1,13 +1,18 @@
 // The shapes a session's parts share: the Transport it talks through, the ExportTable it selects
-// from, what the handshake settled (Negotiated), the SessionLink each part sees of the session
-// that composes it, and one decoded request (PendingRequest; ExtendedRequest under extended headers).
+// from, who the client is (ClientIdentity), what the handshake settled (Negotiated), the
+// SessionLink each part sees of the session that composes it, and one decoded request
+// (PendingRequest; ExtendedRequest under extended headers).
 import type { NbdError } from "../protocol/errors.ts";
 import type { CheckedExport, ExportContext } from "../devices/checked.ts";
+import type { ExportLease } from "./exports.ts";
+import type { ClientIdentity } from "./identity.ts";
+
+export type { ClientIdentity, TlsIdentity } from "./identity.ts";
 
 /**
- * What a session needs from its connection. TLS lands here: STARTTLS will upgrade the byte stream
- * under the same Transport object (the session keeps talking to it), and a transport that
- * encrypts in user space offers no sendFile.
+ * What a session needs from its connection. STARTTLS upgrades the byte stream under the same
+ * Transport object (the session keeps talking to it); an encrypted transport still takes
+ * sendFile, but reads the file in user space to encrypt it.
  */
 export interface Transport {
   /** Queue bytes for sending; the transport may keep a view of `b` until it is sent. */
@@ -28,7 +33,8 @@ export interface Transport {
   /**
    * Optional in-place receive: up to `len` bytes the socket holds now, read straight into
    * `dst[off, ...)` without waiting; returns the count (0: nothing there). Only called from the
-   * data callback once its chunk is used up, so the bytes come in order.
+   * data callback once its chunk is used up, so the bytes come in order. Always 0 once STARTTLS
+   * was asked for: the socket's bytes are TLS records then, for the TLS layer alone.
    */
   recvInto?(dst: Uint8Array, off: number, len: number): number;
   /** Bytes queued but not yet taken by the kernel. */
@@ -39,17 +45,26 @@ export interface Transport {
   end(): void;
   /** Close now, dropping anything queued. */
   destroy(): void;
+  /**
+   * STARTTLS (absent where the transport cannot encrypt): from now on bytes are TLS records.
+   * `initial` holds what arrived after the option (possibly the ClientHello). The transport
+   * reports to its session with onSecured(identity) or onTlsFailed(reason).
+   */
+  startTls?(initial: Uint8Array): void;
 }
 
+/** How the server treats STARTTLS: NOTLS ("off"), SELECTIVETLS ("on"), FORCEDTLS ("require"). */
+export type TlsMode = "off" | "on" | "require";
+
 /**
- * The exports a session may select. Per-client resolution lands here: `get` will take the
- * client's identity too, `(export name, client identity) -> device stack`; the handshake asks it
- * in one place (Handshake.resolve).
+ * The exports a session may select: `(export name, client identity) -> device stack`, asked by the
+ * handshake in one place (Handshake.resolve). ExportRegistry (exports.ts) is the implementation.
  */
 export interface ExportTable {
-  /** Look up by name; "" is the default export. */
-  get(name: string): CheckedExport | undefined;
-  list(): readonly CheckedExport[];
+  /** Resolve `name` ("" is the default export) for `client`; the lease is released once, when done. */
+  resolve(name: string, client: ClientIdentity): ExportLease | undefined;
+  /** The exports LIST shows `client`. */
+  list(client: ClientIdentity): readonly { name: string; description: string }[];
   /** True while the server is shutting down: new options get ERR_SHUTDOWN, new requests ESHUTDOWN. */
   shuttingDown(): boolean;
 }
@@ -60,6 +75,8 @@ export interface ExportTable {
  */
 export interface Negotiated {
   readonly exp: CheckedExport;
+  /** What resolution handed out for `exp`: released when the session is done with it. */
+  readonly lease: ExportLease;
   /** Replies are chunks: structured replies were agreed, or extended headers (which imply them). */
   readonly structured: boolean;
   /** Extended headers: 32-byte requests and replies (NBD_OPT_EXTENDED_HEADERS). */
@@ -79,6 +96,8 @@ export interface Negotiated {
 export interface SessionLink {
   readonly id: number;
   readonly peer: string;
+  /** Who is connected (address, and the TLS identity once there is one), for export resolution. */
+  readonly client: ClientIdentity;
   /** True once the connection is closing or closed: nothing more is read or sent. */
   readonly closed: boolean;
   /** Close after everything queued has been sent. */
@@ -91,6 +110,8 @@ export interface SessionLink {
 export class PendingRequest {
   /** A validation error found while receiving (the payload is still consumed). */
   error: NbdError | null = null;
+  /** performance.now() at dispatch, when metrics are on (for the latency histogram). */
+  start = 0;
   constructor(
     readonly type: number, readonly flags: number, readonly cookieHi: number, readonly cookieLo: number,
     readonly offset: number, readonly offsetTooBig: boolean, readonly length: number,

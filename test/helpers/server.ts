@@ -14,9 +14,11 @@ export interface Served {
   stop(signal?: NodeJS.Signals): Promise<number>;
 }
 
-export async function serve(args: string[], opts: { socket?: string; timeoutMs?: number } = {}): Promise<Served> {
+export async function serve(args: string[], opts: { socket?: string; timeoutMs?: number; env?: Record<string, string> } = {}): Promise<Served> {
   const listen = opts.socket ? ["-k", opts.socket] : ["-p", "0"];
-  const proc = Bun.spawn([BUN, CLI, "serve", ...listen, ...args], { stdout: "pipe", stderr: "pipe", stdin: "ignore" });
+  const proc = Bun.spawn([BUN, CLI, "serve", ...listen, ...args], {
+    stdout: "pipe", stderr: "pipe", stdin: "ignore", env: opts.env ? { ...process.env, ...opts.env } : undefined,
+  });
   let out = "";
   const pump = async (s: ReadableStream<Uint8Array>) => {
     const dec = new TextDecoder();
@@ -27,9 +29,10 @@ export async function serve(args: string[], opts: { socket?: string; timeoutMs?:
   const limit = Date.now() + (opts.timeoutMs ?? 15_000);
   let port = 0;
   for (;;) {
-    const m = /nbd:\/\/127\.0\.0\.1:(\d+)\//.exec(out) ?? /nbd:\/\/\[::1\]:(\d+)\//.exec(out);
+    const m = /nbds?:\/\/127\.0\.0\.1:(\d+)\//.exec(out) ?? /nbds?:\/\/\[::1\]:(\d+)\//.exec(out);
     if (m) { port = Number(m[1]); }
-    if ((m || (opts.socket && out.includes("nbd+unix://"))) && /^ready/im.test(out)) break;
+    // (with --log-format json the banner comes as JSON lines: "message":"Ready. ...")
+    if ((m || (opts.socket && /nbds?\+unix:\/\//.test(out))) && /^ready|"message":"Ready\./im.test(out)) break;
     if (proc.exitCode !== null) throw new Error(`server exited ${proc.exitCode} before it was ready:\n${out}`);
     if (Date.now() > limit) { proc.kill("SIGKILL"); throw new Error(`server not ready in time:\n${out}`); }
     await Bun.sleep(20);
@@ -48,4 +51,13 @@ export async function serve(args: string[], opts: { socket?: string; timeoutMs?:
       return code;
     },
   };
+}
+
+/** Waits up to 5 s for `re` to show up in what the server printed (its log is written asynchronously). */
+export async function waitForOutput(s: Served, re: RegExp, ms = 5000): Promise<void> {
+  const limit = Date.now() + ms;
+  while (!re.test(s.output())) {
+    if (Date.now() > limit) throw new Error(`server output lacks ${re}:\n${s.output().split("\n").slice(-12).join("\n")}`);
+    await Bun.sleep(20);
+  }
 }

@@ -137,6 +137,7 @@ export function ccdTrackEnd(sheet: CcdSheet, i: number, img: DiscFile, label: st
   else {
     const lo = sheet.leadouts.get(t.session);
     if (lo === undefined) throw new Error(`${label}: session ${t.session} has no lead-out entry (Point=0xa2)`);
+    if (lo <= t.index1) throw new Error(`${label}: the lead-out of session ${t.session} (LBA ${lo}) is not after track ${t.number}'s INDEX 1 (LBA ${t.index1})`);
     end = lo;
   }
   if (end > fileEnd) {

@@ -137,6 +137,7 @@ export function parseCue(bytes: Uint8Array, label: string): CueSheet {
           else fail(`unknown FILE type "${typeTok.text.slice(0, 40)}" (expected BINARY or MOTOROLA)`);
         }
         if (file && file.tracks.length === 0) warn(file.line, `FILE "${file.name}" has no TRACK; ignored`);
+        checkIndexes(track, label); // the previous file's last track is complete now
         file = { name, type, line: ln, tracks: [] };
         sheet.files.push(file);
         track = null;

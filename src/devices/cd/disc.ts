@@ -4,6 +4,7 @@
 // CdDisc. Layout code is cold; readRaw/readFile are on the hot path and allocate nothing per call.
 import { closeSync, readSync } from "node:fs";
 import { eio } from "../../protocol/errors.ts";
+import { needLocal, type StagedFile } from "../staged.ts";
 import {
   COOKED_SECTOR, RAW_SECTOR, SUBMODE_DATA, emptyDataSector, encodeMode1, encodeMode2Form1, encodeMode2Form2,
   writeHeader,
@@ -77,6 +78,11 @@ export interface DiscFile {
   readonly label: string;
   readonly size: number;
   fd: number;
+  /**
+   * For a file whose bytes may not be local yet (a remote object): `fd` is its cache file, read only
+   * after `staged.isLocal`; reads throw NotLocal otherwise (the views wait and retry). Closed with the disc.
+   */
+  staged?: StagedFile;
 }
 
 /** A track as a descriptor gives it, file-relative (input to layoutDisc). */
@@ -224,7 +230,12 @@ export class CdDisc {
     readonly segments: Segment[],
     readonly leadout: number,
     readonly warnings: string[],
-  ) {}
+  ) {
+    this.staged = files.some((f) => f.staged !== undefined);
+  }
+
+  /** True if some file's bytes may not be local yet (reads can throw NotLocal). */
+  readonly staged: boolean;
 
   get sessions(): number {
     let n = 0;
@@ -240,7 +251,10 @@ export class CdDisc {
     if (this.closed) return;
     this.closed = true;
     for (const f of this.files) {
-      if (f.fd >= 0) {
+      if (f.staged) {
+        try { void f.staged.close(); } catch { /* already closed */ }
+        f.fd = -1;
+      } else if (f.fd >= 0) {
         try { closeSync(f.fd); } catch { /* already closed */ }
         f.fd = -1;
       }
@@ -259,6 +273,7 @@ export class CdDisc {
   /** Reads exactly `len` bytes at `pos` of `file` into buf[off..]; a short read is EIO. */
   readFile(file: DiscFile, buf: Uint8Array, off: number, len: number, pos: number): void {
     if (file.fd < 0) throw eio(`${this.source}: ${file.path} is closed`);
+    if (file.staged !== undefined) needLocal(file.staged, pos, len);
     let done = 0;
     while (done < len) {
       const n = readSync(file.fd, buf, off + done, len - done, pos + done);

@@ -12,6 +12,7 @@ import { cueTrackSpecs, parseCue } from "./cue.ts";
 import { CdDisc, layoutDisc, trackMode, type DiscFile, type Track, type TrackSpec } from "./disc.ts";
 import { hasSync, headerLba, RAW_SECTOR } from "./sector.ts";
 import { CookedTrackView, RawView } from "./views.ts";
+import { needLocal } from "../staged.ts";
 
 /** Image files larger than this are refused (1 TiB; a CD holds under 1 GiB). */
 export const MAX_IMAGE_BYTES = 2 ** 40;
@@ -215,27 +216,37 @@ function loadCcd(path: string): CdDisc {
 function loadRaw(path: string): CdDisc {
   const img = openImageFile(path, basename(path), path);
   try {
-    if (img.size === 0 || img.size % RAW_SECTOR !== 0) throw new Error(`${path}: size ${img.size} is not a multiple of ${RAW_SECTOR}; not a raw CD image`);
-    const head = new Uint8Array(16);
-    readSync(img.fd, head, 0, 16, 0);
-    if (!hasSync(head, 0)) throw new Error(`${path}: no CD sync pattern at offset 0; not a raw CD image`);
-    const m = head[15];
-    if (m !== 1 && m !== 2) throw new Error(`${path}: first sector has mode byte ${m}; expected a Mode 1 or Mode 2 data sector`);
-    const mode = trackMode(m === 1 ? "MODE1/2352" : "MODE2/2352");
-    const sectors = img.size / RAW_SECTOR;
-    const warnings = [`${path}: no CUE sheet; serving it as one ${mode.name} data track of ${sectors} sectors`];
-    const spec: TrackSpec = {
-      number: 1, session: 1, mode, swap: false, file: img, byteOffset: 0, fileSectors: sectors,
-      index0: -1, index1: 0, subIndexes: [], pregap: 0, postgap: 0, line: 0,
-    };
-    return finish(path, "raw", [img], [spec], warnings);
+    return rawDisc(path, img);
   } catch (e) {
     closeAll([img]);
     throw e;
   }
 }
 
-function finish(path: string, format: string, files: DiscFile[], specs: TrackSpec[], warnings: string[]): CdDisc {
+/**
+ * A lone file of raw sectors as a one-track disc (`path` names it in messages). Reads through
+ * `img.staged` when it has one (then it may throw NotLocal: see staged.ts).
+ */
+export function rawDisc(path: string, img: DiscFile): CdDisc {
+  if (img.size === 0 || img.size % RAW_SECTOR !== 0) throw new Error(`${path}: size ${img.size} is not a multiple of ${RAW_SECTOR}; not a raw CD image`);
+  const head = new Uint8Array(16);
+  if (img.staged) needLocal(img.staged, 0, 16);
+  readSync(img.fd, head, 0, 16, 0);
+  if (!hasSync(head, 0)) throw new Error(`${path}: no CD sync pattern at offset 0; not a raw CD image`);
+  const m = head[15];
+  if (m !== 1 && m !== 2) throw new Error(`${path}: first sector has mode byte ${m}; expected a Mode 1 or Mode 2 data sector`);
+  const mode = trackMode(m === 1 ? "MODE1/2352" : "MODE2/2352");
+  const sectors = img.size / RAW_SECTOR;
+  const warnings = [`${path}: no CUE sheet; serving it as one ${mode.name} data track of ${sectors} sectors`];
+  const spec: TrackSpec = {
+    number: 1, session: 1, mode, swap: false, file: img, byteOffset: 0, fileSectors: sectors,
+    index0: -1, index1: 0, subIndexes: [], pregap: 0, postgap: 0, line: 0,
+  };
+  return finish(path, "raw", [img], [spec], warnings);
+}
+
+/** Lay out the tracks and check their first and last sector headers (exported for remote discs). */
+export function finish(path: string, format: string, files: DiscFile[], specs: TrackSpec[], warnings: string[]): CdDisc {
   let laid;
   try {
     laid = layoutDisc(specs);
@@ -281,10 +292,12 @@ function range(first: number, count: number): string {
 
 /** The exports of a CD image (see the file comment). Every device is read-only. */
 export async function openCdImage(path: string, opts: { name?: string; log: (msg: string) => void; format?: "cue" | "ccd" | "raw" }): Promise<ExportSpec[]> {
-  const disc = loadDisc(path, opts.format);
-  for (const w of disc.warnings) opts.log(w);
-  const base = opts.name ?? basename(path, extname(path));
-  const file = basename(path);
+  return discExports(loadDisc(path, opts.format), basename(path), opts.name ?? basename(path, extname(path)), opts.log);
+}
+
+/** The exports of a loaded disc (closed on failure); `file` names the descriptor in descriptions. */
+export function discExports(disc: CdDisc, file: string, base: string, log: (msg: string) => void): ExportSpec[] {
+  for (const w of disc.warnings) log(w);
   const out: ExportSpec[] = [];
   try {
     const cooked = disc.tracks.filter((t) => t.mode.cookedOffset >= 0 && t.length > 0);
@@ -297,7 +310,7 @@ export async function openCdImage(path: string, opts: { name?: string; log: (msg
         device: new CookedTrackView(disc, first),
       });
     } else {
-      opts.log(`${path}: no data track with a 2048-byte view; only raw exports`);
+      log(`${disc.source}: no data track with a 2048-byte view; only raw exports`);
     }
     for (const t of cooked) {
       out.push({

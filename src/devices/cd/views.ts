@@ -3,7 +3,8 @@
 // hot path: one file read per run of sectors into the disc's reusable scratch buffer, then one
 // copy of the 2048 user bytes out of each sector; no allocation per request.
 import { eio } from "../../protocol/errors.ts";
-import { caps, type BlockDevice, type BlockSize, type Capabilities } from "../types.ts";
+import { whenLocal } from "../staged.ts";
+import { caps, type BlockDevice, type BlockSize, type Capabilities, type Maybe } from "../types.ts";
 import type { CdDisc, DiscFile, Track } from "./disc.ts";
 import { COOKED_SECTOR, RAW_SECTOR, SUBMODE_FORM2 } from "./sector.ts";
 
@@ -42,7 +43,12 @@ export class CookedTrackView implements BlockDevice {
   blockSize(): BlockSize { return { minimum: 1, preferred: COOKED_SECTOR, maximum: MAX_REQUEST }; }
   capabilities(): Capabilities { return READ_ONLY; }
 
-  pread(buf: Uint8Array, offset: number, _flags: number): void {
+  pread(buf: Uint8Array, offset: number, _flags: number): Maybe {
+    // Files behind a cache (remote images) may need fetching first: the read then runs again.
+    return this.disc.staged ? whenLocal(() => this.readNow(buf, offset)) : this.readNow(buf, offset);
+  }
+
+  private readNow(buf: Uint8Array, offset: number): void {
     const len = buf.length;
     let done = 0;
     let sector = Math.floor(offset / COOKED_SECTOR);
@@ -105,7 +111,11 @@ export class RawView implements BlockDevice {
   blockSize(): BlockSize { return { minimum: 1, preferred: 4096, maximum: MAX_REQUEST }; }
   capabilities(): Capabilities { return READ_ONLY; }
 
-  pread(buf: Uint8Array, offset: number, _flags: number): void {
+  pread(buf: Uint8Array, offset: number, _flags: number): Maybe {
+    return this.disc.staged ? whenLocal(() => this.readNow(buf, offset)) : this.readNow(buf, offset);
+  }
+
+  private readNow(buf: Uint8Array, offset: number): void {
     const len = buf.length;
     const first = Math.floor(offset / RAW_SECTOR);
     const within = offset - first * RAW_SECTOR;

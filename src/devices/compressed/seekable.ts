@@ -146,7 +146,13 @@ export class DecompressedDevice implements BlockDevice {
     const target = whole ? len : Math.min(len, Math.max(need, this.done[i]! + STEP));
     let c = this.cursors.find((x) => x.segment === i);
     if (!c) {
-      c = { segment: i, stream: this.src.open(i), pos: 0 };
+      let stream: SegmentStream;
+      try {
+        stream = this.src.open(i); // (a corrupt block header fails here)
+      } catch (e) {
+        throw this.markBad(i, e);
+      }
+      c = { segment: i, stream, pos: 0 };
       if (!whole) this.keep(c);
     }
     const base = this.starts[i]!;
@@ -171,13 +177,18 @@ export class DecompressedDevice implements BlockDevice {
       if (whole) this.done[i] = len;
     } catch (e) {
       this.drop(c);
-      // Remembered: a damaged segment fails fast from now on, and other segments are unaffected.
-      const msg = `${this.src.label}: bytes ${base}-${base + len - 1} cannot be decoded: ${(e as Error).message}`;
-      this.bad[i] = msg;
-      throw damaged(msg);
+      throw this.markBad(i, e);
     } finally {
       if (whole) { try { c.stream.close(); } catch { /* already failing */ } }
     }
+  }
+
+  /** Remembered: a damaged segment fails fast from now on, and other segments are unaffected. */
+  private markBad(i: number, e: unknown): Error {
+    const base = this.starts[i]!, len = this.segLen(i);
+    const msg = `${this.src.label}: bytes ${base}-${base + len - 1} cannot be decoded: ${(e as Error).message}`;
+    this.bad[i] = msg;
+    return damaged(msg);
   }
 
   private keep(c: Cursor): void {

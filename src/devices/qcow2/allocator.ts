@@ -32,13 +32,16 @@ export class Allocator {
     const cs = this.cs = 2 ** header.clusterBits;
     this.entries = cs / 2;
     const rtBytes = header.refcountTableClusters * cs;
+    const fileSize = file.size();
     const rtraw = new Uint8Array(rtBytes);
     file.read(rtraw, 0, rtBytes, header.refcountTableOffset);
     const rtv = new DataView(rtraw.buffer);
     this.rt = new Float64Array(rtBytes / 8);
     for (let i = 0; i < this.rt.length; i++) {
-      const off = (rtv.getUint32(i * 8) * TWO32) + (rtv.getUint32(i * 8 + 4) & LO_OFFSET_MASK);
+      const off = (rtv.getUint32(i * 8) * TWO32) + ((rtv.getUint32(i * 8 + 4) & LO_OFFSET_MASK) >>> 0);
       if (off % cs !== 0) throw new Qcow2Error(path, `refcount table entry ${i} is unaligned (corrupt image)`);
+      // A block past the end of the file was never written: refuse it (reading it would also cost a cluster each).
+      if (off !== 0 && off + cs > fileSize) throw new Qcow2Error(path, `refcount table entry ${i} points past the end of the file (corrupt image)`);
       this.rt[i] = off;
     }
     this.rb = new Array(this.rt.length).fill(undefined);
@@ -67,10 +70,8 @@ export class Allocator {
   }
 
   /**
-   * Allocate one host cluster (refcount 0 -> 1 in memory) and return its file offset.
-   * Giving one back (a write that failed after allocating) is the inverse, and belongs here: count
-   * 1 -> 0 and freeHint lowered to it. That is safe because the cluster was allocated by the same
-   * synchronous write, so no flush can have made a reference to it durable.
+   * Allocate one host cluster (refcount 0 -> 1 in memory) and return its file offset; free() is
+   * the inverse, for a write that fails after allocating.
    */
   alloc(): number {
     for (;;) {
@@ -86,6 +87,17 @@ export class Allocator {
       this.freeHint = c + 1;
       return c * this.cs;
     }
+  }
+
+  /**
+   * Give back a cluster that alloc() returned to a write that then failed (a full disk): count
+   * 1 -> 0, and the next search starts at it again. Nothing references it yet, and since the
+   * allocation and the failed write ran in one synchronous step, no flush has written the count 1.
+   */
+  free(host: number): void {
+    const c = host / this.cs;
+    this.setRefcount(c, 0);
+    if (c < this.freeHint) this.freeHint = c;
   }
 
   /**

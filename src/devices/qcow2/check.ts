@@ -26,19 +26,19 @@ export interface ScanResult {
 export function scan(file: ImageFile, header: Header, tables: L2Tables, alloc: Allocator, repair: boolean): ScanResult {
   const cs = tables.cs;
   const fileClusters = Math.ceil(file.size() / cs);
-  let n = Math.max(fileClusters, alloc.usedEnd());
+  const n = Math.max(fileClusters, alloc.usedEnd());
   const errors: string[] = [];
-  let refs = new Uint16Array(n + 1);
+  // References past the file (and past every refcount) are corrupt: reported, not counted, so a
+  // hostile offset cannot make the scan allocate or loop over clusters that do not exist.
+  const refs = new Uint16Array(n + 1);
   const ref = (off: number, count: number, what: string) => {
     for (let k = 0; k < count; k++) {
       const c = off / cs + k;
-      if (c >= refs.length) {
-        const bigger = new Uint16Array(Math.max(c + 1, refs.length * 2));
-        bigger.set(refs);
-        refs = bigger;
+      if (c >= n) {
+        if (errors.length < 100) errors.push(`${what} at cluster ${c} lies past the end of the file`);
+        return;
       }
       if (refs[c]! < 0xffff) refs[c]!++;
-      if (c + 1 > n) { n = c + 1; errors.push(`${what} at cluster ${c} lies past the end of the file`); }
     }
   };
   const l1 = tables.l1;
@@ -55,7 +55,7 @@ export function scan(file: ImageFile, header: Header, tables: L2Tables, alloc: A
     for (let e = 0; e < cs; e += es) {
       const hi = t.dv.getUint32(e);
       const lo = t.dv.getUint32(e + 4);
-      const host = (hi & HI_OFFSET_MASK) * TWO32 + (lo & LO_OFFSET_MASK);
+      const host = (hi & HI_OFFSET_MASK) * TWO32 + ((lo & LO_OFFSET_MASK) >>> 0);
       if (host !== 0) { ref(host, 1, "data cluster"); dataClusters++; }
     }
   }
@@ -64,7 +64,7 @@ export function scan(file: ImageFile, header: Header, tables: L2Tables, alloc: A
   for (let c = 0; c < Math.max(n, refs.length); c++) {
     const r = c < refs.length ? refs[c]! : 0;
     const rc = alloc.refcount(c);
-    if (rc < r) errors.push(`cluster ${c}: refcount ${rc}, referenced ${r} times`);
+    if (rc < r) { if (errors.length < 100) errors.push(`cluster ${c}: refcount ${rc}, referenced ${r} times`); }
     else if (rc > r) {
       leaks++;
       if (repair) { alloc.setRefcount(c, r); repaired++; }

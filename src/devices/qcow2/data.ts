@@ -122,7 +122,7 @@ export class WritePath {
       if (t !== undefined) {
         const hi = t.dv.getUint32(i * 8);
         const lo = t.dv.getUint32(i * 8 + 4);
-        const host = (hi & HI_OFFSET_MASK) * TWO32 + (lo & LO_OFFSET_MASK);
+        const host = (hi & HI_OFFSET_MASK) * TWO32 + ((lo & LO_OFFSET_MASK) >>> 0);
         zero = (lo & LO_ZERO) !== 0;
         if (host !== 0 && !zero) {
           if (direct) this.file.write(buf, bo, n, host + inC);
@@ -157,7 +157,7 @@ export class WritePath {
       zero = t.dv.getUint32(e + 8);
       alloc = t.dv.getUint32(e + 12);
       if (((alloc & mask) >>> 0) === mask) {
-        const host = (t.dv.getUint32(e) & HI_OFFSET_MASK) * TWO32 + (t.dv.getUint32(e + 4) & LO_OFFSET_MASK);
+        const host = (t.dv.getUint32(e) & HI_OFFSET_MASK) * TWO32 + ((t.dv.getUint32(e + 4) & LO_OFFSET_MASK) >>> 0);
         if (direct) this.file.write(buf, bo, n, host + inC);
         else this.emitWrite(bo, n, host + inC);
         return;
@@ -215,22 +215,44 @@ export class WritePath {
   private tableFor(c: number, t?: L2Table): L2Table {
     if (t !== undefined) return t;
     const l1i = Math.floor(c / this.l2Entries);
-    return this.l1[l1i] ? this.tables.table(l1i)! : this.tables.newTable(l1i, this.alloc.alloc());
+    return this.l1[l1i] ? this.tables.table(l1i)! : this.newTable(l1i);
+  }
+
+  /**
+   * A new L2 table for L1 index l1i. Its cluster is written with zeros now, although the table
+   * itself is written at the next flush: a full disk then fails this request (giving the cluster
+   * back) instead of a later flush, which would leave refcounts on disk without the table.
+   */
+  private newTable(l1i: number): L2Table {
+    const host = this.alloc.alloc();
+    try {
+      this.file.write(this.zeros, 0, this.cs, host);
+    } catch (e) {
+      this.alloc.free(host);
+      throw e;
+    }
+    return this.tables.newTable(l1i, host);
   }
 
   /** Standard L2: allocate (or reuse a preallocated zero cluster), write the whole cluster, link it. */
   private finishStd(buf: Uint8Array, bo: number, n: number, c: number, inC: number, s: Uint8Array, known: L2Table | undefined): void {
     const t = this.tableFor(c, known);
     const i = c - Math.floor(c / this.l2Entries) * this.l2Entries;
-    // a preallocated zero cluster keeps its host cluster (and refcount)
-    // (a failed write below leaks a newly allocated cluster: the place for a rollback)
-    let host = (t.dv.getUint32(i * 8) & HI_OFFSET_MASK) * TWO32 + (t.dv.getUint32(i * 8 + 4) & LO_OFFSET_MASK);
-    if (host === 0) host = this.alloc.alloc();
-    if (n === this.cs) {
-      this.file.write(buf, bo, n, host);
-    } else {
-      s.set(buf.subarray(bo, bo + n), inC);
-      this.file.write(s, 0, this.cs, host);
+    // a preallocated zero cluster keeps its host cluster (and refcount); a fresh one is given back
+    // if writing it fails (a full disk), so that nothing leaks
+    let host = (t.dv.getUint32(i * 8) & HI_OFFSET_MASK) * TWO32 + ((t.dv.getUint32(i * 8 + 4) & LO_OFFSET_MASK) >>> 0);
+    const fresh = host === 0;
+    if (fresh) host = this.alloc.alloc();
+    try {
+      if (n === this.cs) {
+        this.file.write(buf, bo, n, host);
+      } else {
+        s.set(buf.subarray(bo, bo + n), inC);
+        this.file.write(s, 0, this.cs, host);
+      }
+    } catch (e) {
+      if (fresh) this.alloc.free(host);
+      throw e;
     }
     this.tables.setStd(t, i, host, false);
   }
@@ -240,11 +262,12 @@ export class WritePath {
     headPartial: boolean, tailPartial: boolean, known: L2Table | undefined): void {
     const t = this.tableFor(c, known);
     const e = (c - Math.floor(c / this.l2Entries) * this.l2Entries) * 16;
-    let host = (t.dv.getUint32(e) & HI_OFFSET_MASK) * TWO32 + (t.dv.getUint32(e + 4) & LO_OFFSET_MASK);
+    let host = (t.dv.getUint32(e) & HI_OFFSET_MASK) * TWO32 + ((t.dv.getUint32(e + 4) & LO_OFFSET_MASK) >>> 0);
     const zero = t.dv.getUint32(e + 8);
     const alloc = t.dv.getUint32(e + 12);
-    // (as above: a failed write below leaks a newly allocated cluster)
-    if (host === 0) host = this.alloc.alloc();
+    // (as above: a fresh cluster is given back if writing fails)
+    const fresh = host === 0;
+    if (fresh) host = this.alloc.alloc();
     const sc = this.sc;
     const from = inC;
     const to = inC + n;
@@ -252,24 +275,29 @@ export class WritePath {
     const j1 = Math.floor((to - 1) / sc);
     let first = from;
     let last = to;
-    if (j0 === j1 && (headPartial || tailPartial)) {
-      s.set(buf.subarray(bo, bo + n), from - j0 * sc);
-      this.file.write(s, 0, sc, host + j0 * sc);
-      first = last = to;
-    } else {
-      if (headPartial) {
-        const k = (j0 + 1) * sc - from;
-        s.set(buf.subarray(bo, bo + k), from - j0 * sc);
+    try {
+      if (j0 === j1 && (headPartial || tailPartial)) {
+        s.set(buf.subarray(bo, bo + n), from - j0 * sc);
         this.file.write(s, 0, sc, host + j0 * sc);
-        first = (j0 + 1) * sc;
+        first = last = to;
+      } else {
+        if (headPartial) {
+          const k = (j0 + 1) * sc - from;
+          s.set(buf.subarray(bo, bo + k), from - j0 * sc);
+          this.file.write(s, 0, sc, host + j0 * sc);
+          first = (j0 + 1) * sc;
+        }
+        if (tailPartial) {
+          s.set(buf.subarray(bo + (j1 * sc - from), bo + n), sc);
+          this.file.write(s, sc, sc, host + j1 * sc);
+          last = j1 * sc;
+        }
       }
-      if (tailPartial) {
-        s.set(buf.subarray(bo + (j1 * sc - from), bo + n), sc);
-        this.file.write(s, sc, sc, host + j1 * sc);
-        last = j1 * sc;
-      }
+      if (last > first) this.file.write(buf, bo + (first - from), last - first, host + first);
+    } catch (err) {
+      if (fresh) this.alloc.free(host);
+      throw err;
     }
-    if (last > first) this.file.write(buf, bo + (first - from), last - first, host + first);
     const mask = rangeMask(j0, j1);
     this.tables.setExt(t, e / 16, host, (zero & ~mask) >>> 0, (alloc | mask) >>> 0);
   }
@@ -313,7 +341,7 @@ export class WritePath {
         const hi = t.dv.getUint32(i * 8);
         const lo = t.dv.getUint32(i * 8 + 4);
         if (!(lo & LO_ZERO)) {
-          const host = (hi & HI_OFFSET_MASK) * TWO32 + (lo & LO_OFFSET_MASK);
+          const host = (hi & HI_OFFSET_MASK) * TWO32 + ((lo & LO_OFFSET_MASK) >>> 0);
           this.tables.setStd(t, i, host, true); // keep a preallocated host cluster: no refcount change
           if (host !== 0 && flags & MAY_TRIM) this.punch(host, cs);
         }
@@ -334,7 +362,7 @@ export class WritePath {
       const lo = t.dv.getUint32(e + 4);
       zero = t.dv.getUint32(e + 8);
       const alloc = t.dv.getUint32(e + 12);
-      const host = (hi & HI_OFFSET_MASK) * TWO32 + (lo & LO_OFFSET_MASK);
+      const host = (hi & HI_OFFSET_MASK) * TWO32 + ((lo & LO_OFFSET_MASK) >>> 0);
       const mask = rangeMask(j0, j1 - 1);
       const wasAlloc = (alloc & mask) >>> 0;
       zero = (zero | mask) >>> 0;

@@ -32,7 +32,7 @@ export function walk(t2: L2Tables, size: number, offset: number, length: number,
     if (!t2.extendedL2) {
       const hi = t.dv.getUint32(i * 8);
       const lo = t.dv.getUint32(i * 8 + 4);
-      const host = (hi & HI_OFFSET_MASK) * TWO32 + (lo & LO_OFFSET_MASK);
+      const host = (hi & HI_OFFSET_MASK) * TWO32 + ((lo & LO_OFFSET_MASK) >>> 0);
       const kind = lo & LO_ZERO ? K_ZERO : host !== 0 ? K_DATA : K_BASE;
       if (!fn(kind, pos, n, kind === K_DATA ? host + inC : 0)) return;
     } else {
@@ -40,7 +40,7 @@ export function walk(t2: L2Tables, size: number, offset: number, length: number,
       const lo = t.dv.getUint32(i * 16 + 4);
       const zero = t.dv.getUint32(i * 16 + 8);
       const alloc = t.dv.getUint32(i * 16 + 12);
-      const host = (hi & HI_OFFSET_MASK) * TWO32 + (lo & LO_OFFSET_MASK);
+      const host = (hi & HI_OFFSET_MASK) * TWO32 + ((lo & LO_OFFSET_MASK) >>> 0);
       let p = inC;
       while (p < inC + n) {
         const j = Math.floor(p / sc);

@@ -1,9 +1,10 @@
 // The overlay file's I/O seam: every read, write, sync, truncate and hole punch an open overlay does
-// on its qcow2 file goes through an ImageFile, so a recording layer (power-loss tests) or an
-// asynchronous one can stand in for the plain positional I/O here. The base is read in base.ts.
+// on its qcow2 file goes through an ImageFile (plain positional I/O here; recording or failing ones
+// in tests), watched for the first failed sync or write (fsyncgate). The base is read in base.ts.
 import { closeSync, fdatasync, fdatasyncSync, fstatSync, ftruncateSync, writeSync } from "node:fs";
 import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate } from "../../sys/libc.ts";
 import { eio } from "../../protocol/errors.ts";
+import type { FailureLatch } from "../failure.ts";
 import { readFull, writeAll } from "./format.ts";
 
 export interface ImageFile {
@@ -68,4 +69,56 @@ export class FdFile implements ImageFile {
   close(): void {
     closeSync(this.fd);
   }
+}
+
+/** Passes every call through, noting failed writes and syncs in the overlay's latch (fsyncgate). */
+export class WatchedFile implements ImageFile {
+  constructor(private readonly inner: ImageFile, private readonly latch: FailureLatch) {}
+
+  read(buf: Uint8Array, off: number, len: number, pos: number): void {
+    this.inner.read(buf, off, len, pos);
+  }
+
+  write(buf: Uint8Array, off: number, len: number, pos: number): void {
+    try {
+      this.inner.write(buf, off, len, pos);
+    } catch (e) {
+      throw this.latch.note(e, "write");
+    }
+  }
+
+  writeAll(buf: Uint8Array, pos: number): void {
+    try {
+      this.inner.writeAll(buf, pos);
+    } catch (e) {
+      throw this.latch.note(e, "write");
+    }
+  }
+
+  syncNow(): void {
+    try {
+      this.inner.syncNow();
+    } catch (e) {
+      throw this.latch.note(e, "fdatasync");
+    }
+  }
+
+  sync(): Promise<void> {
+    return this.inner.sync().catch((e: unknown) => { throw this.latch.note(e, "fdatasync"); });
+  }
+
+  size(): number { return this.inner.size(); }
+
+  truncate(len: number): void {
+    try {
+      this.inner.truncate(len);
+    } catch (e) {
+      throw this.latch.note(e, "truncate");
+    }
+  }
+
+  /** Optional space reclamation: callers ignore its errors. */
+  punch(pos: number, len: number): void { this.inner.punch(pos, len); }
+
+  close(): void { this.inner.close(); }
 }

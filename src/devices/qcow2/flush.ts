@@ -27,7 +27,9 @@ export class Flusher {
   private queued: Promise<void> | null = null;
 
   constructor(private readonly file: ImageFile, private readonly tables: L2Tables, private readonly alloc: Allocator,
-    private readonly l1Offset: number, private readonly path: string, private readonly log: (msg: string) => void) {}
+    private readonly l1Offset: number, private readonly path: string, private readonly log: (msg: string) => void,
+    /** Throws when an earlier sync or write failed: then nothing more may be written (fsyncgate). */
+    private readonly refuseIfFailed: () => void) {}
 
   /** A flush is in flight (it holds the dirty state it took; cached tables must stay). */
   get busy(): boolean {
@@ -54,6 +56,7 @@ export class Flusher {
   }
 
   private async flushNow(): Promise<void> {
+    this.refuseIfFailed();
     const phase1: PendingWrite[] = [];
     const phase2: PendingWrite[] = [];
     const { tables, alloc } = this;

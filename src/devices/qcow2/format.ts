@@ -37,12 +37,21 @@ export const HI_COPIED = 0x80000000;
 export const HI_COMPRESSED = 0x40000000;
 /** Bits 32..55 of an entry hold the high part of the host offset. */
 export const HI_OFFSET_MASK = 0x00ffffff;
-/** Bits 9..31 of an entry hold the low part of the host offset (cluster-aligned, so at least 512). */
+/**
+ * Bits 9..31 of an entry hold the low part of the host offset (cluster-aligned, so at least 512).
+ * `lo & LO_OFFSET_MASK` is a signed 32-bit result: write `(lo & LO_OFFSET_MASK) >>> 0`, or host
+ * offsets from 2 GiB (bit 31 set) come out negative.
+ */
 export const LO_OFFSET_MASK = 0xfffffe00;
 /** Standard L2 entries: the cluster reads as zeros. */
 export const LO_ZERO = 1;
 
 export const MAX_BACKING_NAME = 1023;
+/** QEMU's limits on the L1 table (QCOW_MAX_L1_SIZE) and the refcount table (QCOW_MAX_REFTABLE_SIZE), in bytes. */
+export const MAX_L1_BYTES = 32 * 1024 * 1024;
+export const MAX_REFTABLE_BYTES = 8 * 1024 * 1024;
+/** File offsets must stay exact (and within what positional I/O accepts): anything at or above is corrupt. */
+export const MAX_FILE_OFFSET = 2 ** 53 - 2 ** 21;
 /** The header length QEMU 7.2 writes (104 + compression type + padding). */
 const HEADER_LENGTH = 112;
 
@@ -210,6 +219,14 @@ export function validateHeader(h: Header, path: string, write: boolean): void {
   if (h.size <= 0 || h.size > 2 ** 53) throw new Qcow2Error(path, `invalid virtual size ${h.size}`);
   if (h.l1Offset % 2 ** h.clusterBits !== 0 || h.refcountTableOffset % 2 ** h.clusterBits !== 0) {
     throw new Qcow2Error(path, "L1 or refcount table offset is not cluster-aligned (corrupt image)");
+  }
+  // QEMU's own limits; they also bound what opening allocates and reads before anything is checked.
+  if (h.l1Size > MAX_L1_BYTES / 8) throw new Qcow2Error(path, `L1 table of ${h.l1Size} entries is above the ${MAX_L1_BYTES / 8} QEMU allows (corrupt image)`);
+  if (h.refcountTableClusters * 2 ** h.clusterBits > MAX_REFTABLE_BYTES) {
+    throw new Qcow2Error(path, `refcount table of ${h.refcountTableClusters} clusters is above the ${MAX_REFTABLE_BYTES} bytes QEMU allows (corrupt image)`);
+  }
+  if (h.l1Offset + h.l1Size * 8 > MAX_FILE_OFFSET || h.refcountTableOffset + h.refcountTableClusters * 2 ** h.clusterBits > MAX_FILE_OFFSET) {
+    throw new Qcow2Error(path, "L1 or refcount table lies beyond any possible file offset (corrupt image)");
   }
   if (write) {
     if (h.version !== 3) throw refuse(`qcow2 version ${h.version} for writing`, "convert with qemu-img amend -o compat=1.1");

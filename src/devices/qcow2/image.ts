@@ -13,7 +13,8 @@ import { discardAll, scan, type ScanResult } from "./check.ts";
 import { WritePath } from "./data.ts";
 import { ReadPath } from "./read.ts";
 import { allocationExtents, changedRanges, depthExtents, walk, type WalkFn } from "./extents.ts";
-import { FdFile, type ImageFile } from "./file.ts";
+import { FailureLatch } from "../failure.ts";
+import { FdFile, WatchedFile, type ImageFile } from "./file.ts";
 import { Flusher } from "./flush.ts";
 import type { Header } from "./format.ts";
 import { L2Tables } from "./tables.ts";
@@ -32,6 +33,8 @@ export interface OverlayImageOptions {
   onClose?: () => void;
   /** Bytes of L2 tables kept in memory (default 64 MiB); dirty tables are always kept. */
   l2CacheBytes?: number;
+  /** Wraps the overlay file's plain positional I/O: tests hand in recording or failing layers. */
+  wrapFile?: (f: ImageFile) => ImageFile;
 }
 
 /**
@@ -53,7 +56,9 @@ export class Qcow2Overlay implements BlockDevice {
   /** The base handle (shared; this overlay holds one reference until close). */
   readonly base: OverlayBase;
   private readonly virtualSize: number;
-  private readonly file: ImageFile;
+  private readonly file: WatchedFile;
+  /** The first failed write or sync (fsyncgate): then writes and flushes are refused. */
+  private readonly latch: FailureLatch;
   private readonly baseImage: BaseImage;
   private readonly tables: L2Tables;
   private readonly alloc: Allocator;
@@ -70,7 +75,9 @@ export class Qcow2Overlay implements BlockDevice {
     this.readOnly = o.readOnly;
     this.onClose = o.onClose;
     this.virtualSize = h.size;
-    this.file = new FdFile(o.fd);
+    const fdFile = new FdFile(o.fd);
+    this.latch = new FailureLatch(`overlay ${o.path}`, o.log);
+    this.file = new WatchedFile(o.wrapFile ? o.wrapFile(fdFile) : fdFile, this.latch);
     this.base = o.base;
     this.baseImage = o.base.image;
     this.baseSize = this.baseImage.size;
@@ -81,7 +88,7 @@ export class Qcow2Overlay implements BlockDevice {
     this.alloc = new Allocator(this.file, o.path, h);
     this.reader = new ReadPath(this.file, this.baseImage, this.tables);
     this.data = new WritePath(this.file, this.baseImage, this.tables, this.alloc, h.size);
-    this.flusher = new Flusher(this.file, this.tables, this.alloc, h.l1Offset, o.path, o.log);
+    this.flusher = new Flusher(this.file, this.tables, this.alloc, h.l1Offset, o.path, o.log, () => this.latch.refuse());
   }
 
   // ---- BlockDevice --------------------------------------------------------------------------
@@ -105,6 +112,7 @@ export class Qcow2Overlay implements BlockDevice {
   }
 
   pwrite(buf: Uint8Array, offset: number, flags: number): Maybe {
+    if (this.latch.failure !== null) this.latch.refuse();
     const r = this.data.write(buf, offset);
     if (r !== undefined) return flags & FUA ? this.flushAfter(r) : r;
     if (flags & FUA) return this.flush(0);
@@ -126,6 +134,7 @@ export class Qcow2Overlay implements BlockDevice {
   }
 
   zero(offset: number, length: number, flags: number): Maybe {
+    if (this.latch.failure !== null) this.latch.refuse();
     const r = this.data.zero(offset, length, flags);
     if (r !== undefined) return flags & FUA ? this.flushAfter(r) : r;
     if (flags & FUA) return this.flush(0);
@@ -157,7 +166,8 @@ export class Qcow2Overlay implements BlockDevice {
 
   async close(): Promise<void> {
     if (this.closed) return;
-    if (!this.readOnly) await this.flush(0);
+    // After a failed sync nothing more is written: the file keeps the state of the last good flush.
+    if (!this.readOnly && this.latch.failure === null) await this.flush(0);
     this.closed = true;
     try {
       this.file.close();
@@ -168,6 +178,11 @@ export class Qcow2Overlay implements BlockDevice {
         this.onClose?.();
       }
     }
+  }
+
+  /** The first failed write or sync, if any (then writes and flushes are refused). */
+  get failure(): Error | null {
+    return this.latch.failure;
   }
 
   // ---- traversal (cold paths: extents, diff, commit) ------------------------------------------
@@ -206,6 +221,7 @@ export class Qcow2Overlay implements BlockDevice {
     if (this.readOnly) throw eio(`${this.path}: opened read-only`);
     if (this.flusher.busy) throw eio(`${this.path}: a flush is in progress`);
     if (this.data.locks.size !== 0) throw eio(`${this.path}: writes are in progress`);
+    this.latch.refuse();
     discardAll(this.file, this.header, this.tables, this.alloc);
   }
 

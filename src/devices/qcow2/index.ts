@@ -10,7 +10,7 @@ import { BACKING_FORMAT_BUN, Qcow2Error, readHeader, validateHeader, writeNewIma
 import {
   decodeIdentity, describeIdentity, encodeIdentity, identityDiff, isUrl, sampleVersion, type BaseIdentity,
 } from "./identity.ts";
-import { Qcow2Overlay } from "./image.ts";
+import { Qcow2Overlay, type OverlayImageOptions } from "./image.ts";
 import { RO_DENY, RO_PERMS, RW_DENY, RW_PERMS, lockImage } from "./lock.ts";
 
 export { Qcow2Overlay } from "./image.ts";
@@ -153,7 +153,11 @@ export function storedIdentity(h: Header, path: string): BaseIdentity | null {
  * QEMU-compatible locks are taken (read-write: the same bytes as a qemu-io rw open; read-only: a
  * consistent view that keeps writers out).
  */
-export function openImage(path: string, o: { readOnly: boolean; base?: OverlayBase; log: (msg: string) => void; lock: boolean; repair?: boolean }): Qcow2Overlay {
+export function openImage(path: string, o: {
+  readOnly: boolean; base?: OverlayBase; log: (msg: string) => void; lock: boolean; repair?: boolean;
+  /** Wraps the overlay file's I/O (tests: recording writes and syncs, injecting failures). */
+  wrapFile?: OverlayImageOptions["wrapFile"];
+}): Qcow2Overlay {
   let fd: number;
   try {
     fd = openSync(path, o.readOnly ? "r" : "r+");
@@ -173,7 +177,7 @@ export function openImage(path: string, o: { readOnly: boolean; base?: OverlayBa
       checkBase(path, h, backing, stored, o.base, true);
       base = o.base.acquire();
     }
-    return finishOpen(path, fd, h, base, o.readOnly, o.lock, o.log, o.repair ?? true);
+    return finishOpen(path, fd, h, base, o.readOnly, o.lock, o.log, o.repair ?? true, o.wrapFile);
   } catch (e) {
     closeSync(fd);
     if (base !== undefined) quietly(base.release());
@@ -221,13 +225,13 @@ function quietly(r: Maybe): void {
  * made here, nothing to check); `base` holds a reference for the overlay.
  */
 function finishOpen(path: string, fd: number, h: Header, base: OverlayBase, readOnly: boolean,
-  lock: boolean, log: (msg: string) => void, repair: boolean | null): Qcow2Overlay {
+  lock: boolean, log: (msg: string) => void, repair: boolean | null, wrapFile?: OverlayImageOptions["wrapFile"]): Qcow2Overlay {
   const expect = Math.ceil(base.size / 512) * 512;
   if (h.size !== expect) {
     throw new Qcow2Error(path, `virtual size ${h.size} does not match base ${describeBase(base)} (${base.size} bytes): the base changed size, or is not the base this overlay was made for`);
   }
   if (lock) lockImage(fd, path, readOnly ? RO_PERMS : RW_PERMS, readOnly ? RO_DENY : RW_DENY);
-  const img = new Qcow2Overlay({ path, fd, header: h, readOnly, base, log });
+  const img = new Qcow2Overlay({ path, fd, header: h, readOnly, base, log, wrapFile });
   if (!readOnly) {
     img.clearAutoclear();
     img.checkRefcountCoverage();

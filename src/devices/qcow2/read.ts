@@ -52,7 +52,7 @@ export class ReadPath {
         const i = (c - l1i * this.l2Entries) * 8;
         const hi = t.dv.getUint32(i);
         const lo = t.dv.getUint32(i + 4);
-        const host = (hi & HI_OFFSET_MASK) * TWO32 + (lo & LO_OFFSET_MASK);
+        const host = (hi & HI_OFFSET_MASK) * TWO32 + ((lo & LO_OFFSET_MASK) >>> 0);
         if (lo & LO_ZERO) this.emitRead(K_ZERO, bo, n, 0);
         else if (host !== 0) this.emitRead(K_DATA, bo, n, host + inC);
         else this.emitRead(K_BASE, bo, n, pos);
@@ -62,7 +62,7 @@ export class ReadPath {
         const lo = t.dv.getUint32(i + 4);
         const zero = t.dv.getUint32(i + 8);
         const alloc = t.dv.getUint32(i + 12);
-        const host = (hi & HI_OFFSET_MASK) * TWO32 + (lo & LO_OFFSET_MASK);
+        const host = (hi & HI_OFFSET_MASK) * TWO32 + ((lo & LO_OFFSET_MASK) >>> 0);
         if (alloc === 0 && zero === 0) this.emitRead(K_BASE, bo, n, pos);
         else if (alloc === 0xffffffff) this.emitRead(K_DATA, bo, n, host + inC);
         else if (zero === 0xffffffff) this.emitRead(K_ZERO, bo, n, 0);

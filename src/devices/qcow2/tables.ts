@@ -3,7 +3,8 @@
 // bound that evicts clean tables only.
 import type { ImageFile } from "./file.ts";
 import {
-  HI_COMPRESSED, HI_COPIED, HI_OFFSET_MASK, INCOMPAT_EXTL2, LO_OFFSET_MASK, LO_ZERO, Qcow2Error, TWO32, type Header,
+  HI_COMPRESSED, HI_COPIED, HI_OFFSET_MASK, INCOMPAT_EXTL2, LO_OFFSET_MASK, LO_ZERO, MAX_FILE_OFFSET, Qcow2Error, TWO32,
+  type Header,
 } from "./format.ts";
 
 // Kinds of a run of guest bytes
@@ -62,8 +63,9 @@ export class L2Tables {
     for (let i = 0; i < h.l1Size; i++) {
       const hi = l1v.getUint32(i * 8);
       const lo = l1v.getUint32(i * 8 + 4);
-      const off = (hi & HI_OFFSET_MASK) * TWO32 + (lo & LO_OFFSET_MASK);
+      const off = (hi & HI_OFFSET_MASK) * TWO32 + ((lo & LO_OFFSET_MASK) >>> 0);
       if (off % this.cs !== 0) throw new Qcow2Error(path, `L1 entry ${i} points at unaligned offset 0x${off.toString(16)} (corrupt image)`);
+      if (off > MAX_FILE_OFFSET) throw new Qcow2Error(path, `L1 entry ${i} points beyond any possible file offset (corrupt image)`);
       this.l1[i] = off;
     }
     this.l2 = new Array(h.l1Size).fill(undefined);
@@ -95,8 +97,9 @@ export class L2Tables {
       if (hi & HI_COMPRESSED) {
         throw new Qcow2Error(this.path, "unsupported qcow2 feature: compressed clusters (decompress with qemu-img convert)", "compressed clusters");
       }
-      const host = (hi & HI_OFFSET_MASK) * TWO32 + (lo & LO_OFFSET_MASK);
+      const host = (hi & HI_OFFSET_MASK) * TWO32 + ((lo & LO_OFFSET_MASK) >>> 0);
       if (host % this.cs !== 0) throw new Qcow2Error(this.path, `L2 table at 0x${t.host.toString(16)} has an unaligned cluster offset 0x${host.toString(16)} (corrupt image)`);
+      if (host > MAX_FILE_OFFSET) throw new Qcow2Error(this.path, `L2 table at 0x${t.host.toString(16)} points beyond any possible file offset (corrupt image)`);
       if (this.extendedL2) {
         if (lo & LO_ZERO) throw new Qcow2Error(this.path, "extended L2 entry with the standard zero flag set (corrupt image)");
         const zero = t.dv.getUint32(e + 8);

@@ -1,0 +1,337 @@
+// A remote object as a read-only BlockDevice: cached blocks are read from the cache file at once,
+// missing ones fetched by aligned ranged GETs (merged, several in flight, readahead) and handed to
+// readers and the cache as they stream in. Other devices sit on it (async pread, or isCached/load).
+import { eio } from "../../protocol/errors.ts";
+import { caps, EXTENT_HOLE, EXTENT_ZERO, type BlockDevice, type BlockSize, type Capabilities, type ExtentSink, type FileRange, type Maybe } from "../types.ts";
+import { ABSENT, ZERO, type BlockCache } from "./cache.ts";
+import { Fetcher, type FetchJob, type FetchPolicy } from "./fetcher.ts";
+import { dropCounters, newCounters, type RemoteCounters } from "./metrics.ts";
+import type { ObjectStore, ObjectVersion } from "./store.ts";
+
+export interface ReadPolicy {
+  /** Most bytes one GET covers when neighbouring missing blocks are merged. */
+  maxRequest: number;
+  /** Bytes fetched ahead of a sequential reader. */
+  readahead: number;
+}
+
+const CAPS: Capabilities = Object.freeze(caps({ canCache: true, canExtents: true, canMultiConn: true }));
+const RECENT = 8;
+
+/** Copies what it needs of a piece of a block (`chunk` holds the block's bytes from `at` on; valid only during the call). */
+type Take = (chunk: Uint8Array, at: number) => void;
+
+/**
+ * A reader of a block's bytes up to `until`: answered as soon as a piece reaches that far, not when
+ * the whole block is in (pieces arrive in order; a retry starts again at the block's beginning).
+ */
+interface Taker { take: Take; until: number; done: boolean; resolve: () => void }
+
+interface Waiter {
+  promise: Promise<void>;
+  /** The GET bringing it, once sent (blocks wanted this tick are not yet). */
+  job: FetchJob | null;
+  /** Readers given each piece as it arrives. */
+  takers: Taker[];
+  /** Called once the block is marked in the cache (or let go): readers that came after the first piece, load(). */
+  late: ((cached: boolean) => void)[];
+  /** Its first piece arrived (new readers can no longer get every piece). */
+  started: boolean;
+  /** Every piece went to the takers; the cache is still writing it (the waiter stays until then). */
+  delivered: boolean;
+  resolve: () => void;
+  reject: (e: Error) => void;
+}
+
+export class RemoteImage implements BlockDevice {
+  readonly counters: RemoteCounters;
+  readonly fetcher: Fetcher;
+  private readonly bs: number;
+  private readonly bytes: number;
+  /** Blocks being fetched, by index; each resolves (after the cache holds it) to the block's bytes. */
+  private readonly waiting = new Map<number, Waiter>();
+  private wanted: number[] = [];
+  private wantedAhead: number[] = [];
+  private flushQueued = false;
+  /** The last block of recent reads, to tell sequential readers (several may interleave). */
+  private readonly recent = new Float64Array(RECENT).fill(-2);
+  private recentAt = 0;
+  private closed = false;
+
+  constructor(readonly store: ObjectStore, readonly version: ObjectVersion, readonly blocks: BlockCache,
+    private readonly policy: ReadPolicy & FetchPolicy, private readonly log: (msg: string) => void) {
+    this.bs = blocks.blockSize;
+    this.bytes = version.size;
+    this.counters = newCounters(store.display);
+    this.counters.cachedBytes = blocks.used;
+    this.fetcher = new Fetcher(store, version, policy, this.counters, log);
+  }
+
+  /** The object as printed (no credentials). */
+  get location(): string { return this.store.display; }
+
+  size(): number { return this.bytes; }
+  blockSize(): BlockSize { return { minimum: 1, preferred: 4096, maximum: 32 * 1024 * 1024 }; }
+  capabilities(): Capabilities { return CAPS; }
+
+  /** True if [pos, pos+len) can be read from the cache now. */
+  isCached(pos: number, len: number): boolean {
+    if (len <= 0) return true;
+    return this.blocks.has(Math.floor(pos / this.bs), Math.floor((pos + len - 1) / this.bs));
+  }
+
+  /** Fetch whatever of [pos, pos+len) is not cached; resolves once it is (or has been delivered). */
+  async load(pos: number, len: number): Promise<void> {
+    if (len <= 0) return;
+    const st = this.blocks.state;
+    const ps: Promise<unknown>[] = [];
+    for (let b = Math.floor(pos / this.bs), last = Math.floor((pos + len - 1) / this.bs); b <= last; b++) {
+      if (st[b] === ABSENT) ps.push(this.want(b, false));
+    }
+    for (const p of ps) await p;
+  }
+
+  fileRange(offset: number, length: number, out: FileRange): boolean {
+    // After an eviction, a block could be punched while sendfile still reads it: copy instead.
+    if (this.blocks.evicted || length === 0) return false;
+    const b0 = Math.floor(offset / this.bs), b1 = Math.floor((offset + length - 1) / this.bs);
+    if (!this.blocks.has(b0, b1)) return false;
+    this.hit(b0, b1);
+    out.fd = this.blocks.fd;
+    out.offset = offset;
+    return true;
+  }
+
+  pread(buf: Uint8Array, offset: number, _flags: number): Maybe {
+    const len = buf.length;
+    if (len === 0) return;
+    if (this.closed) throw eio(`${this.store.display}: closed`);
+    const b0 = Math.floor(offset / this.bs), b1 = Math.floor((offset + len - 1) / this.bs);
+    if (this.blocks.has(b0, b1)) {
+      this.hit(b0, b1);
+      this.blocks.read(buf, 0, len, offset);
+      return;
+    }
+    return this.readMissing(buf, offset, b0, b1);
+  }
+
+  private hit(b0: number, b1: number): void {
+    this.counters.cacheHits += b1 - b0 + 1;
+    for (let b = b0; b <= b1; b++) this.blocks.touch(b);
+    this.sequential(b0, b1);
+  }
+
+  private readMissing(buf: Uint8Array, offset: number, b0: number, b1: number): Promise<void> {
+    const bs = this.bs, end = offset + buf.length, st = this.blocks.state;
+    const ps: Promise<void>[] = [];
+    for (let b = b0; b <= b1; b++) {
+      const s = Math.max(offset, b * bs), e = Math.min(end, (b + 1) * bs);
+      if (st[b] !== ABSENT) {
+        this.counters.cacheHits++;
+        this.blocks.touch(b);
+        this.blocks.read(buf, s - offset, e - s, s);
+        continue;
+      }
+      this.counters.cacheMisses++;
+      // the part of each arriving piece that falls in [s, e) goes straight into buf
+      const from = s - b * bs, to = e - b * bs;
+      ps.push(this.want(b, false, (chunk, at) => {
+        const lo = Math.max(from, at), hi = Math.min(to, at + chunk.length);
+        if (hi > lo) buf.set(chunk.subarray(lo - at, hi - at), b * bs + lo - offset);
+      }, to));
+    }
+    this.sequential(b0, b1);
+    return settle(ps);
+  }
+
+  /**
+   * Fetch block `b` (or join the GET already bringing it); `take` gets its bytes the moment they
+   * are in and the promise resolves once they reach `until` (block-relative); it rejects with EIO
+   * when they cannot be had. Without `take`, it resolves once the block is marked in the cache.
+   */
+  private want(b: number, ahead: boolean, take?: Take, until = 0): Promise<void> {
+    let w = this.waiting.get(b);
+    if (w === undefined) {
+      let resolve!: () => void, reject!: (e: Error) => void;
+      const promise = new Promise<void>((res, rej) => { resolve = res; reject = rej; });
+      promise.catch(() => {}); // every user attaches its own handler; this one keeps a failure from going unhandled
+      w = { promise, resolve, reject, job: null, takers: [], late: [], started: false, delivered: false };
+      this.waiting.set(b, w);
+      (ahead ? this.wantedAhead : this.wanted).push(b);
+      if (!this.flushQueued) {
+        this.flushQueued = true;
+        queueMicrotask(() => this.sendWanted());
+      }
+    } else if (!ahead) {
+      // A read joining a GET already under way gets a full deadline of its own (and a readahead
+      // GET, which would give up at its first error, becomes a read's).
+      w.job?.extend();
+    }
+    if (take === undefined) return this.marked(w);
+    if (!w.started) {
+      const waiter = w;
+      return new Promise<void>((resolve, reject) => {
+        waiter.takers.push({ take, until, done: false, resolve });
+        waiter.promise.then(resolve, reject);
+      });
+    }
+    return this.late(w, b, take);
+  }
+
+  /** Resolves once the block is marked in the cache, or let go (load() then looks again). */
+  private marked(w: Waiter): Promise<void> {
+    return new Promise<void>((resolve, reject) => {
+      w.late.push(() => resolve());
+      w.promise.catch(reject);
+    });
+  }
+
+  /** Send what was wanted this tick: runs of neighbouring blocks merged into GETs of up to maxRequest. */
+  private sendWanted(): void {
+    this.flushQueued = false;
+    const demand = this.wanted, ahead = this.wantedAhead;
+    this.wanted = [];
+    this.wantedAhead = [];
+    this.send(demand, false);
+    this.send(ahead, true);
+  }
+
+  private send(blocks: number[], ahead: boolean): void {
+    if (blocks.length === 0) return;
+    blocks.sort((a, b) => a - b);
+    const most = Math.max(1, Math.floor(this.policy.maxRequest / this.bs));
+    let i = 0;
+    while (i < blocks.length) {
+      let j = i + 1;
+      while (j < blocks.length && blocks[j] === blocks[j - 1]! + 1 && j - i < most) j++;
+      this.fetchRun(blocks[i]!, blocks[j - 1]!, ahead);
+      i = j;
+    }
+  }
+
+  /**
+   * A reader joining a block whose first bytes already went by: once the block is complete it
+   * reads it from the cache file (at once, before anything can evict it); if the block could not
+   * be cached, it asks for the block again.
+   */
+  private late(w: Waiter, b: number, take: Take): Promise<void> {
+    return new Promise<void>((resolve, reject) => {
+      w.late.push((cached) => {
+        if (!cached) { this.want(b, false, take).then(resolve, reject); return; }
+        const bytes = Buffer.allocUnsafe(this.blocks.blockBytes(b));
+        this.blocks.read(bytes, 0, bytes.length, b * this.bs);
+        take(bytes, 0);
+        resolve();
+      });
+      w.promise.catch(reject);
+    });
+  }
+
+  private fetchRun(first: number, last: number, ahead: boolean): void {
+    const bs = this.bs;
+    // Each piece goes to the cache file and to the readers as it arrives; a block counts as
+    // cached (and its readers are answered) when its last byte is in.
+    const job: FetchJob = this.fetcher.fetch(first * bs, Math.min(this.bytes, (last + 1) * bs), ahead, bs, {
+      data: (offset, chunk) => {
+        const b = Math.floor(offset / bs);
+        if (!this.closed) this.blocks.write(b, offset, chunk);
+        const w = this.waiting.get(b);
+        if (w === undefined || w.job !== job) return;
+        w.started = true;
+        const at = offset - b * bs;
+        const reached = at + chunk.length;
+        for (const t of w.takers) {
+          if (t.done) continue; // answered already: its buffer may be on the wire
+          t.take(chunk, at);
+          if (reached >= t.until) { t.done = true; t.resolve(); }
+        }
+      },
+      unit: (offset) => {
+        const b = offset / bs;
+        const w = this.waiting.get(b);
+        const mine = w !== undefined && w.job === job;
+        if (mine) {
+          w.delivered = true;
+          w.resolve(); // the takers have every byte; the waiter stays until the cache has them too
+        }
+        const marked = (cached: boolean) => {
+          this.counters.cachedBytes = this.blocks.used;
+          this.counters.evictions = this.blocks.evictions;
+          if (!mine || this.waiting.get(b) !== w) return;
+          this.waiting.delete(b);
+          for (const l of w.late) l(cached);
+        };
+        if (this.closed) marked(false);
+        else this.blocks.complete(b, marked);
+      },
+      lost: (offset) => {
+        for (let b = offset / bs; b <= last; b++) this.blocks.abandon(b);
+      },
+    });
+    for (let b = first; b <= last; b++) this.waiting.get(b)!.job = job;
+    job.promise.catch((e: Error) => {
+      for (let b = first; b <= last; b++) {
+        const w = this.waiting.get(b);
+        if (w?.job !== job || w.delivered) continue;
+        this.waiting.delete(b);
+        w.reject(e);
+      }
+    });
+  }
+
+  /** Note a read of blocks b0..b1; if it continues a recent one, fetch ahead of it. */
+  private sequential(b0: number, b1: number): void {
+    const r = this.recent;
+    let seq = false;
+    for (let i = 0; i < RECENT; i++) {
+      const x = r[i]!;
+      if (x === b1) return; // the same block again: already handled
+      if (x === b0 || x === b0 - 1) { seq = true; r[i] = b1; break; }
+    }
+    if (!seq) {
+      r[this.recentAt] = b1;
+      this.recentAt = (this.recentAt + 1) % RECENT;
+      return;
+    }
+    if (this.fetcher.changed !== null || this.fetcher.aheadQueued > 1) return;
+    const st = this.blocks.state;
+    const n = Math.floor(this.policy.readahead / this.bs);
+    for (let b = b1 + 1; b <= b1 + n && b < this.blocks.blocks; b++) {
+      if (st[b] === ABSENT && !this.waiting.has(b)) this.want(b, true).catch(() => {});
+    }
+  }
+
+  extents(offset: number, length: number, _flags: number, sink: ExtentSink): void {
+    const bs = this.bs, end = offset + length, st = this.blocks.state;
+    let p = offset;
+    while (p < end) {
+      const b = Math.floor(p / bs);
+      const zero = st[b] === ZERO;
+      let e = Math.min(end, (b + 1) * bs);
+      for (let c = b + 1; e < end && (st[c] === ZERO) === zero; c++) e = Math.min(end, (c + 1) * bs);
+      if (!sink.add(p, e - p, zero ? EXTENT_HOLE | EXTENT_ZERO : 0)) return;
+      p = e;
+    }
+  }
+
+  cache(offset: number, length: number): Promise<void> {
+    return this.load(offset, length);
+  }
+
+  close(): Promise<void> {
+    if (this.closed) return Promise.resolve();
+    this.closed = true;
+    this.fetcher.close();
+    dropCounters(this.counters);
+    return this.blocks.close();
+  }
+}
+
+/** Wait for all, then throw the first failure (so no buffer is written after the reply). */
+async function settle(ps: Promise<void>[]): Promise<void> {
+  let err: unknown = null;
+  for (const p of ps) {
+    try { await p; } catch (e) { err ??= e; }
+  }
+  if (err !== null) throw err;
+}

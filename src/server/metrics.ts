@@ -1,0 +1,134 @@
+// Metrics: per-export counters bumped on the hot path (plain numbers and preallocated typed arrays,
+// nothing allocated per request), rendered in the Prometheus text format only when scraped, and
+// the loopback HTTP endpoint (Bun.serve) that serves /metrics and /healthz.
+import type { Server } from "bun";
+import { commandName, errnoName } from "../protocol/constants.ts";
+import type { Logger } from "./log.ts";
+
+/** Upper bounds (seconds) of the request latency histogram's buckets; +Inf is implicit. */
+export const LATENCY_BUCKETS = [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10];
+const COMMANDS = 8; // NBD_CMD_READ .. NBD_CMD_BLOCK_STATUS (0..7); anything else counts as "other"
+const READ = 0;
+const WRITE = 1;
+
+/** One export's counters. Reused across reloads (counters only go up), shared by all its sessions. */
+export class ExportStats {
+  bytesRead = 0;
+  bytesWritten = 0;
+  /** Connections in the transmission phase on this export now. */
+  connections = 0;
+  readonly requests = new Float64Array(COMMANDS + 1);
+  /** Failed requests by NBD errno value (all below 128). */
+  readonly errors = new Float64Array(128);
+  readonly latency = new Float64Array(LATENCY_BUCKETS.length + 1);
+  latencySum = 0;
+  latencyCount = 0;
+
+  constructor(readonly name: string) {}
+
+  /** A request finished (errno 0: success). `start` is performance.now() when it was dispatched. */
+  record(type: number, length: number, errno: number, start: number): void {
+    const dt = (performance.now() - start) / 1000;
+    this.requests[type < COMMANDS ? type : COMMANDS]!++;
+    if (errno !== 0) this.errors[errno & 127]!++;
+    else if (type === READ) this.bytesRead += length;
+    else if (type === WRITE) this.bytesWritten += length;
+    const b = LATENCY_BUCKETS;
+    let i = 0;
+    while (i < b.length && dt > b[i]!) i++;
+    this.latency[i]!++;
+    this.latencySum += dt;
+    this.latencyCount++;
+  }
+}
+
+/** One overlay's size on disk, for bun_nbd_overlay_allocated_bytes. */
+export interface OverlayUsage {
+  export: string;
+  /** The per-client overlay's CLIENT, or "" for an export's single overlay. */
+  client: string;
+  bytes: number;
+}
+
+/** What a scrape reads. */
+export interface MetricsSource {
+  stats(): Iterable<ExportStats>;
+  /** Connections open now (all phases). */
+  connections(): number;
+  overlays(): OverlayUsage[];
+}
+
+const esc = (s: string) => s.replace(/\\/g, "\\\\").replace(/"/g, '\\"').replace(/\n/g, "\\n");
+const num = (n: number) => (Number.isFinite(n) ? String(n) : n > 0 ? "+Inf" : "-Inf");
+
+/** The Prometheus text exposition (version 0.0.4) of everything `src` knows. */
+export function renderMetrics(src: MetricsSource): string {
+  const out: string[] = [];
+  const family = (name: string, type: string, help: string) => out.push(`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`);
+  const all = [...src.stats()];
+  family("bun_nbd_connections", "gauge", "Client connections open now, in any phase.");
+  out.push(`bun_nbd_connections ${src.connections()}`);
+  family("bun_nbd_export_connections", "gauge", "Connections in the transmission phase, by export.");
+  for (const s of all) out.push(`bun_nbd_export_connections{export="${esc(s.name)}"} ${s.connections}`);
+  family("bun_nbd_read_bytes_total", "counter", "Bytes returned by successful READ requests.");
+  for (const s of all) out.push(`bun_nbd_read_bytes_total{export="${esc(s.name)}"} ${num(s.bytesRead)}`);
+  family("bun_nbd_written_bytes_total", "counter", "Bytes stored by successful WRITE requests.");
+  for (const s of all) out.push(`bun_nbd_written_bytes_total{export="${esc(s.name)}"} ${num(s.bytesWritten)}`);
+  family("bun_nbd_requests_total", "counter", "Requests answered, by command.");
+  for (const s of all) {
+    for (let c = 0; c <= COMMANDS; c++) {
+      const cmd = c === COMMANDS ? "other" : commandName(c).toLowerCase();
+      out.push(`bun_nbd_requests_total{export="${esc(s.name)}",command="${cmd}"} ${num(s.requests[c]!)}`);
+    }
+  }
+  family("bun_nbd_request_errors_total", "counter", "Requests answered with an error, by NBD errno.");
+  for (const s of all) {
+    for (let e = 1; e < s.errors.length; e++) {
+      if (s.errors[e] === 0) continue;
+      out.push(`bun_nbd_request_errors_total{export="${esc(s.name)}",errno="${errnoName(e)}"} ${num(s.errors[e]!)}`);
+    }
+  }
+  family("bun_nbd_request_duration_seconds", "histogram", "Time from receiving a request to queueing its reply.");
+  for (const s of all) {
+    const l = `export="${esc(s.name)}"`;
+    let cum = 0;
+    LATENCY_BUCKETS.forEach((b, i) => {
+      cum += s.latency[i]!;
+      out.push(`bun_nbd_request_duration_seconds_bucket{${l},le="${b}"} ${cum}`);
+    });
+    cum += s.latency[LATENCY_BUCKETS.length]!;
+    out.push(`bun_nbd_request_duration_seconds_bucket{${l},le="+Inf"} ${cum}`);
+    out.push(`bun_nbd_request_duration_seconds_sum{${l}} ${num(s.latencySum)}`);
+    out.push(`bun_nbd_request_duration_seconds_count{${l}} ${s.latencyCount}`);
+  }
+  family("bun_nbd_overlay_allocated_bytes", "gauge", "Bytes an overlay file takes on disk, by export and per-client overlay.");
+  for (const o of src.overlays()) out.push(`bun_nbd_overlay_allocated_bytes{export="${esc(o.export)}",client="${esc(o.client)}"} ${o.bytes}`);
+  return out.join("\n") + "\n";
+}
+
+export interface MetricsEndpoint {
+  readonly port: number;
+  stop(): void;
+}
+
+/** Serve /metrics and /healthz on `host:port` (port 0 picks one). */
+export function serveMetrics(host: string, port: number, src: MetricsSource, log: Logger): MetricsEndpoint {
+  let server: Server<undefined>;
+  server = Bun.serve({
+    hostname: host,
+    port,
+    fetch(req) {
+      const path = new URL(req.url).pathname;
+      if (path === "/metrics") {
+        return new Response(renderMetrics(src), { headers: { "content-type": "text/plain; version=0.0.4; charset=utf-8" } });
+      }
+      if (path === "/healthz") return new Response("ok\n", { headers: { "content-type": "text/plain" } });
+      return new Response("not found: try /metrics or /healthz\n", { status: 404 });
+    },
+    error(e) {
+      log.error(`metrics endpoint: ${e.message}`);
+      return new Response("internal error\n", { status: 500 });
+    },
+  });
+  return { port: server.port ?? port, stop: () => { void server.stop(true); } };
+}

@@ -1,0 +1,213 @@
+// Failing I/O, injected below an overlay (through its ImageFile seam) and a raw file (its RawIo
+// seam), seen over NBD: a failed fdatasync or pwrite reaches the client as EIO on that request, on
+// the next FLUSH and on every later write and flush (fsyncgate: once a sync failed, a later one that
+// succeeds proves nothing), reads go on, the log says so once, and the image on disk stays usable.
+import { suite } from "uvu";
+import * as assert from "uvu/assert";
+import { fdatasyncSync, mkdirSync, readFileSync, writeFileSync, writeSync } from "node:fs";
+import { join } from "node:path";
+import { bytesEqual, deadline } from "./helpers/assert.ts";
+import { need, run, scratch } from "./helpers/env.ts";
+import { connect, NbdRequestError, type NbdClient } from "../src/client/index.ts";
+import { RawFile, type RawIo } from "../src/devices/file.ts";
+import { createOverlayFile, openImage } from "../src/devices/qcow2/index.ts";
+import type { ImageFile } from "../src/devices/qcow2/file.ts";
+import type { BlockDevice } from "../src/devices/types.ts";
+import { silentLogger } from "../src/server/log.ts";
+import { NbdServer } from "../src/server/server.ts";
+import { assertClean, KiB, makeBase, MiB, qemuCheck, Rng } from "./overlay-support.ts";
+
+const test = suite("io-faults");
+const dir = scratch("bun-nbd-io-faults-");
+
+test.before(() => need("qemu-img"));
+
+type Fault = "sync" | "write" | "metadata";
+
+const injected = (what: string) => Object.assign(new Error(`${what}: EIO (injected)`), { code: "EIO" });
+
+/** Fails the next operation of the armed kind once; a failed sync does not sync (the pages are gone). */
+class FaultyFile implements ImageFile {
+  armed: Fault | null = null;
+  fired = 0;
+  constructor(private readonly inner: ImageFile) {}
+  private fire(kind: Fault): boolean {
+    if (this.armed !== kind) return false;
+    this.armed = null;
+    this.fired++;
+    return true;
+  }
+  read(buf: Uint8Array, off: number, len: number, pos: number): void { this.inner.read(buf, off, len, pos); }
+  write(buf: Uint8Array, off: number, len: number, pos: number): void {
+    if (this.fire("write")) throw injected("pwrite");
+    this.inner.write(buf, off, len, pos);
+  }
+  writeAll(buf: Uint8Array, pos: number): void {
+    if (this.fire("metadata")) throw injected("pwrite");
+    this.inner.writeAll(buf, pos);
+  }
+  syncNow(): void {
+    if (this.fire("sync")) throw injected("fdatasync");
+    this.inner.syncNow();
+  }
+  sync(): Promise<void> {
+    if (this.fire("sync")) return Promise.reject(injected("fdatasync"));
+    return this.inner.sync();
+  }
+  size(): number { return this.inner.size(); }
+  truncate(len: number): void { this.inner.truncate(len); }
+  punch(pos: number, len: number): void { this.inner.punch(pos, len); }
+  close(): void { this.inner.close(); }
+}
+
+/** The same for a raw file's system calls. */
+class FaultyIo implements RawIo {
+  armed: Fault | null = null;
+  fired = 0;
+  pwrite(fd: number, buf: Uint8Array, off: number, len: number, pos: number): number {
+    if (this.armed === "write") { this.armed = null; this.fired++; throw injected("pwrite"); }
+    return writeSync(fd, buf, off, len, pos);
+  }
+  fdatasync(fd: number): void {
+    if (this.armed === "sync") { this.armed = null; this.fired++; throw injected("fdatasync"); }
+    fdatasyncSync(fd);
+  }
+}
+
+async function expectEio(p: Promise<unknown>, what: string): Promise<void> {
+  try {
+    await p;
+  } catch (e) {
+    assert.ok(e instanceof NbdRequestError, `${what}: ${(e as Error).message}`);
+    assert.is((e as NbdRequestError).code, "EIO", `${what}: ${(e as Error).message}`);
+    return;
+  }
+  assert.unreachable(`${what}: expected EIO`);
+}
+
+async function withServer(d: string, device: BlockDevice, fn: (c: NbdClient) => Promise<void>): Promise<void> {
+  const server = new NbdServer([{ name: "x", device }], { log: silentLogger });
+  const sock = join(d, "sock");
+  server.listenUnix(sock);
+  try {
+    const c = await connect(`nbd+unix:///x?socket=${sock}`);
+    await fn(c);
+    await c.close();
+  } finally {
+    await server.close(); // must not hang or throw on a failed device, and must close its files
+  }
+}
+
+/**
+ * The common script: data flushed before the fault, more data written, the fault armed, then
+ * `trigger` must fail with EIO, and so must the next FLUSH, a later FLUSH (the disk is fine again
+ * by then), writes, zeroes, trims and FUA writes; reads go on. Returns what was durable.
+ */
+async function script(c: NbdClient, size: number, before: Uint8Array, arm: () => void, trigger: (c: NbdClient) => Promise<unknown>,
+  logs: string[], what: string): Promise<{ durable: Uint8Array; after: [number, Uint8Array][] }> {
+  const rng = new Rng(size + what.length);
+  const durable = before.slice();
+  const a = rng.bytes(100 * KiB);
+  await c.pwrite(a, 3 * MiB + 5);
+  durable.set(a, 3 * MiB + 5);
+  await c.flush();
+  const b = rng.bytes(70 * KiB);
+  await c.pwrite(b, MiB + 7);
+  arm();
+  await expectEio(trigger(c), `${what}: the request that met the fault`);
+  await expectEio(c.flush(), `${what}: the next FLUSH`);
+  await expectEio(c.flush(), `${what}: a later FLUSH (the storage works again, but pages may have been dropped)`);
+  await expectEio(c.pwrite(rng.bytes(4 * KiB), 5 * MiB), `${what}: a later WRITE`);
+  await expectEio(c.pwrite(rng.bytes(4 * KiB), 5 * MiB, { fua: true }), `${what}: a later FUA WRITE`);
+  await expectEio(c.zero(6 * MiB, 64 * KiB), `${what}: a later WRITE_ZEROES`);
+  await expectEio(c.trim(6 * MiB, 64 * KiB), `${what}: a later TRIM`);
+  const now = await c.read(0, size);
+  bytesEqual(now.subarray(3 * MiB + 5, 3 * MiB + 5 + a.length), a, `${what}: flushed data reads back`);
+  const said = logs.filter((l) => /fail with EIO/.test(l));
+  assert.is(said.length, 1, `${what}: the log says once that writes and flushes now fail: ${logs.join(" | ")}`);
+  // after the fault, the ranges written since the last good flush hold old or new bytes
+  return { durable, after: [[MiB + 7, b], [7 * MiB, TRIGGER_DATA]] };
+}
+
+/** Bytes equal to `durable`, except in the `maybe` ranges, whose bytes may be old or new. */
+function checkContent(now: Uint8Array, durable: Uint8Array, maybe: [number, Uint8Array][], what: string): void {
+  const copy = now.slice();
+  for (const [off, b] of maybe) {
+    for (let i = 0; i < b.length; i++) {
+      const v = now[off + i];
+      if (v !== durable[off + i] && v !== b[i]) assert.unreachable(`${what}: byte ${off + i} is neither old nor new`);
+    }
+    copy.set(durable.subarray(off, off + b.length), off);
+  }
+  bytesEqual(copy, durable, what);
+}
+
+/** What the request that meets the fault writes (at 7 MiB). */
+const TRIGGER_DATA = new Uint8Array(8 * KiB).fill(9);
+
+const overlayFaults: { fault: Fault; what: string; trigger: (c: NbdClient) => Promise<unknown> }[] = [
+  { fault: "sync", what: "fdatasync fails during FLUSH", trigger: (c) => c.flush() },
+  { fault: "sync", what: "fdatasync fails during a FUA write", trigger: (c) => c.pwrite(TRIGGER_DATA, 7 * MiB, { fua: true }) },
+  { fault: "write", what: "pwrite of guest data fails", trigger: (c) => c.pwrite(TRIGGER_DATA, 7 * MiB) },
+  { fault: "metadata", what: "pwrite of metadata fails during FLUSH", trigger: (c) => c.flush() },
+];
+
+for (const compat of [false, true]) {
+  for (const f of overlayFaults) {
+    test(`overlay (${compat ? "standard" : "extended"} L2): ${f.what}`, () => deadline(60_000, f.what, async () => {
+      const d = join(dir, `ov-${compat}-${f.fault}-${f.what.length}`);
+      mkdirSync(d, { recursive: true });
+      const size = 8 * MiB;
+      const basePath = join(d, "base.img");
+      const base = makeBase(basePath, size, 3);
+      const ov = join(d, "ov.qcow2");
+      createOverlayFile(ov, basePath, { compat });
+      const logs: string[] = [];
+      let faulty: FaultyFile | null = null;
+      const img = openImage(ov, { readOnly: false, lock: true, log: (m) => logs.push(m), wrapFile: (f0) => (faulty = new FaultyFile(f0)) });
+      let result: Awaited<ReturnType<typeof script>> | null = null;
+      await withServer(d, img, async (c) => {
+        result = await script(c, size, base, () => { faulty!.armed = f.fault; }, f.trigger, logs, f.what);
+      });
+      assert.is(faulty!.fired, 1, "the fault was met");
+      // What is on disk is the last good flush, plus at most leaked clusters (a sync that failed
+      // between the two phases): the next read-write open repairs them.
+      const chk = await qemuCheck(ov);
+      assert.ok(chk.code === 0 || chk.code === 3, `qemu-img check after the failure: exit ${chk.code} ${JSON.stringify(chk.json)}`);
+      const again = openImage(ov, { readOnly: false, lock: true, log: () => {} });
+      await again.close();
+      await assertClean(ov, "after a read-write open");
+      const raw = join(d, "now.raw");
+      await run(["qemu-img", "convert", "-O", "raw", ov, raw]);
+      checkContent(new Uint8Array(readFileSync(raw)), result!.durable, result!.after, `${f.what}: content on disk`);
+    }));
+  }
+}
+
+const rawFaults: { fault: Fault; what: string; trigger: (c: NbdClient) => Promise<unknown> }[] = [
+  { fault: "sync", what: "fdatasync fails during FLUSH", trigger: (c) => c.flush() },
+  { fault: "sync", what: "fdatasync fails during a FUA write", trigger: (c) => c.pwrite(TRIGGER_DATA, 7 * MiB, { fua: true }) },
+  { fault: "write", what: "pwrite fails", trigger: (c) => c.pwrite(TRIGGER_DATA, 7 * MiB) },
+];
+
+for (const f of rawFaults) {
+  test(`raw file: ${f.what}`, () => deadline(60_000, f.what, async () => {
+    const d = join(dir, `raw-${f.fault}-${f.what.length}`);
+    mkdirSync(d, { recursive: true });
+    const size = 8 * MiB;
+    const path = join(d, "disk.img");
+    const before = new Rng(5).bytes(size);
+    writeFileSync(path, before);
+    const logs: string[] = [];
+    const io = new FaultyIo();
+    const dev = RawFile.open(path, { io, log: (m) => logs.push(m) });
+    let result: Awaited<ReturnType<typeof script>> | null = null;
+    await withServer(d, dev, async (c) => {
+      result = await script(c, size, before, () => { io.armed = f.fault; }, f.trigger, logs, f.what);
+    });
+    assert.is(io.fired, 1, "the fault was met");
+    checkContent(new Uint8Array(readFileSync(path)), result!.durable, result!.after, `${f.what}: content on disk`);
+  }));
+}
+
+test.run();

@@ -1,0 +1,324 @@
+// The remote image device against a real nginx: byte-exact reads at block edges and random
+// offsets (and the shared device conformance suite), GET counts for coalescing, readahead and the
+// persistent cache, cache eviction within its budget, version pinning (a replaced file gives EIO
+// and a log line, never mixed bytes), clear errors at open (404, 403, no ranges, nothing
+// listening), retries until the deadline then EIO, recovery, and an event loop that keeps running
+// while the store is slow. URL parsing and redaction are checked here too.
+import { suite } from "uvu";
+import * as assert from "uvu/assert";
+import { mkdirSync, readdirSync, readFileSync, renameSync, statSync, symlinkSync, utimesSync } from "node:fs";
+import { join } from "node:path";
+import { bytesEqual, rejects } from "./helpers/assert.ts";
+import { conformance, rng } from "./helpers/conformance.ts";
+import { scratch } from "./helpers/env.ts";
+import { logSink, makeImage } from "./helpers/remote-images.ts";
+import { BASIC_PASSWORD, BASIC_USER, freePort, startNginx, type Nginx } from "./services/nginx.ts";
+import { openRemoteImage, type RemoteImage, type RemoteSettings } from "../src/devices/remote/index.ts";
+import { parseLocation, redactUrl, s3Settings, siblingLocation } from "../src/devices/remote/location.ts";
+import { parseSize } from "../src/cli/remote-args.ts";
+import { ABSENT, BlockCache, DATA, ZERO } from "../src/devices/remote/cache.ts";
+import { NbdError } from "../src/protocol/errors.ts";
+import { NBD_EIO } from "../src/protocol/constants.ts";
+import { isPromise } from "../src/devices/types.ts";
+
+const KiB = 1024, MiB = 1024 * KiB;
+const dir = scratch("bun-nbd-remote-dev-");
+let ngx: Nginx;
+
+const read = async (d: RemoteImage, off: number, len: number) => {
+  const b = new Uint8Array(len);
+  const r = d.pread(b, off, 0);
+  if (isPromise(r)) await r;
+  return b;
+};
+const settings = (o: RemoteSettings = {}): RemoteSettings => ({ cacheDir: null, blockSize: 64 * KiB, maxRequest: 256 * KiB, readahead: 0, deadlineMs: 1500, attemptTimeoutMs: 1000, ...o });
+
+// ---------------------------------------------------------------------------------------------
+const unit = suite("remote: locations, sizes, the cache file");
+
+unit("URLs are printed without user:password or signing parameters", () => {
+  const u = new URL("https://alice:hunter2@example.com/img/disk.img?X-Amz-Signature=abc&X-Amz-Credential=AKIA%2Fx&part=1");
+  const s = redactUrl(u);
+  assert.not.ok(/hunter2|alice|abc|AKIA/.test(s), s);
+  assert.ok(s.startsWith("https://example.com/img/disk.img?part=1"), s);
+  const loc = parseLocation("http://bob:pw@h:8080/a/b.img");
+  assert.is(loc.display, "http://h:8080/a/b.img");
+});
+
+unit("s3:// names and AWS environment settings", () => {
+  const env = { AWS_ENDPOINT_URL: "http://127.0.0.1:9000", AWS_REGION: "eu-west-1", AWS_ACCESS_KEY_ID: "AK", AWS_SECRET_ACCESS_KEY: "SK" };
+  const s = s3Settings({ region: "us-east-2" }, env);
+  assert.equal([s.endpoint, s.region, s.accessKeyId, s.secretAccessKey], ["http://127.0.0.1:9000", "us-east-2", "AK", "SK"]);
+  const loc = parseLocation("s3://bucket/dir/disk%20one.img", s);
+  assert.ok(loc.kind === "s3" && loc.bucket === "bucket" && loc.objectKey === "dir/disk one.img");
+  assert.not.ok(loc.key.includes("SK") || loc.display.includes("SK"));
+  assert.throws(() => parseLocation("s3://bucket/"), /no object key/);
+  assert.throws(() => parseLocation("s3://AK:SK@bucket/x"), /credentials do not belong/);
+  assert.throws(() => parseLocation("ftp://h/x"), /unsupported URL scheme/);
+  const bin = siblingLocation(loc, "../tracks/Track 01.bin");
+  assert.ok(bin.kind === "s3" && bin.objectKey === "tracks/Track 01.bin", bin.display);
+  const hb = siblingLocation(parseLocation("http://h/cds/game.cue"), "game (Track 1).bin");
+  assert.is(hb.display, "http://h/cds/game%20(Track%201).bin");
+});
+
+unit("sizes", () => {
+  assert.equal([parseSize("8G", "x"), parseSize("512M", "x"), parseSize("64KiB", "x"), parseSize("4096", "x")], [8 * 2 ** 30, 512 * MiB, 64 * KiB, 4096]);
+  assert.throws(() => parseSize("lots", "--cache-size"), /--cache-size/);
+});
+
+unit("the cache marks a block only once complete; a reopen sees exactly the marked blocks; LRU eviction", async () => {
+  const bs = 64 * KiB;
+  const version = { size: 40 * bs + 100, etag: '"v1"', lastModified: null };
+  const o = { dir: join(dir, "unit-cache"), key: "http://h/x.img", version, blockSize: bs, budget: 16 * bs, log: () => {} };
+  const complete = (c: BlockCache, b: number) => new Promise<boolean>((resolve) => c.complete(b, resolve));
+  let c = BlockCache.open(o);
+  const data = new Uint8Array(bs).fill(9);
+  c.write(0, 0, data.subarray(0, bs / 2)); // half of block 0, never completed (a kill -9 here)
+  c.write(1, bs, data);
+  assert.ok(await complete(c, 1));
+  c.write(2, 2 * bs, new Uint8Array(bs)); // all zeros: marked, nothing written
+  assert.ok(await complete(c, 2));
+  c.write(3, 3 * bs, data);
+  c.abandon(3); // the GET failed
+  await c.close(); // waits for the writes in flight
+  c = BlockCache.open(o);
+  assert.equal([...c.state.subarray(0, 4)], [ABSENT, DATA, ZERO, ABSENT]);
+  assert.is(c.used, bs);
+  const b = new Uint8Array(bs);
+  c.read(b, 0, bs, bs);
+  bytesEqual(b, data, "block 1 after the reopen");
+  for (let i = 4; i < 22; i++) {
+    c.write(i, i * bs, data);
+    assert.ok(await complete(c, i));
+    c.touch(1); // block 1 stays the most recently used
+    assert.ok(c.used <= 16 * bs);
+  }
+  assert.is(c.state[1], DATA, "the block kept in use is never evicted");
+  assert.equal([...c.state.subarray(4, 7)], [ABSENT, ABSENT, ABSENT], "the oldest blocks went first");
+  assert.is(c.state[21], DATA);
+  await c.close();
+  const other = BlockCache.open({ ...o, version: { ...version, etag: '"v2"' } });
+  assert.equal([...other.state.subarray(0, 22)].filter((x) => x !== ABSENT), [], "another ETag: a new, empty entry");
+  await other.close();
+  assert.is(readdirSync(o.dir).filter((n) => n.endsWith(".map")).length, 1, "the entry of the older version was removed");
+});
+
+unit.run();
+
+// ---------------------------------------------------------------------------------------------
+const S = suite("remote: device over nginx");
+const SIZE = 5 * MiB + 12345; // a partial last block
+let image: string;
+let local: Uint8Array;
+
+S.before(async () => {
+  ngx = await startNginx();
+  image = makeImage(join(ngx.root, "disk.img"), SIZE, 7, { zeroEvery: 3 });
+  local = readFileSync(image);
+  mkdirSync(join(ngx.root, "private"));
+  mkdirSync(join(ngx.root, "denied"));
+  mkdirSync(join(ngx.root, "noranges"));
+  mkdirSync(join(ngx.root, "slow"));
+  for (const d of ["private", "denied", "noranges", "slow"]) symlinkSync(image, join(ngx.root, d, "disk.img"));
+});
+
+S("reads at block edges, the last byte and random ranges match the file", async () => {
+  const d = await openRemoteImage(ngx.url("disk.img"), settings(), () => {});
+  try {
+    assert.is(d.size(), SIZE);
+    const bs = 64 * KiB;
+    for (const [off, len] of [[0, 1], [bs - 1, 2], [bs, bs], [3 * bs - 7, 2 * bs + 14], [SIZE - 1, 1], [SIZE - 12345, 12345], [SIZE - bs - 5, bs + 5]] as const) {
+      bytesEqual(await read(d, off, len), local.subarray(off, off + len), `[${off}, +${len})`);
+    }
+    const r = rng(99);
+    for (let i = 0; i < 200; i++) {
+      const len = 1 + r(300 * KiB);
+      const off = r(SIZE - len);
+      bytesEqual(await read(d, off, len), local.subarray(off, off + len), `random [${off}, +${len})`);
+    }
+  } finally { await d.close(); }
+});
+
+S("the whole image twice: the second pass sends no GET; zero blocks stay holes in the cache", async () => {
+  const cacheDir = join(dir, "twice");
+  const d = await openRemoteImage(ngx.url("disk.img"), settings({ cacheDir }), () => {});
+  try {
+    const before = ngx.rangeGets("/disk.img");
+    bytesEqual(await read(d, 0, SIZE), local, "first pass");
+    assert.is(d.counters.cacheMisses, Math.ceil(SIZE / (64 * KiB)), "every block missed once");
+    const mid = ngx.rangeGets("/disk.img");
+    assert.ok(mid - before >= 1 && mid - before <= Math.ceil(SIZE / (256 * KiB)) + 1, `GETs for one pass: ${mid - before}`);
+    bytesEqual(await read(d, 0, SIZE), local, "second pass (blocks still being written join their writes)");
+    assert.is(ngx.rangeGets("/disk.img"), mid, "no GET for the second pass");
+    await Bun.sleep(200); // the cache's writes end
+    const misses = d.counters.cacheMisses;
+    bytesEqual(await read(d, 0, SIZE), local, "third pass");
+    assert.is(d.counters.cacheMisses, misses, "the third pass is all hits");
+    const allocated = d.blocks.used;
+    assert.ok(allocated < SIZE * 0.75, `zero MiBs are not stored (${allocated} of ${SIZE} bytes)`);
+  } finally { await d.close(); }
+});
+
+S("blocks wanted in one tick go out as merged GETs; several GETs in flight", async () => {
+  const d = await openRemoteImage(ngx.url("disk.img"), settings({ maxRequest: 4 * 64 * KiB }), () => {});
+  try {
+    const before = ngx.rangeGets("/disk.img");
+    const ps = [];
+    for (let b = 0; b < 8; b++) ps.push(read(d, b * 64 * KiB + 100, 1000));
+    const got = await Promise.all(ps);
+    got.forEach((g, b) => bytesEqual(g, local.subarray(b * 64 * KiB + 100, b * 64 * KiB + 1100), `block ${b}`));
+    assert.is(ngx.rangeGets("/disk.img") - before, 2, "8 neighbouring blocks in 2 GETs of 4 blocks");
+    assert.ok(ngx.log().some((l) => l.includes(`"bytes=0-${4 * 64 * KiB - 1}"`)), "a GET of 4 blocks");
+  } finally { await d.close(); }
+});
+
+S("a sequential reader gets readahead; a random one does not", async () => {
+  const d = await openRemoteImage(ngx.url("disk.img"), settings({ readahead: 256 * KiB, maxRequest: 64 * KiB }), () => {});
+  try {
+    for (let off = 0; off < 3 * 64 * KiB; off += 32 * KiB) await read(d, off, 32 * KiB);
+    await Bun.sleep(200);
+    assert.ok(d.counters.readaheadRequests >= 3, `readahead GETs: ${d.counters.readaheadRequests}`);
+    const misses = d.counters.cacheMisses;
+    await read(d, 4 * 64 * KiB, 64 * KiB);
+    assert.is(d.counters.cacheMisses, misses, "the block after a sequential run was fetched ahead");
+  } finally { await d.close(); }
+  const e = await openRemoteImage(ngx.url("disk.img"), settings({ readahead: 256 * KiB }), () => {});
+  try {
+    for (const b of [40, 3, 71, 20, 55]) await read(e, b * 64 * KiB, 4096);
+    assert.is(e.counters.readaheadRequests, 0);
+  } finally { await e.close(); }
+});
+
+S("the cache survives a reopen (no GET) and a changed file gets a new entry", async () => {
+  const cacheDir = join(dir, "persist");
+  const a = await openRemoteImage(ngx.url("disk.img"), settings({ cacheDir }), () => {});
+  await read(a, 0, SIZE);
+  await a.close();
+  const before = ngx.rangeGets("/disk.img");
+  const b = await openRemoteImage(ngx.url("disk.img"), settings({ cacheDir }), () => {});
+  try {
+    bytesEqual(await read(b, 0, SIZE), local, "after reopen");
+    assert.is(ngx.rangeGets("/disk.img"), before, "served from the persistent cache");
+    assert.is(b.counters.cacheMisses, 0);
+  } finally { await b.close(); }
+});
+
+S("the cache stays within its budget, evicting the least recently used blocks", async () => {
+  const cacheDir = join(dir, "budget");
+  const d = await openRemoteImage(ngx.url("disk.img"), settings({ cacheDir, cacheSize: 16 * 64 * KiB }), () => {});
+  try {
+    const r = rng(5);
+    for (let i = 0; i < 150; i++) {
+      const off = r(SIZE - 4096);
+      bytesEqual(await read(d, off, 4096), local.subarray(off, off + 4096), `read ${i}`);
+      assert.ok(d.blocks.used <= 16 * 64 * KiB, `cache holds ${d.blocks.used}`);
+    }
+    assert.ok(d.blocks.evictions > 0, "evicted some blocks");
+    assert.not.ok(d.fileRange(0, 4096, { fd: 0, offset: 0 }), "no sendfile from a cache that evicts");
+  } finally { await d.close(); }
+});
+
+S("a replaced file: uncached reads fail with EIO and a log line, cached reads keep the pinned bytes", async () => {
+  const path = makeImage(join(ngx.root, "swap.img"), 2 * MiB, 1);
+  const old = readFileSync(path);
+  const logs = logSink();
+  const d = await openRemoteImage(ngx.url("swap.img"), settings({ readahead: 0 }), logs.log);
+  try {
+    bytesEqual(await read(d, 0, 64 * KiB), old.subarray(0, 64 * KiB), "before the change");
+    const next = makeImage(join(ngx.root, "swap.new"), 2 * MiB, 2);
+    utimesSync(next, new Date(), new Date(Date.now() + 5000)); // another mtime: another ETag
+    renameSync(next, path);
+    const e = await rejects(() => read(d, MiB, 4096), "uncached read of a replaced object");
+    assert.instance(e, NbdError);
+    assert.is((e as NbdError).errno, NBD_EIO);
+    assert.match(e.message, /changed since it was opened/);
+    assert.ok(logs.has(/swap\.img changed since it was opened/), logs.lines.join("\n"));
+    bytesEqual(await read(d, 0, 64 * KiB), old.subarray(0, 64 * KiB), "cached bytes are the pinned version");
+    const straddle = await rejects(() => read(d, 60 * KiB, 8 * KiB), "a read half in the cache");
+    assert.match(straddle.message, /changed/);
+    await Bun.sleep(300);
+    assert.ok(logs.has(/swap\.img now: 2097152 bytes, ETag/), logs.lines.join("\n"));
+    assert.ok(d.counters.versionMismatches >= 2);
+  } finally { await d.close(); }
+});
+
+S("errors at open name the URL and the status", async () => {
+  const quiet = () => {};
+  let e = await rejects(() => openRemoteImage(ngx.url("missing.img"), settings(), quiet), "404");
+  assert.match(e.message, new RegExp(`${ngx.url("missing.img").replace(/[.]/g, "\\.")}: HTTP 404`));
+  e = await rejects(() => openRemoteImage(ngx.url("denied/disk.img"), settings(), quiet), "403");
+  assert.match(e.message, /denied\/disk\.img: HTTP 403/);
+  e = await rejects(() => openRemoteImage(ngx.url("private/disk.img"), settings(), quiet), "401");
+  assert.match(e.message, /HTTP 401/);
+  e = await rejects(() => openRemoteImage(ngx.url("noranges/disk.img"), settings(), quiet), "no ranges");
+  assert.match(e.message, /ignores range requests/);
+  const port = await freePort();
+  e = await rejects(() => openRemoteImage(`http://127.0.0.1:${port}/x.img`, settings(), quiet), "nothing listening");
+  assert.match(e.message, new RegExp(`cannot reach http://127\\.0\\.0\\.1:${port}/x\\.img: connection refused`));
+});
+
+S("basic auth from the URL is sent but never printed", async () => {
+  const url = ngx.url("private/disk.img").replace("http://", `http://${BASIC_USER}:${BASIC_PASSWORD}@`);
+  const logs = logSink();
+  const d = await openRemoteImage(url, settings(), logs.log);
+  try {
+    bytesEqual(await read(d, 70000, 5000), local.subarray(70000, 75000), "through basic auth");
+    assert.not.ok(d.location.includes(BASIC_PASSWORD) || d.location.includes(BASIC_USER), d.location);
+  } finally { await d.close(); }
+});
+
+S("store down mid-run: retries until the deadline, then EIO for that read only; reads recover", async () => {
+  const logs = logSink();
+  const d = await openRemoteImage(ngx.url("disk.img"), settings({ deadlineMs: 1200 }), logs.log);
+  try {
+    await read(d, 0, 4096); // block 0 cached
+    await ngx.stop(true);
+    const t0 = Date.now();
+    const e = await rejects(() => read(d, 2 * MiB, 4096), "read while nginx is down");
+    assert.is((e as NbdError).errno, NBD_EIO);
+    assert.match(e.message, /gave up after \d+ attempts/);
+    assert.ok(Date.now() - t0 >= 900, `gave up after ${Date.now() - t0} ms`);
+    assert.ok(d.counters.retries > 0);
+    assert.ok(logs.has(/retrying with backoff/), logs.lines.join("\n"));
+    bytesEqual(await read(d, 0, 4096), local.subarray(0, 4096), "cached block while the store is down");
+    const pending = read(d, 3 * MiB, 4096); // retried while nginx comes back
+    await Bun.sleep(300);
+    await ngx.start();
+    bytesEqual(await pending, local.subarray(3 * MiB, 3 * MiB + 4096), "read that waited for the store");
+    bytesEqual(await read(d, 2 * MiB, 4096), local.subarray(2 * MiB, 2 * MiB + 4096), "the failed range, after recovery");
+    assert.ok(logs.has(/answers again/), logs.lines.join("\n"));
+  } finally { await d.close(); if (!ngx.running()) await ngx.start(); }
+});
+
+S("a slow store never blocks the event loop", async () => {
+  // /slow/ sends 128 KiB/s: one 64 KiB block takes about half a second
+  const d = await openRemoteImage(ngx.url("slow/disk.img"), settings({ deadlineMs: 30_000, attemptTimeoutMs: 30_000 }), () => {});
+  try {
+    await read(d, 0, 4096);
+    const slow = read(d, 3 * MiB, 4096);
+    let ticks = 0;
+    const timer = setInterval(() => { ticks++; }, 10);
+    const t0 = Date.now();
+    const cached = d.pread(new Uint8Array(4096), 100, 0);
+    assert.not.ok(isPromise(cached), "a cached read completes synchronously while a GET is slow");
+    await Bun.sleep(500);
+    clearInterval(timer);
+    assert.ok(ticks >= 25, `timer ticks in 500 ms while a GET crawls: ${ticks}`);
+    assert.ok(Date.now() - t0 < 2000);
+    bytesEqual(await slow, local.subarray(3 * MiB, 3 * MiB + 4096), "the slow read completes");
+  } finally { await d.close(); }
+});
+
+S.run();
+
+// ---------------------------------------------------------------------------------------------
+conformance("RemoteImage over nginx (64 KiB blocks, throw-away cache)", {
+  ops: 150,
+  make: async () => {
+    if (!ngx.running()) await ngx.start();
+    const path = join(ngx.root, "conf.img");
+    try { statSync(path); } catch { makeImage(path, 3 * MiB + 4097, 3, { zeroEvery: 2 }); }
+    const device = await openRemoteImage(ngx.url("conf.img"), settings({ readahead: 128 * KiB }), () => {});
+    return { device, expected: readFileSync(path), cleanup: () => device.close() };
+  },
+});
