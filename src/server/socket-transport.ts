@@ -59,7 +59,7 @@ interface FileSegment {
   length: number;
 }
 
-/** Counters of the reply path, for tests and `serve --stats`: which ways bytes left. */
+/** Counters of the reply and receive paths (summed by NbdServer.transportStats, for tests): which ways bytes went. */
 export interface TransportStats {
   /** sendfile(2) calls, and those that sent less than asked or nothing (socket full). */
   sendfileCalls: number;
