@@ -16,11 +16,11 @@
 // server's run (a fresh process, an empty index cache) N times and keeps its best result per
 // workload and its fastest open, which filters out some interference on a shared machine.
 import { spawn, spawnSync, type Subprocess } from "bun";
-import { closeSync, mkdtempSync, openSync, rmSync, writeSync } from "node:fs";
+import { closeSync, openSync, rmSync, writeSync } from "node:fs";
 import { cpus, tmpdir, totalmem } from "node:os";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
-import { fio, fsType, PATH, ROOT } from "./lib/harness.ts";
+import { benchScratch, fio, fsType, PATH, ROOT } from "./lib/harness.ts";
 
 const MiB = 1024 * 1024;
 const { values: opt } = parseArgs({
@@ -37,15 +37,8 @@ const SIZE = Number(opt.size ?? (opt.quick ? 64 : 256)) * MiB;
 const RUNTIME = Number(opt.runtime ?? (opt.quick ? 3 : 10));
 const FORMATS = (opt.only ?? "xz,gzip").split(",") as ("xz" | "gzip")[];
 const ROUNDS = Math.max(1, Number(opt.rounds ?? 1));
-const dir = mkdtempSync(join(opt.dir ?? tmpdir(), "bun-nbd-cbench-"));
+const { dir, running } = benchScratch("bun-nbd-cbench-", opt.dir ?? tmpdir());
 const cacheDir = join(dir, "cache");
-let current: Subprocess | null = null;
-const cleanup = () => {
-  if (current && current.exitCode === null) current.kill("SIGKILL");
-  rmSync(dir, { recursive: true, force: true });
-};
-process.on("exit", cleanup);
-process.on("SIGINT", () => { cleanup(); process.exit(130); });
 
 const WORKLOADS = [
   { id: "seq-1m-qd16", label: "1 MiB sequential read, QD16", unit: "MB/s", fio: ["--rw=read", "--bs=1m", "--iodepth=16"] },
@@ -87,7 +80,7 @@ async function start(server: "bun" | "nbdkit", file: string, format: "xz" | "gzi
   const uri = `nbd+unix:///?socket=${sock}`;
   const t0 = performance.now();
   const proc = spawn(cmd, { stdout: "ignore", stderr: "inherit", stdin: "ignore", env: { ...process.env, PATH, BUN_NBD_CACHE_DIR: cacheDir } });
-  current = proc;
+  running(proc);
   for (;;) {
     if (spawnSync(["nbdinfo", "--size", uri], { env: { ...process.env, PATH } }).exitCode === 0) break;
     if (proc.exitCode !== null) throw new Error(`${server} exited ${proc.exitCode}`);
@@ -105,7 +98,7 @@ async function stop(s: Started): Promise<void> {
   const t = setTimeout(() => s.proc.kill("SIGKILL"), 10_000);
   await s.proc.exited;
   clearTimeout(t);
-  current = null;
+  running(null);
 }
 
 const fmt = (v: number | undefined, unit: string) => v === undefined ? "-" : unit === "IOPS" ? Math.round(v).toLocaleString("en-US") : v.toFixed(0);

@@ -1,11 +1,11 @@
 // Integrity traces (test/helpers/trace.ts) against real servers: every export kind below, over TCP
-// and a unix socket, through EXPORT_NAME (no block sizes: payloads up to the 64 MiB limit, simple
+// and a unix socket (raw, overlays with both L2 kinds, a per-client overlay), through EXPORT_NAME (no block sizes: payloads up to the 64 MiB limit, simple
 // replies) and GO (block sizes asked: payloads up to the advertised maximum, structured replies).
 // Each READ is checked against the last write to each sector, then the whole export at the end.
 // CI runs short traces; TRACE_OPS=50000 (and TRACE_SEED) for long ones.
 import { suite } from "uvu";
 import * as assert from "uvu/assert";
-import { closeSync, openSync, readFileSync, writeSync } from "node:fs";
+import { closeSync, mkdirSync, openSync, readFileSync, writeSync } from "node:fs";
 import { join } from "node:path";
 import { deadline } from "./helpers/assert.ts";
 import { need, runOk, scratch } from "./helpers/env.ts";
@@ -23,10 +23,15 @@ const SEED = Number(process.env.TRACE_SEED ?? 16);
  * The export kinds: `serve` arguments for an image whose initial content is `img` (stamped as
  * write 0), and whether `img` must stay untouched (a base under an overlay). Adding a kind is one line.
  */
-const KINDS: { name: string; args: (dir: string, img: string) => string[]; baseUntouched: boolean; overlay?: string }[] = [
+const KINDS: { name: string; args: (dir: string, img: string) => string[]; baseUntouched: boolean; overlay?: string; exportName?: string }[] = [
   { name: "raw", args: (_d, img) => [img], baseUntouched: false },
   { name: "overlay, extended L2", args: (d, img) => ["--overlay", join(d, "ext.qcow2"), img], baseUntouched: true, overlay: "ext.qcow2" },
   { name: "overlay, standard L2", args: (d, img) => ["--compat", "--overlay", join(d, "std.qcow2"), img], baseUntouched: true, overlay: "std.qcow2" },
+  // every connection names the same client, so all of them write to (and read back) one overlay
+  {
+    name: "per-client overlay", args: (d, img) => (mkdirSync(join(d, "pc")), ["--per-client-overlay", join(d, "pc"), img]),
+    baseUntouched: true, overlay: "pc/disk@vm1.qcow2", exportName: "disk@vm1",
+  },
 ];
 
 /** Write a SIZE image whose every sector is stamped as write 0. */
@@ -57,7 +62,7 @@ KINDS.forEach((kind, ki) => {
     ];
     try {
       for (const [i, [target, path]] of runs.entries()) {
-        const c = await TraceConnection.open(target, path);
+        const c = await TraceConnection.open(target, path, kind.exportName);
         assert.is(c.size, SIZE);
         // Huge requests: up to the 64 MiB hard limit without block sizes, the advertised maximum with them.
         const huge = path === "export-name" ? (i % 2 ? 48 * MiB : 64 * MiB) : c.maxPayload;
@@ -71,7 +76,7 @@ KINDS.forEach((kind, ki) => {
         assert.is(r.largest, Math.min(huge, c.maxPayload), "the trace reached its huge request size");
         await c.close();
       }
-      const c = await TraceConnection.open({ path: sock }, "go");
+      const c = await TraceConnection.open({ path: sock }, "go", kind.exportName);
       await verifyAll(c, model);
       await c.close();
     } finally {

@@ -6,7 +6,7 @@
 // never bytes of the new version), a CUE sheet whose BINs sit next to it, credentials kept out of
 // logs and LIST, and clear errors at start (and a throw-away overlay over the remote disc). BUN_NBD_REMOTE_BIG_MIB sets the big image's size.
 import * as assert from "uvu/assert";
-import { cpSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, renameSync, utimesSync, closeSync, writeSync } from "node:fs";
+import { cpSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, renameSync, utimesSync, closeSync, writeFileSync, writeSync } from "node:fs";
 import { join } from "node:path";
 import { deadline } from "./helpers/assert.ts";
 import { BUN, CLI, need, run, runOk, ROOT, scratch } from "./helpers/env.ts";
@@ -256,6 +256,25 @@ test("errors at start name the URL and the status; nothing is served", () => dea
   assert.is(r.code, 1);
   assert.match(r.stderr, /block size \d+: must be a power of two/);
   assert.not.ok(existsSync(join(dir, "never")));
+}));
+
+test("a config file names a remote base: served as is and as per-client overlays that keep their writes", () => deadline(120_000, "config", async () => {
+  const ov = join(dir, "pc-overlays");
+  mkdirSync(ov, { recursive: true });
+  const conf = join(dir, "remote.toml");
+  writeFileSync(conf, `[[export]]\nname = "mid"\nfile = "${ngx.url("medium/mid.img")}"\n\n` +
+    `[[export]]\nname = "farm"\nfile = "${ngx.url("medium/mid.img")}"\noverlay = "per-client"\noverlay-dir = "${ov}"\n`);
+  const s = await serve(["--config", conf, "--no-cache"]);
+  try {
+    await copyOk(s.uri("mid"), join(dir, "mid-conf.out"));
+    await nbdpy(s.uri("farm@vm1"), `h.pwrite(b"vm1!" * 1024, 8192)\nh.flush()`);
+    const o = await nbdpy(s.uri("farm@vm1"), `out["w"] = h.pread(4, 8192).decode()`);
+    assert.is(o.w, "vm1!");
+    const other = await nbdpy(s.uri("farm@vm2"), `out["w"] = h.pread(4, 8192) == open(${JSON.stringify(mid)}, "rb").read(8196)[8192:]`);
+    assert.ok(other.w, "another client sees the base, not vm1's write");
+  } finally { await stopped(s); }
+  await same(join(dir, "mid-conf.out"), mid);
+  assert.ok(existsSync(join(ov, "farm@vm1.qcow2")), "the client's overlay is on disk");
 }));
 
 runSuite();

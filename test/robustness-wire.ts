@@ -120,21 +120,13 @@ export class Wire {
     this.write(Buffer.concat([h, data]));
   }
 
-  async optionReply(): Promise<OptionReply> {
-    const h = await this.read(20);
-    if (!h.subarray(0, 8).equals(OPT_REPLY_MAGIC)) throw new Error(`bad option reply magic ${h.toString("hex")}`);
-    const len = h.readUInt32BE(16);
-    return { option: h.readUInt32BE(8), type: h.readUInt32BE(12), data: len ? Buffer.from(await this.read(len)) : Buffer.alloc(0) };
+  optionReply(): Promise<OptionReply> {
+    return readOptionReply((n) => this.read(n));
   }
 
   /** Option replies up to and including the first that is not REP_INFO/SERVER/META_CONTEXT. */
-  async optionReplies(): Promise<OptionReply[]> {
-    const out: OptionReply[] = [];
-    for (;;) {
-      const r = await this.optionReply();
-      out.push(r);
-      if (r.type !== REP.INFO && r.type !== REP.SERVER && r.type !== REP.META_CONTEXT) return out;
-    }
+  optionReplies(): Promise<OptionReply[]> {
+    return readOptionReplies((n) => this.read(n));
   }
 
   /** GO to `name`; returns export size and transmission flags. */
@@ -176,6 +168,24 @@ export class Wire {
     if (magic !== STRUCTURED_REPLY_MAGIC) throw new Error(`expected a structured chunk, got magic 0x${magic.toString(16)}`);
     const len = h.readUInt32BE(16);
     return { flags: h.readUInt16BE(4), type: h.readUInt16BE(6), cookie: h.readBigUInt64BE(8), data: len ? Buffer.from(await this.read(len)) : Buffer.alloc(0) };
+  }
+}
+
+/** One option reply, read field by field through `read` (a plain or a TLS stream). */
+export async function readOptionReply(read: (n: number) => Promise<Buffer>): Promise<OptionReply> {
+  const h = await read(20);
+  if (!h.subarray(0, 8).equals(OPT_REPLY_MAGIC)) throw new Error(`bad option reply magic ${h.toString("hex")}`);
+  const len = h.readUInt32BE(16);
+  return { option: h.readUInt32BE(8), type: h.readUInt32BE(12), data: len ? Buffer.from(await read(len)) : Buffer.alloc(0) };
+}
+
+/** Option replies up to and including the first that is not REP_INFO/SERVER/META_CONTEXT. */
+export async function readOptionReplies(read: (n: number) => Promise<Buffer>): Promise<OptionReply[]> {
+  const out: OptionReply[] = [];
+  for (;;) {
+    const r = await readOptionReply(read);
+    out.push(r);
+    if (r.type !== REP.INFO && r.type !== REP.SERVER && r.type !== REP.META_CONTEXT) return out;
   }
 }
 

@@ -4,11 +4,9 @@
 // including a ClientHello sent in the same write as the STARTTLS option.
 import { connect, type Socket } from "node:net";
 import { TlsContext, type TlsSession } from "../../src/sys/tls-engine.ts";
+import { IHAVEOPT, readOptionReplies, readOptionReply, type OptionReply } from "../robustness-wire.ts";
 
-const IHAVEOPT = Buffer.from("IHAVEOPT");
-const OPT_REPLY_MAGIC = Buffer.from("0003e889045565a9", "hex");
-
-export interface OptionReply { option: number; type: number; data: Buffer }
+export type { OptionReply };
 
 export class TlsWire {
   private bufs: Buffer[] = [];
@@ -149,21 +147,13 @@ export class TlsWire {
     this.write(TlsWire.option(option, data));
   }
 
-  async optionReply(): Promise<OptionReply> {
-    const h = await this.read(20);
-    if (!h.subarray(0, 8).equals(OPT_REPLY_MAGIC)) throw new Error(`bad option reply magic ${h.toString("hex")}`);
-    const len = h.readUInt32BE(16);
-    return { option: h.readUInt32BE(8), type: h.readUInt32BE(12), data: len ? Buffer.from(await this.read(len)) : Buffer.alloc(0) };
+  optionReply(): Promise<OptionReply> {
+    return readOptionReply((n) => this.read(n));
   }
 
   /** Replies up to and including the first that is not REP_INFO/SERVER/META_CONTEXT. */
-  async optionReplies(): Promise<OptionReply[]> {
-    const out: OptionReply[] = [];
-    for (;;) {
-      const r = await this.optionReply();
-      out.push(r);
-      if (r.type !== 3 && r.type !== 2 && r.type !== 4) return out;
-    }
+  optionReplies(): Promise<OptionReply[]> {
+    return readOptionReplies((n) => this.read(n));
   }
 
   /**

@@ -99,7 +99,8 @@ export class TraceConnection {
     sock.on("error", (e) => { this.closed ??= e; });
   }
 
-  static async open(t: TraceTarget, path: HandshakePath): Promise<TraceConnection> {
+  /** Connect and negotiate `exportName` ("" is the default export) by EXPORT_NAME or GO. */
+  static async open(t: TraceTarget, path: HandshakePath, exportName = ""): Promise<TraceConnection> {
     const sock = await new Promise<Socket>((resolve, reject) => {
       const s = "port" in t ? netConnect({ host: "127.0.0.1", port: t.port }) : netConnect({ path: t.path });
       s.setNoDelay(true);
@@ -107,7 +108,7 @@ export class TraceConnection {
       s.once("error", reject);
     });
     const c = new TraceConnection(sock);
-    await c.handshake(path);
+    await c.handshake(path, exportName);
     void c.receiveLoop();
     return c;
   }
@@ -139,11 +140,11 @@ export class TraceConnection {
     return { type: h.readUInt32BE(12), data: Buffer.from(await this.read(len)) };
   }
 
-  private async handshake(path: HandshakePath): Promise<void> {
+  private async handshake(path: HandshakePath, exportName: string): Promise<void> {
     const g = await this.read(18);
     if (g.subarray(0, 8).toString() !== "NBDMAGIC") throw new Error("no NBDMAGIC");
     this.sock.write(Buffer.from([0, 0, 0, 3])); // FIXED_NEWSTYLE | NO_ZEROES
-    const name = Buffer.from(""); // the default export
+    const name = Buffer.from(exportName);
     if (path === "export-name") {
       this.option(1, name);
       const r = await this.read(10);
@@ -155,6 +156,7 @@ export class TraceConnection {
     this.structured = true;
     const d = Buffer.alloc(4 + name.length + 2 + 2);
     d.writeUInt32BE(name.length, 0);
+    name.copy(d, 4);
     d.writeUInt16BE(1, 4 + name.length);
     d.writeUInt16BE(3, 6 + name.length); // NBD_INFO_BLOCK_SIZE
     this.option(7, d);

@@ -65,7 +65,7 @@ export class Qcow2Overlay implements BlockDevice {
   private readonly reader: ReadPath;
   private readonly data: WritePath;
   private readonly flusher: Flusher;
-  private closed = false;
+  private closing: Promise<void> | null = null;
   private readonly onClose?: () => void;
 
   constructor(o: OverlayImageOptions) {
@@ -164,11 +164,14 @@ export class Qcow2Overlay implements BlockDevice {
     }];
   }
 
-  async close(): Promise<void> {
-    if (this.closed) return;
+  /** Flush and close, once: a second caller (a shutdown racing a last release) waits for the first. */
+  close(): Promise<void> {
+    return (this.closing ??= this.closeNow());
+  }
+
+  private async closeNow(): Promise<void> {
     // After a failed sync nothing more is written: the file keeps the state of the last good flush.
     if (!this.readOnly && this.latch.failure === null) await this.flush(0);
-    this.closed = true;
     try {
       this.file.close();
     } finally {
