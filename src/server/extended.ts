@@ -34,7 +34,7 @@ export class ExtendedTransmission extends Transmission {
     while (pos < len) {
       if (this.s.closed || this.disconnecting) return;
       if (this.paused) {
-        this.backlog = pos === 0 ? chunk : chunk.subarray(pos);
+        this.keepBacklog(chunk, pos);
         return;
       }
       if (this.rx === Rx.Payload) {

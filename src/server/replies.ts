@@ -38,6 +38,8 @@ export class ReplyWriter {
   private readonly range: FileRange = { fd: -1, offset: 0 };
   /** Extents of the current large read (synchronous devices only; reused). */
   private readonly readExtents = new ExtentList();
+  /** Small READ replies are read in place into the transport's buffer (until a read comes back async). */
+  private inPlace: boolean;
 
   /** `hdr`: the chunk header size chunkHeader() writes (20; extended headers 32). */
   constructor(
@@ -49,6 +51,7 @@ export class ReplyWriter {
     this.contexts = n.contexts;
     this.contextIds = n.contextIds;
     this.repNone = new Uint8Array(hdr);
+    this.inPlace = t.reserve !== undefined && t.commit !== undefined && t.detach !== undefined;
     this.repData = new Uint8Array(hdr + 8);
   }
 
@@ -99,11 +102,7 @@ export class ReplyWriter {
         this.t.sendFile!(this.rep16, this.range.fd, this.range.offset, len);
         return;
       }
-      const b = Buffer.allocUnsafe(16 + len);
-      const r = exp.read(b.subarray(16), req.offset);
-      if (isPromise(r)) return r.then(() => this.sendSimpleRead(req, b));
-      this.sendSimpleRead(req, b);
-      return;
+      return this.copyRead(req, 16);
     }
     if (len === 0) {
       exp.read(EMPTY, req.offset);
@@ -122,23 +121,48 @@ export class ReplyWriter {
       this.t.sendFile!(this.repData, this.range.fd, this.range.offset, len);
       return;
     }
-    const b = Buffer.allocUnsafe(this.hdr + 8 + len);
-    const r = exp.read(b.subarray(this.hdr + 8), req.offset);
-    if (isPromise(r)) return r.then(() => this.sendDataChunk(req, b));
-    this.sendDataChunk(req, b);
+    return this.copyRead(req, this.hdr + 8);
   }
 
-  private sendSimpleRead(req: PendingRequest, b: Uint8Array): void {
+  /**
+   * A READ answered with a copy: `head` bytes of reply header (16: a simple reply; else a chunk
+   * header and the offset), then the data. Small replies are read straight into the transport's
+   * output buffer; if the device answers asynchronously there, that region is detached (the
+   * transport takes a fresh buffer) and later reads of this session use buffers of their own.
+   */
+  private copyRead(req: PendingRequest, head: number): unknown {
+    const exp = this.exp;
+    const t = this.t;
+    const size = head + req.length;
+    const place = this.inPlace ? t.reserve!(size) : null;
+    const b = place ?? Buffer.allocUnsafe(size);
+    const r = exp.read(b.subarray(head), req.offset);
+    if (isPromise(r)) {
+      if (place !== null) {
+        t.detach!();
+        this.inPlace = false;
+      }
+      return r.then(() => this.sendRead(req, b, head));
+    }
+    if (place === null) return this.sendRead(req, b, head);
     if (this.s.closed) return;
-    putSimpleReply(b, 0, 0, req.cookieHi, req.cookieLo);
+    this.readHeader(req, b, head);
+    t.commit!(size);
+  }
+
+  private sendRead(req: PendingRequest, b: Uint8Array, head: number): void {
+    if (this.s.closed) return;
+    this.readHeader(req, b, head);
     this.t.send(b);
   }
 
-  private sendDataChunk(req: PendingRequest, b: Uint8Array): void {
-    if (this.s.closed) return;
-    this.chunkHeader(b, 0, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, req, 8 + req.length);
-    putU64(b, this.hdr, req.offset);
-    this.t.send(b);
+  private readHeader(req: PendingRequest, b: Uint8Array, head: number): void {
+    if (head === 16) {
+      putSimpleReply(b, 0, 0, req.cookieHi, req.cookieLo);
+    } else {
+      this.chunkHeader(b, 0, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, req, 8 + req.length);
+      putU64(b, this.hdr, req.offset);
+    }
   }
 
   /** A large structured read: zero extents become OFFSET_HOLE chunks, the rest OFFSET_DATA. */

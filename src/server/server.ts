@@ -12,7 +12,7 @@ import { clientFields, describeClient, type ClientIdentity } from "./identity.ts
 import { type Logger, silentLogger } from "./log.ts";
 import { Session } from "./session.ts";
 import { type CheckedSettings, checkSettings, type ServerSettings } from "./settings.ts";
-import { type Conn, SocketTransport, type Upgrader } from "./socket-transport.ts";
+import { type Conn, SocketTransport, type TransportStats, type Upgrader } from "./socket-transport.ts";
 import { type ConnEvents, makeUpgrader } from "./starttls.ts";
 import { loadServerCredentials, type ServerCredentials } from "./tls.ts";
 import type { ExportTable } from "./types.ts";
@@ -42,6 +42,9 @@ export class NbdServer implements ExportTable {
   private upgrader: Upgrader | null;
   private readonly events: ConnEvents;
   private closing = false;
+  /** Reply-path counters of connections already closed (open ones are summed on demand). */
+  private readonly closedStats: TransportStats = { sendfileCalls: 0, sendfileShort: 0, drainWaits: 0, copiedFileBytes: 0, receivedInPlace: 0 };
+  private readonly transports = new Set<SocketTransport>();
 
   /**
    * Serve `specs` (fixed, one stack each), or the exports of a registry built from a configuration.
@@ -76,6 +79,12 @@ export class NbdServer implements ExportTable {
   shuttingDown(): boolean { return this.closing; }
   /** Connections currently open. */
   get connections(): number { return this.sessions.size; }
+  /** How replies left and requests arrived, summed over every connection so far (see TransportStats). */
+  transportStats(): TransportStats {
+    const sum = { ...this.closedStats };
+    for (const t of this.transports) addStats(sum, t.stats);
+    return sum;
+  }
   /** What TLS serves with, in one line (null with TLS off). */
   get tlsSummary(): string | null {
     return this.credentials ? `TLS ${this.settings.tls === "require" ? "required" : "offered"}: ${this.credentials.summary}` : null;
@@ -117,6 +126,8 @@ export class NbdServer implements ExportTable {
         c.session?.onDrain();
       },
       close(c: Conn) {
+        const t = c.transport;
+        if (t && self.transports.delete(t)) addStats(self.closedStats, t.stats);
         const s = c.session;
         if (!s) return;
         c.session = null;
@@ -152,6 +163,8 @@ export class NbdServer implements ExportTable {
         }
         sock.setNoDelay?.(true);
         const t = new SocketTransport(sock, self.upgrader);
+        if (transport === "unix") t.widenSendBuffer(); // inherited unix sockets too ("auto")
+        self.transports.add(t);
         const s = new Session(t, self, self.log, peer, { client, tls: self.upgrader ? self.settings.tls : "off" });
         t.session = s;
         const c: Conn = { session: s, transport: t, secure: null, deadline: null };
@@ -228,4 +241,12 @@ export class NbdServer implements ExportTable {
     await this.registry.close();
     if (this.credentials?.kind === "psk") this.credentials.engine.free();
   }
+}
+
+function addStats(to: TransportStats, from: TransportStats): void {
+  to.sendfileCalls += from.sendfileCalls;
+  to.sendfileShort += from.sendfileShort;
+  to.drainWaits += from.drainWaits;
+  to.copiedFileBytes += from.copiedFileBytes;
+  to.receivedInPlace += from.receivedInPlace;
 }

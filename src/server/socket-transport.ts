@@ -1,9 +1,10 @@
-// The socket writer under a session (SocketTransport: Bun's write() takes what the kernel takes, so
-// tails are kept and resent on `drain`, with backpressure to the session) and what a connection
-// carries (Conn). After STARTTLS the same writer writes to an encrypting socket.
+// The socket writer under a session (SocketTransport). Bun's write() takes what the kernel takes and
+// returns the count without queueing the rest, so tails are kept and resent on `drain`, with
+// backpressure to the session. READ payloads from files go out with sendfile(2) behind a MSG_MORE
+// header; after STARTTLS the same writer writes to an encrypting socket (no sendfile, no raw recv).
 import type { Socket } from "bun";
 import { readSync } from "node:fs";
-import { sendfile } from "../sys/libc.ts";
+import { recvNow, sendfile, sendMore, setSendBuffer } from "../sys/libc.ts";
 import type { Session } from "./session.ts";
 import type { Transport } from "./types.ts";
 
@@ -41,30 +42,76 @@ export interface Conn {
 /** Upgrades a connection's raw socket to TLS; `initial` is what arrived after STARTTLS. */
 export type Upgrader = (raw: Socket<Conn>, initial: Uint8Array) => void;
 
-/** Sends below this size are copied into the cork batch; larger ones go out directly. */
+/** Sends up to this size are copied into the cork batch; larger ones go out directly. */
 const BATCH_SIZE = 256 * 1024;
 const SMALL_SEND = 64 * 1024;
+/**
+ * The send buffer asked for on unix sockets (the kernel doubles it, capped by net.core.wmem_max).
+ * Their default (net.core.wmem_default, 208 KiB here) is less than one 256 KiB nbdcopy reply, so
+ * every large reply stalled the writer; TCP tunes its own buffer (net.ipv4.tcp_wmem) and is left alone.
+ */
+const UNIX_SEND_BUFFER = 4 * 1024 * 1024;
+
+/** Part of a file still to be sent with sendfile(2). */
+interface FileSegment {
+  fd: number;
+  offset: number;
+  length: number;
+}
+
+/** Counters of the reply and receive paths (summed by NbdServer.transportStats, for tests): which ways bytes went. */
+export interface TransportStats {
+  /** sendfile(2) calls, and those that sent less than asked or nothing (socket full). */
+  sendfileCalls: number;
+  sendfileShort: number;
+  /** Times the socket was full and the writer waited for `drain`. */
+  drainWaits: number;
+  /** File bytes that were read into memory because sendfile could not be used. */
+  copiedFileBytes: number;
+  /** WRITE payload bytes received straight into their buffer (recvInto) rather than through Bun. */
+  receivedInPlace: number;
+}
 
 export class SocketTransport implements Transport {
   private readonly q: (Uint8Array | FileSegment)[] = [];
   private bytes = 0;
   private ending = false;
   private corked = false;
-  private readonly batch = new Uint8Array(BATCH_SIZE);
+  private batch = new Uint8Array(BATCH_SIZE);
   private batchLen = 0;
+  /** The socket's descriptor (-1: unknown, so no sendfile or MSG_MORE). */
+  private readonly fd: number;
+  /** One byte of a file, written through Bun when sendfile finds the socket full (see pumpFile). */
+  private readonly probe = new Uint8Array(1);
+  readonly stats: TransportStats = { sendfileCalls: 0, sendfileShort: 0, drainWaits: 0, copiedFileBytes: 0, receivedInPlace: 0 };
   session: Session | null = null;
   private sock: ByteSocket;
-  /** Writes go through TLS: file ranges are read in user space (sendfile would bypass the encryption). */
+  /**
+   * STARTTLS was asked for: from then on the raw socket carries TLS records, so neither sendfile,
+   * nor MSG_MORE, nor recv on its descriptor (that would take records away from the TLS layer).
+   * File ranges are read in user space and written through the encrypting socket.
+   */
   private encrypted = false;
   /** STARTTLS waiting for the plaintext queue (the ACK) to drain. */
   private pendingUpgrade: Uint8Array | null = null;
 
   constructor(private readonly raw: Socket<Conn>, private readonly upgrader: Upgrader | null = null) {
     this.sock = raw;
+    const fd = (raw as unknown as { fd?: number }).fd; // present at run time, missing from the typings
+    this.fd = typeof fd === "number" ? fd : -1;
+  }
+
+  /** What the socket holds now, read into `dst` (see Transport.recvInto); nothing once TLS started. */
+  recvInto(dst: Uint8Array, off: number, len: number): number {
+    if (this.encrypted || this.fd < 0) return 0;
+    const n = recvNow(this.fd, dst, off, len);
+    this.stats.receivedInPlace += n;
+    return n;
   }
 
   /** STARTTLS: once what is queued (the ACK) has gone out in plaintext, upgrade the socket. */
   startTls(initial: Uint8Array): void {
+    this.encrypted = true; // the raw descriptor is the TLS layer's from now on
     this.flushBatch();
     if (this.q.length > 0) this.pendingUpgrade = initial;
     else this.upgrader!(this.raw, initial);
@@ -74,6 +121,11 @@ export class SocketTransport implements Transport {
   useSocket(s: ByteSocket): void {
     this.sock = s;
     this.encrypted = true;
+  }
+
+  /** A unix socket: ask for a send buffer that holds several large replies (UNIX_SEND_BUFFER). */
+  widenSendBuffer(): void {
+    if (this.fd >= 0) setSendBuffer(this.fd, UNIX_SEND_BUFFER);
   }
 
   send(b: Uint8Array): void {
@@ -95,67 +147,101 @@ export class SocketTransport implements Transport {
   }
 
   /**
-   * Header, then `length` bytes of file `fd` at `offset` with sendfile(2). When the socket fills,
-   * the rest stays queued as a file segment and continues with sendfile on `drain`.
+   * Room for a small reply of `length` bytes in the cork batch, to be filled in place and then
+   * committed; null when not corked or too large (then send() an allocated buffer instead).
+   */
+  reserve(length: number): Uint8Array | null {
+    if (!this.corked || length > SMALL_SEND) return null;
+    if (this.batchLen + length > BATCH_SIZE) this.flushBatch();
+    return this.batch.subarray(this.batchLen, this.batchLen + length);
+  }
+
+  /** The reserved bytes are filled: they are part of the output now. */
+  commit(length: number): void {
+    this.batchLen += length;
+  }
+
+  /** Someone keeps the reserved region (an asynchronous read fills it later): flush, take a new batch. */
+  detach(): void {
+    this.flushBatch();
+    this.batch = new Uint8Array(BATCH_SIZE);
+  }
+
+  /**
+   * Header, then `length` bytes of file `fd` at `offset` with sendfile(2). The header goes with
+   * MSG_MORE so that it leaves in one segment with the payload. When the socket fills, the rest
+   * stays queued as a file segment and continues with sendfile on `drain`.
    */
   sendFile(header: Uint8Array, fd: number, offset: number, length: number): void {
     this.flushBatch();
     const seg: FileSegment = { fd, offset, length };
-    this.bytes += length;
     if (this.q.length === 0) {
-      const n = this.sock.write(header);
-      if (n < 0) { this.bytes -= length; return; }
-      if (n === header.length) {
-        const rest = this.pumpFile(seg);
-        if (rest) this.q.push(rest);
-        if (seg.length > 0) this.q.push(seg);
-        this.session?.checkBackpressure();
+      const n = this.encrypted || this.fd < 0 ? 0 : sendMore(this.fd, header, 0, header.length);
+      // What did not go (socket full, or an error) goes through Bun: it arms `drain`, or reports the error.
+      const m = n === header.length ? 0 : this.sock.write(n > 0 ? header.subarray(n) : header);
+      if (m < 0) return; // the socket is gone
+      if (n + m === header.length) {
+        this.bytes += length;
+        if (!this.pumpFile(seg)) this.queueSegment(seg);
         return;
       }
-      header = header.subarray(n);
+      header = header.subarray(n + m);
+      this.stats.drainWaits++;
     }
     this.q.push(header.slice());
-    this.bytes += header.length;
+    this.bytes += header.length + length;
+    this.queueSegment(seg);
+  }
+
+  private queueSegment(seg: FileSegment): void {
     this.q.push(seg);
     this.session?.checkBackpressure();
   }
 
   /**
-   * sendfile() `seg` (updated in place) until it is sent or the socket is full. Bun reports
-   * `drain` only after one of its own writes came up short, so on a full socket read a small
-   * piece of the file and write it through Bun: its unwritten remainder is returned, to be sent
-   * before what is left of `seg`. Returns null once `seg` is fully sent (or the socket is gone).
+   * sendfile() `seg` (updated in place) until it is sent or the socket is full. Returns true once
+   * it is sent (or the socket is gone). Bun reports `drain` only after one of its own writes came
+   * up short, so on a full socket one byte of the file is written through Bun: the socket cannot
+   * take it and Bun watches for room (if it can after all, the byte is sent and sendfile goes on).
    */
-  private pumpFile(seg: FileSegment): Uint8Array | null {
-    if (this.encrypted) return this.pumpEncrypted(seg);
-    const sfd = (this.sock as unknown as { fd: number }).fd; // present at run time, missing from the typings
+  private pumpFile(seg: FileSegment): boolean {
+    if (this.encrypted || this.fd < 0) return this.pumpCopied(seg);
+    const st = this.stats;
     for (;;) {
       while (seg.length > 0) {
         let r: number;
         try {
-          r = sendfile(sfd, seg.fd, seg.offset, seg.length);
+          r = sendfile(this.fd, seg.fd, seg.offset, seg.length);
         } catch {
           // EPIPE, ECONNRESET: the client hung up. Not a request error: drop the connection (a
           // paused socket would not see the hang-up by itself) and let close clean up.
-          seg.length = 0;
+          this.dropSegment(seg);
           this.destroy();
-          return null;
+          return true;
         }
-        if (r <= 0) break; // EAGAIN (socket full), or end of file (handled by the read below)
+        st.sendfileCalls++;
+        if (r <= 0) {
+          st.sendfileShort++;
+          if (r === 0) return this.sendPastEnd(seg);
+          break; // the socket is full
+        }
         seg.offset += r;
         seg.length -= r;
         this.bytes -= r;
+        if (seg.length > 0) st.sendfileShort++;
       }
-      if (seg.length === 0) return null;
-      const k = Math.min(seg.length, 65536);
-      const b = Buffer.allocUnsafe(k);
-      readFully(seg.fd, b, seg.offset);
-      seg.offset += k;
-      seg.length -= k;
-      const n = this.sock.write(b);
-      if (n < 0) { this.bytes -= seg.length + k; seg.length = 0; return null; }
-      this.bytes -= n;
-      if (n < k) return b.subarray(n);
+      if (seg.length === 0) return true;
+      if (readSync(seg.fd, this.probe, 0, 1, seg.offset) !== 1) this.probe[0] = 0;
+      const n = this.sock.write(this.probe);
+      if (n < 0) return this.dropSegment(seg);
+      if (n === 0) {
+        st.drainWaits++;
+        return false;
+      }
+      seg.offset++;
+      seg.length--;
+      this.bytes--;
+      st.copiedFileBytes++;
     }
   }
 
@@ -163,20 +249,48 @@ export class SocketTransport implements Transport {
    * The TLS path for file ranges: read a piece into the shared scratch buffer and write it through
    * the encrypting socket, which copies (encrypts) it at once. Whatever the socket does not take
    * stays in `seg` and is read again on `drain`: queued payloads are never copied in memory.
+   * Returns true once `seg` is sent (or the socket is gone).
    */
-  private pumpEncrypted(seg: FileSegment): null {
+  private pumpCopied(seg: FileSegment): boolean {
     while (seg.length > 0) {
       const k = Math.min(seg.length, SCRATCH.length);
       const b = SCRATCH.subarray(0, k);
       readFully(seg.fd, b, seg.offset);
       const n = this.sock.write(b);
-      if (n < 0) { this.bytes -= seg.length; seg.length = 0; return null; }
+      if (n < 0) return this.dropSegment(seg);
       seg.offset += n;
       seg.length -= n;
       this.bytes -= n;
-      if (n < k) return null;
+      this.stats.copiedFileBytes += n;
+      if (n < k) {
+        this.stats.drainWaits++;
+        return false;
+      }
     }
-    return null;
+    return true;
+  }
+
+  /**
+   * The file ended before the segment did (it shrank under us): the rest reads as zeros, sent
+   * next, before anything queued after the segment (a segment being drained is at the queue's head).
+   */
+  private sendPastEnd(seg: FileSegment): boolean {
+    const zeros = new Uint8Array(seg.length);
+    this.bytes -= seg.length;
+    seg.length = 0;
+    if (this.q.length === 0) {
+      this.write(zeros, false);
+    } else {
+      this.q.unshift(zeros);
+      this.bytes += zeros.length;
+    }
+    return true;
+  }
+
+  private dropSegment(seg: FileSegment): boolean {
+    this.bytes -= seg.length;
+    seg.length = 0;
+    return true;
   }
 
   cork(): void { this.corked = true; }
@@ -196,6 +310,7 @@ export class SocketTransport implements Transport {
     if (this.q.length === 0) {
       const n = this.sock.write(b);
       if (n === b.length || n < 0) return; // all sent, or the socket is gone
+      this.stats.drainWaits++;
       b = transient ? b.slice(n) : b.subarray(n);
     } else if (transient) {
       b = b.slice();
@@ -219,25 +334,27 @@ export class SocketTransport implements Transport {
     this.batchLen = 0;
     this.sock.terminate();
   }
+
   /** The kernel can take more: send what is queued. */
   drain(): void {
-    while (this.q.length) {
-      const item = this.q[0]!;
+    const q = this.q;
+    while (q.length) {
+      const item = q[0]!;
       if (item instanceof Uint8Array) {
         const n = this.sock.write(item);
-        if (n < 0) { this.q.length = 0; this.bytes = 0; return; }
+        if (n < 0) { q.length = 0; this.bytes = 0; return; }
         this.bytes -= n;
-        if (n < item.length) { this.q[0] = item.subarray(n); return; }
-        this.q.shift();
-      } else {
-        const rest = this.pumpFile(item);
-        if (rest) {
-          if (item.length === 0) this.q.shift();
-          this.q.unshift(rest);
+        if (n < item.length) {
+          q[0] = item.subarray(n);
+          this.stats.drainWaits++;
           return;
         }
-        if (item.length > 0) return; // the socket is full
-        this.q.shift();
+        q.shift();
+      } else {
+        // A segment that ran past the end of its file puts its zeros in front of itself.
+        if (!this.pumpFile(item)) return;
+        if (q[0] === item) q.shift();
+        else q.splice(q.indexOf(item), 1);
       }
     }
     if (this.pendingUpgrade) {
@@ -253,15 +370,8 @@ export class SocketTransport implements Transport {
 /** The TLS path's read buffer, shared: every write through TLS consumes it before returning. */
 const SCRATCH = new Uint8Array(256 * 1024);
 
-/** Part of a file still to be sent with sendfile(2). */
-interface FileSegment {
-  fd: number;
-  offset: number;
-  length: number;
-}
-
-
-function readFully(fd: number, b: Uint8Array, offset: number): void {
+/** Reads `b.length` bytes of `fd` at `offset`; past the end of the file the rest reads as zeros. */
+export function readFully(fd: number, b: Uint8Array, offset: number): void {
   let done = 0;
   while (done < b.length) {
     const n = readSync(fd, b, done, b.length - done, offset + done);

@@ -1,5 +1,6 @@
 // The transmission phase (hot path): the receiver state machine asking for "N bytes" (compact
-// headers parsed in place, WRITE payloads taken as views of the incoming chunk when they fit),
+// headers parsed in place, WRITE payloads taken as views of the incoming chunk when they fit, the
+// rest of a stream read on from the socket by direct-reader.ts where the transport allows),
 // request checks and dispatch to the checked export, in-flight bookkeeping, flow control and
 // disconnect. Extended headers subclass it (extended.ts): another header step, same everything else.
 import {
@@ -13,6 +14,7 @@ import { NbdError, toNbdErrno } from "../protocol/errors.ts";
 import type { CheckedExport } from "../devices/checked.ts";
 import { FAST_ZERO, FUA, MAY_TRIM, REQ_ONE, isPromise } from "../devices/types.ts";
 import type { Logger } from "./log.ts";
+import { DirectReader, STREAM_CHUNK } from "./direct-reader.ts";
 import type { ExportStats } from "./metrics.ts";
 import { clientFields } from "./identity.ts";
 import { ReplyWriter } from "./replies.ts";
@@ -77,6 +79,10 @@ export class Transmission {
   protected paused: boolean;
   protected backlog: Uint8Array | null = null;
   protected disconnecting = false;
+  /** Reads on from the socket after a large chunk (null when the transport cannot). */
+  protected readonly direct: DirectReader | null;
+  private readonly feed = (chunk: Uint8Array): void => this.receive(chunk, 0);
+  private readonly reading = (): boolean => !this.paused && !this.disconnecting && !this.s.closed;
   /** Called once nothing is in flight any more, after the connection closed (see whenIdle). */
   private onIdle: (() => void) | null = null;
 
@@ -97,6 +103,7 @@ export class Transmission {
     this.debug = log.debugEnabled;
     this.stats = n.lease.stats;
     this.paused = paused;
+    this.direct = t.recvInto ? new DirectReader((d, o, l) => t.recvInto!(d, o, l)) : null;
   }
 
   /** Requests answered asynchronously and not finished yet. */
@@ -111,6 +118,7 @@ export class Transmission {
       return;
     }
     this.receive(chunk, 0);
+    if (this.direct !== null && chunk.length >= STREAM_CHUNK) this.direct.drain(this.feed, this.reading);
   }
 
   // ---------------------------------------------------------------- receiver (hot) -------------
@@ -120,7 +128,7 @@ export class Transmission {
     while (pos < len) {
       if (this.s.closed || this.disconnecting) return;
       if (this.paused) {
-        this.backlog = pos === 0 ? chunk : chunk.subarray(pos);
+        this.keepBacklog(chunk, pos);
         return;
       }
       switch (this.rx) {
@@ -154,6 +162,12 @@ export class Transmission {
     }
   }
 
+  /** Paused in the middle of `chunk`: keep the rest for later (a view, so the chunk must not be reused). */
+  protected keepBacklog(chunk: Uint8Array, pos: number): void {
+    this.backlog = pos === 0 ? chunk : chunk.subarray(pos);
+    this.direct?.hold();
+  }
+
   /** A header split across chunks: copy what `chunk` holds of its `size` bytes into hdrBuf. Returns the new position. */
   protected gatherHeader(chunk: Uint8Array, pos: number, size: number): number {
     const n = Math.min(size - this.hdrFill, chunk.length - pos);
@@ -164,11 +178,14 @@ export class Transmission {
 
   /** Rx.Payload: copy what `chunk` holds of the payload; dispatch once it is whole. Returns the new position. */
   protected takePayload(chunk: Uint8Array, pos: number): number {
-    const n = Math.min(this.payload.length - this.payloadFill, chunk.length - pos);
-    this.payload.set(chunk.subarray(pos, pos + n), this.payloadFill);
+    const p = this.payload;
+    const n = Math.min(p.length - this.payloadFill, chunk.length - pos);
+    p.set(chunk.subarray(pos, pos + n), this.payloadFill);
     this.payloadFill += n;
     pos += n;
-    if (this.payloadFill === this.payload.length) {
+    // The chunk is used up: the rest of the payload straight from the socket, if it is there.
+    if (this.payloadFill < p.length && pos === chunk.length && this.direct !== null) this.payloadFill = this.direct.fill(p, this.payloadFill);
+    if (this.payloadFill === p.length) {
       const req = this.pendingReq!;
       const payload = this.payload;
       this.pendingReq = null;
@@ -207,12 +224,15 @@ export class Transmission {
       return pos;
     }
     if (chunk.length - pos >= length) {
-      pos += length;
-      this.dispatch(req, chunk.subarray(pos - length, pos));
-      return pos;
+      const view = chunk.subarray(pos, pos + length);
+      const p = this.direct === null ? view : this.direct.payload(view);
+      const before = this.inFlight;
+      this.dispatch(req, p);
+      if (p === view && this.inFlight > before) this.direct?.hold(); // the device finishes later: keep the buffer
+      return pos + length;
     }
     this.pendingReq = req;
-    this.payload = new Uint8Array(length);
+    this.payload = Buffer.allocUnsafe(length); // every byte is received before it is used
     this.payloadFill = 0;
     this.rx = Rx.Payload;
     return pos;

@@ -21,6 +21,22 @@ export interface Transport {
   sendTransient(b: Uint8Array): void;
   /** Optional zero-copy path: `header`, then `length` bytes of file `fd` at `offset`. */
   sendFile?(header: Uint8Array, fd: number, offset: number, length: number): void;
+  /**
+   * Optional in-place path for small replies: room for `length` bytes in the transport's own
+   * output buffer (null when there is none now). The caller fills it, then commit() makes it
+   * output; until then nothing else is sent. Abandon a reservation by not committing it; detach()
+   * hands the region over for good (the transport takes a new buffer) when it must outlive the call.
+   */
+  reserve?(length: number): Uint8Array | null;
+  commit?(length: number): void;
+  detach?(): void;
+  /**
+   * Optional in-place receive: up to `len` bytes the socket holds now, read straight into
+   * `dst[off, ...)` without waiting; returns the count (0: nothing there). Only called from the
+   * data callback once its chunk is used up, so the bytes come in order. Always 0 once STARTTLS
+   * was asked for: the socket's bytes are TLS records then, for the TLS layer alone.
+   */
+  recvInto?(dst: Uint8Array, off: number, len: number): number;
   /** Bytes queued but not yet taken by the kernel. */
   queued(): number;
   pause(): void;

@@ -1,7 +1,8 @@
 // src/sys: the floor below protocol, server, client and devices; the only place that imports bun:ffi.
 // The few libc calls Bun does not expose, through bun:ffi: fallocate (hole punching and zero
 // ranges), lseek with SEEK_DATA/SEEK_HOLE (sparse extents), OFD byte-range locks (compatible with
-// QEMU's image locking), sendfile, and recv without waiting (the client's in-place receive). Each
+// QEMU's image locking), sendfile, send with MSG_MORE and socket buffer sizes (the server's reply
+// path), and recv without waiting (the client's in-place receive). Each
 // wrapper throws an Error with a `code` like Node's (e.g. "EOPNOTSUPP") so errors map to NBD
 // errnos in one place. If libc cannot be loaded, `libc`
 // is null and callers fall back to portable paths.
@@ -45,6 +46,9 @@ function load(f: Ffi) {
     fcntl: { args: [FFIType.i32, FFIType.i32, FFIType.ptr], returns: FFIType.i32 },
     sendfile: { args: [FFIType.i32, FFIType.i32, FFIType.ptr, FFIType.u64], returns: FFIType.i64_fast },
     recv: { args: [FFIType.i32, FFIType.ptr, FFIType.u64, FFIType.i32], returns: FFIType.i64_fast },
+    send: { args: [FFIType.i32, FFIType.ptr, FFIType.u64, FFIType.i32], returns: FFIType.i64_fast },
+    setsockopt: { args: [FFIType.i32, FFIType.i32, FFIType.i32, FFIType.ptr, FFIType.u32], returns: FFIType.i32 },
+    getsockopt: { args: [FFIType.i32, FFIType.i32, FFIType.i32, FFIType.ptr, FFIType.ptr], returns: FFIType.i32 },
     posix_fadvise: { args: [FFIType.i32, FFIType.i64, FFIType.i64, FFIType.i32], returns: FFIType.i32 },
     calloc: { args: [FFIType.u64, FFIType.u64], returns: FFIType.ptr },
     free: { args: [FFIType.ptr], returns: FFIType.void },
@@ -121,16 +125,58 @@ export function cFree(addr: number): void {
   if (lib && addr) lib.free(addr as never);
 }
 
-/** sendfile(2) from `inFd` at `offset` to `outFd`. Returns bytes sent (may be short), or -EAGAIN as -11. */
-const sendfileOffset = new BigInt64Array(1);
+/**
+ * sendfile(2) from `inFd` at `offset` to `outFd`. Returns bytes sent (may be short), 0 at the end of
+ * the file, or -11 when the socket is full (EAGAIN). The offset is passed as two 32-bit halves of
+ * an off_t: no BigInt per call on the reply path.
+ */
+const sendfileOffset = new Uint32Array(2);
 export function sendfile(outFd: number, inFd: number, offset: number, count: number): number {
   if (!lib) throw errnoError("sendfile", 38);
-  sendfileOffset[0] = BigInt(offset);
-  const r = Number(lib.sendfile(outFd, inFd, ptr(sendfileOffset), count));
+  sendfileOffset[0] = offset >>> 0;
+  sendfileOffset[1] = Math.floor(offset / 4294967296);
+  const r = lib.sendfile(outFd, inFd, ptr(sendfileOffset), count) as number;
   if (r >= 0) return r;
   const e = errno();
   if (e === 11) return -11;
   throw errnoError("sendfile", e);
+}
+
+const MSG_MORE = 0x8000;
+const MSG_NOSIGNAL = 0x4000;
+/**
+ * send(2) of `b[off, off+len)` without waiting, with MSG_MORE: TCP holds the bytes back until what
+ * follows (a sendfile payload) fills the segment, so a reply header does not leave as a packet of
+ * its own. Returns the count taken: 0 when the socket is full or on any error (the caller writes
+ * the rest through its event loop, which reports a closed socket its own way).
+ */
+export function sendMore(fd: number, b: Uint8Array, off: number, len: number): number {
+  const r = lib!.send(fd, ptr(b, off), len, MSG_MORE | MSG_NOSIGNAL | MSG_DONTWAIT) as number;
+  return r > 0 ? r : 0;
+}
+
+const SOL_SOCKET = 1;
+const SO_SNDBUF = 7;
+const SO_RCVBUF = 8;
+const sockInt = new Int32Array(2);
+/** The kernel's send and receive buffer sizes of a socket (SO_SNDBUF, SO_RCVBUF), or null. */
+export function socketBuffers(fd: number): { send: number; receive: number } | null {
+  if (!lib) return null;
+  const out = [0, 0];
+  for (const [i, opt] of [[0, SO_SNDBUF], [1, SO_RCVBUF]] as const) {
+    sockInt[0] = 0;
+    sockInt[1] = 4;
+    if (lib.getsockopt(fd, SOL_SOCKET, opt, ptr(sockInt), ptr(sockInt, 4)) !== 0) return null;
+    out[i] = sockInt[0]!;
+  }
+  return { send: out[0]!, receive: out[1]! };
+}
+
+/** Ask for a send buffer of `bytes` (the kernel doubles it for bookkeeping, capped by net.core.wmem_max). */
+export function setSendBuffer(fd: number, bytes: number): boolean {
+  if (!lib) return false;
+  sockInt[0] = bytes;
+  return lib.setsockopt(fd, SOL_SOCKET, SO_SNDBUF, ptr(sockInt), 4) === 0;
 }
 
 const MSG_DONTWAIT = 0x40;
