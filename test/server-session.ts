@@ -348,6 +348,22 @@ R("WRITE immediately followed by DISC: applied, answered, then closed", () => {
   bytesEqual(back, pattern(512), "written before close");
 });
 
+R("DISC flushes only after this connection wrote (a reader's flush would stall every connection)", () => {
+  class Counting extends MemoryDevice { flushes = 0; override flush(): void { this.flushes++; } }
+  for (const [what, reqs] of [
+    ["reads only", [request(NBD_CMD_READ, { cookie: 1, length: 512 })]],
+    ["a write", [request(NBD_CMD_WRITE, { cookie: 1, payload: pattern(512) })]],
+    ["a trim", [request(NBD_CMD_TRIM, { cookie: 1, length: 512 })]],
+    ["a zero", [request(NBD_CMD_WRITE_ZEROES, { cookie: 1, length: 512 })]],
+  ] as const) {
+    const dev = new Counting(MiB);
+    const c = transmission(false, [{ name: "d", device: dev }]);
+    c.s.onData(cat(...reqs, request(NBD_CMD_DISC)));
+    assert.ok(c.t.ended, what);
+    assert.is(dev.flushes, what === "reads only" ? 0 : 1, what);
+  }
+});
+
 R("zero-length requests do not disconnect", () => {
   const c = transmission(true);
   const r = c.send(request(NBD_CMD_READ, { cookie: 1, length: 0 }), request(NBD_CMD_WRITE, { cookie: 2, length: 0 }),

@@ -164,6 +164,7 @@ export class NbdServer implements ExportTable {
         sock.setNoDelay?.(true);
         const t = new SocketTransport(sock, self.upgrader);
         if (transport === "unix") t.widenSendBuffer(); // inherited unix sockets too ("auto")
+        else t.limitUnsent();
         self.transports.add(t);
         const s = new Session(t, self, self.log, peer, { client, tls: self.upgrader ? self.settings.tls : "off" });
         t.session = s;

@@ -4,7 +4,7 @@
 // header; after STARTTLS the same writer writes to an encrypting socket (no sendfile, no raw recv).
 import type { Socket } from "bun";
 import { readSync } from "node:fs";
-import { recvNow, sendfile, sendMore, setSendBuffer } from "../sys/libc.ts";
+import { recvNow, sendfile, sendMore, setNotSentLowat, setSendBuffer } from "../sys/libc.ts";
 import type { Session } from "./session.ts";
 import type { Transport } from "./types.ts";
 
@@ -51,6 +51,13 @@ const SMALL_SEND = 64 * 1024;
  * every large reply stalled the writer; TCP tunes its own buffer (net.ipv4.tcp_wmem) and is left alone.
  */
 const UNIX_SEND_BUFFER = 4 * 1024 * 1024;
+/**
+ * TCP_NOTSENT_LOWAT on TCP sockets. Without it sendfile filled the autotuned send buffer (4 MiB)
+ * with data the client's closed window held back, and the kernel sent it later from the client's
+ * ACK processing, on the client's clock: nbdcopy (one thread per connection, the bottleneck) spent
+ * 0.76 CPU s/GiB against 0.58 with 512 KiB, and the copy ran 10-20% faster (see the commit).
+ */
+const TCP_UNSENT = 512 * 1024;
 
 /** Part of a file still to be sent with sendfile(2). */
 interface FileSegment {
@@ -121,6 +128,11 @@ export class SocketTransport implements Transport {
   useSocket(s: ByteSocket): void {
     this.sock = s;
     this.encrypted = true;
+  }
+
+  /** A TCP socket: count it as full once TCP_UNSENT bytes wait unsent (TCP_NOTSENT_LOWAT). */
+  limitUnsent(): void {
+    if (this.fd >= 0) setNotSentLowat(this.fd, TCP_UNSENT);
   }
 
   /** A unix socket: ask for a send buffer that holds several large replies (UNIX_SEND_BUFFER). */

@@ -79,6 +79,8 @@ export class Transmission {
   protected paused: boolean;
   protected backlog: Uint8Array | null = null;
   protected disconnecting = false;
+  /** A WRITE, TRIM or WRITE_ZEROES came on this connection: its clean disconnect flushes. */
+  private wrote = false;
   /** Reads on from the socket after a large chunk (null when the transport cannot). */
   protected readonly direct: DirectReader | null;
   private readonly feed = (chunk: Uint8Array): void => this.receive(chunk, 0);
@@ -307,12 +309,14 @@ export class Transmission {
       }
       case NBD_CMD_WRITE: {
         if (payload.length !== req.length) payload = EMPTY; // zero-length write
+        this.wrote = true;
         return this.after(req, exp.write(payload, req.offset, fua));
       }
       case NBD_CMD_FLUSH: return this.after(req, exp.flush());
-      case NBD_CMD_TRIM: return this.after(req, exp.trim(req.offset, req.length, fua));
+      case NBD_CMD_TRIM: this.wrote = true; return this.after(req, exp.trim(req.offset, req.length, fua));
       case NBD_CMD_CACHE: return this.after(req, exp.cache(req.offset, req.length));
       case NBD_CMD_WRITE_ZEROES: {
+        this.wrote = true;
         let f = fua;
         if (!(req.flags & NBD_CMD_FLAG_NO_HOLE)) f |= MAY_TRIM;
         if (req.flags & NBD_CMD_FLAG_FAST_ZERO) f |= FAST_ZERO;
@@ -414,9 +418,10 @@ export class Transmission {
 
   private maybeFinishDisconnect(): void {
     if (!this.disconnecting || this.inFlight > 0 || this.s.closed) return;
-    // Everything answered: make writes durable, then close once the output has drained.
+    // Everything answered: make this connection's writes durable (a reader flushes nothing: its
+    // fdatasync would stall every connection on others' dirty pages), then close once drained.
     const exp = this.exp;
-    if (exp.caps.canFlush) {
+    if (this.wrote && exp.caps.canFlush) {
       try {
         const r = exp.flush();
         if (isPromise(r)) {

@@ -1,8 +1,8 @@
 // src/sys: the floor below protocol, server, client and devices; the only place that imports bun:ffi.
 // The few libc calls Bun does not expose, through bun:ffi: fallocate (hole punching and zero
 // ranges), lseek with SEEK_DATA/SEEK_HOLE (sparse extents), OFD byte-range locks (compatible with
-// QEMU's image locking), sendfile, send with MSG_MORE and socket buffer sizes (the server's reply
-// path), and recv without waiting (the client's in-place receive). Each
+// QEMU's image locking), sendfile, send with MSG_MORE, socket buffer sizes and TCP_NOTSENT_LOWAT
+// (the server's reply path), and recv without waiting (the client's in-place receive). Each
 // wrapper throws an Error with a `code` like Node's (e.g. "EOPNOTSUPP") so errors map to NBD
 // errnos in one place. If libc cannot be loaded, `libc`
 // is null and callers fall back to portable paths.
@@ -177,6 +177,15 @@ export function setSendBuffer(fd: number, bytes: number): boolean {
   if (!lib) return false;
   sockInt[0] = bytes;
   return lib.setsockopt(fd, SOL_SOCKET, SO_SNDBUF, ptr(sockInt), 4) === 0;
+}
+
+const IPPROTO_TCP = 6;
+const TCP_NOTSENT_LOWAT = 25;
+/** TCP_NOTSENT_LOWAT: the socket counts as full once `bytes` wait unsent (see SocketTransport). */
+export function setNotSentLowat(fd: number, bytes: number): boolean {
+  if (!lib) return false;
+  sockInt[0] = bytes;
+  return lib.setsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, ptr(sockInt), 4) === 0;
 }
 
 const MSG_DONTWAIT = 0x40;
