@@ -420,23 +420,13 @@ export class Transmission {
     if (!this.disconnecting || this.inFlight > 0 || this.s.closed) return;
     // Everything answered: make this connection's writes durable (a reader flushes nothing: its
     // fdatasync would stall every connection on others' dirty pages), then close once drained.
-    const exp = this.exp;
-    if (this.wrote && exp.caps.canFlush) {
-      try {
-        const r = exp.flush();
-        if (isPromise(r)) {
-          this.inFlight++;
-          r.then(() => { this.flushedAtDisconnect(); }, (e: unknown) => {
-            this.log.error(`[${this.s.id}] flush at disconnect failed: ${(e as Error).message}`);
-            this.flushedAtDisconnect();
-          });
-          return;
-        }
-      } catch (e) {
-        this.log.error(`[${this.s.id}] flush at disconnect failed: ${(e as Error).message}`);
-      }
-    }
-    this.s.close();
+    if (!this.wrote || !this.exp.caps.canFlush) { this.s.close(); return; }
+    const failed = (e: unknown) => { this.log.error(`[${this.s.id}] flush at disconnect failed: ${(e as Error).message}`); };
+    let r: unknown;
+    try { r = this.exp.flush(); } catch (e) { failed(e); }
+    if (!isPromise(r)) { this.s.close(); return; }
+    this.inFlight++;
+    r.then(undefined, failed).then(() => this.flushedAtDisconnect());
   }
 }
 
