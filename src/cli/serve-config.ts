@@ -7,11 +7,11 @@ import { DEFAULT_PORT, DEFAULT_SETTINGS, deepFreeze, formatConfigError, type Exp
 import { parseHostPort } from "../config/values.ts";
 import { cidrProblem } from "../server/access.ts";
 import { exportNameFor } from "../devices/open.ts";
+import { isRemote, remoteExportName } from "../devices/remote/location.ts";
 
-const isRemote = (f: string) => /^(https?|s3):\/\//i.test(f);
-/** The object's name, for a remote FILE ("https://h/images/disk.img?x" -> "disk"). */
-function remoteName(url: string): string {
-  try { return exportNameFor(decodeURIComponent(new URL(url).pathname)); } catch { return exportNameFor(url.replace(/[?#].*$/, "")); }
+/** The default export name of FILE (a malformed URL is named as a path; opening it reports why). */
+function nameFor(file: string): string {
+  try { return isRemote(file) ? remoteExportName(file) : exportNameFor(file); } catch { return exportNameFor(file); }
 }
 
 export interface ServeFlags {
@@ -62,7 +62,7 @@ export function readConfigFile(path: string): Loaded {
   } catch (e) {
     return fail(1, `cannot read config file ${path}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
   }
-  const r = parseConfig(text, { file: path, probe: probePath, checkCidr: cidrProblem });
+  const r = parseConfig(text, { file: path, probe: probePath, checkCidr: cidrProblem, isRemote });
   return r.ok ? r : fail(1, ...r.errors.map(formatConfigError));
 }
 
@@ -94,7 +94,7 @@ function exportsFromFiles(f: ServeFlags, files: string[]): ExportConfig[] | stri
   if ((f.overlay !== undefined || f.snapshot) && files.length > 1) return "--overlay and --snapshot need exactly one FILE (the base image)";
   const dir = f["per-client-overlay"];
   return files.map((file) => ({
-    name: f.name ?? (isRemote(file) ? remoteName(file) : exportNameFor(file)),
+    name: f.name ?? nameFor(file),
     file: isRemote(file) ? file : resolve(file),
     readOnly: !!f["read-only"],
     overlay: f.overlay !== undefined ? { kind: "file" as const, path: resolve(f.overlay) }

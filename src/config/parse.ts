@@ -18,9 +18,6 @@ export const EXPORT_KEYS = [
   "name", "file", "read-only", "overlay", "overlay-dir", "compat", "partitions", "description", "allow", "client-name",
 ] as const;
 
-/** A file that is an object on a web server or in S3 (served through src/devices/remote). */
-const REMOTE_URL = /^(https?|s3):\/\//i;
-
 /** A per-client overlay's client part: NAME@CLIENT. */
 export const CLIENT_NAME = /^[A-Za-z0-9._-]{1,64}$/;
 const MAX_EXPORT_NAME = 4096;
@@ -32,6 +29,8 @@ export interface ParseOptions {
   probe?: PathProbe;
   /** Why a CIDR rule (`allow`) is not one, or null (src/server/access.ts's cidrProblem); without it only types are checked. */
   checkCidr?: (rule: string) => string | null;
+  /** Whether an export's file names a remote object (src/devices/remote's isRemote): kept as written, not probed. */
+  isRemote?: (file: string) => boolean;
 }
 
 export type ParseResult = { ok: true; config: ServiceConfig } | { ok: false; errors: ConfigError[] };
@@ -216,7 +215,7 @@ class Checker {
       else if (new TextEncoder().encode(name).length > MAX_EXPORT_NAME) this.err(`${at}.name`, `is longer than ${MAX_EXPORT_NAME} bytes`);
     }
     // a remote base (http(s)://, s3://) is kept as written: the opener checks it when it starts
-    const remote = fileText !== undefined && REMOTE_URL.test(fileText);
+    const remote = fileText !== undefined && (this.o.isRemote?.(fileText) ?? false);
     const file = fileText === undefined ? undefined : remote ? fileText : this.path(fileText);
     if (file !== undefined && !remote) this.probe(file, `${at}.file`, "file", "file");
     const readOnly = this.bool(t, "read-only", at, false);

@@ -9,6 +9,7 @@ import { basename, dirname, extname, resolve } from "node:path";
 import { RawFile } from "./file.ts";
 import type { OverlayBase } from "./qcow2/base.ts";
 import type { RemoteSettings } from "./remote/index.ts";
+import { isRemote, remoteExportName } from "./remote/location.ts";
 import { IsoView } from "./iso.ts";
 import { HEAD_BYTES, type Kind, type Probe, sniff } from "./sniff.ts";
 import { type BlockDevice, type ExportSpec, isPromise } from "./types.ts";
@@ -31,7 +32,6 @@ export interface OpenOptions {
   remote?: RemoteSettings;
 }
 
-const isRemoteName = (f: string) => /^(https?|s3):\/\//i.test(f);
 
 /** What one FILE serves without an overlay. */
 export interface Opened {
@@ -72,7 +72,7 @@ async function closeAll(specs: ExportSpec[]): Promise<void> {
 
 async function openOne(file: string, opts: OpenOptions): Promise<ExportSpec[]> {
   if (opts.overlay === undefined && !opts.snapshot) return (await openImage(file, opts)).exports;
-  const name = opts.name ?? (isRemoteName(file) ? (await import("./remote/index.ts")).remoteExportName(file) : exportNameFor(file));
+  const name = opts.name ?? (isRemote(file) ? remoteExportName(file) : exportNameFor(file));
   const { openOverlay } = await import("./qcow2/index.ts");
   const base = await openOverlayBase(file, opts);
   try {
@@ -105,7 +105,7 @@ export async function openOverlayBase(file: string, opts: { log: (msg: string) =
     let stack = first.description ?? KIND_NAMES[img.kind];
     let kind: string = img.kind;
     let location = resolve(file);
-    if (isRemoteName(file)) {
+    if (isRemote(file)) {
       // A remote raw object is recorded by its URL and ETag; other remote kinds by URL and content.
       const remote = await import("./remote/index.ts");
       if (first.device instanceof remote.RemoteImage) {
@@ -179,7 +179,7 @@ type Opener = (c: Ctx) => Promise<Opened>;
 
 /** What FILE serves (without an overlay). */
 export async function openImage(file: string, opts: OpenOptions): Promise<Opened> {
-  if (isRemoteName(file)) {
+  if (isRemote(file)) {
     const { openRemote } = await import("./remote/index.ts");
     return openRemote(file, { name: opts.name, settings: opts.remote ?? {}, log: opts.info ?? opts.log });
   }

@@ -3,12 +3,12 @@
 // a fixed VHD. Cold code.
 import { HEAD_BYTES, sniff, type Kind } from "../sniff.ts";
 import type { ExportSpec } from "../types.ts";
-import { objectBaseName, parseLocation, s3Settings } from "./location.ts";
-import { openRemoteImage, remoteExportName, type RemoteOpenOptions } from "./open-image.ts";
+import { objectBaseName, parseLocation, remoteExportName, s3Settings } from "./location.ts";
+import { openRemoteImage, type RemoteOpenOptions } from "./open-image.ts";
 import { describeVersion } from "./store.ts";
 
 export { RemoteImage } from "./device.ts";
-export { isRemote, redactUrl, parseLocation, type S3Settings } from "./location.ts";
+export { isRemote, redactUrl, parseLocation, remoteExportName, type S3Settings } from "./location.ts";
 export { remoteCounters, type RemoteCounters } from "./metrics.ts";
 export { versionTag, describeVersion } from "./store.ts";
 export * from "./open-image.ts";

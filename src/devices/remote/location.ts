@@ -102,6 +102,13 @@ export function siblingLocation(loc: RemoteLocation, rel: string): RemoteLocatio
 }
 
 /** The last path component of a location without its extension: the default export name. */
+/** The default export name of a remote object: its last path component without the extension. */
+export function remoteExportName(name: string): string {
+  const b = objectBaseName(parseLocation(name, {}));
+  const dot = b.lastIndexOf(".");
+  return dot > 0 ? b.slice(0, dot) : b;
+}
+
 export function objectBaseName(loc: RemoteLocation): string {
   const path = loc.kind === "http" ? decodeURIComponent(loc.url.pathname) : loc.objectKey;
   return path.split("/").filter(Boolean).pop() ?? "remote";

@@ -98,12 +98,6 @@ export function remoteIdentity(img: RemoteImage, stack = "raw image"): { kind: s
   return { kind: img.store.loc.kind, location: img.location, version: versionTag(img.version), stack };
 }
 
-/** The default export name of a remote object: its last path component without the extension. */
-export function remoteExportName(name: string): string {
-  const b = objectBaseName(parseLocation(name, {}));
-  const dot = b.lastIndexOf(".");
-  return dot > 0 ? b.slice(0, dot) : b;
-}
 
 export interface RemoteOpenOptions {
   name?: string;
