@@ -11,7 +11,7 @@ import { NbdError } from "../protocol/errors.ts";
 import type { ExtentList } from "../devices/checked.ts";
 import type { Logger } from "./log.ts";
 import { ReplyWriter } from "./replies.ts";
-import { EMPTY, Rx, Transmission } from "./transmission.ts";
+import { EMPTY, HEADER_BAD, Rx, Transmission } from "./transmission.ts";
 import { type ExportTable, ExtendedRequest, type Negotiated, type PendingRequest, type SessionLink, type Transport } from "./types.ts";
 
 const SIZE = NBD_EXTENDED_REQUEST_SIZE;
@@ -45,15 +45,9 @@ export class ExtendedTransmission extends Transmission {
         pos = this.takeDiscard(chunk, pos);
         continue;
       }
-      if (this.hdrFill === 0 && len - pos >= SIZE) {
-        if (!parseExtendedRequest(chunk, pos, this.hdr)) return this.badMagic();
-        pos += SIZE;
-      } else {
-        pos = this.gatherHeader(chunk, pos, SIZE);
-        if (this.hdrFill < SIZE) return;
-        this.hdrFill = 0;
-        if (!parseExtendedRequest(this.hdrBuf, 0, this.hdr)) return this.badMagic();
-      }
+      const p = this.takeHeader(chunk, pos, SIZE, parseExtendedRequest);
+      if (p < 0) return p === HEADER_BAD ? this.badMagic() : undefined;
+      pos = p;
       pos = this.request(chunk, pos);
     }
   }

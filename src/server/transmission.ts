@@ -9,7 +9,7 @@ import {
   NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES, NBD_EINVAL, NBD_ENOSPC, NBD_ESHUTDOWN, NBD_EXTENDED_REQUEST_SIZE, NBD_REQUEST_SIZE,
   commandName, errnoName,
 } from "../protocol/constants.ts";
-import { newRequestHeader, parseRequest } from "../protocol/codec.ts";
+import { newRequestHeader, parseRequest, type RequestHeader } from "../protocol/codec.ts";
 import { NbdError, toNbdErrno } from "../protocol/errors.ts";
 import type { CheckedExport } from "../devices/checked.ts";
 import { FAST_ZERO, FUA, MAY_TRIM, REQ_ONE, isPromise } from "../devices/types.ts";
@@ -22,6 +22,9 @@ import { type ExportTable, type Negotiated, PendingRequest, type SessionLink, ty
 
 export const enum Rx { Header, Payload, Discard }
 
+/** takeHeader results that are not a position. */
+export const HEADER_PENDING = -1;
+export const HEADER_BAD = -2;
 /** Output queued above this pauses reading from the client; reading resumes below LOW_WATER. */
 export const HIGH_WATER = 32 * 1024 * 1024;
 export const LOW_WATER = 8 * 1024 * 1024;
@@ -135,15 +138,9 @@ export class Transmission {
       }
       switch (this.rx) {
         case Rx.Header: {
-          if (this.hdrFill === 0 && len - pos >= NBD_REQUEST_SIZE) {
-            if (!parseRequest(chunk, pos, this.hdr)) return this.badMagic();
-            pos += NBD_REQUEST_SIZE;
-          } else {
-            pos = this.gatherHeader(chunk, pos, NBD_REQUEST_SIZE);
-            if (this.hdrFill < NBD_REQUEST_SIZE) return;
-            this.hdrFill = 0;
-            if (!parseRequest(this.hdrBuf, 0, this.hdr)) return this.badMagic();
-          }
+          const p = this.takeHeader(chunk, pos, NBD_REQUEST_SIZE, parseRequest);
+          if (p < 0) return p === HEADER_BAD ? this.badMagic() : undefined;
+          pos = p;
           const h = this.hdr;
           if (h.type === NBD_CMD_WRITE && h.length > 0) {
             const req = this.newRequest();
@@ -170,12 +167,19 @@ export class Transmission {
     this.direct?.hold();
   }
 
-  /** A header split across chunks: copy what `chunk` holds of its `size` bytes into hdrBuf. Returns the new position. */
-  protected gatherHeader(chunk: Uint8Array, pos: number, size: number): number {
+  /**
+   * Rx.Header: parse the next `size`-byte request header into `hdr`, in place when `chunk` holds it
+   * whole, else gathered in hdrBuf across chunks. Returns the new position, HEADER_PENDING when the
+   * chunk ended first, or HEADER_BAD on a bad magic. Compact and extended receivers share it.
+   */
+  protected takeHeader(chunk: Uint8Array, pos: number, size: number, parse: (b: Uint8Array, p: number, out: RequestHeader) => boolean): number {
+    if (this.hdrFill === 0 && chunk.length - pos >= size) return parse(chunk, pos, this.hdr) ? pos + size : HEADER_BAD;
     const n = Math.min(size - this.hdrFill, chunk.length - pos);
     this.hdrBuf.set(chunk.subarray(pos, pos + n), this.hdrFill);
     this.hdrFill += n;
-    return pos + n;
+    if (this.hdrFill < size) return HEADER_PENDING;
+    this.hdrFill = 0;
+    return parse(this.hdrBuf, 0, this.hdr) ? pos + n : HEADER_BAD;
   }
 
   /** Rx.Payload: copy what `chunk` holds of the payload; dispatch once it is whole. Returns the new position. */
