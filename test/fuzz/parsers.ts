@@ -127,10 +127,11 @@ INDEX 0=38
 INDEX 1=40
 `;
 
-async function openCd(path: string): Promise<void> {
+/** Open `path` with `open`: a clean refusal is fine; what opens is exercised and closed. */
+async function openAndExercise(path: string, open: () => Promise<ExportSpec[]>): Promise<void> {
   let specs: ExportSpec[];
   try {
-    specs = await openCdImage(path, { log: () => {} });
+    specs = await open();
   } catch (e) {
     if (clean(e, path)) return;
     throw unclean(`opening ${path}`, e);
@@ -141,6 +142,8 @@ async function openCd(path: string): Promise<void> {
     for (const s of specs) await aw(s.device.close?.());
   }
 }
+
+const openCd = (path: string) => openAndExercise(path, () => openCdImage(path, { log: () => {} }));
 
 const cue: ParserTarget = {
   name: "cue",
@@ -381,18 +384,7 @@ function container(name: string, ext: string, make: (dir: string, raw: string, o
     async run(bytes, dir) {
       const path = join(dir, `fuzz${ext}`);
       writeFileSync(path, bytes);
-      let specs: ExportSpec[];
-      try {
-        specs = await openExports([path], { readOnly: true, log: () => {} });
-      } catch (e) {
-        if (clean(e, path)) return;
-        throw unclean(`opening ${path}`, e);
-      }
-      try {
-        await exercise(specs, path);
-      } finally {
-        for (const s of specs) await aw(s.device.close?.());
-      }
+      await openAndExercise(path, () => openExports([path], { readOnly: true, log: () => {} }));
     },
   };
 }
