@@ -3,6 +3,7 @@
 // input and check the server's answer byte for byte. No tests here; the robustness-*.ts files use it.
 import { readFileSync } from "node:fs";
 import { connect, type Socket } from "node:net";
+import { ByteQueue } from "./helpers/byte-queue.ts";
 
 export const NBDMAGIC = Buffer.from("NBDMAGIC");
 export const IHAVEOPT = Buffer.from("IHAVEOPT");
@@ -24,14 +25,13 @@ export interface Chunk { flags: number; type: number; cookie: bigint; data: Buff
 
 /** A raw connection with an exact-length reader. */
 export class Wire {
-  private bufs: Buffer[] = [];
-  private have = 0;
+  private readonly q = new ByteQueue();
   private waiter: (() => void) | null = null;
   closed = false;
   error: Error | null = null;
 
   private constructor(readonly sock: Socket) {
-    sock.on("data", (d: Buffer) => { this.bufs.push(d); this.have += d.length; this.wake(); });
+    sock.on("data", (d: Buffer) => { this.q.push(d); this.wake(); });
     sock.on("close", () => { this.closed = true; this.wake(); });
     sock.on("error", (e) => { this.error = e; });
   }
@@ -63,21 +63,16 @@ export class Wire {
   /** Exactly n bytes; throws if the connection closes first or `ms` passes. */
   async read(n: number, ms = 10_000): Promise<Buffer> {
     const limit = Date.now() + ms;
-    while (this.have < n) {
-      if (this.closed) throw new Error(`connection closed with ${this.have} of ${n} bytes read`);
+    while (this.q.have < n) {
+      if (this.closed) throw new Error(`connection closed with ${this.q.have} of ${n} bytes read`);
       const left = limit - Date.now();
-      if (left <= 0) throw new Error(`timed out waiting for ${n} bytes (have ${this.have})`);
+      if (left <= 0) throw new Error(`timed out waiting for ${n} bytes (have ${this.q.have})`);
       await new Promise<void>((r) => {
         const t = setTimeout(r, left);
         this.waiter = () => { clearTimeout(t); r(); };
       });
     }
-    const all = this.bufs.length === 1 ? this.bufs[0]! : Buffer.concat(this.bufs);
-    const out = all.subarray(0, n);
-    const rest = all.subarray(n);
-    this.bufs = rest.length ? [rest] : [];
-    this.have = rest.length;
-    return out;
+    return this.q.take(n);
   }
 
   /** Resolves true when the server closes the connection within `ms` (after any unread bytes). */
@@ -93,7 +88,7 @@ export class Wire {
   }
 
   /** Bytes received but not yet read. */
-  get pending(): number { return this.have; }
+  get pending(): number { return this.q.have; }
 
   destroy(): void { this.sock.destroy(); }
 

@@ -4,13 +4,13 @@
 // including a ClientHello sent in the same write as the STARTTLS option.
 import { connect, type Socket } from "node:net";
 import { TlsContext, type TlsSession } from "../../src/sys/tls-engine.ts";
+import { ByteQueue } from "./byte-queue.ts";
 import { IHAVEOPT, readOptionReplies, readOptionReply, type OptionReply } from "../robustness-wire.ts";
 
 export type { OptionReply };
 
 export class TlsWire {
-  private bufs: Buffer[] = [];
-  private have = 0;
+  private readonly q = new ByteQueue();
   private waiter: (() => void) | null = null;
   private tls: TlsSession | null = null;
   /** Plaintext bytes still expected before the server's TLS bytes (the STARTTLS reply, when the ClientHello went early). */
@@ -70,8 +70,7 @@ export class TlsWire {
   }
 
   private push(b: Buffer): void {
-    this.bufs.push(b);
-    this.have += b.length;
+    this.q.push(b);
     this.wake();
   }
 
@@ -106,13 +105,8 @@ export class TlsWire {
   }
 
   async read(n: number, ms = 10_000): Promise<Buffer> {
-    await this.waitUntil(() => this.have >= n, ms, `${n} bytes (have ${this.have})`);
-    const all = this.bufs.length === 1 ? this.bufs[0]! : Buffer.concat(this.bufs);
-    const out = all.subarray(0, n);
-    const rest = all.subarray(n);
-    this.bufs = rest.length ? [rest] : [];
-    this.have = rest.length;
-    return out;
+    await this.waitUntil(() => this.q.have >= n, ms, `${n} bytes (have ${this.q.have})`);
+    return this.q.take(n);
   }
 
   async closedWithin(ms = 5000): Promise<boolean> {
@@ -124,7 +118,7 @@ export class TlsWire {
     return true;
   }
 
-  get pending(): number { return this.have; }
+  get pending(): number { return this.q.have; }
   destroy(): void { this.tls?.free(); this.sock.destroy(); }
 
   /** Greeting, then client flags FIXED_NEWSTYLE|NO_ZEROES. Returns the handshake flags. */

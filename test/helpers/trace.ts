@@ -5,6 +5,7 @@
 // which every READ and a final read of the whole export are checked. Every sector's content names
 // the write that made it (id and sector number), so a wrong sector says where it came from.
 import { connect as netConnect, type Socket } from "node:net";
+import { ByteQueue } from "./byte-queue.ts";
 
 export const SECTOR = 512;
 const MiB = 1024 * 1024;
@@ -82,8 +83,7 @@ interface Pending { resolve: (b: Uint8Array | null) => void; reject: (e: Error) 
 
 /** A raw pipelined NBD connection: just what traces need, and nothing the client library would smooth over. */
 export class TraceConnection {
-  private bufs: Buffer[] = [];
-  private have = 0;
+  private readonly q = new ByteQueue();
   private waiter: (() => void) | null = null;
   private closed: Error | null = null;
   private cookie = 1;
@@ -94,7 +94,7 @@ export class TraceConnection {
   maxPayload = 64 * MiB;
 
   private constructor(private readonly sock: Socket) {
-    sock.on("data", (d: Buffer) => { this.bufs.push(d); this.have += d.length; this.wake(); });
+    sock.on("data", (d: Buffer) => { this.q.push(d); this.wake(); });
     sock.on("close", () => { this.closed ??= new Error("connection closed"); this.wake(); this.failAll(this.closed); });
     sock.on("error", (e) => { this.closed ??= e; });
   }
@@ -116,14 +116,11 @@ export class TraceConnection {
   private wake(): void { const w = this.waiter; this.waiter = null; w?.(); }
 
   private async read(n: number): Promise<Buffer> {
-    while (this.have < n) {
+    while (this.q.have < n) {
       if (this.closed) throw this.closed;
       await new Promise<void>((r) => { this.waiter = r; });
     }
-    const all = this.bufs.length === 1 ? this.bufs[0]! : Buffer.concat(this.bufs);
-    this.bufs = all.length > n ? [all.subarray(n)] : [];
-    this.have -= n;
-    return all.subarray(0, n);
+    return this.q.take(n);
   }
 
   private option(code: number, data: Uint8Array = new Uint8Array(0)): void {
