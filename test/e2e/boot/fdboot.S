@@ -1,7 +1,7 @@
 /*
  * Two-stage BIOS boot program for an NBD end-to-end test (1.44M floppy, drive 0, CHS int 13h).
  * GNU as (binutils) syntax, no other toolchain needed:
- *   as --32 -o fdboot.o fdboot.S && ld -m elf_i386 -Ttext 0x7c00 --oformat binary -o fdboot.bin fdboot.o
+ *   as --32 -o fdboot.o fdboot.S  (in this directory: it includes serial.inc) && ld -m elf_i386 -Ttext 0x7c00 --oformat binary -o fdboot.bin fdboot.o
  *
  * The image is a FAT12 floppy (mkfs.fat -F 12 -R 4): the test keeps its BPB (bytes 3..61 of sector
  * 0) and puts this program's bytes 0..2 and 62..511 around it, and stage 2 into the reserved
@@ -96,37 +96,7 @@ qexit:
         hlt
         jmp 4b
 
-putc:   push dx
-        push ax
-        mov dx, 0x3fd               /* wait for THR empty */
-5:      in al, dx
-        test al, 0x20
-        jz 5b
-        pop ax
-        mov dx, 0x3f8
-        out dx, al
-        pop dx
-        ret
-puts:   lodsb
-        test al, al
-        jz 6f
-        call putc
-        jmp puts
-6:      ret
-crlf:   mov al, 13
-        call putc
-        mov al, 10
-        jmp putc
-hex8:   push ax
-        shr al, 4
-        call hexd
-        pop ax
-hexd:   and al, 0x0f
-        add al, '0'
-        cmp al, '9'
-        jbe 7f
-        add al, 7
-7:      jmp putc
+        .include "serial.inc"
 
 m_s1:   .asciz "FDBOOT STAGE1 OK drive="
 m_ioerr:.asciz "INT13 ERROR ah="
