@@ -1,7 +1,7 @@
 /*
  * Two-stage BIOS boot program for an NBD end-to-end test (1.44M floppy, drive 0, CHS int 13h).
  * GNU as (binutils) syntax, no other toolchain needed:
- *   as --32 -o fdboot.o fdboot.S  (in this directory: it includes serial.inc) && ld -m elf_i386 -Ttext 0x7c00 --oformat binary -o fdboot.bin fdboot.o
+ *   as --32 -o fdboot.o fdboot.S && ld -m elf_i386 -Ttext 0x7c00 --oformat binary -o fdboot.bin fdboot.o   (run here: it includes serial.inc)
  *
  * The image is a FAT12 floppy (mkfs.fat -F 12 -R 4): the test keeps its BPB (bytes 3..61 of sector
  * 0) and puts this program's bytes 0..2 and 62..511 around it, and stage 2 into the reserved
