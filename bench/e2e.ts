@@ -21,7 +21,7 @@
 //   qemu-nbd  qemu-nbd -f raw -t -e 8 -p 12512 -b 127.0.0.1 IMG       (defaults: cache=writeback,
 //             aio=threads; -e 8 lets nbdcopy open several connections, like the other two allow)
 import { spawn, spawnSync, type Subprocess } from "bun";
-import { readFileSync, writeFileSync } from "node:fs";
+import { readFileSync, rmSync, writeFileSync } from "node:fs";
 import { cpus, totalmem } from "node:os";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
@@ -85,6 +85,7 @@ async function start(server: string, img: string): Promise<Started> {
   const port = { bun: 12510, nbdkit: 12511, qemu: 12512 }[server]!;
   const sock = join(dir, `${server}.sock`);
   const tcp = !opt.unix;
+  rmSync(sock, { force: true }); // nbdkit refuses a socket path left by the last round
   let cmd: string[];
   let uri: string;
   if (server === "bun") {

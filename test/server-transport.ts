@@ -1,5 +1,5 @@
 // The reply path under pressure (socket-transport.ts): a client that stops reading fills the socket,
-// so sendfile(2) comes back short or with EAGAIN, Bun's writes come back short, and everything
+// so sendfile(2) (or its user-space twin copySend, with one reader) comes back short or with EAGAIN, Bun's writes come back short, and everything
 // queued must go out in order once the client reads again. Each test waits until the server's own
 // counters show the path it is about (a drain wait, a short sendfile) was taken before the client
 // resumes, so a change that stops exercising the path fails here instead of passing vacuously.
@@ -127,17 +127,41 @@ function mixed(): Req[] {
   return reqs;
 }
 
+/** A second connection that has read a file range and stays open: from then on file ranges go out with sendfile (bulkReaders). */
+async function otherReader(t: Target): Promise<Wire> {
+  const w = await Wire.open(t);
+  await w.hello();
+  await w.go("file");
+  w.write(request(CMD.READ, 1n, 0, 64 * 1024));
+  const rep = await w.simpleReply(64 * 1024);
+  bytesEqual(rep.data!, data.subarray(0, 64 * 1024), "the other reader's bytes");
+  return w;
+}
+
 for (const [label, target] of [["TCP", () => tcp], ["unix socket", () => unix]] as const) {
   for (const structured of [false, true]) {
     const kind = structured ? "structured" : "simple";
-    test(`${label}, ${kind}: sendfile replies queued behind a full socket arrive whole and in order`, () => deadline(30_000, "sendfile backlog", async () => {
+    test(`${label}, ${kind}: sendfile replies (two readers) queued behind a full socket arrive whole and in order`, () => deadline(30_000, "sendfile backlog", async () => {
+      const other = await otherReader(target());
       const before = server.transportStats();
       await pipelined(target(), "file", structured, mixed(), data,
         () => server.transportStats().drainWaits > before.drainWaits && server.transportStats().sendfileShort > before.sendfileShort,
         "the server found the socket full during sendfile");
+      other.destroy();
       const after = server.transportStats();
       assert.ok(after.sendfileCalls > before.sendfileCalls, "sendfile was used");
       assert.ok(after.copiedFileBytes - before.copiedFileBytes < 4096, `file bytes copied through memory: ${after.copiedFileBytes - before.copiedFileBytes}`);
+    }));
+    test(`${label}, ${kind}: copied file replies (one reader) queued behind a full socket arrive whole and in order`, () => deadline(30_000, "copySend backlog", async () => {
+      await Bun.sleep(50); // the other tests' connections have closed
+      const before = server.transportStats();
+      await pipelined(target(), "file", structured, mixed(), data,
+        () => server.transportStats().drainWaits > before.drainWaits && server.transportStats().sendfileShort > before.sendfileShort,
+        "the server found the socket full during copySend");
+      const after = server.transportStats();
+      assert.is(after.sendfileCalls, before.sendfileCalls, "no sendfile with one reader");
+      assert.ok(after.copySends > before.copySends, "copySend was used");
+      assert.ok(after.copiedFileBytes - before.copiedFileBytes > 10_000_000, "the payloads went through the buffer");
     }));
   }
   test(`${label}: copied replies (a memory export) written short by Bun are completed on drain`, () => deadline(30_000, "short writes", async () => {

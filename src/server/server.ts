@@ -43,7 +43,7 @@ export class NbdServer implements ExportTable {
   private readonly events: ConnEvents;
   private closing = false;
   /** Reply-path counters of connections already closed (open ones are summed on demand). */
-  private readonly closedStats: TransportStats = { sendfileCalls: 0, sendfileShort: 0, drainWaits: 0, copiedFileBytes: 0, receivedInPlace: 0 };
+  private readonly closedStats: TransportStats = { sendfileCalls: 0, copySends: 0, sendfileShort: 0, drainWaits: 0, copiedFileBytes: 0, receivedInPlace: 0 };
   private readonly transports = new Set<SocketTransport>();
 
   /**
@@ -127,6 +127,7 @@ export class NbdServer implements ExportTable {
       },
       close(c: Conn) {
         const t = c.transport;
+        t?.closed();
         if (t && self.transports.delete(t)) addStats(self.closedStats, t.stats);
         const s = c.session;
         if (!s) return;
@@ -246,6 +247,7 @@ export class NbdServer implements ExportTable {
 
 function addStats(to: TransportStats, from: TransportStats): void {
   to.sendfileCalls += from.sendfileCalls;
+  to.copySends += from.copySends;
   to.sendfileShort += from.sendfileShort;
   to.drainWaits += from.drainWaits;
   to.copiedFileBytes += from.copiedFileBytes;
