@@ -129,6 +129,47 @@ test("a stored zip member is a plain file range (sendfile); decoded data is too,
   await xz.close?.();
 });
 
+/** Every extent of `d` over the whole export, as [offset, length, type], neighbours of one type merged. */
+function allExtents(d: BlockDevice, from = 0): [number, number, number][] {
+  const out: [number, number, number][] = [];
+  d.extents!(from, d.size() - from, 0, {
+    add: (o, l, t) => {
+      const last = out[out.length - 1];
+      if (last && last[2] === t && last[0] + last[1] === o) last[1] += l; else out.push([o, l, t]);
+      return true;
+    },
+  });
+  return out;
+}
+
+test("decoded pages of zeros are holes: block status reports them; ranges not decoded yet are data", async () => {
+  let zeroPages = 0;
+  for (let p = 0; p + 4096 <= SIZE; p += 4096) if (raw.subarray(p, p + 4096).every((x) => x === 0)) zeroPages++;
+  assert.ok(zeroPages > 100, `the image has zero runs (${zeroPages} pages)`);
+  const gz = await open(p("disk.img.gz")); // its index may come from the cache: decode it all
+  assert.ok(gz.capabilities().canExtents);
+  bytesEqual(read(gz, 0, SIZE), raw, "the bytes read back");
+  let holes = 0, pos = 0;
+  for (const [o, l, t] of allExtents(gz)) {
+    assert.is(o, pos, "contiguous");
+    pos += l;
+    if (t === 0) continue;
+    assert.is(t, 3, "hole and zero");
+    holes += l;
+    assert.ok(raw.subarray(o, o + l).every((x) => x === 0), `a hole at ${o}+${l} is zeros in the image`);
+  }
+  assert.is(pos, SIZE);
+  // (a page cut by the boundary between two decoded pieces is written as data)
+  assert.ok(holes >= zeroPages * 4096 * 0.95, `zero pages are holes (${holes} bytes of holes, ${zeroPages} zero pages)`);
+  await gz.close?.();
+  const xz = await open(p("multi.img.xz")); // (opening it decoded its first block, to describe it)
+  const from = 4 << 20;
+  assert.equal(allExtents(xz, from), [[from, SIZE - from, 0]], "not decoded yet: data");
+  read(xz, 0, SIZE);
+  assert.ok(allExtents(xz, from).some(([, , t]) => t === 3), "decoded: holes");
+  await xz.close?.();
+});
+
 test("export names drop the compression suffix too; archive.zip/MEMBER names the member", () => {
   assert.is(exportNameFor("/x/disk.img.xz"), "disk");
   assert.is(exportNameFor("/x/disk.img.gz"), "disk");

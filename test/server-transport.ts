@@ -6,7 +6,7 @@
 // Also: small READ replies read in place into the output buffer (and detached when the device
 // answers asynchronously), and a file that shrinks under a sendfile READ.
 import * as assert from "uvu/assert";
-import { truncateSync, writeFileSync } from "node:fs";
+import { closeSync, openSync, truncateSync, writeFileSync, writeSync } from "node:fs";
 import { join } from "node:path";
 import { suite } from "uvu";
 import { NbdServer } from "../src/server/server.ts";
@@ -25,6 +25,21 @@ const SIZE = 16 * 1024 * 1024;
 const data = pattern(SIZE, 0, 11);
 const img = join(dir, "disk.img");
 const shrink = join(dir, "shrink.img");
+const sparse = join(dir, "sparse.img");
+/** sparse.img: 4 MiB with data in 64 KiB runs at every third run (the rest holes), and what it reads as. */
+const SPARSE_SIZE = 4 * 1024 * 1024;
+const sparseData = new Uint8Array(SPARSE_SIZE);
+function writeSparseImage(): void {
+  writeFileSync(sparse, new Uint8Array(0));
+  truncateSync(sparse, SPARSE_SIZE);
+  const fd = openSync(sparse, "r+");
+  for (let off = 0; off < SPARSE_SIZE; off += 3 * 65536) {
+    const run = pattern(65536, off, 5);
+    sparseData.set(run, off);
+    writeSync(fd, run, 0, run.length, off);
+  }
+  closeSync(fd);
+}
 let server: NbdServer;
 let tcp: Target;
 let unix: Target;
@@ -62,6 +77,7 @@ let late: MemoryDevice;
 test.before(async () => {
   writeFileSync(img, data);
   writeFileSync(shrink, data.subarray(0, 1024 * 1024));
+  writeSparseImage();
   memory = new MemoryDevice(SIZE);
   memory.pwrite(data, 0);
   const shrinking = RawFile.open(shrink, { readOnly: true });
@@ -70,6 +86,7 @@ test.before(async () => {
     { name: "file", device: RawFile.open(img) },
     { name: "memory", device: memory },
     { name: "shrunk", device: shrinking },
+    { name: "sparse", device: RawFile.open(sparse, { readOnly: true }) },
     { name: "mixed", device: new HalfAsync(memory, new SlowDevice(data, { maxDelayMs: 2 })) },
     { name: "late", device: new LateWriter(late = new MemoryDevice(SIZE)) },
   ], { log: silentLogger });
@@ -173,6 +190,42 @@ for (const [label, target] of [["TCP", () => tcp], ["unix socket", () => unix]] 
 }
 
 for (const [label, target] of [["TCP", () => tcp], ["unix socket", () => unix]] as const) {
+  for (const readers of [1, 2]) {
+    test(`${label}, ${readers} reader${readers > 1 ? "s" : ""}: large READs of a sparse file are hole chunks and data chunks sent from the file, covering the range`, () => deadline(30_000, "sparse reads", async () => {
+      const other = readers > 1 ? await otherReader(target()) : null;
+      await Bun.sleep(20);
+      const before = server.transportStats();
+      const w = await Wire.open(target());
+      await w.hello();
+      await w.go("sparse", { structured: true });
+      const reqs = [[0, 1 << 20], [65536 - 512, 512 * 1024 + 1000], [3 << 20, 1 << 20]] as const;
+      w.write(Buffer.concat(reqs.map(([offset, length], i) => request(CMD.READ, BigInt(i + 1), offset, length))));
+      let holes = 0;
+      for (const [i, [offset, length]] of reqs.entries()) {
+        const got = new Uint8Array(length).fill(0xee);
+        for (let done = false; !done;) {
+          const c = await w.chunk();
+          assert.is(c.cookie, BigInt(i + 1));
+          done = (c.flags & 1) !== 0;
+          const at = Number(c.data.readBigUInt64BE(0)) - offset;
+          if (c.type === 2) { // OFFSET_HOLE
+            got.fill(0, at, at + c.data.readUInt32BE(8));
+            holes++;
+          } else {
+            assert.is(c.type, 1, "OFFSET_DATA");
+            got.set(c.data.subarray(8), at);
+          }
+        }
+        bytesEqual(got, sparseData.subarray(offset, offset + length), `read ${i + 1}`);
+      }
+      w.destroy();
+      other?.destroy();
+      assert.ok(holes >= 6, `holes were sent as hole chunks (${holes})`);
+      const after = server.transportStats();
+      if (readers === 1) assert.ok(after.copySends > before.copySends, "data chunks sent by copySend");
+      else assert.ok(after.sendfileCalls > before.sendfileCalls, "data chunks sent by sendfile");
+    }));
+  }
   test(`${label}: large WRITE payloads taken straight from the socket land whole, in order with the requests around them`, () => deadline(30_000, "writes in place", async () => {
     const before = server.transportStats().receivedInPlace;
     const w = await Wire.open(target());

@@ -208,25 +208,13 @@ export class RawFile implements BlockDevice {
       sink.add(offset, length, 0);
       return;
     }
-    let pos = offset;
+    const at = { pos: offset };
     try {
-      while (pos < end) {
-        const data = seekData(this.fd, pos);
-        if (data < 0 || data >= end) { // hole to the end of the range (or of the file)
-          sink.add(pos, end - pos, EXTENT_HOLE | EXTENT_ZERO);
-          return;
-        }
-        if (data > pos && !sink.add(pos, data - pos, EXTENT_HOLE | EXTENT_ZERO)) return;
-        let hole = seekHole(this.fd, data);
-        if (hole >= 0) { this.dataStart = data; this.dataEnd = hole; }
-        if (hole < 0 || hole > end) hole = end;
-        if (!sink.add(data, hole - data, 0)) return;
-        pos = hole;
-      }
+      seekExtents(this.fd, at, end, sink, (data, hole) => { this.dataStart = data; this.dataEnd = hole; });
     } catch (e) {
       if (!notSupported(e)) throw e;
       this.canSeekHoles = false;
-      sink.add(pos, end - pos, 0);
+      sink.add(at.pos, end - at.pos, 0);
     }
   }
 
@@ -262,4 +250,32 @@ function blockDeviceSize(fd: number): number {
     if (fs.readSync(fd, b, 0, 1, mid * 512 - 1) === 1) lo = mid; else hi = mid;
   }
   return lo * 512;
+}
+
+/**
+ * Extents of [at.pos, end) of file `fd` from SEEK_DATA/SEEK_HOLE (holes read as zeros), with
+ * `at.pos` moved past what was added: to `end`, or to where the sink wanted no more (then false is
+ * returned). Throws what
+ * lseek throws, with `at.pos` where it got to (the caller may report the rest as data when the file
+ * system cannot tell). `found` hears of each data run.
+ */
+export function seekExtents(fd: number, at: { pos: number }, end: number, sink: ExtentSink, found?: (data: number, hole: number) => void): boolean {
+  while (at.pos < end) {
+    const pos = at.pos;
+    const data = seekData(fd, pos);
+    if (data < 0 || data >= end) { // hole to the end of the range (or of the file)
+      at.pos = end;
+      return sink.add(pos, end - pos, EXTENT_HOLE | EXTENT_ZERO);
+    }
+    if (data > pos) {
+      at.pos = data;
+      if (!sink.add(pos, data - pos, EXTENT_HOLE | EXTENT_ZERO)) return false;
+    }
+    let hole = seekHole(fd, data);
+    if (hole >= 0) found?.(data, hole);
+    if (hole < 0 || hole > end) hole = end;
+    at.pos = hole;
+    if (!sink.add(data, hole - data, 0)) return false;
+  }
+  return true;
 }

@@ -1,5 +1,5 @@
 // Reply encoding for the transmission phase: simple and structured replies, error chunks, READ
-// replies (sendfile, a copy, or OFFSET_HOLE/OFFSET_DATA chunks) and BLOCK_STATUS chunks. Chunks
+// replies (sendfile, a copy, or OFFSET_HOLE/OFFSET_DATA chunks, the data from files where it lies in them) and BLOCK_STATUS chunks. Chunks
 // are laid out around a header of `hdr` bytes written by chunkHeader(); extended headers
 // (extended.ts) override those two and the status chunk, and share everything else.
 import {
@@ -35,6 +35,8 @@ export class ReplyWriter {
   private readonly rep16 = new Uint8Array(16);
   private readonly repNone: Uint8Array;
   private readonly repData: Uint8Array;
+  /** An OFFSET_HOLE chunk: header, offset, length. */
+  private readonly repHole: Uint8Array;
   private readonly range: FileRange = { fd: -1, offset: 0 };
   /** Extents of the current large read (synchronous devices only; reused). */
   private readonly readExtents = new ExtentList();
@@ -53,6 +55,7 @@ export class ReplyWriter {
     this.repNone = new Uint8Array(hdr);
     this.inPlace = t.reserve !== undefined && t.commit !== undefined && t.detach !== undefined;
     this.repData = new Uint8Array(hdr + 8);
+    this.repHole = new Uint8Array(hdr + 12);
   }
 
   /** Write the `hdr`-byte header of a chunk of `req` with a payload of `length` bytes at b[p]. */
@@ -113,7 +116,10 @@ export class ReplyWriter {
       const list = this.readExtents;
       const r = exp.extents(exp.contexts[0]!, req.offset, len, 0, list);
       if (isPromise(r)) return this.sparseRead(req, r, list);
-      if (list.lengths.length > 1 || list.types[0]! & NBD_STATE_ZERO) return this.sparseRead(req, undefined, list);
+      if (list.lengths.length > 1 || list.types[0]! & NBD_STATE_ZERO) {
+        if (zeroCopy && this.sendSparse(req, list)) return;
+        return this.sparseRead(req, undefined, list);
+      }
     }
     if (zeroCopy && exp.fileRange(req.offset, len, this.range)) {
       this.chunkHeader(this.repData, 0, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, req, 8 + len);
@@ -163,6 +169,39 @@ export class ReplyWriter {
       this.chunkHeader(b, 0, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, req, 8 + req.length);
       putU64(b, this.hdr, req.offset);
     }
+  }
+
+  /**
+   * A large structured read with holes whose data pieces all lie in files: OFFSET_HOLE chunks and
+   * OFFSET_DATA chunks sent from the file (as a plain large read is), nothing read into memory here.
+   * False (nothing sent) if a piece is not a file range.
+   */
+  private sendSparse(req: PendingRequest, list: ExtentList): boolean {
+    const exp = this.exp, end = req.offset + req.length;
+    for (let i = 0, off = req.offset; off < end; i++) {
+      if (i >= list.lengths.length) return false; // extents short of the range (should not happen)
+      const l = Math.min(list.lengths[i]!, end - off);
+      if (!(list.types[i]! & NBD_STATE_ZERO) && !exp.fileRange(off, l, this.range)) return false;
+      off += l;
+    }
+    const h = this.hdr, hole = this.repHole;
+    for (let i = 0, off = req.offset; off < end; i++) {
+      const l = Math.min(list.lengths[i]!, end - off);
+      const flags = off + l >= end ? NBD_REPLY_FLAG_DONE : 0;
+      if (list.types[i]! & NBD_STATE_ZERO) {
+        this.chunkHeader(hole, 0, flags, NBD_REPLY_TYPE_OFFSET_HOLE, req, 12);
+        putU64(hole, h, off);
+        putU32(hole, h + 8, l);
+        this.t.sendTransient(hole);
+      } else {
+        exp.fileRange(off, l, this.range);
+        this.chunkHeader(this.repData, 0, flags, NBD_REPLY_TYPE_OFFSET_DATA, req, 8 + l);
+        putU64(this.repData, h, off);
+        this.t.sendFile!(this.repData, this.range.fd, this.range.offset, l);
+      }
+      off += l;
+    }
+    return true;
   }
 
   /** A large structured read: zero extents become OFFSET_HOLE chunks, the rest OFFSET_DATA. */

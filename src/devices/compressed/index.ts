@@ -90,7 +90,7 @@ function openDeflate(path: string, fd: number, start: number, end: number, frami
       return { device: new DecompressedDevice(src, spill), note: "" };
     }
     const t0 = performance.now();
-    const built = buildIndex(fd, start, end, framing, store, (buf, len, pos) => spill.write(buf, 0, len, pos));
+    const built = buildIndex(fd, start, end, framing, store, (buf, len, pos) => spill.writeSparse(buf, 0, len, pos));
     const secs = (performance.now() - t0) / 1000;
     opts.info(`${path}: indexed ${mib(built.size)} in ${secs.toFixed(2)} s, ${built.points.out.length} access points${store.dir ? ` (cached in ${store.dir})` : " (not cached: no cache directory)"}`);
     const src = new DeflateSource(basename(path), fd, end, built.points, built.size, built.file, () => closeSync(fd));

@@ -1,13 +1,17 @@
 // Random access to a compressed image, whatever the format: the image is cut into segments that
 // can each be decoded from their start (xz Blocks, or the spans between a zran index's access
 // points). A segment is decoded once, on first read, into a sparse, unlinked spill file; every
-// later read of it is a plain file read (or sendfile: fileRange). Segments up to FULL_SEGMENT are
+// later read of it is a plain file read (or sendfile: fileRange). Pages of zeros are left as holes in
+// the spill file, so block status reports them and large reads send them as holes, not bytes (an
+// undecoded range is reported as data). Segments up to FULL_SEGMENT are
 // decoded whole, so their integrity check is verified before a byte is served; larger ones (a
 // single-block xz file) are decoded progressively by a cursor kept open between reads.
-import { closeSync, fstatSync, openSync, readSync, unlinkSync, writeSync } from "node:fs";
+import { closeSync, fstatSync, ftruncateSync, openSync, readSync, unlinkSync, writeSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { caps, type BlockDevice, type BlockSize, type Capabilities, type FileRange } from "../types.ts";
+import { haveLibc } from "../../sys/libc.ts";
+import { seekExtents } from "../file.ts";
+import { caps, type BlockDevice, type BlockSize, type Capabilities, type ExtentSink, type FileRange } from "../types.ts";
 
 /** Damaged or missing image data: logged by the server as an error (not a client mistake), answered with EIO. */
 function damaged(msg: string): Error {
@@ -58,12 +62,35 @@ export class SpillFile {
     let done = 0;
     while (done < len) done += writeSync(this.fd, buf, off + done, len - done, pos + done);
   }
+  /**
+   * Like write(), but whole pages (PAGE bytes at a multiple of PAGE in the file) of zeros are not
+   * written: they stay holes, which read as zeros. Rewriting a range writes the same pages again.
+   */
+  writeSparse(buf: Uint8Array, off: number, len: number, pos: number): void {
+    let run = 0; // start of the bytes not written yet
+    for (let p = (PAGE - (pos % PAGE)) % PAGE; p + PAGE <= len; p += PAGE) {
+      if (!isZeroPage(buf, off + p)) continue;
+      if (p > run) this.write(buf, off + run, p - run, pos + run);
+      run = p + PAGE;
+    }
+    if (len > run) this.write(buf, off + run, len - run, pos + run);
+  }
+  /** Make the file `size` bytes long (a hole at the end), so every offset below reads. */
+  extend(size: number): void {
+    if (fstatSync(this.fd).size < size) ftruncateSync(this.fd, size);
+  }
   close(): void { closeSync(this.fd); }
+}
+
+const PAGE = 4096;
+const ZERO_PAGE = Buffer.alloc(PAGE);
+function isZeroPage(buf: Uint8Array, at: number): boolean {
+  return ZERO_PAGE.compare(buf, at, at + PAGE) === 0; // memcmp, not a loop in JS
 }
 
 interface Cursor { segment: number; stream: SegmentStream; pos: number }
 
-const READ_ONLY: Capabilities = Object.freeze(caps({ canWrite: false, canFlush: false, canCache: true, canMultiConn: true }));
+const READ_ONLY: Capabilities = Object.freeze(caps({ canWrite: false, canFlush: false, canCache: true, canExtents: haveLibc, canMultiConn: true }));
 
 /** A read-only block device over a SegmentSource, decoding into a spill file. */
 export class DecompressedDevice implements BlockDevice {
@@ -82,6 +109,7 @@ export class DecompressedDevice implements BlockDevice {
     this.done = new Float64Array(this.n);
     this.bad = new Array(this.n);
     if (opts.decoded) for (let i = 0; i < this.n; i++) this.done[i] = this.segLen(i);
+    spill.extend(src.size); // pages of zeros at the end are holes past what was written
   }
 
   size(): number { return this.src.size; }
@@ -137,6 +165,25 @@ export class DecompressedDevice implements BlockDevice {
     this.present(offset, length, true);
   }
 
+  /** Decoded ranges: data and holes of the spill file; ranges not decoded yet: data (they may be). */
+  extents(offset: number, length: number, _flags: number, sink: ExtentSink): void {
+    const end = offset + length;
+    const at = { pos: offset };
+    while (at.pos < end) {
+      const i = this.segmentAt(at.pos);
+      const segEnd = Math.min(end, this.starts[i]! + this.segLen(i));
+      const decodedEnd = Math.min(segEnd, this.starts[i]! + this.done[i]!);
+      if (at.pos < decodedEnd) {
+        if (!seekExtents(this.spill.fd, at, decodedEnd, sink)) return; // the sink has enough
+      }
+      if (at.pos < segEnd) {
+        const pos = at.pos;
+        at.pos = segEnd;
+        if (!sink.add(pos, segEnd - pos, 0)) return;
+      }
+    }
+  }
+
   /** Decode segment i until at least `need` bytes of it are present. */
   private fill(i: number, need: number): void {
     const bad = this.bad[i];
@@ -166,7 +213,7 @@ export class DecompressedDevice implements BlockDevice {
           got += r;
         }
         // Rewriting bytes already present (a restarted cursor) writes the same bytes again.
-        this.spill.write(this.stage, 0, got, base + c.pos);
+        this.spill.writeSparse(this.stage, 0, got, base + c.pos);
         c.pos += got;
         if (!whole && c.pos > this.done[i]!) this.done[i] = c.pos;
       }
