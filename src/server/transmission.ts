@@ -72,6 +72,8 @@ export class Transmission {
   protected readonly hdrBuf = new Uint8Array(NBD_EXTENDED_REQUEST_SIZE);
   protected hdrFill = 0;
   private payload: Uint8Array = EMPTY;
+  /** A WRITE payload was kept by a device that finished later (see startPayload). */
+  private asyncWrites = false;
   private payloadFill = 0;
   private discardLeft = 0;
   /** The request whose payload is being received (or discarded). */
@@ -231,10 +233,16 @@ export class Transmission {
     }
     if (chunk.length - pos >= length) {
       const view = chunk.subarray(pos, pos + length);
-      const p = this.direct === null ? view : this.direct.payload(view);
+      const p = this.direct === null || !this.asyncWrites ? view : this.direct.payload(view);
       const before = this.inFlight;
       this.dispatch(req, p);
-      if (p === view && this.inFlight > before) this.direct?.hold(); // the device finishes later: keep the buffer
+      if (p === view && this.inFlight > before && this.direct !== null) {
+        // The device finishes later: keep the buffer; from now on large payloads get their own
+        // copy (cheaper than a new 256 KiB receive buffer per write). A device that writes at once
+        // (a raw file) keeps none, and the copy (a fifth of the server's CPU on 64 KiB writes) is saved.
+        this.direct.hold();
+        this.asyncWrites = true;
+      }
       return pos + length;
     }
     this.pendingReq = req;
