@@ -86,19 +86,22 @@ test("export names: opts.name replaces the base", async () => {
   await closeAll(exps);
 });
 
-test("single-sector and unaligned reads match the ISO at many offsets", async () => {
-  const { exps } = await exportsOf(fix("mode2_2336/mode2.cue"));
-  const dev = exps[0]!.device;
-  try {
-    for (const [off, len] of [[0, 1], [2047, 2], [2048, 2048], [100, 5000], [917504 - 3, 3], [400000, 123456], [0, 917504]] as const) {
-      const b = new Uint8Array(len);
-      dev.pread(b, off, 0);
-      bytesEqual(b, iso.subarray(off, off + len), `read ${off}+${len}`);
+for (const cue of ["mode2_2336/mode2.cue", "disc1/disc1.cue"]) {
+  // (MODE2/2336 has a subheader to check per sector; MODE1/2352 does not)
+  test(`single-sector and unaligned reads match the ISO at many offsets (${cue})`, async () => {
+    const { exps } = await exportsOf(fix(cue));
+    const dev = exps[0]!.device;
+    try {
+      for (const [off, len] of [[0, 1], [2047, 2], [2048, 2048], [2048, 4096], [100, 5000], [4096, 6144 + 1], [917504 - 3, 3], [400000, 123456], [0, 917504]] as const) {
+        const b = new Uint8Array(len);
+        dev.pread(b, off, 0);
+        bytesEqual(b, iso.subarray(off, off + len), `read ${off}+${len}`);
+      }
+    } finally {
+      await closeAll(exps);
     }
-  } finally {
-    await closeAll(exps);
-  }
-});
+  });
+}
 
 test("an XA Form 2 sector inside a cooked view reads as EIO; the raw views still read it", async () => {
   const bin = new Uint8Array(readFileSync(fix("mode2/mode2.bin")));
@@ -280,6 +283,12 @@ test("files are opened read-only once and closed when the last export closes", a
 conformance("CD cooked view (MODE2/2352)", {
   make: async () => {
     const exps = await openCdImage(fix("mode2/mode2.cue"), quiet);
+    return { device: exps[0]!.device, expected: iso, cleanup: () => closeAll(exps) };
+  },
+});
+conformance("CD cooked view (MODE1/2352)", {
+  make: async () => {
+    const exps = await openCdImage(fix("disc1/disc1.cue"), quiet);
     return { device: exps[0]!.device, expected: iso, cleanup: () => closeAll(exps) };
   },
 });
