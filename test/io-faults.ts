@@ -68,7 +68,12 @@ class FaultyIo implements RawIo {
     if (this.armed === "write") { this.armed = null; this.fired++; throw injected("pwrite"); }
     return writeSync(fd, buf, off, len, pos);
   }
-  fdatasync(fd: number): void {
+  fdatasync(fd: number): Promise<void> {
+    if (this.armed === "sync") { this.armed = null; this.fired++; return Promise.reject(injected("fdatasync")); }
+    fdatasyncSync(fd);
+    return Promise.resolve();
+  }
+  fdatasyncNow(fd: number): void {
     if (this.armed === "sync") { this.armed = null; this.fired++; throw injected("fdatasync"); }
     fdatasyncSync(fd);
   }
@@ -209,5 +214,54 @@ for (const f of rawFaults) {
     checkContent(new Uint8Array(readFileSync(path)), result!.durable, result!.after, `${f.what}: content on disk`);
   }));
 }
+
+/** A disk whose fdatasync takes `ms` (on the thread pool, as the real one runs). */
+class SlowSyncIo implements RawIo {
+  syncs = 0;
+  constructor(private readonly ms: number) {}
+  pwrite(fd: number, buf: Uint8Array, off: number, len: number, pos: number): number { return writeSync(fd, buf, off, len, pos); }
+  fdatasync(fd: number): Promise<void> {
+    this.syncs++;
+    return new Promise((resolve) => setTimeout(() => { fdatasyncSync(fd); resolve(); }, this.ms));
+  }
+  fdatasyncNow(fd: number): void { fdatasyncSync(fd); }
+}
+
+test("raw file: a slow FLUSH runs off the event loop (another client's reads are answered meanwhile); close waits for it", () => deadline(30_000, "slow flush", async () => {
+  const d = join(dir, "slow-flush");
+  mkdirSync(d, { recursive: true });
+  const path = join(d, "disk.img");
+  writeFileSync(path, new Uint8Array(MiB).fill(7));
+  const io = new SlowSyncIo(600);
+  const dev = RawFile.open(path, { io });
+  const server = new NbdServer([{ name: "x", device: dev }], { log: silentLogger });
+  const sock = join(d, "sock");
+  server.listenUnix(sock);
+  try {
+    const writer = await connect(`nbd+unix:///x?socket=${sock}`);
+    const reader = await connect(`nbd+unix:///x?socket=${sock}`);
+    await writer.pwrite(new Uint8Array(4096).fill(9), 0);
+    const t0 = performance.now();
+    let flushed = 0;
+    const flush = writer.flush().then(() => { flushed = performance.now() - t0; });
+    for (let i = 0; i < 20; i++) bytesEqual(await reader.read(65536 + i * 4096, 4096), new Uint8Array(4096).fill(7), `read ${i}`);
+    const readsTook = performance.now() - t0;
+    assert.is(flushed, 0, "the flush is still running");
+    assert.ok(readsTook < 400, `20 reads while the flush runs took ${readsTook.toFixed(0)} ms`);
+    await flush;
+    assert.ok(flushed >= 550, `the flush took its time (${flushed.toFixed(0)} ms)`);
+    const fua = writer.pwrite(new Uint8Array(4096).fill(3), 8192, { fua: true });
+    await Bun.sleep(50);
+    await writer.close();
+    await reader.close();
+    await fua.catch(() => {});
+    assert.ok(io.syncs >= 2, `FLUSH and the FUA write each synced (${io.syncs}; the disconnect flush may add one)`);
+  } finally {
+    await server.close(2000); // waits for the FUA write's sync before closing the file
+  }
+  const back = readFileSync(path);
+  assert.is(back[0], 9);
+  assert.is(back[8192], 3);
+}));
 
 test.run();

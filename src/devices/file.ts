@@ -1,6 +1,8 @@
 // The raw image file plugin: a regular file exported byte for byte. Reads and writes are
 // synchronous positional I/O (fs.readSync/writeSync: 0.6 µs for a page-cached 4 KiB read against
-// 32 µs for an awaited FileHandle.read, see DESIGN.md). FLUSH and FUA use fdatasync; TRIM punches
+// 32 µs for an awaited FileHandle.read, see DESIGN.md). FLUSH and FUA use fdatasync on the thread
+// pool (a sync that writes back a GiB of dirty pages takes seconds: the event loop and every other
+// connection go on meanwhile; close() waits for them and syncs once more); TRIM punches
 // holes; WRITE_ZEROES uses FALLOC_FL_ZERO_RANGE or hole punching, with a write fallback; extents
 // come from SEEK_DATA/SEEK_HOLE. Writes and syncs go through a RawIo seam (tests inject failures);
 // after a failed fdatasync or write, writes and flushes fail with EIO (failure.ts).
@@ -11,7 +13,7 @@ import {
   fallocate, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, haveLibc, seekData, seekHole, willNeed,
 } from "../sys/libc.ts";
 import {
-  type BlockDevice, type Capabilities, type ExtentSink, type FileRange, caps, EXTENT_HOLE, EXTENT_ZERO, FAST_ZERO, FUA, MAY_TRIM,
+  type BlockDevice, type Capabilities, type ExtentSink, type FileRange, type Maybe, caps, EXTENT_HOLE, EXTENT_ZERO, FAST_ZERO, FUA, MAY_TRIM,
 } from "./types.ts";
 
 const ZERO_CHUNK = 1024 * 1024;
@@ -20,12 +22,16 @@ const ZERO_CHUNK = 1024 * 1024;
 export interface RawIo {
   /** pwrite(2): returns the bytes written, throws an Error with a `code` like Node's. */
   pwrite(fd: number, buf: Uint8Array, off: number, len: number, pos: number): number;
-  fdatasync(fd: number): void;
+  /** fdatasync(2) off the event loop (FLUSH, FUA); rejects with an Error with a `code`. */
+  fdatasync(fd: number): Promise<void>;
+  /** fdatasync(2) now (the last one, at close). */
+  fdatasyncNow(fd: number): void;
 }
 
 const plainIo: RawIo = {
   pwrite: (fd, buf, off, len, pos) => fs.writeSync(fd, buf, off, len, pos),
-  fdatasync: (fd) => fs.fdatasyncSync(fd),
+  fdatasync: (fd) => new Promise((resolve, reject) => fs.fdatasync(fd, (e) => (e ? reject(e) : resolve()))),
+  fdatasyncNow: (fd) => fs.fdatasyncSync(fd),
 };
 
 export class RawFile implements BlockDevice {
@@ -47,6 +53,8 @@ export class RawFile implements BlockDevice {
    */
   private dataStart = 0;
   private dataEnd = 0;
+  /** fdatasync calls under way on the thread pool: close() waits for them before closing the fd. */
+  private readonly syncs = new Set<Promise<unknown>>();
 
   private constructor(path: string, fd: number, size: number, readOnly: boolean, io: RawIo, log: (msg: string) => void) {
     this.path = path;
@@ -119,7 +127,7 @@ export class RawFile implements BlockDevice {
     }
   }
 
-  pwrite(buf: Uint8Array, offset: number, flags: number): void {
+  pwrite(buf: Uint8Array, offset: number, flags: number): Maybe {
     if (this.latch.failure !== null) this.latch.refuse();
     let done = 0;
     try {
@@ -129,23 +137,24 @@ export class RawFile implements BlockDevice {
     } catch (e) {
       throw this.latch.note(e, "write");
     }
-    if (flags & FUA) this.sync();
+    if (flags & FUA) return this.sync();
   }
 
-  flush(): void {
+  flush(): Promise<void> {
     this.latch.refuse();
-    this.sync();
+    return this.sync();
   }
 
-  private sync(): void {
-    try {
-      this.io.fdatasync(this.fd);
-    } catch (e) {
-      throw this.latch.note(e, "fdatasync");
-    }
+  /** fdatasync on the thread pool; a failure is latched (see FailureLatch). */
+  private sync(): Promise<void> {
+    const p = this.io.fdatasync(this.fd);
+    const done = p.then(() => {}, () => {});
+    this.syncs.add(done);
+    void done.then(() => this.syncs.delete(done));
+    return p.catch((e: unknown) => { throw this.latch.note(e, "fdatasync"); });
   }
 
-  trim(offset: number, length: number, flags: number): void {
+  trim(offset: number, length: number, flags: number): Maybe {
     this.latch.refuse();
     this.dataEnd = 0;
     // TRIM is a hint: where the filesystem cannot punch holes we do nothing.
@@ -157,23 +166,23 @@ export class RawFile implements BlockDevice {
         this.canPunch = false;
       }
     }
-    if (flags & FUA) this.sync();
+    if (flags & FUA) return this.sync();
   }
 
-  zero(offset: number, length: number, flags: number): void {
+  zero(offset: number, length: number, flags: number): Maybe {
     this.latch.refuse();
     this.dataEnd = 0;
     if (this.zeroFast(offset, length, flags)) {
-      if (flags & FUA) this.sync();
+      if (flags & FUA) return this.sync();
       return;
     }
     if (flags & FAST_ZERO) throw enotsup("this file system cannot zero a range quickly");
     const z = new Uint8Array(Math.min(ZERO_CHUNK, length));
     for (let o = offset, end = offset + length; o < end; o += z.length) {
       const n = Math.min(z.length, end - o);
-      this.pwrite(n === z.length ? z : z.subarray(0, n), o, 0);
+      this.pwrite(n === z.length ? z : z.subarray(0, n), o, 0); // (no FUA: returns at once)
     }
-    if (flags & FUA) this.sync();
+    if (flags & FUA) return this.sync();
   }
 
   private zeroFast(offset: number, length: number, flags: number): boolean {
@@ -223,15 +232,21 @@ export class RawFile implements BlockDevice {
     willNeed(this.fd, offset, length);
   }
 
-  close(): void {
+  close(): Maybe {
     if (this.closed) return;
     this.closed = true;
+    if (this.syncs.size > 0) return Promise.all(this.syncs).then(() => this.closeNow());
+    this.closeNow();
+  }
+
+  private closeNow(): void {
     // After a failure nothing more is synced (the latch said so in the log); a failing final sync is logged.
     if (!this.readOnly && this.latch.failure === null) {
-      try { this.sync(); } catch { /* logged by the latch */ }
+      try { this.io.fdatasyncNow(this.fd); } catch (e) { this.latch.note(e, "fdatasync"); }
     }
     fs.closeSync(this.fd);
   }
+
 }
 
 function notSupported(e: unknown): boolean {
