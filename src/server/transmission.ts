@@ -237,11 +237,8 @@ export class Transmission {
       const before = this.inFlight;
       this.dispatch(req, p);
       if (p === view && this.inFlight > before && this.direct !== null) {
-        // The device finishes later: keep the buffer; from now on large payloads get their own
-        // copy (cheaper than a new 256 KiB receive buffer per write). A device that writes at once
-        // (a raw file) keeps none, and the copy (a fifth of the server's CPU on 64 KiB writes) is saved.
-        this.direct.hold();
-        this.asyncWrites = true;
+        this.direct.hold(); // the device finishes later: keep the buffer, and copy large payloads
+        this.asyncWrites = true; // from now on (cheaper than a new receive buffer per write)
       }
       return pos + length;
     }
