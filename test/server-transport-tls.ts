@@ -10,6 +10,7 @@ import { connect } from "../src/client/index.ts";
 import { NbdServer } from "../src/server/server.ts";
 import { silentLogger } from "../src/server/log.ts";
 import { RawFile } from "../src/devices/file.ts";
+import { MemoryDevice } from "../src/devices/memory.ts";
 import { bytesEqual, deadline } from "./helpers/assert.ts";
 import { need, scratch } from "./helpers/env.ts";
 import { makePki, type Pki } from "./helpers/tls.ts";
@@ -18,6 +19,8 @@ import { pattern } from "./robustness-wire.ts";
 
 const dir = scratch("bun-nbd-transport-tls-");
 const SIZE = 16 * 1024 * 1024;
+/** Larger than MAX_WRITE (what the PSK engine encrypts at once). */
+const BIG = 2 * 1024 * 1024 + 4096;
 const BLOCK = 1024 * 1024 + 4096; // not a multiple of any record or chunk size
 let pki: Pki;
 const servers: NbdServer[] = [];
@@ -35,7 +38,10 @@ for (const kind of ["x509", "psk"] as const) {
   test(`${kind}: pipelined 1 MiB WRITEs and READs over TLS, no recv or sendfile on the raw socket, bytes exact`, () => deadline(60_000, kind, async () => {
     const img = join(dir, `${kind}.img`);
     writeFileSync(img, new Uint8Array(SIZE));
-    const server = new NbdServer([{ name: "disk", device: RawFile.open(img) }], {
+    const mem = new MemoryDevice(8 * BIG);
+    const memData = pattern(8 * BIG, 0, 41);
+    mem.pwrite(memData, 0);
+    const server = new NbdServer([{ name: "disk", device: RawFile.open(img) }, { name: "mem", device: mem }], {
       log: silentLogger, tls: "require", ...(kind === "x509" ? { tlsCertificates: pki.server } : { tlsPsk: pki.psk }),
     });
     servers.push(server);
@@ -62,6 +68,15 @@ for (const kind of ["x509", "psk"] as const) {
       for (const { off, buf } of got) bytesEqual(buf, data.subarray(off, off + BLOCK), `${kind} read at ${off}`);
     } finally {
       await c.close();
+    }
+    // Replies larger than one encrypted write (MAX_WRITE), from memory, eight in flight.
+    const m = await connect(uri.replace("/disk?", "/mem?"));
+    try {
+      const bufs = Array.from({ length: 8 }, () => new Uint8Array(BIG));
+      await Promise.all(bufs.map((b, i) => m.pread(b, i * BIG)));
+      bufs.forEach((b, i) => bytesEqual(b, memData.subarray(i * BIG, (i + 1) * BIG), `${kind}: 2 MiB read ${i}`));
+    } finally {
+      await m.close();
     }
     const written = Math.floor(SIZE / BLOCK) * BLOCK;
     bytesEqual(readFileSync(img).subarray(0, written), data.subarray(0, written), `${kind}: the file`);

@@ -2,7 +2,8 @@
 // (socket.upgradeTLS) and PSK through the system OpenSSL engine (PskSocket). Either way the session
 // keeps its transport and learns onSecured(identity) or onTlsFailed(reason).
 import type { Socket } from "bun";
-import { TlsError, type TlsSession } from "../sys/tls-engine.ts";
+import { haveLibc, sendAddr } from "../sys/libc.ts";
+import { MAX_WRITE, TlsError, type TlsSession } from "../sys/tls-engine.ts";
 import type { ByteSocket, Conn, RawTap, Upgrader } from "./socket-transport.ts";
 import type { PskCredentials, ServerCredentials, X509Credentials } from "./tls.ts";
 
@@ -105,8 +106,13 @@ class PskSocket implements ByteSocket, RawTap {
   private secured = false;
   private ending = false;
 
+  /** The raw socket's descriptor (-1: unknown: ciphertext goes through Bun only). */
+  private readonly fd: number;
+
   constructor(private readonly raw: Socket<Conn>, creds: PskCredentials, private readonly c: Conn, private readonly ev: ConnEvents) {
     this.tls = creds.engine.session();
+    const fd = (raw as unknown as { fd?: number }).fd; // present at run time, missing from the typings
+    this.fd = typeof fd === "number" && haveLibc ? fd : -1;
   }
 
   data(chunk: Uint8Array): void {
@@ -132,13 +138,41 @@ class PskSocket implements ByteSocket, RawTap {
     }
   }
 
-  /** Takes all of `b` when the socket is keeping up, nothing while earlier ciphertext waits. */
+  /**
+   * Takes all of `b` when the socket is keeping up (in pieces of MAX_WRITE, each sent before the
+   * next is encrypted), nothing while earlier ciphertext waits; a piece the socket did not take
+   * all of waits as ciphertext, and the rest of `b` stays with the caller until `drain`.
+   */
   write(b: Uint8Array): number {
     if (this.tls.freed) return -1;
     if (this.tail !== null || this.tls.pendingOutput() > 0) return 0;
-    this.tls.write(b);
+    let taken = 0;
+    while (taken < b.length) {
+      const n = Math.min(MAX_WRITE, b.length - taken);
+      this.tls.write(n === b.length ? b : b.subarray(taken, taken + n));
+      taken += n;
+      if (!this.sendOutput()) break;
+    }
+    return taken;
+  }
+
+  /**
+   * Sends the waiting ciphertext from the engine's ring straight to the socket (one copy, in the
+   * kernel); once the socket is full, the rest goes through Bun (flush), which arms `drain`.
+   * Returns true if everything went.
+   */
+  private sendOutput(): boolean {
+    if (this.fd >= 0) {
+      for (;;) {
+        const v = this.tls.outputView();
+        if (v.length === 0) return true;
+        const r = sendAddr(this.fd, v.addr, v.length);
+        if (r > 0) this.tls.consumeOutput(r);
+        if (r < v.length) break;
+      }
+    }
     this.flush();
-    return b.length;
+    return this.tail === null;
   }
 
   /** Moves ciphertext from the engine to the socket until either runs out. */

@@ -177,6 +177,17 @@ export function copySend(outFd: number, inFd: number, offset: number, len: numbe
   throw errnoError("send", e);
 }
 
+/**
+ * send(2) of `len` bytes at native address `addr` (memory owned by a C library) without waiting:
+ * the count sent, 0 when the socket is full, -1 on an error (the caller goes through its event
+ * loop, which reports a closed socket its own way).
+ */
+export function sendAddr(fd: number, addr: number, len: number): number {
+  const r = lib!.send(fd, addr as never, len, MSG_NOSIGNAL | MSG_DONTWAIT) as number;
+  if (r >= 0) return r;
+  return errno() === 11 ? 0 : -1;
+}
+
 const SOL_SOCKET = 1;
 const SO_SNDBUF = 7;
 const SO_RCVBUF = 8;

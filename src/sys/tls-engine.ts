@@ -197,6 +197,10 @@ function makePskSession(o: Ossl, ssl: Ptr, key: Uint8Array): Ptr | null {
   return sess as Ptr;
 }
 
+/** Most plaintext one write() of a server session takes: its ciphertext, records and all, fits OUT_RING. */
+export const MAX_WRITE = 256 * 1024;
+const OUT_RING = 2 * MAX_WRITE;
+
 /** Largest TLS record plaintext, plus slack: the most one partly received record can still yield. */
 const RECORD = 16384 + 256;
 /** Where small arrivals are decrypted (shared: read() copies out before returning). */
@@ -219,6 +223,10 @@ export class TlsSession {
   /** The peer sent close_notify. */
   peerClosed = false;
 
+  /** Our end of the output BIO pair (server sessions), freed by us; null: a memory BIO the SSL owns. */
+  private readonly pairEnd: Ptr | null = null;
+  private readonly view = { addr: 0, length: 0 };
+  private readonly addrOut = new BigUint64Array(1);
   /** Keeps the context (and its PSK callbacks) alive while this connection may still call them. */
   private readonly ctx: TlsContext;
 
@@ -231,8 +239,19 @@ export class TlsSession {
     this.ssl = ssl as Ptr;
     const mem = o.BIO_s_mem();
     this.rbio = o.BIO_new(mem) as Ptr;
-    this.wbio = o.BIO_new(mem) as Ptr;
-    o.SSL_set_bio(ssl, this.rbio, this.wbio); // the SSL owns both BIOs from here on
+    if (this.ctx.config.role === "server") {
+      // Ciphertext out goes through a BIO pair: a memory BIO clears and copies every byte it takes
+      // and copies it again when read, while the pair's ring can be sent to the socket from where
+      // it lies (outputView/consumeOutput). It holds one write() of up to MAX_WRITE bytes.
+      const pair = new BigUint64Array(2);
+      if (o.BIO_new_bio_pair(f.ptr(pair), OUT_RING, f.ptr(pair, 8), OUT_RING) !== 1) fail("BIO_new_bio_pair");
+      this.wbio = Number(pair[1]) as unknown as Ptr; // our end: ciphertext is read from it
+      this.pairEnd = this.wbio;
+      o.SSL_set_bio(ssl, this.rbio, Number(pair[0]) as unknown as Ptr); // the SSL owns the memory BIO and its end
+    } else {
+      this.wbio = o.BIO_new(mem) as Ptr;
+      o.SSL_set_bio(ssl, this.rbio, this.wbio); // the SSL owns both BIOs from here on
+    }
     sessions.set(this.ssl!, this);
     if (this.ctx.config.role === "server") {
       o.SSL_set_accept_state(ssl);
@@ -315,13 +334,34 @@ export class TlsSession {
     return out.subarray(0, got);
   }
 
-  /** Encrypts all of `b` (the ciphertext waits in takeOutput()). */
+  /**
+   * Encrypts all of `b` (the ciphertext waits in takeOutput()). A server session holds one write's
+   * ciphertext: `b` at most MAX_WRITE bytes, and what earlier writes made taken first.
+   */
   write(b: Uint8Array): void {
     if (this.ssl === null || b.length === 0) return;
     const o = lib();
     o.ERR_clear_error();
     const r = o.SSL_write(this.ssl, ffiApi!.ptr(b), b.length);
     if (r !== b.length) throw this.error(o, "TLS write failed");
+  }
+
+  /** (Server sessions) address and length of the next contiguous run of waiting ciphertext; length 0: none. */
+  outputView(): { addr: number; length: number } {
+    const view = this.view;
+    view.length = 0;
+    if (this.ssl === null || this.pairEnd === null) return view;
+    const n = lib().BIO_nread0(this.pairEnd, ffiApi!.ptr(this.addrOut));
+    if (n > 0) {
+      view.addr = Number(this.addrOut[0]);
+      view.length = n;
+    }
+    return view;
+  }
+
+  /** The first `n` bytes of outputView() were sent: drop them. */
+  consumeOutput(n: number): void {
+    if (this.ssl !== null && this.pairEnd !== null && n > 0) lib().BIO_nread(this.pairEnd, ffiApi!.ptr(this.addrOut), n);
   }
 
   /** Bytes of ciphertext waiting to be sent. */
@@ -368,6 +408,7 @@ export class TlsSession {
     if (this.ssl === null) return;
     sessions.delete(this.ssl);
     lib().SSL_free(this.ssl);
+    if (this.pairEnd !== null) lib().BIO_free(this.pairEnd);
     this.ssl = null;
   }
 }
