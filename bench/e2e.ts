@@ -69,7 +69,8 @@ if (opt.only) {
   WORKLOADS.splice(0, WORKLOADS.length, ...WORKLOADS.filter((w) => keep.includes(w.id)));
 }
 
-interface Result { value: number; bytes: number; cpu: number; seconds: number }
+/** `p50`/`p99`: fio's completion latency in µs (fio workloads only). */
+interface Result { value: number; bytes: number; cpu: number; seconds: number; p50?: number; p99?: number }
 type Results = Record<string, Record<string, Result>>;
 
 const { dir, running } = benchScratch("bun-nbd-e2e-", opt.dir);
@@ -109,9 +110,9 @@ async function stop(s: Started): Promise<void> {
   running(null);
 }
 
-function runFio(uri: string, w: Workload): { value: number; bytes: number } {
+function runFio(uri: string, w: Workload): { value: number; bytes: number; p50: number; p99: number } {
   const r = fio(w.id, uri, w.fio!, SIZE, RUNTIME);
-  return { value: w.unit === "IOPS" ? r.iops : r.mbps, bytes: r.bytes };
+  return { value: w.unit === "IOPS" ? r.iops : r.mbps, bytes: r.bytes, p50: r.p50, p99: r.p99 };
 }
 
 /** A whole-image copy to a null sink, timed as a whole process (start-up included). */
@@ -186,7 +187,15 @@ async function main(): Promise<void> {
   clients.push(`| bun-nbd copy | ${SERVERS.map((s) => fmt(copyOf("bun-copy-null", s)?.value, "MB/s")).join(" | ")} |`);
   clients.push(`| bun-nbd copy / nbdcopy | ${SERVERS.map((s) => ratio(copyOf("bun-copy-null", s), copyOf("nbdcopy-null", s))).join(" | ")} |`);
   const haveClients = WORKLOADS.some((w) => w.id === "bun-copy-null");
-  console.log(`\n${machine()}\n\n${lines.join("\n")}${haveClients ? `\n${clients.join("\n")}` : ""}`);
+  // Per-request latency where it is the point: QD1 (from each server's best round).
+  const lat = ["", "Completion latency per request at QD1 (fio clat, µs, from each server's best round):", "",
+    `| workload | ${SERVERS.map((s) => `${name(s)} p50 / p99`).join(" | ")} |`, `|---|${SERVERS.map(() => "---:").join("|")}|`];
+  const us = (v?: number) => (v === undefined || !Number.isFinite(v) ? "-" : v.toFixed(0));
+  for (const w of WORKLOADS.filter((x) => x.fio?.includes("--iodepth=1"))) {
+    lat.push(`| ${w.label} | ${SERVERS.map((s) => `${us(results[s]?.[w.id]?.p50)} / ${us(results[s]?.[w.id]?.p99)}`).join(" | ")} |`);
+  }
+  const haveLat = lat.length > 5;
+  console.log(`\n${machine()}\n\n${lines.join("\n")}${haveClients ? `\n${clients.join("\n")}` : ""}${haveLat ? `\n${lat.join("\n")}` : ""}`);
   if (opt.json) writeFileSync(opt.json, JSON.stringify({ machine: machine(), runtime: RUNTIME, size: SIZE, results }, null, 2));
 }
 

@@ -59,7 +59,8 @@ export async function stopProcess(proc: Subprocess): Promise<void> {
   clearTimeout(t);
 }
 
-export interface FioResult { iops: number; mbps: number; bytes: number }
+/** Throughput, bytes moved, and the completion latency's median and 99th percentile (µs). */
+export interface FioResult { iops: number; mbps: number; bytes: number; p50: number; p99: number }
 
 /** One time-based fio job with the nbd engine; `args` are fio's --rw/--bs/--iodepth options. */
 export function fio(name: string, uri: string, args: string[], size: number, runtime: number): FioResult {
@@ -70,7 +71,11 @@ export function fio(name: string, uri: string, args: string[], size: number, run
   const out = r.stdout.toString();
   const job = JSON.parse(out.slice(out.indexOf("{"))).jobs[0];
   const rw = args.some((a) => a.includes("write")) ? job.write : job.read;
-  return { iops: rw.iops, mbps: rw.bw_bytes / 1e6, bytes: job.read.io_bytes + job.write.io_bytes };
+  const pct = (rw.clat_ns?.percentile ?? {}) as Record<string, number>;
+  return {
+    iops: rw.iops, mbps: rw.bw_bytes / 1e6, bytes: job.read.io_bytes + job.write.io_bytes,
+    p50: (pct["50.000000"] ?? NaN) / 1000, p99: (pct["99.000000"] ?? NaN) / 1000,
+  };
 }
 
 /** Write `size` bytes of seeded xorshift32 noise (fully allocated, incompressible) to `path`. */
