@@ -2,7 +2,7 @@
 // flags laid over either, giving the same ServiceConfig. Wiring only: the rules live in src/config.
 import { readFileSync, statSync } from "node:fs";
 import { resolve } from "node:path";
-import { parseConfig } from "../config/parse.ts";
+import { MAX_WORKERS, parseConfig } from "../config/parse.ts";
 import { DEFAULT_PORT, DEFAULT_SETTINGS, deepFreeze, formatConfigError, type ExportConfig, type ListenAddress, type PathKind, type ServerSettings, type ServiceConfig } from "../config/types.ts";
 import { parseHostPort } from "../config/values.ts";
 import { cidrProblem } from "../server/access.ts";
@@ -38,6 +38,7 @@ export interface ServeFlags {
   "max-connections"?: string;
   "max-connections-per-address"?: string;
   "handshake-timeout"?: string;
+  workers?: string;
 }
 
 /** A usable configuration, or the lines to print before exiting with `code`. */
@@ -138,7 +139,12 @@ function overrideSettings(s: ServerSettings, f: ServeFlags): ServerSettings | st
   const verbose = f.verbose || (s.verbose && !f.quiet);
   const quiet = f.quiet || (s.quiet && !f.verbose);
   if (verbose && quiet) return "--verbose and --quiet cannot be used together";
-  return { ...s, ...security, listen, metrics, logFormat, verbose: !!verbose, quiet: !!quiet, readOnly: s.readOnly || !!f["read-only"] };
+  let workers = s.workers;
+  if (f.workers !== undefined) {
+    workers = Number(f.workers);
+    if (!/^\d+$/.test(f.workers) || workers < 1 || workers > MAX_WORKERS) return `invalid --workers "${f.workers}" (1 to ${MAX_WORKERS})`;
+  }
+  return { ...s, ...security, listen, metrics, logFormat, verbose: !!verbose, quiet: !!quiet, readOnly: s.readOnly || !!f["read-only"], workers };
 }
 
 /**

@@ -13,6 +13,7 @@ import { createLogger, type Logger } from "../server/log.ts";
 import { serveMetrics } from "../server/metrics.ts";
 import { NbdServer } from "../server/server.ts";
 import { ExportService, type OpenPerClient } from "../server/service.ts";
+import { type WorkerListen, WorkerPool, workerProblems, workerRole, type WorkerRole } from "../server/workers.ts";
 import { formatSize } from "./format.ts";
 import { progressBar } from "./progress.ts";
 import { describe } from "../devices/partition-exports.ts";
@@ -78,6 +79,10 @@ TLS and access control:
       --max-connections-per-address N   at most N at once from one IP address
       --handshake-timeout S    drop a client that has not chosen an export within S seconds
                                (default 10; 0: never)
+Processes:
+      --workers N      serve with N processes (default 1), so connections use N cores: raw
+                       images (read-write), and any local image read-only; not with overlays,
+                       remote images, --metrics or connection limits
   -q, --quiet          log only warnings and errors
   -h, --help           this help
   -V, --version        print the version
@@ -115,6 +120,7 @@ export async function main(argv: string[]): Promise<number> {
     "max-connections": { type: "string" },
     "max-connections-per-address": { type: "string" },
     "handshake-timeout": { type: "string" },
+    workers: { type: "string" },
     quiet: { type: "boolean", short: "q" },
     version: { type: "boolean", short: "V" },
     ...REMOTE_FLAGS,
@@ -134,9 +140,15 @@ export async function main(argv: string[]): Promise<number> {
     return 0;
   }
   const s = cfg.server;
-  const log = createLogger(s.verbose ? "debug" : s.quiet ? "warn" : "info", undefined, s.logFormat);
+  const role = workerRole();
+  const log = createLogger(s.verbose ? "debug" : s.quiet ? "warn" : "info", undefined, s.logFormat, role?.index ?? (s.workers > 1 ? 0 : undefined));
   const say = s.logFormat === "json" ? (l: string) => log.info(l) : (l: string) => console.log(l);
-  if (o.verify && !(await verifyAll(cfg, log, !!s.quiet))) return 1;
+  const refused = role === null ? workerProblems(cfg) : [];
+  if (refused.length > 0) {
+    for (const p of refused) console.error(`bun-nbd serve: --workers ${s.workers}: ${p}`);
+    return 2;
+  }
+  if (o.verify && role === null && !(await verifyAll(cfg, log, !!s.quiet))) return 1;
 
   let remote;
   try {
@@ -159,9 +171,9 @@ export async function main(argv: string[]): Promise<number> {
     return 1;
   }
 
-  let where: string[];
+  let where: string[], shared: { spec: WorkerListen; fd?: number }[];
   try {
-    where = listen(server, cfg);
+    ({ where, shared } = role ? listenAsWorker(server, role) : listen(server, cfg));
   } catch (e) {
     const port = s.listen.find((l) => l.kind === "tcp")?.port;
     const code = (e as NodeJS.ErrnoException).code;
@@ -190,10 +202,26 @@ export async function main(argv: string[]): Promise<number> {
     }
   }
 
-  printBanner(server, where, say);
-  if (server.tlsSummary) say(server.tlsSummary);
-  if (metricsUrl) say(`Metrics at ${metricsUrl}`);
-  say("Ready. Press Ctrl-C to stop.");
+  let pool: WorkerPool | null = null;
+  if (role !== null) {
+    process.send?.({ ready: true });
+  } else {
+    if (s.workers > 1) {
+      pool = new WorkerPool(s.workers, shared, [process.execPath, ...process.argv.slice(1)], log);
+      try {
+        await pool.start();
+      } catch (e) {
+        console.error(`bun-nbd serve: --workers ${s.workers}: ${(e as Error).message}`);
+        await server.close(0);
+        return 1;
+      }
+    }
+    printBanner(server, where, say);
+    if (server.tlsSummary) say(server.tlsSummary);
+    if (metricsUrl) say(`Metrics at ${metricsUrl}`);
+    if (pool) say(`${s.workers} processes serve these sockets (pids ${[process.pid, ...pool.pids].join(", ")}).`);
+    say("Ready. Press Ctrl-C to stop.");
+  }
 
   return await new Promise<number>((resolve) => {
     let stopping = false;
@@ -202,12 +230,15 @@ export async function main(argv: string[]): Promise<number> {
       stopping = true;
       log.info(`${sig}: finishing in-flight requests and closing`);
       stopMetrics();
-      server.close().then(() => resolve(0), (e: Error) => { log.error(e.message); resolve(1); });
+      Promise.all([server.close(), pool?.stop()]).then(() => resolve(0), (e: Error) => { log.error(e.message); resolve(1); });
     };
     process.on("SIGINT", () => stop("SIGINT"));
     process.on("SIGTERM", () => stop("SIGTERM"));
+    // a worker whose supervisor is gone (even by kill -9) stops serving
+    if (role !== null) process.on("disconnect", () => stop("supervisor gone"));
     process.on("SIGHUP", () => {
       if (stopping) return;
+      pool?.signal("SIGHUP");
       if (server.tlsSummary) {
         // renewed certificates or keys: new connections use them, open ones keep theirs
         try {
@@ -226,23 +257,47 @@ export async function main(argv: string[]): Promise<number> {
 /** Per-client overlays: the qcow2 code is loaded only when an export uses them. */
 const openPerClient: OpenPerClient = async (e, log, remote) => (await import("../devices/per-client.ts")).openClientOverlays(e, log, remote);
 
-/** Listen where the configuration says, or on systemd's sockets; returns how to reach each. */
-function listen(server: NbdServer, cfg: ServiceConfig): string[] {
+interface Listening { where: string[]; shared: { spec: WorkerListen; fd?: number }[] }
+
+/**
+ * Listen where the configuration says, or on systemd's sockets; returns how to reach each, and
+ * what --workers' other processes serve: the same TCP addresses (SO_REUSEPORT) and descriptors.
+ */
+function listen(server: NbdServer, cfg: ServiceConfig): Listening {
+  const shared: Listening["shared"] = [];
   const passed = activationSockets();
   if (passed !== null) {
-    return passed.map((p) => {
+    const where = passed.map((p) => {
       server.listenFd(p.fd);
+      shared.push({ spec: { kind: "fd", fd: p.fd }, fd: p.fd });
       return p.address === null ? `fd:${p.fd}` : describeListen(p.address);
     });
+    return { where, shared };
   }
+  const mode = cfg.server.workers > 1 ? "reuse-port" : "exclusive";
   let port0: number | null = null;
-  return cfg.server.listen.map((l) => {
-    if (l.kind === "unix") { server.listenUnix(l.path); return describeListen(l); }
+  const where = cfg.server.listen.map((l) => {
+    if (l.kind === "unix") {
+      const fd = server.listenUnix(l.path);
+      shared.push({ spec: { kind: "fd", fd }, fd });
+      return describeListen(l);
+    }
     // with port 0 on several addresses, every address gets the port the first one got
-    const { port } = server.listenTcp(l.host, port0 ?? l.port);
+    const { port } = server.listenTcp(l.host, port0 ?? l.port, mode);
     if (l.port === 0) port0 ??= port;
+    shared.push({ spec: { kind: "tcp", host: l.host, port } });
     return describeListen({ ...l, port });
   });
+  return { where, shared };
+}
+
+/** A worker serves what its supervisor bound: the same TCP ports, and the descriptors it was handed. */
+function listenAsWorker(server: NbdServer, role: WorkerRole): Listening {
+  for (const l of role.listen) {
+    if (l.kind === "fd") server.listenFd(l.fd);
+    else server.listenTcp(l.host, l.port, "join");
+  }
+  return { where: [], shared: [] };
 }
 
 /** serve --verify: each export's file against the checksum beside it; false after printing a mismatch. */
@@ -299,6 +354,11 @@ async function reload(cfg: ServiceConfig, flags: ServeFlags, service: ExportServ
   const next = serveConfig(flags, []);
   if (!next.ok) {
     log.error(`reload of ${cfg.file} failed, keeping the running configuration: ${next.errors.join("; ")}`);
+    return;
+  }
+  const refused = workerProblems({ ...next.config, server: cfg.server });
+  if (refused.length > 0) {
+    log.error(`reload of ${cfg.file} refused, keeping the running configuration: ${refused.join("; ")}`);
     return;
   }
   if (JSON.stringify(next.config.server) !== JSON.stringify(cfg.server)) {

@@ -12,7 +12,7 @@ import {
 export const SERVER_KEYS = [
   "listen", "read-only", "verbose", "quiet", "log-format", "metrics",
   "tls", "tls-certificates", "tls-verify-peer", "tls-psk", "allow", "max-connections", "max-connections-per-address",
-  "handshake-timeout",
+  "handshake-timeout", "workers",
 ] as const;
 export const EXPORT_KEYS = [
   "name", "file", "read-only", "overlay", "overlay-dir", "compat", "partitions", "description", "allow", "client-name",
@@ -21,6 +21,8 @@ export const EXPORT_KEYS = [
 /** A per-client overlay's client part: NAME@CLIENT. */
 export const CLIENT_NAME = /^[A-Za-z0-9._-]{1,64}$/;
 const MAX_EXPORT_NAME = 4096;
+/** Serving processes at most (server.workers, serve --workers). */
+export const MAX_WORKERS = 64;
 
 export interface ParseOptions {
   /** The file's name in messages; relative paths in the file are taken from its directory. */
@@ -164,8 +166,13 @@ class Checker {
     if (timeout !== undefined && !(typeof timeout === "number" && timeout >= 0 && Number.isFinite(timeout))) {
       this.err(`${at}.handshake-timeout`, `must be a number of seconds >= 0 (0: none), not ${show(timeout)}`);
     }
+    const workers = v.workers ?? d.workers;
+    if (!(Number.isInteger(workers) && (workers as number) >= 1 && (workers as number) <= MAX_WORKERS)) {
+      this.err(`${at}.workers`, `must be a whole number from 1 to ${MAX_WORKERS}, not ${show(workers)}`);
+    }
     return {
       listen, metrics, verbose, quiet, tlsCertificates, tlsPsk,
+      workers: Number.isInteger(workers) && (workers as number) >= 1 && (workers as number) <= MAX_WORKERS ? workers as number : d.workers,
       readOnly: this.bool(v, "read-only", at, false),
       logFormat: this.oneOf(v, "log-format", at, ["text", "json"] as const, "text"),
       tls: this.oneOf(v, "tls", at, ["off", "on", "require"] as const, "off"),

@@ -30,6 +30,7 @@ function serverLines(s: ServerSettings): string[] {
   lines.push(`allow = ${list(s.allow)}`);
   lines.push(`max-connections = ${s.maxConnections}`, `max-connections-per-address = ${s.maxConnectionsPerAddress}`);
   lines.push(`handshake-timeout = ${s.handshakeTimeout}`);
+  if (s.workers !== 1) lines.push(`workers = ${s.workers}`);
   return lines;
 }
 

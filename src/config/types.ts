@@ -30,6 +30,8 @@ export interface ServerSettings {
   readonly maxConnectionsPerAddress: number;
   /** Seconds a client has to finish negotiating; 0: no deadline. */
   readonly handshakeTimeout: number;
+  /** Processes serving connections (issue 15): 1 is one event loop; N > 1 is src/server/workers.ts. */
+  readonly workers: number;
 }
 
 export type OverlayMode =
@@ -87,7 +89,7 @@ export const DEFAULT_SETTINGS: ServerSettings = Object.freeze({
   listen: Object.freeze([Object.freeze({ kind: "tcp" as const, host: "127.0.0.1", port: DEFAULT_PORT })]),
   readOnly: false, verbose: false, quiet: false, logFormat: "text" as const, metrics: null,
   tls: "off" as const, tlsCertificates: null, tlsVerifyPeer: false, tlsPsk: null,
-  allow: Object.freeze([]), maxConnections: 0, maxConnectionsPerAddress: 0, handshakeTimeout: 10,
+  allow: Object.freeze([]), maxConnections: 0, maxConnectionsPerAddress: 0, handshakeTimeout: 10, workers: 1,
 });
 
 /** What a path is, for the checks that need the file system (injected: parsing stays pure). */

@@ -183,6 +183,13 @@ export async function openImage(file: string, opts: OpenOptions): Promise<Opened
     const { openRemote } = await import("./remote/index.ts");
     return openRemote(file, { name: opts.name, settings: opts.remote ?? {}, log: opts.info ?? opts.log });
   }
+  const { path, member, kind } = localKind(file);
+  if (member !== undefined && kind !== "zip") throw new Error(`cannot open ${file}: no such file (${path} is not a zip archive)`);
+  return OPENERS[kind]({ path, member, name: opts.name ?? exportNameFor(file), opts });
+}
+
+/** What a local FILE holds, by its content (and a .cue/.ccd/.zip name), without opening it as an image. */
+export function localKind(file: string): { path: string; member?: string; kind: Kind } {
   const { path, member } = locate(file);
   const probe = probeFile(path);
   const ext = extname(path).toLowerCase();
@@ -192,8 +199,7 @@ export async function openImage(file: string, opts: OpenOptions): Promise<Opened
   if (ext === ".ccd") kind = "ccd";
   // The last part of a split archive starts with directory entries, not a local header.
   if ((ext === ".zip" || ext === ".imz") && kind === "raw") kind = "zip";
-  if (member !== undefined && kind !== "zip") throw new Error(`cannot open ${file}: no such file (${path} is not a zip archive)`);
-  return OPENERS[kind]({ path, member, name: opts.name ?? exportNameFor(file), opts });
+  return { path, member, kind };
 }
 
 function cdImage(format: "cue" | "ccd" | "raw"): Opener {

@@ -10,6 +10,8 @@ export interface LogFields {
   export?: string;
   command?: string;
   errno?: string;
+  /** serve --workers: which process wrote the line. */
+  worker?: number;
 }
 
 export interface Logger {
@@ -24,10 +26,17 @@ export type Level = "debug" | "info" | "warn" | "error" | "silent";
 export type LogFormat = "text" | "json";
 const order: Record<Level, number> = { debug: 0, info: 1, warn: 2, error: 3, silent: 4 };
 
+/**
+ * `worker`: this process is serve --workers' process number `worker` (0 is the supervisor's); its
+ * lines say so ("w2 " in text, "worker": 2 in JSON), since every process writes to one stderr.
+ */
 export function createLogger(level: Level = "info", write: (line: string) => void = (l) => process.stderr.write(l + "\n"),
-  format: LogFormat = "text"): Logger {
+  format: LogFormat = "text", worker?: number): Logger {
   const min = order[level];
-  const line = format === "json" ? jsonLine : textLine;
+  const plain = format === "json" ? jsonLine : textLine;
+  const line = worker === undefined ? plain
+    : format === "json" ? (lv: string, m: string, f?: LogFields) => plain(lv, m, { worker, ...f })
+    : (lv: string, m: string, f?: LogFields) => plain(lv, `w${worker} ${m}`, f);
   return {
     debugEnabled: min <= 0,
     debug: (m, f) => { if (min <= 0) write(line("debug", m, f)); },

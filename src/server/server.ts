@@ -200,13 +200,20 @@ export class NbdServer implements ExportTable {
     };
   }
 
-  /** Listen on TCP. Port 0 picks a free port; the bound port is returned. */
-  listenTcp(hostname: string, port: number): { hostname: string; port: number } {
-    const l = Bun.listen<Conn>({ hostname, port, socket: this.handlers("tcp") });
+  /**
+   * Listen on TCP. Port 0 picks a free port; the bound port is returned. "reuse-port" (SO_REUSEPORT,
+   * serve --workers): every process of one server binds the port and the kernel spreads connections;
+   * the first binds it "reuse-port" (failing if anything holds it), the others "join".
+   */
+  listenTcp(hostname: string, port: number, mode: "exclusive" | "reuse-port" | "join" = "exclusive"): { hostname: string; port: number; fd: number } {
+    // SO_REUSEPORT would let this bind next to another server's workers: see that the port is free first
+    if (mode === "reuse-port" && port !== 0) Bun.listen<Conn>({ hostname, port, socket: this.handlers("tcp") }).stop(true);
+    const reusePort = mode !== "exclusive";
+    const l = Bun.listen<Conn>({ hostname, port, socket: this.handlers("tcp"), ...(reusePort ? { reusePort } : {}) });
     this.listeners.push(l);
     const warning = exposureWarning(hostname, l.port, this.settings.tls, this.settings.allowList.rules.length > 0);
     if (warning) this.log.warn(warning);
-    return { hostname, port: l.port };
+    return { hostname, port: l.port, fd: listenerFd(l) };
   }
 
   /**
@@ -218,14 +225,15 @@ export class NbdServer implements ExportTable {
     this.listeners.push(l);
   }
 
-  /** Listen on a unix socket (a stale socket file left by a dead server is replaced). */
-  listenUnix(path: string): void {
+  /** Listen on a unix socket (a stale socket file left by a dead server is replaced); returns its fd. */
+  listenUnix(path: string): number {
     try {
       if (statSync(path).isSocket()) rmSync(path);
     } catch { /* does not exist */ }
     const l = Bun.listen<Conn>({ unix: path, socket: this.handlers("unix") });
     this.listeners.push(l);
     this.unixPaths.push(path);
+    return listenerFd(l);
   }
   /**
    * Stop accepting, let in-flight requests finish (new ones get ESHUTDOWN), close connections,
@@ -243,6 +251,11 @@ export class NbdServer implements ExportTable {
     await this.registry.close();
     if (this.credentials?.kind === "psk") this.credentials.engine.free();
   }
+}
+
+/** The listening socket's descriptor (Bun has it, its types do not). */
+function listenerFd(l: TCPSocketListener<Conn> | UnixSocketListener<Conn>): number {
+  return (l as unknown as { fd: number }).fd;
 }
 
 function addStats(to: TransportStats, from: TransportStats): void {

@@ -1,0 +1,162 @@
+// serve --workers N: N processes serve one server's sockets, so connections use more than one core
+// (nbdkit uses threads, nbd-server forks; Bun has one event loop per process).
+//
+// The process the user starts is worker 0, the supervisor: it checks the configuration, opens the
+// exports, binds, prints the banner and serves like a single-process server. It then starts N-1
+// more processes of the same command line, which open the same exports themselves and serve the
+// same sockets: a TCP port through SO_REUSEPORT (the kernel spreads connections over the processes
+// by address hash), a unix socket or a systemd socket by inheriting the listening descriptor (the
+// process that is idle accepts). Every process writes to the one stderr with "wN" on its lines.
+// SIGHUP is passed on (each process reloads the config file or credentials itself); SIGINT and
+// SIGTERM stop them all; a worker that dies is replaced (not more than 5 times a minute); a worker
+// whose supervisor dies (its IPC channel closes) shuts down.
+//
+// What stays true across processes decides what is served (workerProblems): reads of any local
+// image, and writes to raw files, whose only state is the file (the page cache is shared and a
+// FLUSH's fdatasync covers every process's writes, so CAN_MULTI_CONN still holds). Anything with a
+// single writer's state in the process (qcow2 overlays, --snapshot, per-client overlays, a writable
+// qcow2 or VHD, a remote image's local cache) is refused with the reason, as are settings that
+// would silently become per process (connection limits, the metrics endpoint).
+import type { Subprocess } from "bun";
+import type { ServiceConfig } from "../config/types.ts";
+import { localKind } from "../devices/open.ts";
+import { isRemote } from "../devices/remote/location.ts";
+import type { Logger } from "./log.ts";
+
+/** The environment variable that makes `serve` one of the supervisor's workers. */
+export const WORKER_ENV = "BUN_NBD_WORKER";
+
+/** Where a worker listens: a TCP address it binds with SO_REUSEPORT, or a descriptor it inherited. */
+export type WorkerListen = { kind: "tcp"; host: string; port: number } | { kind: "fd"; fd: number };
+export interface WorkerRole { index: number; listen: WorkerListen[] }
+
+/** This process's part when it is a worker (started by a supervisor), else null. */
+export function workerRole(env: Record<string, string | undefined> = process.env): WorkerRole | null {
+  const v = env[WORKER_ENV];
+  if (v === undefined) return null;
+  const r = JSON.parse(v) as WorkerRole;
+  if (!Number.isInteger(r.index) || r.index < 1 || !Array.isArray(r.listen)) throw new Error(`${WORKER_ENV}: not a worker description`);
+  return r;
+}
+
+/** Why `cfg` cannot be served by several processes (empty: it can). */
+export function workerProblems(cfg: ServiceConfig, kindOf: (file: string) => string = (f) => localKind(f).kind): string[] {
+  const s = cfg.server;
+  if (s.workers <= 1) return [];
+  const out: string[] = [];
+  if (s.metrics !== null) out.push("the metrics endpoint counts one process (it is not summed across workers yet): serve without --metrics");
+  if (s.maxConnections > 0 || s.maxConnectionsPerAddress > 0) {
+    out.push("connection limits are counted per process, so N workers would let N times as many in: serve without --max-connections*");
+  }
+  for (const e of cfg.exports) {
+    const what = `export "${e.name}" (${e.file})`;
+    const ov = e.overlay;
+    if (ov.kind !== "none") {
+      const kind = ov.kind === "file" ? `its overlay ${ov.path}` : ov.kind === "snapshot" ? "its --snapshot overlay" : "its per-client overlays";
+      out.push(`${what}: ${kind} must have one writer, and every worker would open its own`);
+    } else if (isRemote(e.file)) {
+      out.push(`${what}: a remote image's local cache has one writer`);
+    } else if (!e.readOnly && !s.readOnly) {
+      const kind = kindOf(e.file);
+      if (kind === "qcow2" || kind === "vhd") out.push(`${what}: a writable ${kind} image's metadata must have one writer: serve it --read-only`);
+    }
+  }
+  return out;
+}
+
+const RESPAWN_LIMIT = 5;
+const RESPAWN_WINDOW_MS = 60_000;
+
+/** The supervisor's side: starts, signals, replaces and stops workers 1..n-1. */
+export class WorkerPool {
+  private readonly procs: (Subprocess | null)[] = [];
+  private readonly deaths: number[] = [];
+  private stopping = false;
+
+  /**
+   * `listen`: what each worker serves, with the supervisor's descriptor for "fd" entries (handed to
+   * the worker as its fds 3, 4, ...). `argv`: the command that runs `serve` (this process's own).
+   */
+  constructor(private readonly n: number, private readonly listen: { spec: WorkerListen; fd?: number }[],
+    private readonly argv: string[], private readonly log: Logger) {}
+
+  /** Start every worker and wait until each serves; throws (after stopping the others) if one cannot. */
+  async start(timeoutMs = 60_000): Promise<void> {
+    try {
+      await Promise.all(Array.from({ length: this.n - 1 }, (_, i) => this.spawn(i + 1, timeoutMs)));
+    } catch (e) {
+      await this.stop();
+      throw e;
+    }
+  }
+
+  /** Pass a signal on to every worker (SIGHUP: reload). */
+  signal(sig: NodeJS.Signals): void {
+    for (const p of this.procs) p?.kill(sig);
+  }
+
+  /** SIGTERM every worker and wait for them (SIGKILL after `graceMs`). */
+  async stop(graceMs = 10_000): Promise<void> {
+    this.stopping = true;
+    const live = this.procs.filter((p): p is Subprocess => p !== null && p.exitCode === null && p.signalCode === null);
+    for (const p of live) p.kill("SIGTERM");
+    const timer = setTimeout(() => { for (const p of live) p.kill("SIGKILL"); }, graceMs);
+    await Promise.all(live.map((p) => p.exited));
+    clearTimeout(timer);
+  }
+
+  /** The workers' process ids (tests, logs). */
+  get pids(): number[] {
+    return this.procs.flatMap((p) => (p ? [p.pid] : []));
+  }
+
+  private spawn(index: number, timeoutMs: number): Promise<void> {
+    const fds = this.listen.flatMap((l) => (l.fd !== undefined ? [l.fd] : []));
+    let next = 3;
+    const role: WorkerRole = { index, listen: this.listen.map((l) => (l.spec.kind === "fd" ? { kind: "fd", fd: next++ } : l.spec)) };
+    const env: Record<string, string | undefined> = { ...process.env, [WORKER_ENV]: JSON.stringify(role) };
+    for (const k of ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"]) delete env[k];
+    return new Promise<void>((resolve, reject) => {
+      let ready = false;
+      const timer = setTimeout(() => { if (!ready) { p.kill("SIGKILL"); reject(new Error(`worker ${index} did not start within ${timeoutMs / 1000} s`)); } }, timeoutMs);
+      const p = Bun.spawn(this.argv, {
+        env,
+        stdio: ["ignore", "inherit", "inherit", ...fds] as unknown as ["ignore", "inherit", "inherit"],
+        ipc: (m: unknown) => {
+          if ((m as { ready?: boolean }).ready && !ready) {
+            ready = true;
+            clearTimeout(timer);
+            resolve();
+          }
+        },
+      });
+      this.procs[index] = p;
+      void p.exited.then((code) => {
+        clearTimeout(timer);
+        const how = p.signalCode ? `signal ${p.signalCode}` : `code ${code}`;
+        if (!ready) { reject(new Error(`worker ${index} exited (${how}) before it served`)); return; }
+        if (this.stopping) return;
+        this.procs[index] = null;
+        this.replace(index, p.pid, how);
+      });
+    });
+  }
+
+  private replace(index: number, pid: number, how: string): void {
+    const now = Date.now();
+    this.deaths.push(now);
+    while (this.deaths.length > 0 && this.deaths[0]! < now - RESPAWN_WINDOW_MS) this.deaths.shift();
+    if (this.deaths.length > RESPAWN_LIMIT) {
+      this.log.error(`worker ${index} (pid ${pid}) exited (${how}); ${this.deaths.length} workers died within a minute, not starting another`);
+      return;
+    }
+    this.log.error(`worker ${index} (pid ${pid}) exited (${how}); its connections are lost, starting another`);
+    setTimeout(() => {
+      if (this.stopping) return;
+      this.spawn(index, 60_000).then(
+        () => this.log.info(`worker ${index} serving again (pid ${this.procs[index]?.pid})`),
+        (e: Error) => this.log.error(e.message),
+      );
+    }, 1000);
+  }
+}
