@@ -14,7 +14,7 @@ import type { Negotiated, PendingRequest, SessionLink, Transport } from "./types
 /** Reads at least this large consult extents to send holes as OFFSET_HOLE chunks. */
 const HOLE_SCAN_MIN = 65536;
 /** Reads at least this large from a plain file go out with sendfile(2) where the transport can. */
-const SENDFILE_MIN = 32768;
+const SENDFILE_MIN = 65537;
 
 const EMPTY = new Uint8Array(0);
 

@@ -47,6 +47,12 @@ export type Upgrader = (raw: Socket<Conn>, initial: Uint8Array) => void;
 const BATCH_SIZE = 256 * 1024;
 const SMALL_SEND = 64 * 1024;
 /**
+ * Replies up to this size are built in place in the cork batch (reserve): a 64 KiB read with its
+ * chunk header fits, so a device that reads into memory (a cooked CD view, an overlay) fills the
+ * batch directly instead of an allocated buffer that is then copied into it.
+ */
+const IN_PLACE_MAX = SMALL_SEND + 64;
+/**
  * The send buffer asked for on unix sockets (the kernel doubles it, capped by net.core.wmem_max).
  * Their default (net.core.wmem_default, 208 KiB here) is less than one 256 KiB nbdcopy reply, so
  * every large reply stalled the writer; TCP tunes its own buffer (net.ipv4.tcp_wmem) and is left alone.
@@ -181,7 +187,7 @@ export class SocketTransport implements Transport {
    * committed; null when not corked or too large (then send() an allocated buffer instead).
    */
   reserve(length: number): Uint8Array | null {
-    if (!this.corked || length > SMALL_SEND) return null;
+    if (!this.corked || length > IN_PLACE_MAX) return null;
     if (this.batchLen + length > BATCH_SIZE) this.flushBatch();
     return this.batch.subarray(this.batchLen, this.batchLen + length);
   }
