@@ -7,7 +7,16 @@
 // rounds and variants).
 //
 //   bun bench/e2e.ts [--quick] [--runtime SECONDS] [--rounds N] [--dir DIR]
-//                    [--servers bun,nbdkit,qemu] [--only WORKLOAD,...] [--unix] [--json FILE]
+//                    [--servers bun,nbdkit,qemu] [--only WORKLOAD,...] [--unix] [--json FILE] [--full]
+//
+// The first workload, "nbdcopy-first", is a whole-image nbdcopy right after the server started
+// (every round starts each server afresh), before anything has warmed it; the later "nbdcopy-null"
+// is the same copy on a server that has served the fio workloads.
+//
+// --full: then run the rest of the story, each script's own table after this one: this table over
+// unix sockets, a writer in writeback with another client's read latency (writeback-e2e.ts), 8 and
+// 32 concurrent clients with one process and --workers (workers-e2e.ts), the cooked CD view
+// (cd-e2e.ts) and overlays against qemu-nbd (overlay-e2e.sh). About 25 minutes.
 //
 // --quick: a 256 MiB image and 3 s per workload. --rounds N: run the whole sequence (every server,
 // one after another) N times and keep each server's best result per workload, which filters out
@@ -40,6 +49,7 @@ const { values: opt } = parseArgs({
     only: { type: "string" },
     unix: { type: "boolean" },
     json: { type: "string" },
+    full: { type: "boolean" },
     help: { type: "boolean", short: "h" },
   },
 });
@@ -54,6 +64,7 @@ const SERVERS = (opt.servers ?? "bun,nbdkit,qemu").split(",");
 
 interface Workload { id: string; label: string; unit: "MB/s" | "IOPS"; fio?: string[]; copy?: string[] }
 const WORKLOADS: Workload[] = [
+  { id: "nbdcopy-first", label: "nbdcopy URI null:, first copy after server start", unit: "MB/s", copy: ["nbdcopy"] },
   { id: "seqread-1m-qd16", label: "1 MiB sequential read, QD16", unit: "MB/s", fio: ["--rw=read", "--bs=1m", "--iodepth=16"] },
   { id: "randread-4k-qd1", label: "4 KiB random read, QD1", unit: "IOPS", fio: ["--rw=randread", "--bs=4k", "--iodepth=1"] },
   { id: "randread-4k-qd32", label: "4 KiB random read, QD32", unit: "IOPS", fio: ["--rw=randread", "--bs=4k", "--iodepth=32"] },
@@ -200,4 +211,22 @@ async function main(): Promise<void> {
 }
 
 await main();
+
+if (opt.full) {
+  // The rest of the story, one script after another, each printing its own table.
+  const dirArgs = opt.dir ? ["--dir", opt.dir] : [];
+  const rounds = opt.rounds ? ["--rounds", opt.rounds] : [];
+  const steps: [string, string[], Record<string, string>?][] = [
+    ["bench/e2e.ts over unix sockets", [process.execPath, join(ROOT, "bench/e2e.ts"), "--unix", "--runtime", String(RUNTIME), ...rounds, ...dirArgs]],
+    ["bench/writeback-e2e.ts", [process.execPath, join(ROOT, "bench/writeback-e2e.ts"), ...rounds, ...dirArgs]],
+    ["bench/workers-e2e.ts", [process.execPath, join(ROOT, "bench/workers-e2e.ts"), "--runtime", String(Math.min(RUNTIME, 6)), ...dirArgs]],
+    ["bench/cd-e2e.ts", [process.execPath, join(ROOT, "bench/cd-e2e.ts"), "--size-mib", "256", "--runtime", "4", ...rounds, ...dirArgs]],
+    ["bench/overlay-e2e.sh", ["bash", join(ROOT, "bench/overlay-e2e.sh")], { RUNTIME: "5", ...(opt.dir ? { TMPDIR: opt.dir } : {}) }],
+  ];
+  for (const [what, cmd, env] of steps) {
+    console.log(`\n## ${what}\n`);
+    const r = spawnSync(cmd, { env: { ...process.env, PATH, ...env }, stdout: "inherit", stderr: "inherit" });
+    if (r.exitCode !== 0) console.log(`(${what} failed with exit code ${r.exitCode})`);
+  }
+}
 
