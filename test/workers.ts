@@ -11,8 +11,9 @@ import { join } from "node:path";
 import { connect } from "../src/client/index.ts";
 import { workerProblems, workerRole } from "../src/server/workers.ts";
 import { DEFAULT_SETTINGS, type ExportConfig, type ServiceConfig } from "../src/config/types.ts";
-import { BUN, CLI, have, run, scratch } from "./helpers/env.ts";
+import { BUN, CLI, have, need, run, scratch } from "./helpers/env.ts";
 import { serve, waitForOutput, type Served } from "./helpers/server.ts";
+import { makePki } from "./helpers/tls.ts";
 
 const test = suite("serve --workers");
 const dir = scratch("bun-nbd-workers-");
@@ -157,6 +158,28 @@ test("SIGHUP reaches every process: each reloads the config file", async () => {
     writeFileSync(cfg, `[server]\nworkers = 3\n\n[[export]]\nname = "a"\nfile = "${a}"\noverlay = "snapshot"\n`);
     s.proc.kill("SIGHUP");
     await waitForOutput(s, /reload of .* refused, keeping the running configuration: export "a" .*--snapshot overlay must have one writer/, 10_000);
+  } finally {
+    assert.is(await s.stop(), 0, s.output());
+  }
+});
+
+test("TLS (PSK, --tls=require) is served by every process, each with its own engine", async () => {
+  need("openssl", "psktool", "nbdinfo");
+  const pki = await makePki(join(dir, "pki"));
+  const disk = image("tls.img", 0x6b);
+  const s = await serve(["--workers", "2", "--tls=require", "--tls-psk", pki.psk, disk], { timeoutMs: 30_000 });
+  try {
+    for (let i = 0; i < 16; i++) {
+      const c = await connect(`nbds://alice@localhost:${s.port}/tls?tls-psk-file=${pki.psk}`);
+      const b = new Uint8Array(4096);
+      await c.pread(b, i * 4096);
+      assert.is(b[17], 0x6b);
+      await c.close();
+    }
+    for (const w of [0, 1]) await waitForOutput(s, new RegExp(`w${w} \\[\\d+\\] .*TLS established \\(TLSv1\\.3 [A-Z0-9_]+\\), PSK user "alice"`));
+    // and a plain client is refused by whichever process answers it
+    const plain = await run(["nbdinfo", "--size", s.uri("tls")]);
+    assert.is.not(plain.code, 0);
   } finally {
     assert.is(await s.stop(), 0, s.output());
   }
