@@ -3,13 +3,15 @@
 // flushes, a connection served by another process reads (CAN_MULTI_CONN stays true); a unix socket
 // is served by the workers too (the supervisor stopped, a worker accepts); a killed worker is
 // replaced while the others go on; SIGTERM stops them all, and a supervisor killed with -9 takes
-// its workers down; SIGHUP reaches every process; what cannot have several writers is refused.
+// its workers down; SIGHUP reaches every process; PSK TLS in every process; one metrics endpoint
+// summing them all; what cannot have several writers is refused.
 import { suite } from "uvu";
 import * as assert from "uvu/assert";
 import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { connect } from "../src/client/index.ts";
 import { workerProblems, workerRole } from "../src/server/workers.ts";
+import { mergeMetrics } from "../src/server/metrics.ts";
 import { DEFAULT_SETTINGS, type ExportConfig, type ServiceConfig } from "../src/config/types.ts";
 import { BUN, CLI, have, need, run, scratch } from "./helpers/env.ts";
 import { serve, waitForOutput, type Served } from "./helpers/server.ts";
@@ -185,13 +187,40 @@ test("TLS (PSK, --tls=require) is served by every process, each with its own eng
   }
 });
 
+test("--metrics: the supervisor's endpoint sums every process's counters", async () => {
+  const disk = image("metrics.img", 9);
+  const s = await serve(["--workers", "3", "--metrics", "127.0.0.1:0", disk]);
+  try {
+    const url = /Metrics at (http:\/\/\S+)/.exec(s.output())![1]!;
+    for (let i = 0; i < 24; i++) {
+      const c = await connect(s.uri());
+      await c.pread(new Uint8Array(4096), i * 4096);
+      await c.close();
+    }
+    assert.ok(workersSeen(s.output()).size >= 2, "connections reached more than one process");
+    const text = await (await fetch(url)).text();
+    assert.match(text, /^bun_nbd_read_bytes_total\{export="metrics"\} 98304$/m, text);
+    assert.match(text, /^bun_nbd_requests_total\{export="metrics",command="read"\} 24$/m);
+    assert.is(text.match(/^# TYPE bun_nbd_read_bytes_total counter$/gm)?.length, 1, "one family header");
+  } finally {
+    assert.is(await s.stop(), 0, s.output());
+  }
+});
+
+test("mergeMetrics sums series and keeps families together", () => {
+  const a = '# TYPE x counter\nx{e="a"} 1\nx{e="b"} 2\n# TYPE g gauge\ng 3\n';
+  const b = '# TYPE x counter\nx{e="a"} 10\nx{e="c"} 5\n# TYPE g gauge\ng 4\n';
+  assert.is(mergeMetrics([a, b]), '# TYPE x counter\nx{e="a"} 11\nx{e="b"} 2\nx{e="c"} 5\n# TYPE g gauge\ng 7\n');
+  assert.is(mergeMetrics([a]), a);
+  assert.is(mergeMetrics(["h_bucket{le=\"0.5\"} 0.25\n", "h_bucket{le=\"0.5\"} 0.5\n"]), "h_bucket{le=\"0.5\"} 0.75\n");
+});
+
 test("refused: what must have one writer, and limits that would become per process", async () => {
   const disk = image("refuse.img");
   const cases: [string[], RegExp][] = [
     [["--overlay", join(dir, "o.qcow2")], /export "refuse" .*its overlay .*o\.qcow2 must have one writer/],
     [["--snapshot"], /its --snapshot overlay must have one writer/],
     [["--per-client-overlay", dir], /its per-client overlays must have one writer/],
-    [["--metrics", "127.0.0.1:0"], /metrics endpoint counts one process/],
     [["--max-connections", "4"], /connection limits are counted per process/],
   ];
   for (const [extra, why] of cases) {

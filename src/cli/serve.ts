@@ -10,10 +10,10 @@ import type { ServiceConfig } from "../config/types.ts";
 import { describeListen } from "../config/values.ts";
 import { activationSockets } from "../server/activation.ts";
 import { createLogger, type Logger } from "../server/log.ts";
-import { serveMetrics } from "../server/metrics.ts";
+import { type MetricsSource, serveMetrics } from "../server/metrics.ts";
 import { NbdServer } from "../server/server.ts";
 import { ExportService, type OpenPerClient } from "../server/service.ts";
-import { type WorkerListen, WorkerPool, workerProblems, workerRole, type WorkerRole } from "../server/workers.ts";
+import { answerMetrics, type WorkerListen, WorkerPool, workerProblems, workerRole, type WorkerRole } from "../server/workers.ts";
 import { formatSize } from "./format.ts";
 import { progressBar } from "./progress.ts";
 import { describe } from "../devices/partition-exports.ts";
@@ -82,7 +82,7 @@ TLS and access control:
 Processes:
       --workers N      serve with N processes (default 1), so connections use N cores: raw
                        images (read-write), and any local image read-only; not with overlays,
-                       remote images, --metrics or connection limits
+                       remote images or connection limits
   -q, --quiet          log only warnings and errors
   -h, --help           this help
   -V, --version        print the version
@@ -187,11 +187,15 @@ export async function main(argv: string[]): Promise<number> {
 
   let metricsUrl = "";
   let stopMetrics = () => {};
-  if (s.metrics !== null) {
+  let pool: WorkerPool | null = null;
+  const source: MetricsSource = {
+    stats: () => service.allStats(), connections: () => server.connections, overlays: () => server.registry.overlays(diskBytes),
+  };
+  // a worker's counters go to the supervisor's endpoint, which sums every process's
+  if (s.metrics !== null && role !== null) answerMetrics(source);
+  if (s.metrics !== null && role === null) {
     try {
-      const m = serveMetrics(s.metrics.host, s.metrics.port, {
-        stats: () => service.allStats(), connections: () => server.connections, overlays: () => server.registry.overlays(diskBytes),
-      }, log);
+      const m = serveMetrics(s.metrics.host, s.metrics.port, source, log, () => pool?.collectMetrics() ?? Promise.resolve([]));
       stopMetrics = m.stop;
       const h = s.metrics.host.includes(":") ? `[${s.metrics.host}]` : s.metrics.host;
       metricsUrl = `http://${h}:${m.port}/metrics`;
@@ -202,7 +206,6 @@ export async function main(argv: string[]): Promise<number> {
     }
   }
 
-  let pool: WorkerPool | null = null;
   if (role !== null) {
     process.send?.({ ready: true });
   } else {

@@ -111,8 +111,45 @@ export interface MetricsEndpoint {
   stop(): void;
 }
 
-/** Serve /metrics and /healthz on `host:port` (port 0 picks one). */
-export function serveMetrics(host: string, port: number, src: MetricsSource, log: Logger): MetricsEndpoint {
+/**
+ * Several processes' renderings as one (serve --workers): every sample with the same name and
+ * labels is summed (counters, gauges of connections and histogram buckets all add up); comment
+ * lines come from the first, and a series only a later one has goes after its family's last line.
+ */
+export function mergeMetrics(texts: readonly string[]): string {
+  const out = texts[0]!.trimEnd().split("\n");
+  const at = new Map<string, number>();
+  out.forEach((l, i) => { if (l && !l.startsWith("#")) at.set(seriesKey(l), i); });
+  for (const t of texts.slice(1)) {
+    for (const l of t.trimEnd().split("\n")) {
+      if (!l || l.startsWith("#")) continue;
+      const key = seriesKey(l);
+      const i = at.get(key);
+      if (i !== undefined) {
+        out[i] = `${key} ${sampleSum(sampleValue(out[i]!), sampleValue(l))}`;
+        continue;
+      }
+      const family = key.replace(/[{ ].*$/, "").replace(/_(bucket|sum|count)$/, "");
+      let last = -1;
+      out.forEach((x, j) => { if (!x.startsWith("#") && x.replace(/[{ ].*$/, "").replace(/_(bucket|sum|count)$/, "") === family) last = j; });
+      const pos = last >= 0 ? last + 1 : out.length;
+      out.splice(pos, 0, l);
+      for (const [k, j] of at) if (j >= pos) at.set(k, j + 1);
+      at.set(key, pos);
+    }
+  }
+  return out.join("\n") + "\n";
+}
+
+const seriesKey = (line: string) => line.slice(0, line.lastIndexOf(" "));
+const sampleValue = (line: string) => Number(line.slice(line.lastIndexOf(" ") + 1));
+const sampleSum = (a: number, b: number) => { const s = a + b; return Number.isInteger(s) ? String(s) : String(Number(s.toPrecision(12))); };
+
+/**
+ * Serve /metrics and /healthz on `host:port` (port 0 picks one). `others`: the renderings of the
+ * other processes of this server (serve --workers), summed into this one's.
+ */
+export function serveMetrics(host: string, port: number, src: MetricsSource, log: Logger, others?: () => Promise<string[]>): MetricsEndpoint {
   let server: Server<undefined>;
   server = Bun.serve({
     hostname: host,
@@ -120,7 +157,10 @@ export function serveMetrics(host: string, port: number, src: MetricsSource, log
     fetch(req) {
       const path = new URL(req.url).pathname;
       if (path === "/metrics") {
-        return new Response(renderMetrics(src), { headers: { "content-type": "text/plain; version=0.0.4; charset=utf-8" } });
+        const headers = { "content-type": "text/plain; version=0.0.4; charset=utf-8" };
+        if (others === undefined) return new Response(renderMetrics(src), { headers });
+        const mine = renderMetrics(src);
+        return others().then((rest) => new Response(mergeMetrics([mine, ...rest]), { headers }));
       }
       if (path === "/healthz") return new Response("ok\n", { headers: { "content-type": "text/plain" } });
       return new Response("not found: try /metrics or /healthz\n", { status: 404 });

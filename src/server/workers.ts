@@ -15,13 +15,15 @@
 // image, and writes to raw files, whose only state is the file (the page cache is shared and a
 // FLUSH's fdatasync covers every process's writes, so CAN_MULTI_CONN still holds). Anything with a
 // single writer's state in the process (qcow2 overlays, --snapshot, per-client overlays, a writable
-// qcow2 or VHD, a remote image's local cache) is refused with the reason, as are settings that
-// would silently become per process (connection limits, the metrics endpoint).
+// qcow2 or VHD, a remote image's local cache) is refused with the reason, as are connection limits,
+// which would silently become per process. The metrics endpoint is the supervisor's: it asks every
+// worker for its counters over the IPC channel and serves their sum.
 import type { Subprocess } from "bun";
 import type { ServiceConfig } from "../config/types.ts";
 import { localKind } from "../devices/open.ts";
 import { isRemote } from "../devices/remote/location.ts";
 import type { Logger } from "./log.ts";
+import { type MetricsSource, renderMetrics } from "./metrics.ts";
 
 /** The environment variable that makes `serve` one of the supervisor's workers. */
 export const WORKER_ENV = "BUN_NBD_WORKER";
@@ -44,7 +46,6 @@ export function workerProblems(cfg: ServiceConfig, kindOf: (file: string) => str
   const s = cfg.server;
   if (s.workers <= 1) return [];
   const out: string[] = [];
-  if (s.metrics !== null) out.push("the metrics endpoint counts one process (it is not summed across workers yet): serve without --metrics");
   if (s.maxConnections > 0 || s.maxConnectionsPerAddress > 0) {
     out.push("connection limits are counted per process, so N workers would let N times as many in: serve without --max-connections*");
   }
@@ -64,12 +65,23 @@ export function workerProblems(cfg: ServiceConfig, kindOf: (file: string) => str
   return out;
 }
 
+/** A worker's side of the metrics endpoint: answer the supervisor's requests with this process's counters. */
+export function answerMetrics(src: MetricsSource): void {
+  process.on("message", (m: unknown) => {
+    const ask = (m as { metrics?: unknown } | null)?.metrics;
+    if (typeof ask === "number") process.send?.({ metrics: ask, text: renderMetrics(src) });
+  });
+}
+
 const RESPAWN_LIMIT = 5;
 const RESPAWN_WINDOW_MS = 60_000;
 
 /** The supervisor's side: starts, signals, replaces and stops workers 1..n-1. */
 export class WorkerPool {
   private readonly procs: (Subprocess | null)[] = [];
+  /** Metrics requests waiting for workers' answers, by request id. */
+  private readonly asked = new Map<number, (index: number, text: string) => void>();
+  private nextAsk = 1;
   private readonly deaths: number[] = [];
   private stopping = false;
 
@@ -105,6 +117,22 @@ export class WorkerPool {
     clearTimeout(timer);
   }
 
+  /** Every live worker's metrics rendering; a worker that does not answer within `timeoutMs` is left out. */
+  collectMetrics(timeoutMs = 2000): Promise<string[]> {
+    const live = this.procs.flatMap((p, i) => (p !== null && p.exitCode === null && p.signalCode === null ? [[i, p] as const] : []));
+    if (live.length === 0) return Promise.resolve([]);
+    const id = this.nextAsk++;
+    return new Promise((resolve) => {
+      const got = new Map<number, string>();
+      const finish = () => { clearTimeout(timer); this.asked.delete(id); resolve([...got.values()]); };
+      const timer = setTimeout(finish, timeoutMs);
+      this.asked.set(id, (index, text) => { got.set(index, text); if (got.size === live.length) finish(); });
+      for (const [, p] of live) {
+        try { p.send({ metrics: id }); } catch { /* exiting: left out */ }
+      }
+    });
+  }
+
   /** The workers' process ids (tests, logs). */
   get pids(): number[] {
     return this.procs.flatMap((p) => (p ? [p.pid] : []));
@@ -123,6 +151,11 @@ export class WorkerPool {
         env,
         stdio: ["ignore", "inherit", "inherit", ...fds] as unknown as ["ignore", "inherit", "inherit"],
         ipc: (m: unknown) => {
+          const answer = m as { metrics?: number; text?: string };
+          if (typeof answer.metrics === "number" && typeof answer.text === "string") {
+            this.asked.get(answer.metrics)?.(index, answer.text);
+            return;
+          }
           if ((m as { ready?: boolean }).ready && !ready) {
             ready = true;
             clearTimeout(timer);
