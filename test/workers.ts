@@ -257,6 +257,7 @@ test("a writable qcow2 or VHD is refused, and served read-only it is allowed", a
   assert.match(workerProblems(base({ file: "https://127.0.0.1/disk.img" })).join(), /remote image's local cache has one writer/);
   assert.equal(workerProblems({ ...base({ overlay: { kind: "snapshot" } }), server: DEFAULT_SETTINGS }), [], "one process: anything goes");
   assert.is(workerRole({}), null);
+  assert.throws(() => workerRole({ BUN_NBD_WORKER: "{oops" }), /BUN_NBD_WORKER is set but is not a worker description/);
   assert.equal(workerRole({ BUN_NBD_WORKER: JSON.stringify({ index: 2, listen: [{ kind: "fd", fd: 3 }] }) }), { index: 2, listen: [{ kind: "fd", fd: 3 }] });
   if (!have("qemu-img")) return;
   const q = join(dir, "ro.qcow2");

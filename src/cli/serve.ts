@@ -140,7 +140,13 @@ export async function main(argv: string[]): Promise<number> {
     return 0;
   }
   const s = cfg.server;
-  const role = workerRole();
+  let role: WorkerRole | null;
+  try {
+    role = workerRole();
+  } catch (e) {
+    console.error(`bun-nbd serve: ${(e as Error).message}`);
+    return 2;
+  }
   const log = createLogger(s.verbose ? "debug" : s.quiet ? "warn" : "info", undefined, s.logFormat, role?.index ?? (s.workers > 1 ? 0 : undefined));
   const say = s.logFormat === "json" ? (l: string) => log.info(l) : (l: string) => console.log(l);
   const refused = role === null ? workerProblems(cfg) : [];

@@ -36,8 +36,11 @@ export interface WorkerRole { index: number; listen: WorkerListen[] }
 export function workerRole(env: Record<string, string | undefined> = process.env): WorkerRole | null {
   const v = env[WORKER_ENV];
   if (v === undefined) return null;
-  const r = JSON.parse(v) as WorkerRole;
-  if (!Number.isInteger(r.index) || r.index < 1 || !Array.isArray(r.listen)) throw new Error(`${WORKER_ENV}: not a worker description`);
+  let r: WorkerRole | null = null;
+  try { r = JSON.parse(v) as WorkerRole; } catch { /* reported below */ }
+  if (r === null || typeof r !== "object" || !Number.isInteger(r.index) || r.index < 1 || !Array.isArray(r.listen)) {
+    throw new Error(`${WORKER_ENV} is set but is not a worker description (it is set by serve --workers for its own processes)`);
+  }
   return r;
 }
 
