@@ -22,7 +22,7 @@ const dir = scratch("bun-nbd-io-faults-");
 
 test.before(() => need("qemu-img"));
 
-type Fault = "sync" | "write" | "metadata";
+type Fault = "sync" | "write" | "metadata" | "pool-write";
 
 const injected = (what: string) => Object.assign(new Error(`${what}: EIO (injected)`), { code: "EIO" });
 
@@ -67,6 +67,10 @@ class FaultyIo implements RawIo {
   pwrite(fd: number, buf: Uint8Array, off: number, len: number, pos: number): number {
     if (this.armed === "write") { this.armed = null; this.fired++; throw injected("pwrite"); }
     return writeSync(fd, buf, off, len, pos);
+  }
+  pwriteAsync(fd: number, buf: Uint8Array, off: number, len: number, pos: number): Promise<number> {
+    if (this.armed === "write" || this.armed === "pool-write") { this.armed = null; this.fired++; return Promise.reject(injected("pwrite")); }
+    return Promise.resolve(writeSync(fd, buf, off, len, pos));
   }
   fdatasync(fd: number): Promise<void> {
     if (this.armed === "sync") { this.armed = null; this.fired++; return Promise.reject(injected("fdatasync")); }
@@ -193,6 +197,8 @@ const rawFaults: { fault: Fault; what: string; trigger: (c: NbdClient) => Promis
   { fault: "sync", what: "fdatasync fails during FLUSH", trigger: (c) => c.flush() },
   { fault: "sync", what: "fdatasync fails during a FUA write", trigger: (c) => c.pwrite(TRIGGER_DATA, 7 * MiB, { fua: true }) },
   { fault: "write", what: "pwrite fails", trigger: (c) => c.pwrite(TRIGGER_DATA, 7 * MiB) },
+  { fault: "pool-write", what: "a large pwrite on the thread pool fails", trigger: (c) => c.pwrite(new Uint8Array(256 * KiB).fill(9), 7 * MiB) },
+  { fault: "pool-write", what: "a large FUA pwrite on the thread pool fails", trigger: (c) => c.pwrite(new Uint8Array(256 * KiB).fill(9), 7 * MiB, { fua: true }) },
 ];
 
 for (const f of rawFaults) {
@@ -226,6 +232,67 @@ class SlowSyncIo implements RawIo {
   }
   fdatasyncNow(fd: number): void { fdatasyncSync(fd); }
 }
+
+/** A disk under writeback pressure: a large write (on the thread pool, as the real ones run) takes `ms`. */
+class SlowWriteIo implements RawIo {
+  largeWrites = 0;
+  constructor(private readonly ms: number) {}
+  pwrite(fd: number, buf: Uint8Array, off: number, len: number, pos: number): number { return writeSync(fd, buf, off, len, pos); }
+  pwriteAsync(fd: number, buf: Uint8Array, off: number, len: number, pos: number): Promise<number> {
+    this.largeWrites++;
+    return new Promise((resolve) => setTimeout(() => resolve(writeSync(fd, buf, off, len, pos)), this.ms));
+  }
+  fdatasync(fd: number): Promise<void> { fdatasyncSync(fd); return Promise.resolve(); }
+  fdatasyncNow(fd: number): void { fdatasyncSync(fd); }
+}
+
+test("raw file: a large WRITE that sleeps runs off the event loop (another client's reads are answered meanwhile); close waits for it", () => deadline(30_000, "slow write", async () => {
+  const d = join(dir, "slow-write");
+  mkdirSync(d, { recursive: true });
+  const path = join(d, "disk.img");
+  writeFileSync(path, new Uint8Array(2 * MiB).fill(7));
+  const io = new SlowWriteIo(600);
+  const dev = RawFile.open(path, { io });
+  const server = new NbdServer([{ name: "x", device: dev }], { log: silentLogger });
+  const sock = join(d, "sock");
+  server.listenUnix(sock);
+  let late: Promise<unknown> | null = null;
+  try {
+    const writer = await connect(`nbd+unix:///x?socket=${sock}`);
+    const reader = await connect(`nbd+unix:///x?socket=${sock}`);
+    const t0 = performance.now();
+    let wrote = 0;
+    const big = writer.pwrite(new Uint8Array(MiB).fill(9), 0).then(() => { wrote = performance.now() - t0; });
+    // sent after it and overlapping it: applied after it, though it is small and the big one sleeps
+    let smallDone = false;
+    const small = writer.pwrite(new Uint8Array(4096).fill(6), 8192).then(() => { smallDone = true; });
+    for (let i = 0; i < 20; i++) bytesEqual(await reader.read(MiB + i * 4096, 4096), new Uint8Array(4096).fill(7), `read ${i}`);
+    // answered while the write still sleeps: the event loop was free (no timing needed to tell)
+    assert.is(wrote, 0, "the write is still sleeping after 20 reads were answered");
+    assert.is(smallDone, false, "the overlapping small write waits for the big one");
+    await big;
+    await small;
+    assert.ok(wrote > 0);
+    bytesEqual(await reader.read(8192, 4096), new Uint8Array(4096).fill(6), "requests apply in the order they came");
+    bytesEqual(await reader.read(0, 4096), new Uint8Array(4096).fill(9), "the write is read back once answered");
+    bytesEqual(await writer.read(4096, 4096), new Uint8Array(4096).fill(9), "through its own connection too");
+    assert.is(io.largeWrites, 1, "one write of 1 MiB on the thread pool");
+    // small writes stay synchronous
+    await writer.pwrite(new Uint8Array(4096).fill(4), MiB);
+    assert.is(io.largeWrites, 1, "a 4 KiB write did not go to the thread pool");
+    late = writer.pwrite(new Uint8Array(256 * KiB).fill(5), MiB + 65536);
+    await Bun.sleep(50);
+    await writer.close().catch(() => {});
+    await reader.close();
+  } finally {
+    await server.close(2000); // the device's close waits for the write still sleeping
+  }
+  await late?.catch(() => {});
+  const back = readFileSync(path);
+  assert.is(back[0], 9);
+  assert.is(back[MiB], 4);
+  assert.is(back[MiB + 65536], 5, "the write under way when the server closed reached the file");
+}));
 
 test("raw file: a slow FLUSH runs off the event loop (another client's reads are answered meanwhile); close waits for it", () => deadline(30_000, "slow flush", async () => {
   const d = join(dir, "slow-flush");
