@@ -177,7 +177,7 @@ export async function main(argv: string[]): Promise<number> {
     return 1;
   }
 
-  let where: string[], shared: { spec: WorkerListen; fd?: number }[];
+  let where: string[], shared: WorkerListen[];
   try {
     ({ where, shared } = role ? listenAsWorker(server, role) : listen(server, cfg));
   } catch (e) {
@@ -266,7 +266,7 @@ export async function main(argv: string[]): Promise<number> {
 /** Per-client overlays: the qcow2 code is loaded only when an export uses them. */
 const openPerClient: OpenPerClient = async (e, log, remote) => (await import("../devices/per-client.ts")).openClientOverlays(e, log, remote);
 
-interface Listening { where: string[]; shared: { spec: WorkerListen; fd?: number }[] }
+interface Listening { where: string[]; shared: WorkerListen[] }
 
 /**
  * Listen where the configuration says, or on systemd's sockets; returns how to reach each, and
@@ -278,7 +278,7 @@ function listen(server: NbdServer, cfg: ServiceConfig): Listening {
   if (passed !== null) {
     const where = passed.map((p) => {
       server.listenFd(p.fd);
-      shared.push({ spec: { kind: "fd", fd: p.fd }, fd: p.fd });
+      shared.push({ kind: "fd", fd: p.fd });
       return p.address === null ? `fd:${p.fd}` : describeListen(p.address);
     });
     return { where, shared };
@@ -288,13 +288,13 @@ function listen(server: NbdServer, cfg: ServiceConfig): Listening {
   const where = cfg.server.listen.map((l) => {
     if (l.kind === "unix") {
       const fd = server.listenUnix(l.path);
-      shared.push({ spec: { kind: "fd", fd }, fd });
+      shared.push({ kind: "fd", fd });
       return describeListen(l);
     }
     // with port 0 on several addresses, every address gets the port the first one got
     const { port } = server.listenTcp(l.host, port0 ?? l.port, mode);
     if (l.port === 0) port0 ??= port;
-    shared.push({ spec: { kind: "tcp", host: l.host, port } });
+    shared.push({ kind: "tcp", host: l.host, port });
     return describeListen({ ...l, port });
   });
   return { where, shared };

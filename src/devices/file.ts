@@ -146,7 +146,6 @@ export class RawFile implements BlockDevice {
   }
 
   pwrite(buf: Uint8Array, offset: number, flags: number): Maybe {
-    if (this.latch.failure !== null) this.latch.refuse();
     const pool = buf.length >= ASYNC_WRITE_MIN && this.io.pwriteAsync !== undefined;
     const before = this.overlapping(offset, buf.length);
     if (pool || before !== null) return this.ordered(offset, buf.length, before, () => this.writeNow(buf, offset, flags, pool));
@@ -155,7 +154,7 @@ export class RawFile implements BlockDevice {
 
   /** The write itself: on the thread pool (`pool`, see ASYNC_WRITE_MIN) or here; `buf` is the caller's until it is done. */
   private writeNow(buf: Uint8Array, offset: number, flags: number, pool: boolean): Maybe {
-    if (this.latch.failure !== null) this.latch.refuse(); // an earlier write failed while this one waited
+    if (this.latch.failure !== null) this.latch.refuse(); // (checked here: also after waiting behind an earlier write)
     if (!pool) {
       this.writeAll(buf, offset);
       return flags & FUA ? this.sync() : undefined;
@@ -227,7 +226,6 @@ export class RawFile implements BlockDevice {
   }
 
   trim(offset: number, length: number, flags: number): Maybe {
-    this.latch.refuse();
     const before = this.overlapping(offset, length);
     if (before !== null) return this.ordered(offset, length, before, () => this.trimNow(offset, length, flags));
     return this.trimNow(offset, length, flags);
@@ -249,7 +247,6 @@ export class RawFile implements BlockDevice {
   }
 
   zero(offset: number, length: number, flags: number): Maybe {
-    this.latch.refuse();
     const before = this.overlapping(offset, length);
     if (before !== null) return this.ordered(offset, length, before, () => this.zeroNow(offset, length, flags));
     return this.zeroNow(offset, length, flags);

@@ -129,9 +129,9 @@ export function mergeMetrics(texts: readonly string[]): string {
         out[i] = `${key} ${sampleSum(sampleValue(out[i]!), sampleValue(l))}`;
         continue;
       }
-      const family = key.replace(/[{ ].*$/, "").replace(/_(bucket|sum|count)$/, "");
+      const family = familyOf(key);
       let last = -1;
-      out.forEach((x, j) => { if (!x.startsWith("#") && x.replace(/[{ ].*$/, "").replace(/_(bucket|sum|count)$/, "") === family) last = j; });
+      out.forEach((x, j) => { if (!x.startsWith("#") && familyOf(x) === family) last = j; });
       const pos = last >= 0 ? last + 1 : out.length;
       out.splice(pos, 0, l);
       for (const [k, j] of at) if (j >= pos) at.set(k, j + 1);
@@ -142,6 +142,8 @@ export function mergeMetrics(texts: readonly string[]): string {
 }
 
 const seriesKey = (line: string) => line.slice(0, line.lastIndexOf(" "));
+/** A sample's metric family: its name without labels, and without a histogram's _bucket/_sum/_count. */
+const familyOf = (line: string) => line.replace(/[{ ].*$/, "").replace(/_(bucket|sum|count)$/, "");
 const sampleValue = (line: string) => Number(line.slice(line.lastIndexOf(" ") + 1));
 const sampleSum = (a: number, b: number) => { const s = a + b; return Number.isInteger(s) ? String(s) : String(Number(s.toPrecision(12))); };
 

@@ -205,7 +205,7 @@ export class NbdServer implements ExportTable {
    * serve --workers): every process of one server binds the port and the kernel spreads connections;
    * the first binds it "reuse-port" (failing if anything holds it), the others "join".
    */
-  listenTcp(hostname: string, port: number, mode: "exclusive" | "reuse-port" | "join" = "exclusive"): { hostname: string; port: number; fd: number } {
+  listenTcp(hostname: string, port: number, mode: "exclusive" | "reuse-port" | "join" = "exclusive"): { hostname: string; port: number } {
     // SO_REUSEPORT would let this bind next to another server's workers: see that the port is free first
     if (mode === "reuse-port" && port !== 0) Bun.listen<Conn>({ hostname, port, socket: this.handlers("tcp") }).stop(true);
     const reusePort = mode !== "exclusive";
@@ -213,7 +213,7 @@ export class NbdServer implements ExportTable {
     this.listeners.push(l);
     const warning = exposureWarning(hostname, l.port, this.settings.tls, this.settings.allowList.rules.length > 0);
     if (warning) this.log.warn(warning);
-    return { hostname, port: l.port, fd: listenerFd(l) };
+    return { hostname, port: l.port };
   }
 
   /**

@@ -1,10 +1,10 @@
 // The transmission phase (hot path): the receiver state machine asking for "N bytes" (compact
 // headers parsed in place, WRITE payloads taken as views of the incoming chunk when they fit, the
 // rest of a stream read on from the socket by direct-reader.ts where the transport allows),
-// request checks and dispatch to the checked export, in-flight bookkeeping, flow control and
+// request checks (flag rules in request-flags.ts) and dispatch to the checked export, in-flight bookkeeping, flow control and
 // disconnect. Extended headers subclass it (extended.ts): another header step, same everything else.
 import {
-  NBD_CMD_BLOCK_STATUS, NBD_CMD_CACHE, NBD_CMD_DISC, NBD_CMD_FLAG_DF, NBD_CMD_FLAG_FAST_ZERO,
+  NBD_CMD_BLOCK_STATUS, NBD_CMD_CACHE, NBD_CMD_DISC, NBD_CMD_FLAG_FAST_ZERO,
   NBD_CMD_FLAG_FUA, NBD_CMD_FLAG_NO_HOLE, NBD_CMD_FLAG_REQ_ONE, NBD_CMD_FLUSH, NBD_CMD_READ, NBD_CMD_TRIM,
   NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES, NBD_EINVAL, NBD_ENOSPC, NBD_ESHUTDOWN, NBD_EXTENDED_REQUEST_SIZE, NBD_REQUEST_SIZE,
   commandName, errnoName,
@@ -18,6 +18,7 @@ import { DirectReader, STREAM_CHUNK } from "./direct-reader.ts";
 import type { ExportStats } from "./metrics.ts";
 import { clientFields } from "./identity.ts";
 import { ReplyWriter } from "./replies.ts";
+import { badFlagsError, validFlags } from "./request-flags.ts";
 import { type ExportTable, type Negotiated, PendingRequest, type SessionLink, type Transport } from "./types.ts";
 
 export const enum Rx { Header, Payload, Discard }
@@ -30,19 +31,6 @@ export const HIGH_WATER = 32 * 1024 * 1024;
 export const LOW_WATER = 8 * 1024 * 1024;
 /** At most this many asynchronous requests in flight per connection. */
 const MAX_IN_FLIGHT = 64;
-
-const VALID_FLAGS: number[] = [];
-VALID_FLAGS[NBD_CMD_READ] = NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_DF;
-VALID_FLAGS[NBD_CMD_WRITE] = NBD_CMD_FLAG_FUA;
-VALID_FLAGS[NBD_CMD_DISC] = NBD_CMD_FLAG_FUA;
-VALID_FLAGS[NBD_CMD_FLUSH] = NBD_CMD_FLAG_FUA;
-VALID_FLAGS[NBD_CMD_TRIM] = NBD_CMD_FLAG_FUA;
-VALID_FLAGS[NBD_CMD_CACHE] = NBD_CMD_FLAG_FUA;
-VALID_FLAGS[NBD_CMD_WRITE_ZEROES] = NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FAST_ZERO;
-VALID_FLAGS[NBD_CMD_BLOCK_STATUS] = NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_REQ_ONE;
-/** Without structured replies there is no DF (SEND_DF is not advertised): a DF READ gets EINVAL. */
-const VALID_FLAGS_SIMPLE = VALID_FLAGS.slice();
-VALID_FLAGS_SIMPLE[NBD_CMD_READ] = NBD_CMD_FLAG_FUA;
 
 export const EMPTY = new Uint8Array(0);
 
@@ -104,7 +92,7 @@ export class Transmission {
     this.exp = n.exp;
     this.structured = n.structured;
     this.hasContexts = n.contexts.length > 0;
-    this.validFlags = n.structured ? VALID_FLAGS : VALID_FLAGS_SIMPLE;
+    this.validFlags = validFlags(n.structured);
     this.payloadLimit = n.maxPayload;
     this.w = w ?? new ReplyWriter(s, t, n);
     this.debug = log.debugEnabled;
@@ -437,11 +425,6 @@ export class Transmission {
     this.inFlight++;
     r.then(undefined, failed).then(() => this.flushedAtDisconnect());
   }
-}
-
-function badFlagsError(type: number, bad: number): NbdError {
-  const why = type === NBD_CMD_READ && bad & NBD_CMD_FLAG_DF ? " (DF needs structured replies)" : "";
-  return new NbdError(NBD_EINVAL, `flags 0x${bad.toString(16)} are not valid for ${commandName(type)}${why}`);
 }
 
 function concat(a: Uint8Array, b: Uint8Array): Uint8Array {

@@ -89,10 +89,10 @@ export class WorkerPool {
   private stopping = false;
 
   /**
-   * `listen`: what each worker serves, with the supervisor's descriptor for "fd" entries (handed to
+   * `listen`: what each worker serves, "fd" entries naming the supervisor's descriptors (handed to
    * the worker as its fds 3, 4, ...). `argv`: the command that runs `serve` (this process's own).
    */
-  constructor(private readonly n: number, private readonly listen: { spec: WorkerListen; fd?: number }[],
+  constructor(private readonly n: number, private readonly listen: WorkerListen[],
     private readonly argv: string[], private readonly log: Logger) {}
 
   /** Start every worker and wait until each serves; throws (after stopping the others) if one cannot. */
@@ -142,9 +142,9 @@ export class WorkerPool {
   }
 
   private spawn(index: number, timeoutMs: number): Promise<void> {
-    const fds = this.listen.flatMap((l) => (l.fd !== undefined ? [l.fd] : []));
+    const fds = this.listen.flatMap((l) => (l.kind === "fd" ? [l.fd] : []));
     let next = 3;
-    const role: WorkerRole = { index, listen: this.listen.map((l) => (l.spec.kind === "fd" ? { kind: "fd", fd: next++ } : l.spec)) };
+    const role: WorkerRole = { index, listen: this.listen.map((l) => (l.kind === "fd" ? { kind: "fd", fd: next++ } : l)) };
     const env: Record<string, string | undefined> = { ...process.env, [WORKER_ENV]: JSON.stringify(role) };
     for (const k of ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"]) delete env[k];
     return new Promise<void>((resolve, reject) => {
