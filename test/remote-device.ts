@@ -16,7 +16,7 @@ import { BASIC_PASSWORD, BASIC_USER, freePort, startNginx, type Nginx } from "./
 import { openRemoteImage, type RemoteImage, type RemoteSettings } from "../src/devices/remote/index.ts";
 import { parseLocation, redactUrl, s3Settings, siblingLocation } from "../src/devices/remote/location.ts";
 import { parseSize } from "../src/cli/remote-args.ts";
-import { ABSENT, BlockCache, DATA, ZERO } from "../src/devices/remote/cache.ts";
+import { ABSENT, BlockCache, DATA, PARTIAL, PIECE, ZERO } from "../src/devices/remote/cache.ts";
 import { NbdError } from "../src/protocol/errors.ts";
 import { NBD_EIO } from "../src/protocol/constants.ts";
 import { isPromise } from "../src/devices/types.ts";
@@ -71,13 +71,14 @@ unit("the cache marks a block only once complete; a reopen sees exactly the mark
   const version = { size: 40 * bs + 100, etag: '"v1"', lastModified: null };
   const o = { dir: join(dir, "unit-cache"), key: "http://h/x.img", version, blockSize: bs, budget: 16 * bs, log: () => {} };
   const complete = (c: BlockCache, b: number) => new Promise<boolean>((resolve) => c.complete(b, resolve));
+  const fill = (c: BlockCache, b: number, bytes: Uint8Array) => { c.begin(b); c.write(b, b * bs, bytes); return complete(c, b); };
   let c = BlockCache.open(o);
   const data = new Uint8Array(bs).fill(9);
+  c.begin(0);
   c.write(0, 0, data.subarray(0, bs / 2)); // half of block 0, never completed (a kill -9 here)
-  c.write(1, bs, data);
-  assert.ok(await complete(c, 1));
-  c.write(2, 2 * bs, new Uint8Array(bs)); // all zeros: marked, nothing written
-  assert.ok(await complete(c, 2));
+  assert.ok(await fill(c, 1, data));
+  assert.ok(await fill(c, 2, new Uint8Array(bs))); // all zeros: marked, nothing written
+  c.begin(3);
   c.write(3, 3 * bs, data);
   c.abandon(3); // the GET failed
   await c.close(); // waits for the writes in flight
@@ -88,8 +89,7 @@ unit("the cache marks a block only once complete; a reopen sees exactly the mark
   c.read(b, 0, bs, bs);
   bytesEqual(b, data, "block 1 after the reopen");
   for (let i = 4; i < 22; i++) {
-    c.write(i, i * bs, data);
-    assert.ok(await complete(c, i));
+    assert.ok(await fill(c, i, data));
     c.touch(1); // block 1 stays the most recently used
     assert.ok(c.used <= 16 * bs);
   }
@@ -101,6 +101,56 @@ unit("the cache marks a block only once complete; a reopen sees exactly the mark
   assert.equal([...other.state.subarray(0, 22)].filter((x) => x !== ABSENT), [], "another ETag: a new, empty entry");
   await other.close();
   assert.is(readdirSync(o.dir).filter((n) => n.endsWith(".map")).length, 1, "the entry of the older version was removed");
+});
+
+unit("blocks held in part: pieces are marked once written, survive a reopen, fill up to whole blocks, and are evicted whole", async () => {
+  const bs = 64 * KiB;
+  const version = { size: 40 * bs + 100, etag: '"p1"', lastModified: null };
+  const o = { dir: join(dir, "unit-pieces"), key: "http://h/p.img", version, blockSize: bs, budget: 16 * bs, log: () => {} };
+  const pieces = (c: BlockCache, b: number, from: number, bytes: Uint8Array) => {
+    c.begin(b);
+    c.write(b, b * bs + from, bytes);
+    return new Promise<boolean>((resolve) => c.completePieces(b, b * bs + from, b * bs + from + bytes.length, resolve));
+  };
+  const p = new Uint8Array(PIECE).fill(7);
+  let c = BlockCache.open(o);
+  assert.ok(await pieces(c, 5, 0, p));
+  assert.ok(await pieces(c, 5, 2 * PIECE, new Uint8Array(PIECE))); // a zero piece: marked, nothing written
+  c.begin(5);
+  c.write(5, 5 * bs + 4 * PIECE, p);
+  c.abandon(5); // a piece GET that failed: not marked
+  c.begin(6);
+  c.write(6, 6 * bs + PIECE, p.subarray(0, 100)); // never completed (a kill -9 here)
+  assert.ok(await pieces(c, 40, 0, new Uint8Array(100).fill(3)), "the short last block's only piece");
+  await c.close();
+  c = BlockCache.open(o);
+  assert.equal([c.state[5], c.state[6], c.state[40]], [PARTIAL, ABSENT, DATA], "the last block's one short piece is the whole block");
+  assert.ok(c.has(5 * bs, PIECE) && c.has(5 * bs + 2 * PIECE + 10, 100), "marked pieces are held");
+  assert.not.ok(c.has(5 * bs, 2 * PIECE), "a range into an unmarked piece is not");
+  assert.not.ok(c.has(5 * bs + 4 * PIECE, 1), "the abandoned piece is not");
+  assert.not.ok(c.has(6 * bs + PIECE, 1));
+  assert.is(c.used, 2 * PIECE + 100);
+  const got = new Uint8Array(3 * PIECE);
+  c.read(got, 0, got.length, 5 * bs);
+  bytesEqual(got.subarray(0, PIECE), p, "piece 0 after the reopen");
+  bytesEqual(got.subarray(2 * PIECE), new Uint8Array(PIECE), "the zero piece reads as zeros");
+  // a whole-block GET over a block held in part makes it whole
+  c.begin(5);
+  c.write(5, 5 * bs, new Uint8Array(bs).fill(7));
+  assert.ok(await new Promise<boolean>((resolve) => c.complete(5, resolve)));
+  assert.is(c.state[5], DATA);
+  assert.is(c.used, bs + 100);
+  // a block held in part while a GET fills it is not evicted; others go, least recently used first
+  assert.ok(await pieces(c, 7, 0, p));
+  c.begin(7);
+  for (let b = 8; b < 40; b++) assert.ok(await pieces(c, b, 0, new Uint8Array(bs / 2).fill(1)));
+  assert.is(c.state[7], PARTIAL, "being filled: kept");
+  assert.ok(c.used <= 16 * bs, `within the budget: ${c.used}`);
+  assert.ok(c.evictions > 0 && c.state[5] === ABSENT && c.state[8] === ABSENT && !c.has(8 * bs, 1) && c.state[39] === PARTIAL, "the oldest blocks held in part were evicted whole");
+  c.write(7, 7 * bs + PIECE, p);
+  assert.ok(await new Promise<boolean>((resolve) => c.completePieces(7, 7 * bs + PIECE, 7 * bs + 2 * PIECE, resolve)));
+  assert.ok(c.has(7 * bs, 2 * PIECE));
+  await c.close();
 });
 
 unit.run();
@@ -164,9 +214,10 @@ S("blocks wanted in one tick go out as merged GETs; several GETs in flight", asy
   try {
     const before = ngx.rangeGets("/disk.img");
     const ps = [];
-    for (let b = 0; b < 8; b++) ps.push(read(d, b * 64 * KiB + 100, 1000));
+    // 40 KiB of each block: reads of half a block or more fetch whole blocks
+    for (let b = 0; b < 8; b++) ps.push(read(d, b * 64 * KiB + 100, 40 * KiB));
     const got = await Promise.all(ps);
-    got.forEach((g, b) => bytesEqual(g, local.subarray(b * 64 * KiB + 100, b * 64 * KiB + 1100), `block ${b}`));
+    got.forEach((g, b) => bytesEqual(g, local.subarray(b * 64 * KiB + 100, b * 64 * KiB + 100 + 40 * KiB), `block ${b}`));
     assert.is(ngx.rangeGets("/disk.img") - before, 2, "8 neighbouring blocks in 2 GETs of 4 blocks");
     assert.ok(ngx.log().some((l) => l.includes(`"bytes=0-${4 * 64 * KiB - 1}"`)), "a GET of 4 blocks");
   } finally { await d.close(); }
@@ -294,7 +345,7 @@ S("a slow store never blocks the event loop", async () => {
   // /slow/ sends 128 KiB/s: one 64 KiB block takes about half a second
   const d = await openRemoteImage(ngx.url("slow/disk.img"), settings({ deadlineMs: 30_000, attemptTimeoutMs: 30_000 }), () => {});
   try {
-    await read(d, 0, 4096);
+    await read(d, 0, 8192); // its two 4 KiB pieces are cached
     const slow = read(d, 3 * MiB, 4096);
     let ticks = 0;
     const timer = setInterval(() => { ticks++; }, 10);

@@ -22,7 +22,8 @@ export const REMOTE_HELP = `remote images (FILE is http://, https:// or s3://BUC
       --no-cache           a throw-away cache instead (deleted at exit)
       --cache-size SIZE    most bytes the cache directory holds (default 8G; least recently
                            used blocks are dropped)
-      --block-size SIZE    unit of ranged GETs and of the cache (default 1M; 64K to 16M)
+      --block-size SIZE    unit of the cache and of sequential GETs (default 1M; 64K to 16M);
+                           small reads out of sequence fetch just their 4 KiB pieces
       --readahead SIZE     bytes fetched ahead of a sequential reader (default 8M; 0 = none)
       --remote-connections N  GETs in flight per image (default 8)
       --remote-deadline SEC   keep retrying a failed read (network error, 5xx) this long, then

@@ -1,32 +1,44 @@
 // The persistent cache of a remote object, per URL + ETag: a sparse data file (bytes at their own
-// offsets) and a map (identity, one state byte per block), bounded with LRU eviction. A block is
-// marked only after its bytes are written, and unmarked before its hole is punched: kill -9 safe.
-import { closeSync, existsSync, fstatSync, ftruncateSync, mkdirSync, openSync, readdirSync, readSync, statSync, unlinkSync, write as fsWrite, writeSync } from "node:fs";
+// offsets) and a map (identity, one state byte per block, then a bitmap of 4 KiB pieces per block
+// for blocks held in part), bounded with LRU eviction of whole blocks. Bytes are marked only after
+// they are written, and unmarked before their hole is punched: kill -9 safe.
+import { closeSync, existsSync, fstatSync, ftruncateSync, mkdirSync, openSync, readSync, unlinkSync, write as fsWrite, writeSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { createHash } from "node:crypto";
-import { F_UNLCK, F_WRLCK, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate, ofdLock, ofdTestLock } from "../../sys/libc.ts";
-import { versionTag, type ObjectVersion } from "./store.ts";
+import { F_UNLCK, F_WRLCK, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate, ofdLock } from "../../sys/libc.ts";
+import type { ObjectVersion } from "./store.ts";
+import { entryId, HEADER, headerBytes, prune } from "./cache-dir.ts";
 
-const MAGIC = "BNBDRCv1";
 /** Most bytes of data writes waiting for the disk; beyond, new blocks are served but not kept. */
 const MAX_PENDING = 64 * 1024 * 1024;
+/** The unit of a block held in part: what a small random read fetches and marks. */
+export const PIECE = 4096;
 
-interface Filling {
-  /** Some nonzero byte was written (otherwise the block is all zeros: a hole). */
-  nonzero: boolean;
-  /** A write failed or was skipped: the block will not be kept. */
-  failed: boolean;
-  /** Writes in flight. */
-  pending: number;
-  /** Set by complete(): called once the block is marked (or let go). */
-  done: ((cached: boolean) => void) | null;
-  abandoned: boolean;
-}
-const HEADER = 4096;
 export const ABSENT = 0;
 export const DATA = 1;
 export const ZERO = 2;
+/** Some of the block's pieces are held (its bitmap says which). */
+export const PARTIAL = 3;
+
+/** One block's bytes on their way to the disk, from one or more GETs at once. */
+interface Filling {
+  /** GETs still delivering into the block (begin() without complete/completePieces/abandon yet). */
+  open: number;
+  /** Bytes added to `used` at begin(): the block's room not held yet. */
+  reserve: number;
+  /** Some nonzero byte was written (otherwise what arrived was all zeros: a hole). */
+  nonzero: boolean;
+  /** A write failed or was skipped: nothing of this filling will be kept. */
+  failed: boolean;
+  /** Writes in flight. */
+  pending: number;
+  /** A GET delivered the whole block. */
+  whole: boolean;
+  /** Byte ranges (block-relative, [from, to) pairs) that piece GETs delivered. */
+  pieces: number[];
+  /** Called once the block's fate is known (true: marked). */
+  done: ((cached: boolean) => void)[];
+}
 
 export interface CacheOptions {
   /** Cache directory; null for a throw-away cache (unlinked files, gone at exit). */
@@ -42,13 +54,17 @@ export interface CacheOptions {
 
 export class BlockCache {
   readonly blocks: number;
-  /** The state byte of every block (ABSENT, DATA, ZERO). */
+  /** The state byte of every block (ABSENT, DATA, ZERO, PARTIAL). */
   readonly state: Uint8Array;
-  /** Bytes of DATA blocks held. */
+  /** Bytes held (DATA blocks, the pieces of PARTIAL ones) plus the room reserved by fillings. */
   used = 0;
   /** True once a block was evicted: from then on the data file's bytes may move under a sendfile. */
   evicted = false;
   evictions = 0;
+  /** Bytes of one block's piece bitmap in the map file. */
+  private readonly bitmapBytes: number;
+  /** The piece bitmaps of PARTIAL blocks. */
+  private readonly partial = new Map<number, Uint8Array>();
   private readonly prev: Int32Array;
   private readonly next: Int32Array;
   private head = -1; // most recently used
@@ -63,15 +79,19 @@ export class BlockCache {
     this.state = new Uint8Array(this.blocks);
     this.prev = new Int32Array(this.blocks).fill(-1);
     this.next = new Int32Array(this.blocks).fill(-1);
+    this.bitmapBytes = Math.ceil(blockSize / PIECE / 8);
   }
 
   get persistent(): boolean { return this.path !== null; }
+
+  /** Bytes of the map file: header, state bytes, bitmaps. */
+  private get mapBytes(): number { return HEADER + this.blocks * (1 + this.bitmapBytes); }
 
   static open(o: CacheOptions): BlockCache {
     const budget = Math.max(o.budget, 16 * o.blockSize);
     if (o.dir === null) return BlockCache.throwAway(o, budget);
     mkdirSync(o.dir, { recursive: true });
-    const id = createHash("sha256").update(`${o.key}\n${versionTag(o.version)}\n${o.version.size}`).digest("hex").slice(0, 32);
+    const id = entryId(o.key, o.version);
     const base = join(o.dir, id);
     const mapFd = openSync(`${base}.map`, "a+");
     closeSync(mapFd);
@@ -85,12 +105,12 @@ export class BlockCache {
     try {
       d = openSync(`${base}.data`, existsSync(`${base}.data`) ? "r+" : "w+");
       const c = new BlockCache(d, m, base, o.blockSize, o.version.size, budget, o.log);
-      const header = headerBytes(o, c.blocks);
+      const header = headerBytes({ ...o, blocks: c.blocks });
       if (!c.load(header)) {
         ftruncateSync(m, 0);
         ftruncateSync(d, 0);
         writeFull(m, header, 0);
-        ftruncateSync(m, HEADER + c.blocks);
+        ftruncateSync(m, c.mapBytes);
       }
       if (fstatSync(d).size !== o.version.size) ftruncateSync(d, o.version.size);
       prune(o.dir, id, o.key, budget - Math.min(c.used, budget), o.log);
@@ -112,49 +132,77 @@ export class BlockCache {
     unlinkSync(`${p}.map`);
     ftruncateSync(d, o.version.size);
     const c = new BlockCache(d, m, null, o.blockSize, o.version.size, budget, o.log);
-    ftruncateSync(m, HEADER + c.blocks);
+    ftruncateSync(m, c.mapBytes);
     return c;
   }
 
-  /** Read the map; false when it is not this object's (new, another version, another block size). */
+  /** Read the map; false when it is not this object's (new, another version, block size or format). */
   private load(header: Uint8Array): boolean {
     const st = fstatSync(this.mapFd);
-    if (st.size !== HEADER + this.blocks) return false;
+    if (st.size !== this.mapBytes) return false;
     const h = new Uint8Array(HEADER);
     if (readSync(this.mapFd, h, 0, HEADER, 0) !== HEADER || Buffer.compare(h, header) !== 0) return false;
-    let got = 0;
-    while (got < this.blocks) {
-      const n = readSync(this.mapFd, this.state, got, this.blocks - got, HEADER + got);
-      if (n <= 0) return false;
-      got += n;
-    }
+    if (!readFull(this.mapFd, this.state, HEADER)) return false;
     for (let b = 0; b < this.blocks; b++) {
       const s = this.state[b]!;
-      if (s === DATA) { this.used += this.blockBytes(b); this.pushFront(b); }
-      else if (s !== ZERO) this.state[b] = ABSENT;
+      if (s === PARTIAL) {
+        const bm = new Uint8Array(this.bitmapBytes);
+        if (!readFull(this.mapFd, bm, this.bitmapAt(b))) return false;
+        this.partial.set(b, bm);
+      } else if (s !== DATA && s !== ZERO) {
+        this.state[b] = ABSENT;
+        continue;
+      }
+      if (s !== ZERO) { this.used += this.held(b); this.pushFront(b); }
     }
     return true;
   }
+
+  private bitmapAt(b: number): number { return HEADER + this.blocks + b * this.bitmapBytes; }
 
   blockBytes(b: number): number {
     return Math.min(this.blockSize, this.size - b * this.blockSize);
   }
 
-  /** True if every block from `first` to `last` (inclusive) is cached. */
-  has(first: number, last: number): boolean {
-    const s = this.state;
-    for (let b = first; b <= last; b++) if (s[b] === ABSENT) return false;
+  /** Bytes of block `b` held in the data file. */
+  private held(b: number): number {
+    const s = this.state[b];
+    if (s === DATA) return this.blockBytes(b);
+    if (s !== PARTIAL) return 0;
+    const bm = this.partial.get(b)!, end = this.blockBytes(b);
+    let n = 0;
+    for (let p = 0, at = 0; at < end; p++, at += PIECE) if (bm[p >> 3]! & (1 << (p & 7))) n += Math.min(PIECE, end - at);
+    return n;
+  }
+
+  /** True if every byte of [pos, pos + len) is cached. */
+  has(pos: number, len: number): boolean {
+    const bs = this.blockSize, end = pos + len, s = this.state;
+    for (let b = Math.floor(pos / bs), last = Math.floor((end - 1) / bs); b <= last; b++) {
+      const x = s[b];
+      if (x === ABSENT) return false;
+      if (x === PARTIAL && !this.piecesHeld(b, Math.max(pos, b * bs) - b * bs, Math.min(end, (b + 1) * bs) - b * bs)) return false;
+    }
     return true;
   }
 
-  /** Mark `b` as just used (eviction takes the least recently used first). */
+  /** True if the pieces covering block-relative bytes [from, to) of PARTIAL block `b` are held. */
+  private piecesHeld(b: number, from: number, to: number): boolean {
+    const bm = this.partial.get(b)!;
+    for (let p = Math.floor(from / PIECE), last = Math.floor((to - 1) / PIECE); p <= last; p++) {
+      if ((bm[p >> 3]! & (1 << (p & 7))) === 0) return false;
+    }
+    return true;
+  }
+
+  /** Mark `b` as just used (eviction takes the least recently used first); blocks being filled are not in the list. */
   touch(b: number): void {
-    if (this.state[b] !== DATA || this.head === b) return;
+    if (this.head === b || this.prev[b]! < 0) return;
     this.unlink(b);
     this.pushFront(b);
   }
 
-  /** Copy cached bytes [pos, pos+len) into buf[off..] (every block involved must be cached). */
+  /** Copy cached bytes [pos, pos+len) into buf[off..] (every byte involved must be cached). */
   read(buf: Uint8Array, off: number, len: number, pos: number): void {
     let done = 0;
     while (done < len) {
@@ -164,7 +212,7 @@ export class BlockCache {
     }
   }
 
-  /** Blocks being written as their bytes stream in (see write()). */
+  /** Blocks being written as their bytes stream in. */
   private readonly filling = new Map<number, Filling>();
   /** Data writes in flight and their bytes: the event loop never waits for the disk. */
   private inflight = 0;
@@ -172,41 +220,51 @@ export class BlockCache {
   private drained: (() => void) | null = null;
 
   /**
-   * Bytes [pos, pos + chunk.length) of block `b` arrived: write them to the data file, without
-   * waiting (synchronous writes stall the event loop whenever the kernel throttles dirty pages).
-   * All-zero chunks are skipped: the region is a hole or already holds these bytes. The block's
-   * first chunk reserves room for all of it, evicting least recently used blocks. A failed write
-   * (disk full), or more than MAX_PENDING bytes waiting for the disk, leave the block uncached.
+   * A GET will deliver bytes of block `b` (all of it, or pieces): reserve room for the rest of the
+   * block, evicting least recently used blocks, and keep the block out of eviction until every GET
+   * into it has ended with complete(), completePieces() or abandon().
+   */
+  begin(b: number): void {
+    if (this.closing) return;
+    const f = this.filling.get(b);
+    if (f !== undefined) { f.open++; return; }
+    const s = this.state[b];
+    if (s === DATA || s === ZERO) return; // held already: its writes are skipped
+    const reserve = this.blockBytes(b) - this.held(b);
+    if (s === PARTIAL) this.unlink(b);
+    while (this.used + reserve > this.budget && this.tail >= 0) this.evict(this.tail);
+    this.used += reserve;
+    this.filling.set(b, { open: 1, reserve, nonzero: false, failed: false, pending: 0, whole: false, pieces: [], done: [] });
+  }
+
+  /**
+   * Bytes [pos, pos + chunk.length) of block `b` arrived (after begin(b)): write them to the data
+   * file without waiting (synchronous writes stall the event loop whenever the kernel throttles
+   * dirty pages). All-zero chunks are skipped: the region is a hole or already holds these bytes
+   * (a region only ever holds this version's bytes or zeros). A failed write (disk full), or more
+   * than MAX_PENDING bytes waiting for the disk, leave what this filling brings unmarked.
    * `chunk` must not change until its write is done.
    */
   write(b: number, pos: number, chunk: Uint8Array): void {
-    if (this.closing || this.state[b] !== ABSENT) return;
-    let f = this.filling.get(b);
-    if (f === undefined) {
-      const len = this.blockBytes(b);
-      while (this.used + len > this.budget && this.tail >= 0) this.evict(this.tail);
-      this.used += len;
-      f = { nonzero: false, failed: false, pending: 0, done: null, abandoned: false };
-      this.filling.set(b, f);
-    }
-    if (f.failed || isZero(chunk)) return;
+    const f = this.filling.get(b);
+    if (f === undefined || this.closing || f.failed || isZero(chunk)) return;
     if (this.pendingBytes + chunk.length > MAX_PENDING) {
-      f.failed = true; // the disk is behind: serve this block without keeping it
+      f.failed = true; // the disk is behind: serve these bytes without keeping them
       return;
     }
     f.nonzero = true;
     f.pending++;
     this.inflight++;
     this.pendingBytes += chunk.length;
-    const filling = f;
     fsWrite(this.fd, chunk, 0, chunk.length, pos, (err, n) => {
       this.inflight--;
       this.pendingBytes -= chunk.length;
       if (err !== null || n !== chunk.length) {
-        filling.failed = true;
+        f.failed = true;
         this.writeFailed(err ?? new Error(`short write (${n} of ${chunk.length} bytes)`));
       }
-      if (--filling.pending === 0) this.settle(b, filling);
+      f.pending--;
+      this.settle(b, f);
       if (this.inflight === 0) this.drained?.();
     });
   }
@@ -214,46 +272,78 @@ export class BlockCache {
   /**
    * Every byte of block `b` has been given to write(): once they are on their way to the disk,
    * the block counts as cached and `done(true)` is called (false if it could not be kept), at once
-   * or when the last write ends.
+   * or when the last write into the block ends.
    */
   complete(b: number, done: (cached: boolean) => void): void {
     const f = this.filling.get(b);
-    if (f === undefined) { done(this.state[b] !== ABSENT); return; }
-    f.done = done;
-    if (f.pending === 0) this.settle(b, f);
+    if (f === undefined) { done(this.state[b] === DATA || this.state[b] === ZERO); return; }
+    f.whole = true;
+    this.end(b, f, done);
   }
 
-  /** Block `b` will not be completed: give back its room (and punch what was written of it). */
+  /** As complete(), for bytes [from, to) of block `b` (absolute offsets, whole pieces or up to the end). */
+  completePieces(b: number, from: number, to: number, done: (cached: boolean) => void): void {
+    const f = this.filling.get(b);
+    if (f === undefined) { done(this.has(from, to - from)); return; }
+    f.pieces.push(from - b * this.blockSize, to - b * this.blockSize);
+    this.end(b, f, done);
+  }
+
+  /** A GET into block `b` will not deliver the rest of what it was to bring. */
   abandon(b: number): void {
     const f = this.filling.get(b);
-    if (f === undefined) return;
-    f.abandoned = true;
-    if (f.pending === 0) this.settle(b, f);
+    if (f !== undefined) this.end(b, f, null);
   }
 
-  /** A block whose writes are all done and whose fate is known: mark it (map byte after the data), or let it go. */
+  private end(b: number, f: Filling, done: ((cached: boolean) => void) | null): void {
+    if (done !== null) f.done.push(done);
+    f.open--;
+    this.settle(b, f);
+  }
+
+  /** Once no GET delivers into the block and its writes are done: mark what arrived (map after data), give back the rest of the room. */
   private settle(b: number, f: Filling): void {
-    if (f.done === null && !f.abandoned) return; // bytes still arriving
+    if (f.open > 0 || f.pending > 0 || this.filling.get(b) !== f) return;
     this.filling.delete(b);
+    const before = this.held(b);
     let cached = false;
-    if (!f.abandoned && !f.failed && !this.closed) {
+    if (!f.failed && !this.closed) {
       try {
-        this.setState(b, f.nonzero ? DATA : ZERO);
-        if (f.nonzero) this.pushFront(b);
-        else this.used -= this.blockBytes(b);
-        cached = true;
+        if (f.whole) this.markWhole(b, f.nonzero ? DATA : ZERO);
+        else if (f.pieces.length > 0) this.markPieces(b, f.pieces);
+        cached = f.whole || f.pieces.length > 0;
       } catch (e) {
         this.writeFailed(e);
       }
     }
-    if (!cached) this.release(b, f.nonzero);
-    f.done?.(cached);
+    this.used += this.held(b) - before - f.reserve;
+    const s = this.state[b];
+    if (s === DATA || s === PARTIAL) this.pushFront(b);
+    // Unmarked bytes are never read: give their room back (after close the fd may be another file's).
+    else if (s === ABSENT && f.nonzero && !this.closed) this.punch(b);
+    for (const d of f.done) d(cached);
   }
 
-  private release(b: number, written: boolean): void {
-    this.used -= this.blockBytes(b);
-    // Unmarked bytes are never read; after close the fd may even belong to another file by now.
-    if (written && !this.closed) this.punch(b);
+  private markWhole(b: number, s: number): void {
+    this.setState(b, s);
+    this.partial.delete(b);
+  }
+
+  /** Set the pieces of `ranges` (block-relative pairs): the bitmap is written before the state byte says to read it. */
+  private markPieces(b: number, ranges: number[]): void {
+    const s = this.state[b];
+    if (s === DATA || s === ZERO) return;
+    const bm = s === PARTIAL ? this.partial.get(b)! : new Uint8Array(this.bitmapBytes);
+    for (let i = 0; i < ranges.length; i += 2) {
+      for (let p = Math.floor(ranges[i]! / PIECE), last = Math.floor((ranges[i + 1]! - 1) / PIECE); p <= last; p++) bm[p >> 3]! |= 1 << (p & 7);
+    }
+    const pieces = Math.ceil(this.blockBytes(b) / PIECE);
+    let all = true;
+    for (let p = 0; p < pieces && all; p++) all = (bm[p >> 3]! & (1 << (p & 7))) !== 0;
+    if (all) { this.markWhole(b, DATA); return; }
+    writeFull(this.mapFd, bm, this.bitmapAt(b));
+    this.partial.set(b, bm);
+    if (s !== PARTIAL) this.setState(b, PARTIAL);
   }
 
   private failedOnce = false;
@@ -269,10 +359,12 @@ export class BlockCache {
   }
 
   private evict(b: number): void {
+    const bytes = this.held(b);
     this.unlink(b);
-    this.setState(b, ABSENT); // the map first: a crash between leaves an unmarked block, never a marked hole
+    this.setState(b, ABSENT); // the map first: a crash between leaves unmarked bytes, never a marked hole
+    this.partial.delete(b);
     this.punch(b);
-    this.used -= this.blockBytes(b);
+    this.used -= bytes;
     this.evicted = true;
     this.evictions++;
   }
@@ -315,74 +407,13 @@ export class BlockCache {
   }
 }
 
-function headerBytes(o: CacheOptions, blocks: number): Uint8Array {
-  const h = new Uint8Array(HEADER);
-  const info = JSON.stringify({ key: o.key, size: o.version.size, etag: o.version.etag, lastModified: o.version.lastModified, blockSize: o.blockSize, blocks });
-  const bytes = new TextEncoder().encode(MAGIC + info);
-  h.set(bytes.subarray(0, HEADER - 1));
-  return h;
-}
-
-/** The entry's key and version from its map header, or null when it is not a cache map. */
-function readInfo(path: string): { key: string } | null {
-  try {
-    const fd = openSync(path, "r");
-    try {
-      const h = new Uint8Array(HEADER);
-      const n = readSync(fd, h, 0, HEADER, 0);
-      const text = new TextDecoder().decode(h.subarray(0, n)).replace(/\0+$/, "");
-      if (!text.startsWith(MAGIC)) return null;
-      return JSON.parse(text.slice(MAGIC.length)) as { key: string };
-    } finally {
-      closeSync(fd);
-    }
-  } catch {
-    return null;
+function readFull(fd: number, buf: Uint8Array, pos: number): boolean {
+  for (let got = 0; got < buf.length;) {
+    const n = readSync(fd, buf, got, buf.length - got, pos + got);
+    if (n <= 0) return false;
+    got += n;
   }
-}
-
-/**
- * Make room in the directory: delete entries of other versions of the same object, then the least
- * recently used entries until the others hold at most `room` bytes. Entries in use by another
- * process (locked) are left alone.
- */
-function prune(dir: string, self: string, key: string, room: number, log: (msg: string) => void): void {
-  const others: { base: string; bytes: number; mtime: number }[] = [];
-  for (const name of readdirSync(dir)) {
-    if (!name.endsWith(".map") || name === `${self}.map`) continue;
-    const base = join(dir, name.slice(0, -4));
-    if (inUse(`${base}.map`)) continue;
-    const info = readInfo(`${base}.map`);
-    let bytes = 0, mtime = 0;
-    try { const st = statSync(`${base}.data`); bytes = st.blocks * 512; mtime = statSync(`${base}.map`).mtimeMs; } catch { /* half an entry */ }
-    if (info !== null && info.key === key) {
-      remove(base);
-      log(`cache: removed ${base} (an older version of ${key})`);
-      continue;
-    }
-    others.push({ base, bytes, mtime });
-  }
-  others.sort((a, b) => a.mtime - b.mtime);
-  let total = others.reduce((n, e) => n + e.bytes, 0);
-  for (const e of others) {
-    if (total <= room) break;
-    remove(e.base);
-    total -= e.bytes;
-    log(`cache: removed ${e.base} (least recently used) to stay within the cache size`);
-  }
-}
-
-function inUse(path: string): boolean {
-  try {
-    const fd = openSync(path, "r");
-    try { return ofdTestLock(fd, F_WRLCK, 0, 1) !== F_UNLCK; } finally { closeSync(fd); }
-  } catch {
-    return false;
-  }
-}
-
-function remove(base: string): void {
-  for (const ext of [".map", ".data"]) { try { unlinkSync(base + ext); } catch { /* gone already */ } }
+  return true;
 }
 
 function writeFull(fd: number, buf: Uint8Array, pos: number): void {

@@ -1,9 +1,10 @@
-// A remote object as a read-only BlockDevice: cached blocks are read from the cache file at once,
-// missing ones fetched by aligned ranged GETs (merged, several in flight, readahead) and handed to
-// readers and the cache as they stream in. Other devices sit on it (async pread, or isCached/load).
+// A remote object as a read-only BlockDevice: cached bytes are read from the cache file at once;
+// a small read out of sequence fetches just its 4 KiB pieces, anything else whole aligned blocks
+// (merged, several in flight, readahead for sequential readers), handed to readers and the cache as
+// they stream in. Other devices sit on it (async pread, or isCached/load).
 import { eio } from "../../protocol/errors.ts";
 import { caps, EXTENT_HOLE, EXTENT_ZERO, type BlockDevice, type BlockSize, type Capabilities, type ExtentSink, type FileRange, type Maybe } from "../types.ts";
-import { ABSENT, ZERO, type BlockCache } from "./cache.ts";
+import { PIECE, ZERO, type BlockCache } from "./cache.ts";
 import { Fetcher, type FetchJob, type FetchPolicy } from "./fetcher.ts";
 import { dropCounters, newCounters, type RemoteCounters } from "./metrics.ts";
 import type { ObjectStore, ObjectVersion } from "./store.ts";
@@ -16,7 +17,10 @@ export interface ReadPolicy {
 }
 
 const CAPS: Capabilities = Object.freeze(caps({ canCache: true, canExtents: true, canMultiConn: true }));
+/** Sequential streams told apart (several readers may interleave). */
 const RECENT = 8;
+/** A read starting at most this far after where a recent one ended continues it. */
+const SEQ_GAP = 64 * 1024;
 
 /** Copies what it needs of a piece of a block (`chunk` holds the block's bytes from `at` on; valid only during the call). */
 type Take = (chunk: Uint8Array, at: number) => void;
@@ -53,8 +57,8 @@ export class RemoteImage implements BlockDevice {
   private wanted: number[] = [];
   private wantedAhead: number[] = [];
   private flushQueued = false;
-  /** The last block of recent reads, to tell sequential readers (several may interleave). */
-  private readonly recent = new Float64Array(RECENT).fill(-2);
+  /** Where recent reads ended, to tell sequential readers. */
+  private readonly recent = new Float64Array(RECENT).fill(-Infinity);
   private recentAt = 0;
   private closed = false;
 
@@ -76,17 +80,17 @@ export class RemoteImage implements BlockDevice {
 
   /** True if [pos, pos+len) can be read from the cache now. */
   isCached(pos: number, len: number): boolean {
-    if (len <= 0) return true;
-    return this.blocks.has(Math.floor(pos / this.bs), Math.floor((pos + len - 1) / this.bs));
+    return len <= 0 || this.blocks.has(pos, len);
   }
 
   /** Fetch whatever of [pos, pos+len) is not cached; resolves once it is (or has been delivered). */
   async load(pos: number, len: number): Promise<void> {
     if (len <= 0) return;
-    const st = this.blocks.state;
+    const bs = this.bs, end = pos + len;
     const ps: Promise<unknown>[] = [];
-    for (let b = Math.floor(pos / this.bs), last = Math.floor((pos + len - 1) / this.bs); b <= last; b++) {
-      if (st[b] === ABSENT) ps.push(this.want(b, false));
+    for (let b = Math.floor(pos / bs), last = Math.floor((end - 1) / bs); b <= last; b++) {
+      const s = Math.max(pos, b * bs);
+      if (!this.blocks.has(s, Math.min(end, (b + 1) * bs) - s)) ps.push(this.want(b, false));
     }
     for (const p of ps) await p;
   }
@@ -94,9 +98,8 @@ export class RemoteImage implements BlockDevice {
   fileRange(offset: number, length: number, out: FileRange): boolean {
     // After an eviction, a block could be punched while sendfile still reads it: copy instead.
     if (this.blocks.evicted || length === 0) return false;
-    const b0 = Math.floor(offset / this.bs), b1 = Math.floor((offset + length - 1) / this.bs);
-    if (!this.blocks.has(b0, b1)) return false;
-    this.hit(b0, b1);
+    if (!this.blocks.has(offset, length)) return false;
+    this.hit(offset, offset + length);
     out.fd = this.blocks.fd;
     out.offset = offset;
     return true;
@@ -106,33 +109,43 @@ export class RemoteImage implements BlockDevice {
     const len = buf.length;
     if (len === 0) return;
     if (this.closed) throw eio(`${this.store.display}: closed`);
-    const b0 = Math.floor(offset / this.bs), b1 = Math.floor((offset + len - 1) / this.bs);
-    if (this.blocks.has(b0, b1)) {
-      this.hit(b0, b1);
+    if (this.blocks.has(offset, len)) {
+      this.hit(offset, offset + len);
       this.blocks.read(buf, 0, len, offset);
       return;
     }
-    return this.readMissing(buf, offset, b0, b1);
+    return this.readMissing(buf, offset);
   }
 
-  private hit(b0: number, b1: number): void {
+  private hit(offset: number, end: number): void {
+    const b0 = Math.floor(offset / this.bs), b1 = Math.floor((end - 1) / this.bs);
     this.counters.cacheHits += b1 - b0 + 1;
     for (let b = b0; b <= b1; b++) this.blocks.touch(b);
-    this.sequential(b0, b1);
+    this.sequential(offset, end);
   }
 
-  private readMissing(buf: Uint8Array, offset: number, b0: number, b1: number): Promise<void> {
-    const bs = this.bs, end = offset + buf.length, st = this.blocks.state;
+  /**
+   * Each block of the read: from the cache if held; else joining the GET already bringing it; else
+   * the whole block when the read continues a sequential one or covers half the block or more; else
+   * (a small read out of sequence) just the 4 KiB pieces it touches, as nbdkit's curl plugin would.
+   */
+  private readMissing(buf: Uint8Array, offset: number): Promise<void> {
+    const bs = this.bs, end = offset + buf.length;
+    const seq = this.sequential(offset, end);
     const ps: Promise<void>[] = [];
-    for (let b = b0; b <= b1; b++) {
+    for (let b = Math.floor(offset / bs), b1 = Math.floor((end - 1) / bs); b <= b1; b++) {
       const s = Math.max(offset, b * bs), e = Math.min(end, (b + 1) * bs);
-      if (st[b] !== ABSENT) {
+      if (this.blocks.has(s, e - s)) {
         this.counters.cacheHits++;
         this.blocks.touch(b);
         this.blocks.read(buf, s - offset, e - s, s);
         continue;
       }
       this.counters.cacheMisses++;
+      if (!seq && 2 * (e - s) < bs && !this.waiting.has(b)) {
+        ps.push(this.fetchPieces(buf, offset, b, s, e));
+        continue;
+      }
       // the part of each arriving piece that falls in [s, e) goes straight into buf
       const from = s - b * bs, to = e - b * bs;
       ps.push(this.want(b, false, (chunk, at) => {
@@ -140,9 +153,33 @@ export class RemoteImage implements BlockDevice {
         if (hi > lo) buf.set(chunk.subarray(lo - at, hi - at), b * bs + lo - offset);
       }, to));
     }
-    this.sequential(b0, b1);
     return settle(ps);
   }
+
+  /** Bytes [s, e) of block `b` into buf (which holds the read at `offset`), by a GET of the pieces around them. */
+  private fetchPieces(buf: Uint8Array, offset: number, b: number, s: number, e: number): Promise<void> {
+    const ps = s - (s % PIECE), pe = Math.min(this.bytes, e + ((PIECE - (e % PIECE)) % PIECE));
+    this.blocks.begin(b);
+    return new Promise<void>((resolve, reject) => {
+      this.fetcher.fetch(ps, pe, false, pe - ps, {
+        data: (pos, chunk) => {
+          if (!this.closed) this.blocks.write(b, pos, chunk);
+          const lo = Math.max(s, pos), hi = Math.min(e, pos + chunk.length);
+          if (hi > lo) buf.set(chunk.subarray(lo - pos, hi - pos), lo - offset);
+        },
+        unit: () => {
+          resolve(); // every byte is in buf: answer now, not when the GET has wound down
+          if (!this.closed) this.blocks.completePieces(b, ps, pe, this.noteCached);
+        },
+        lost: () => this.blocks.abandon(b),
+      }).promise.catch(reject);
+    });
+  }
+
+  private readonly noteCached = (): void => {
+    this.counters.cachedBytes = this.blocks.used;
+    this.counters.evictions = this.blocks.evictions;
+  };
 
   /**
    * Fetch block `b` (or join the GET already bringing it); `take` gets its bytes the moment they
@@ -229,6 +266,7 @@ export class RemoteImage implements BlockDevice {
 
   private fetchRun(first: number, last: number, ahead: boolean): void {
     const bs = this.bs;
+    for (let b = first; b <= last; b++) this.blocks.begin(b);
     // Each piece goes to the cache file and to the readers as it arrives; a block counts as
     // cached (and its readers are answered) when its last byte is in.
     const job: FetchJob = this.fetcher.fetch(first * bs, Math.min(this.bytes, (last + 1) * bs), ahead, bs, {
@@ -255,8 +293,7 @@ export class RemoteImage implements BlockDevice {
           w.resolve(); // the takers have every byte; the waiter stays until the cache has them too
         }
         const marked = (cached: boolean) => {
-          this.counters.cachedBytes = this.blocks.used;
-          this.counters.evictions = this.blocks.evictions;
+          this.noteCached();
           if (!mine || this.waiting.get(b) !== w) return;
           this.waiting.delete(b);
           for (const l of w.late) l(cached);
@@ -279,26 +316,24 @@ export class RemoteImage implements BlockDevice {
     });
   }
 
-  /** Note a read of blocks b0..b1; if it continues a recent one, fetch ahead of it. */
-  private sequential(b0: number, b1: number): void {
+  /** Note a read of [offset, end); if it continues a recent one, fetch ahead of it and say so. */
+  private sequential(offset: number, end: number): boolean {
     const r = this.recent;
-    let seq = false;
-    for (let i = 0; i < RECENT; i++) {
-      const x = r[i]!;
-      if (x === b1) return; // the same block again: already handled
-      if (x === b0 || x === b0 - 1) { seq = true; r[i] = b1; break; }
-    }
-    if (!seq) {
-      r[this.recentAt] = b1;
+    let i = 0;
+    while (i < RECENT && !(offset >= r[i]! && offset - r[i]! <= SEQ_GAP)) i++;
+    if (i === RECENT) {
+      r[this.recentAt] = end;
       this.recentAt = (this.recentAt + 1) % RECENT;
-      return;
+      return false;
     }
-    if (this.fetcher.changed !== null || this.fetcher.aheadQueued > 1) return;
-    const st = this.blocks.state;
-    const n = Math.floor(this.policy.readahead / this.bs);
+    r[i] = end;
+    if (this.fetcher.changed !== null || this.fetcher.aheadQueued > 1) return true;
+    const bs = this.bs;
+    const b1 = Math.floor((end - 1) / bs), n = Math.floor(this.policy.readahead / bs);
     for (let b = b1 + 1; b <= b1 + n && b < this.blocks.blocks; b++) {
-      if (st[b] === ABSENT && !this.waiting.has(b)) this.want(b, true).catch(() => {});
+      if (!this.waiting.has(b) && !this.blocks.has(b * bs, this.blocks.blockBytes(b))) this.want(b, true).catch(() => {});
     }
+    return true;
   }
 
   extents(offset: number, length: number, _flags: number, sink: ExtentSink): void {
