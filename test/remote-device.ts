@@ -240,6 +240,49 @@ S("a sequential reader gets readahead; a random one does not", async () => {
   } finally { await e.close(); }
 });
 
+S("a small read out of sequence fetches its 4 KiB pieces or its block, as --small-reads says; auto follows the store's round trip", async () => {
+  // the ranges nginx logged since line `from` (a line is written just after its answer: wait a little)
+  const ranges = async (from: number) => (await Bun.sleep(100), ngx.log()).slice(from).filter((l) => l.includes("/disk.img ")).map((l) => /"bytes=(\d+)-(\d+)"/.exec(l)).filter((m) => m !== null).map((m) => [Number(m![1]), Number(m![2]) + 1]);
+  const bs = 64 * KiB, off = 23 * bs + 5000; // block 23: in the second MiB, which holds data
+  const pieces = await openRemoteImage(ngx.url("disk.img"), settings({ smallReads: "pieces" }), () => {});
+  try {
+    let mark = ngx.log().length;
+    bytesEqual(await read(pieces, off, 6000), local.subarray(off, off + 6000), "pieces");
+    assert.equal(await ranges(mark), [[23 * bs + 4096, 23 * bs + 12288]], "the two 4 KiB pieces the read touches");
+    await Bun.sleep(100); // their cache write ends (the read was answered before it)
+    mark = ngx.log().length;
+    bytesEqual(await read(pieces, off + 1000, 3000), local.subarray(off + 1000, off + 4000), "again");
+    assert.equal(await ranges(mark), [], "held pieces: no GET");
+    bytesEqual(await read(pieces, 23 * bs, 4096), local.subarray(23 * bs, 23 * bs + 4096), "a piece not held yet");
+    await Bun.sleep(100);
+    assert.is(pieces.blocks.state[23], PARTIAL);
+    bytesEqual(await read(pieces, 23 * bs, bs), local.subarray(23 * bs, 24 * bs), "the whole block");
+    await Bun.sleep(100);
+    assert.is(pieces.blocks.state[23], DATA, "a read of the whole block fetches it whole");
+  } finally { await pieces.close(); }
+  const blocks = await openRemoteImage(ngx.url("disk.img"), settings({ smallReads: "blocks" }), () => {});
+  try {
+    const mark = ngx.log().length;
+    bytesEqual(await read(blocks, off, 6000), local.subarray(off, off + 6000), "blocks");
+    assert.equal(await ranges(mark), [[23 * bs, 24 * bs]]);
+  } finally { await blocks.close(); }
+  const auto = await openRemoteImage(ngx.url("disk.img"), settings({ smallReads: "auto", blockSize: MiB }), () => {});
+  try {
+    let mark = ngx.log().length;
+    await read(auto, 3 * MiB, 4096);
+    assert.equal(await ranges(mark), [[3 * MiB, 4 * MiB]], "nothing measured yet: a whole block");
+    assert.ok(auto.fetcher.roundTripMs !== null && auto.fetcher.roundTripMs < 50, `round trip ${auto.fetcher.roundTripMs} ms`);
+    auto.fetcher.bytesPerMs = 100_000; // 100 MB/s: moving 1 MiB costs ~10 ms, far more than a round trip here
+    mark = ngx.log().length;
+    await read(auto, 100_000, 4096);
+    assert.equal(await ranges(mark), [[98304, 106496]], "a round trip cheaper than a block: pieces");
+    auto.fetcher.roundTripMs = 40; // as from an object store 40 ms away
+    mark = ngx.log().length;
+    await read(auto, 2 * MiB + 100_000, 4096);
+    assert.equal(await ranges(mark), [[2 * MiB, 3 * MiB]], "a round trip dearer than a block: the whole block");
+  } finally { await auto.close(); }
+});
+
 S("the cache survives a reopen (no GET) and a changed file gets a new entry", async () => {
   const cacheDir = join(dir, "persist");
   const a = await openRemoteImage(ngx.url("disk.img"), settings({ cacheDir }), () => {});

@@ -184,7 +184,7 @@ for c, (b, o) in bufs.items():
     if b.to_bytearray() != f.read(4096): bad += 1
 print("bad", bad)
 `;
-  let s = await serve(["--cache-dir", cache, url]);
+  let s = await serve(["--cache-dir", cache, "--small-reads", "pieces", url]);
   const before = ngx.rangeGets("/medium/mid.img");
   const pending = run([PY, "-c", reads(s.uri("mid"), 20000)], { timeoutMs: 120_000 });
   for (let i = 0; i < 500 && ngx.rangeGets("/medium/mid.img") - before < 300; i++) await Bun.sleep(20);
@@ -194,7 +194,7 @@ print("bad", bad)
   const [marked, wrong, partial] = checkCacheEntry(cache, mid, 1024 * 1024);
   assert.is(wrong, 0, `${wrong} of ${marked} marked blocks hold wrong bytes in marked pieces`);
   assert.ok(partial > 10, `blocks held in part before the kill: ${partial}`);
-  s = await serve(["--cache-dir", cache, url]);
+  s = await serve(["--cache-dir", cache, "--small-reads", "pieces", url]);
   try {
     const mark = ngx.rangeGets("/medium/mid.img");
     const r = await run([PY, "-c", reads(s.uri("mid"), 200)], { timeoutMs: 120_000 });
@@ -234,7 +234,7 @@ test("an image replaced while served: EIO and a log line, never bytes of the new
   const path = makeImage(join(ngx.root, "swap.img"), 16 * MiB, 21);
   const oldBytes = join(dir, "swap.old");
   cpSync(path, oldBytes);
-  const s = await serve(["--no-cache", "--readahead", "0", ngx.url("swap.img")]);
+  const s = await serve(["--no-cache", "--readahead", "0", "--small-reads", "pieces", ngx.url("swap.img")]);
   try {
     await nbdpy(s.uri("swap"), "h.pread(4 * 1024 * 1024, 0)"); // blocks 0-3 cached
     const next = makeImage(join(ngx.root, "swap.next"), 16 * MiB, 22);

@@ -1,7 +1,7 @@
 // The command-line flags for remote images (http(s):// and s3:// bases) that serve and publish
 // share: their definitions, help text, and conversion into RemoteSettings. Wiring only. Secrets
 // come from the environment (AWS_ACCESS_KEY_ID, ...), never from flags, which `ps` would show.
-import type { RemoteSettings } from "../devices/remote/index.ts";
+import type { RemoteSettings, SmallReads } from "../devices/remote/index.ts";
 
 export const REMOTE_FLAGS = {
   "cache-dir": { type: "string" },
@@ -9,6 +9,7 @@ export const REMOTE_FLAGS = {
   "cache-size": { type: "string" },
   "block-size": { type: "string" },
   readahead: { type: "string" },
+  "small-reads": { type: "string" },
   "remote-connections": { type: "string" },
   "remote-deadline": { type: "string" },
   "s3-endpoint": { type: "string" },
@@ -25,6 +26,9 @@ export const REMOTE_HELP = `remote images (FILE is http://, https:// or s3://BUC
       --block-size SIZE    unit of the cache and of sequential GETs (default 1M; 64K to 16M);
                            small reads out of sequence fetch just their 4 KiB pieces
       --readahead SIZE     bytes fetched ahead of a sequential reader (default 8M; 0 = none)
+      --small-reads MODE   what a small read out of sequence fetches: pieces (its 4 KiB
+                           pieces), blocks (its whole block), or auto (default: pieces while a
+                           round trip to the store costs less than moving a block)
       --remote-connections N  GETs in flight per image (default 8)
       --remote-deadline SEC   keep retrying a failed read (network error, 5xx) this long, then
                            answer EIO (default 60)
@@ -61,6 +65,7 @@ export function remoteSettings(v: Values): RemoteSettings {
     cacheSize: v["cache-size"] === undefined ? undefined : parseSize(v["cache-size"], "--cache-size"),
     blockSize: v["block-size"] === undefined ? undefined : parseSize(v["block-size"], "--block-size"),
     readahead: v.readahead === undefined ? undefined : parseSize(v.readahead, "--readahead"),
+    smallReads: v["small-reads"] as SmallReads | undefined, // checked with the other settings
     maxInFlight: conns,
     deadlineMs: deadline === undefined ? undefined : deadline * 1000,
     attemptTimeoutMs: deadline === undefined ? undefined : Math.min(30_000, deadline * 1000),

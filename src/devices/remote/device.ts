@@ -14,7 +14,15 @@ export interface ReadPolicy {
   maxRequest: number;
   /** Bytes fetched ahead of a sequential reader. */
   readahead: number;
+  /**
+   * What a small read out of sequence fetches: its 4 KiB pieces, its whole block, or (auto) its
+   * pieces while a round trip to the store costs less than moving a block (a web server nearby),
+   * whole blocks when every request costs more (an object store far away, or a slow one).
+   */
+  smallReads: SmallReads;
 }
+
+export type SmallReads = "auto" | "pieces" | "blocks";
 
 const CAPS: Capabilities = Object.freeze(caps({ canCache: true, canExtents: true, canMultiConn: true }));
 /** Sequential streams told apart (several readers may interleave). */
@@ -142,7 +150,7 @@ export class RemoteImage implements BlockDevice {
         continue;
       }
       this.counters.cacheMisses++;
-      if (!seq && 2 * (e - s) < bs && !this.waiting.has(b)) {
+      if (!seq && 2 * (e - s) < bs && !this.waiting.has(b) && this.pieceReads()) {
         ps.push(this.fetchPieces(buf, offset, b, s, e));
         continue;
       }
@@ -154,6 +162,13 @@ export class RemoteImage implements BlockDevice {
       }, to));
     }
     return settle(ps);
+  }
+
+  private pieceReads(): boolean {
+    const mode = this.policy.smallReads;
+    if (mode !== "auto") return mode === "pieces";
+    const f = this.fetcher;
+    return f.roundTripMs !== null && f.roundTripMs * f.bytesPerMs < this.bs;
   }
 
   /** Bytes [s, e) of block `b` into buf (which holds the read at `offset`), by a GET of the pieces around them. */

@@ -46,7 +46,14 @@ interface Job extends FetchJob {
   reject: (e: Error) => void;
 }
 
+/** Below this many bytes after its first chunk, a GET says nothing about bandwidth. */
+const BANDWIDTH_SAMPLE_MIN = 64 * 1024;
+
 export class Fetcher {
+  /** Time from a GET's start to its first bytes (ms, moving average); null before the first GET. */
+  roundTripMs: number | null = null;
+  /** Bytes per ms of a GET's transfer after its first bytes (moving average; 100 MB/s until measured). */
+  bytesPerMs = 100_000;
   private active = 0;
   private readonly demand: Job[] = [];
   private readonly ahead: Job[] = [];
@@ -97,8 +104,14 @@ export class Fetcher {
       this.counters.requests++;
       if (job.ahead) this.counters.readaheadRequests++;
       let pos = job.next; // the next byte expected in this attempt
+      const t0 = performance.now();
+      let first = 0, after = 0;
       const sink = (chunk: Uint8Array) => {
         this.counters.bytesFetched += chunk.length;
+        if (first === 0) {
+          first = performance.now();
+          this.roundTripMs = this.roundTripMs === null ? first - t0 : 0.8 * this.roundTripMs + 0.2 * (first - t0);
+        } else after += chunk.length;
         for (let off = 0; off < chunk.length;) {
           const unitEnd = Math.min(job.end, job.next + job.unit);
           const take = Math.min(chunk.length - off, unitEnd - pos);
@@ -114,6 +127,8 @@ export class Fetcher {
       };
       try {
         await this.store.get(job.next, job.end, this.pin, this.stop.signal, attemptTimeoutMs, sink);
+        const ms = performance.now() - first;
+        if (after >= BANDWIDTH_SAMPLE_MIN && ms > 0) this.bytesPerMs = 0.8 * this.bytesPerMs + 0.2 * (after / ms);
         this.recovered();
         return;
       } catch (e) {

@@ -7,7 +7,7 @@ import { objectBaseName, parseLocation, remoteExportName, s3Settings } from "./l
 import { openRemoteImage, type RemoteOpenOptions } from "./open-image.ts";
 import { describeVersion } from "./store.ts";
 
-export { RemoteImage } from "./device.ts";
+export { RemoteImage, type SmallReads } from "./device.ts";
 export { isRemote, redactUrl, parseLocation, remoteExportName, type S3Settings } from "./location.ts";
 export { remoteCounters, type RemoteCounters } from "./metrics.ts";
 export { versionTag, describeVersion } from "./store.ts";

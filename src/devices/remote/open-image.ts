@@ -5,7 +5,9 @@ import { homedir } from "node:os";
 import { join } from "node:path";
 import type { StagedFile } from "../staged.ts";
 import { BlockCache } from "./cache.ts";
-import { RemoteImage } from "./device.ts";
+import { RemoteImage, type SmallReads } from "./device.ts";
+
+const SMALL_READS: readonly SmallReads[] = ["auto", "pieces", "blocks"];
 import { objectBaseName, parseLocation, s3Settings, type RemoteLocation, type S3Settings } from "./location.ts";
 import { ObjectStore, RemoteError, versionTag } from "./store.ts";
 
@@ -24,6 +26,8 @@ export interface RemoteSettings {
   maxRequest?: number;
   /** Bytes fetched ahead of a sequential reader. */
   readahead?: number;
+  /** What a small read out of sequence fetches (see ReadPolicy.smallReads). */
+  smallReads?: SmallReads;
   /** GETs in flight at once, per image. */
   maxInFlight?: number;
   /** Give up on a read this long after its first attempt (network errors, 5xx). */
@@ -37,6 +41,7 @@ export const REMOTE_DEFAULTS = {
   blockSize: MiB,
   maxRequest: 8 * MiB,
   readahead: 8 * MiB,
+  smallReads: "auto",
   maxInFlight: 8,
   deadlineMs: 60_000,
   attemptTimeoutMs: 30_000,
@@ -54,6 +59,7 @@ export function checkSettings(s: RemoteSettings): void {
   const positive: [string, number | undefined][] = [["cache size", s.cacheSize], ["max request", s.maxRequest], ["in-flight limit", s.maxInFlight], ["deadline", s.deadlineMs], ["attempt timeout", s.attemptTimeoutMs]];
   for (const [what, v] of positive) if (v !== undefined && !(v > 0 && Number.isFinite(v))) throw new Error(`${what} must be positive (got ${v})`);
   if (s.readahead !== undefined && !(s.readahead >= 0)) throw new Error(`readahead must be 0 or more (got ${s.readahead})`);
+  if (s.smallReads !== undefined && !SMALL_READS.includes(s.smallReads)) throw new Error(`--small-reads ${s.smallReads}: must be one of ${SMALL_READS.join(", ")}`);
 }
 
 /** Open one remote object as a raw read-only device (found, pinned and cached). */
@@ -77,6 +83,7 @@ export async function openRemoteImage(name: string | RemoteLocation, settings: R
   return new RemoteImage(store, version, cache, {
     maxRequest: settings.maxRequest ?? REMOTE_DEFAULTS.maxRequest,
     readahead: settings.readahead ?? REMOTE_DEFAULTS.readahead,
+    smallReads: settings.smallReads ?? REMOTE_DEFAULTS.smallReads,
     maxInFlight: settings.maxInFlight ?? REMOTE_DEFAULTS.maxInFlight,
     deadlineMs: settings.deadlineMs ?? REMOTE_DEFAULTS.deadlineMs,
     attemptTimeoutMs,
