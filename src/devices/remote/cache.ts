@@ -63,8 +63,12 @@ export class BlockCache {
   evictions = 0;
   /** Bytes of one block's piece bitmap in the map file. */
   private readonly bitmapBytes: number;
-  /** The piece bitmaps of PARTIAL blocks. */
-  private readonly partial = new Map<number, Uint8Array>();
+  /**
+   * Every block's piece bitmap, all zeros unless the block is PARTIAL: 32 bytes per MiB of image
+   * whatever the block size, its pages only touched where blocks are held in part. (A map of
+   * small arrays would cost a client's random reads ~100 bytes of heap per block.)
+   */
+  private readonly bitmaps: Uint8Array;
   private readonly prev: Int32Array;
   private readonly next: Int32Array;
   private head = -1; // most recently used
@@ -80,6 +84,7 @@ export class BlockCache {
     this.prev = new Int32Array(this.blocks).fill(-1);
     this.next = new Int32Array(this.blocks).fill(-1);
     this.bitmapBytes = Math.ceil(blockSize / PIECE / 8);
+    this.bitmaps = new Uint8Array(this.blocks * this.bitmapBytes);
   }
 
   get persistent(): boolean { return this.path !== null; }
@@ -146,9 +151,7 @@ export class BlockCache {
     for (let b = 0; b < this.blocks; b++) {
       const s = this.state[b]!;
       if (s === PARTIAL) {
-        const bm = new Uint8Array(this.bitmapBytes);
-        if (!readFull(this.mapFd, bm, this.bitmapAt(b))) return false;
-        this.partial.set(b, bm);
+        if (!readFull(this.mapFd, this.bitmap(b), this.bitmapAt(b))) return false;
       } else if (s !== DATA && s !== ZERO) {
         this.state[b] = ABSENT;
         continue;
@@ -159,6 +162,7 @@ export class BlockCache {
   }
 
   private bitmapAt(b: number): number { return HEADER + this.blocks + b * this.bitmapBytes; }
+  private bitmap(b: number): Uint8Array { return this.bitmaps.subarray(b * this.bitmapBytes, (b + 1) * this.bitmapBytes); }
 
   blockBytes(b: number): number {
     return Math.min(this.blockSize, this.size - b * this.blockSize);
@@ -169,7 +173,7 @@ export class BlockCache {
     const s = this.state[b];
     if (s === DATA) return this.blockBytes(b);
     if (s !== PARTIAL) return 0;
-    const bm = this.partial.get(b)!, end = this.blockBytes(b);
+    const bm = this.bitmap(b), end = this.blockBytes(b);
     let n = 0;
     for (let p = 0, at = 0; at < end; p++, at += PIECE) if (bm[p >> 3]! & (1 << (p & 7))) n += Math.min(PIECE, end - at);
     return n;
@@ -188,8 +192,8 @@ export class BlockCache {
 
   /** True if the pieces covering block-relative bytes [from, to) of PARTIAL block `b` are held. */
   private piecesHeld(b: number, from: number, to: number): boolean {
-    const bm = this.partial.get(b)!;
-    for (let p = Math.floor(from / PIECE), last = Math.floor((to - 1) / PIECE); p <= last; p++) {
+    const bm = this.bitmaps, at = b * this.bitmapBytes * 8;
+    for (let p = at + Math.floor(from / PIECE), last = at + Math.floor((to - 1) / PIECE); p <= last; p++) {
       if ((bm[p >> 3]! & (1 << (p & 7))) === 0) return false;
     }
     return true;
@@ -326,14 +330,14 @@ export class BlockCache {
 
   private markWhole(b: number, s: number): void {
     this.setState(b, s);
-    this.partial.delete(b);
+    this.bitmap(b).fill(0);
   }
 
   /** Set the pieces of `ranges` (block-relative pairs): the bitmap is written before the state byte says to read it. */
   private markPieces(b: number, ranges: number[]): void {
     const s = this.state[b];
     if (s === DATA || s === ZERO) return;
-    const bm = s === PARTIAL ? this.partial.get(b)! : new Uint8Array(this.bitmapBytes);
+    const bm = this.bitmap(b); // all zeros unless PARTIAL
     for (let i = 0; i < ranges.length; i += 2) {
       for (let p = Math.floor(ranges[i]! / PIECE), last = Math.floor((ranges[i + 1]! - 1) / PIECE); p <= last; p++) bm[p >> 3]! |= 1 << (p & 7);
     }
@@ -342,7 +346,6 @@ export class BlockCache {
     for (let p = 0; p < pieces && all; p++) all = (bm[p >> 3]! & (1 << (p & 7))) !== 0;
     if (all) { this.markWhole(b, DATA); return; }
     writeFull(this.mapFd, bm, this.bitmapAt(b));
-    this.partial.set(b, bm);
     if (s !== PARTIAL) this.setState(b, PARTIAL);
   }
 
@@ -362,7 +365,7 @@ export class BlockCache {
     const bytes = this.held(b);
     this.unlink(b);
     this.setState(b, ABSENT); // the map first: a crash between leaves unmarked bytes, never a marked hole
-    this.partial.delete(b);
+    this.bitmap(b).fill(0);
     this.punch(b);
     this.used -= bytes;
     this.evicted = true;
