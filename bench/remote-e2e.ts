@@ -1,9 +1,9 @@
 // End-to-end benchmark of remote images: one image of pseudo-random bytes behind a real nginx (and,
 // unless --no-s3, in a real Ceph RGW bucket), read through bun-nbd (`serve URL`, a fresh cache for
 // every cold run) and through nbdkit's curl plugin (`nbdkit curl URL`; for S3 the object's plain
-// URL, readable anonymously: the plugin cannot sign), with the same fio nbd-engine workloads: the
-// whole image read sequentially in 1 MiB requests (QD16), and a fixed number of 4 KiB random reads
-// (QD32 and QD1). Cold = the first pass through a fresh server; warm = the same pass again on the
+// URL, readable anonymously: the plugin cannot sign), with the same workloads: the whole image
+// copied by nbdcopy to null:, the whole image read by fio in 1 MiB sequential requests (QD16), and
+// a fixed number of fio's 4 KiB random reads (QD32 and QD1). Cold = the first pass through a fresh server; warm = the same pass again on the
 // same bun-nbd server (after a whole-image read), compared with bun-nbd serving the same image from
 // a local file. Prints a Markdown table with the ratios bun-nbd cold / nbdkit curl (goal: at least
 // 1.0x) and bun-nbd warm / local file (goal: 0.9x).
@@ -36,14 +36,21 @@ let current: Subprocess | null = null;
 process.on("exit", () => { if (current && current.exitCode === null) current.kill("SIGKILL"); });
 
 const WORKLOADS = [
+  { id: "nbdcopy", label: "whole image, nbdcopy to null:", unit: "MB/s", args: [], ios: 0 },
   { id: "seq1m", label: "whole image, 1 MiB sequential reads, QD16", unit: "MB/s", args: ["--rw=read", "--bs=1m", "--iodepth=16"], ios: 0 },
   { id: "rand4k-qd32", label: `${RANDOM_IOS} random 4 KiB reads, QD32`, unit: "IOPS", args: ["--rw=randread", "--bs=4k", "--iodepth=32"], ios: RANDOM_IOS },
   { id: "rand4k-qd1", label: `${RANDOM_IOS / 4} random 4 KiB reads, QD1`, unit: "IOPS", args: ["--rw=randread", "--bs=4k", "--iodepth=1"], ios: RANDOM_IOS / 4 },
 ] as const;
 type W = (typeof WORKLOADS)[number];
 
-/** One fio pass (not time based: the whole image, or a fixed number of random reads). */
+/** One fio pass (not time based: the whole image, or a fixed number of random reads), or one nbdcopy. */
 function fio(uri: string, w: W): number {
+  if (w.id === "nbdcopy") {
+    const t0 = performance.now();
+    const r = spawnSync(["nbdcopy", uri, "null:"], { env: { ...process.env, PATH } });
+    if (r.exitCode !== 0) throw new Error(`nbdcopy failed: ${r.stderr.toString()}`);
+    return SIZE / ((performance.now() - t0) / 1000) / 1e6;
+  }
   const r = spawnSync(["fio", `--name=${w.id}`, "--ioengine=nbd", `--uri=${uri}`, ...w.args, `--size=${SIZE}`,
     ...(w.ios ? [`--number_ios=${w.ios}`, "--randrepeat=0", "--norandommap"] : []), "--output-format=json"], { env: { ...process.env, PATH } });
   if (r.exitCode !== 0) throw new Error(`fio ${w.id} failed: ${r.stderr.toString()}`);

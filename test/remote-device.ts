@@ -6,7 +6,7 @@
 // while the store is slow. URL parsing and redaction are checked here too.
 import { suite } from "uvu";
 import * as assert from "uvu/assert";
-import { mkdirSync, readdirSync, readFileSync, renameSync, statSync, symlinkSync, utimesSync } from "node:fs";
+import { mkdirSync, readdirSync, readFileSync, readSync, renameSync, statSync, symlinkSync, utimesSync } from "node:fs";
 import { join } from "node:path";
 import { bytesEqual, rejects } from "./helpers/assert.ts";
 import { conformance, rng } from "./helpers/conformance.ts";
@@ -281,6 +281,30 @@ S("a small read out of sequence fetches its 4 KiB pieces or its block, as --smal
     await read(auto, 2 * MiB + 100_000, 4096);
     assert.equal(await ranges(mark), [[2 * MiB, 3 * MiB]], "a round trip dearer than a block: the whole block");
   } finally { await auto.close(); }
+});
+
+S("whenInFile: a large read settles once its blocks are in the cache file (for sendfile); small random reads, failures and evictions", async () => {
+  const d = await openRemoteImage(ngx.url("disk.img"), settings({ smallReads: "pieces", cacheSize: 16 * 64 * KiB }), () => {});
+  try {
+    const bs = 64 * KiB, off = 20 * bs + 100, len = 3 * bs;
+    const later = d.whenInFile(off, len);
+    assert.ok(later !== null, "a read of three blocks will be in the file");
+    await later;
+    const out = { fd: -1, offset: 0 };
+    assert.ok(d.fileRange(off, len, out), "then fileRange names it");
+    const got = new Uint8Array(len);
+    readSync(out.fd, got, 0, len, out.offset);
+    bytesEqual(got, local.subarray(off, off + len), "the cache file's bytes");
+    assert.is(d.whenInFile(40 * bs + 100, 4096), null, "a small read out of sequence fetches pieces instead");
+    assert.ok(d.whenInFile(off + len, 4096) !== null, "one that continues a recent read takes whole blocks");
+    await ngx.stop(true);
+    const e = await rejects(() => d.whenInFile(60 * bs, bs)!, "store down");
+    assert.is((e as NbdError).errno, NBD_EIO);
+    await ngx.start();
+    for (let b = 16; b < 80; b += 2) await read(d, b * bs, bs); // past the budget (MiB 0 and 3 are zeros, kept as holes): evictions
+    assert.ok(d.blocks.evictions > 0);
+    assert.is(d.whenInFile(70 * bs, bs), null, "no sendfile from a cache that evicts");
+  } finally { await d.close(); if (!ngx.running()) await ngx.start(); }
 });
 
 S("the cache survives a reopen (no GET) and a changed file gets a new entry", async () => {

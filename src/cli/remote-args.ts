@@ -25,7 +25,8 @@ export const REMOTE_HELP = `remote images (FILE is http://, https:// or s3://BUC
                            used blocks are dropped)
       --block-size SIZE    unit of the cache and of sequential GETs (default 1M; 64K to 16M);
                            small reads out of sequence fetch just their 4 KiB pieces
-      --readahead SIZE     bytes fetched ahead of a sequential reader (default 8M; 0 = none)
+      --readahead SIZE     most bytes fetched ahead of a sequential reader (default 32M; the
+                           window starts at one block and doubles as the reader goes on; 0 = none)
       --small-reads MODE   what a small read out of sequence fetches: pieces (its 4 KiB
                            pieces), blocks (its whole block), or auto (default: pieces while a
                            round trip to the store costs less than moving a block)

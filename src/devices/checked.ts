@@ -111,6 +111,12 @@ export class CheckedExport {
     return this.device.fileRange(offset, length, out);
   }
 
+  /** See BlockDevice.whenInFile; null when the device does not fill a file, or out of bounds. */
+  whenInFile(offset: number, length: number): Promise<void> | null {
+    if (!this.device.whenInFile || offset > this.size || length > this.size - offset) return null;
+    return this.device.whenInFile(offset, length);
+  }
+
   read(buf: Uint8Array, offset: number): Maybe {
     this.checkRange(offset, buf.length, NBD_EINVAL);
     return this.device.pread(buf, offset, 0);

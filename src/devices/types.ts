@@ -90,6 +90,12 @@ export interface BlockDevice {
    * not) unless they pass bytes through unchanged.
    */
   fileRange?(offset: number, length: number, out: FileRange): boolean;
+  /**
+   * For a device that fills a file as it goes (a remote image's cache): a promise that settles
+   * once [offset, offset+length) has been put in that file, so that fileRange() can name it; null
+   * when it will not be (then the server reads as usual). Rejects as a read would.
+   */
+  whenInFile?(offset: number, length: number): Promise<void> | null;
   /** Extra metadata contexts (base:allocation is always offered, from extents()). */
   metaContexts?(): MetaContextProvider[];
   /** Release files and resources. Called once at shutdown, after a final flush. */

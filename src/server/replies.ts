@@ -99,14 +99,7 @@ export class ReplyWriter {
     const exp = this.exp;
     const len = req.length;
     const zeroCopy = len >= SENDFILE_MIN && this.t.sendFile !== undefined;
-    if (!this.structured) {
-      if (zeroCopy && exp.fileRange(req.offset, len, this.range)) {
-        putSimpleReply(this.rep16, 0, 0, req.cookieHi, req.cookieLo);
-        this.t.sendFile!(this.rep16, this.range.fd, this.range.offset, len);
-        return;
-      }
-      return this.copyRead(req, 16);
-    }
+    if (!this.structured) return zeroCopy ? this.fileRead(req, 16) : this.copyRead(req, 16);
     if (len === 0) {
       exp.read(EMPTY, req.offset);
       this.ok(req);
@@ -121,13 +114,32 @@ export class ReplyWriter {
         return this.sparseRead(req, undefined, list);
       }
     }
-    if (zeroCopy && exp.fileRange(req.offset, len, this.range)) {
-      this.chunkHeader(this.repData, 0, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, req, 8 + len);
-      putU64(this.repData, this.hdr, req.offset);
-      this.t.sendFile!(this.repData, this.range.fd, this.range.offset, len);
+    return zeroCopy ? this.fileRead(req, this.hdr + 8) : this.copyRead(req, this.hdr + 8);
+  }
+
+  /**
+   * A large READ: by sendfile when its bytes lie in a file, or once the device has put them in one
+   * (a remote image's cache); else copied (`head` as for copyRead).
+   */
+  private fileRead(req: PendingRequest, head: number): unknown {
+    const exp = this.exp;
+    if (exp.fileRange(req.offset, req.length, this.range)) return this.sendFileData(req);
+    const later = exp.whenInFile(req.offset, req.length);
+    if (later === null) return this.copyRead(req, head);
+    return later.then(() => (exp.fileRange(req.offset, req.length, this.range) ? this.sendFileData(req) : this.copyRead(req, head)));
+  }
+
+  /** A READ reply whose data is this.range (set by fileRange), by sendfile. */
+  private sendFileData(req: PendingRequest): void {
+    if (this.s.closed) return;
+    if (!this.structured) {
+      putSimpleReply(this.rep16, 0, 0, req.cookieHi, req.cookieLo);
+      this.t.sendFile!(this.rep16, this.range.fd, this.range.offset, req.length);
       return;
     }
-    return this.copyRead(req, this.hdr + 8);
+    this.chunkHeader(this.repData, 0, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, req, 8 + req.length);
+    putU64(this.repData, this.hdr, req.offset);
+    this.t.sendFile!(this.repData, this.range.fd, this.range.offset, req.length);
   }
 
   /**

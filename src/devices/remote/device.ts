@@ -67,6 +67,8 @@ export class RemoteImage implements BlockDevice {
   private flushQueued = false;
   /** Where recent reads ended, to tell sequential readers. */
   private readonly recent = new Float64Array(RECENT).fill(-Infinity);
+  /** Each stream's readahead window (bytes). */
+  private readonly window = new Float64Array(RECENT);
   private recentAt = 0;
   private closed = false;
 
@@ -92,15 +94,21 @@ export class RemoteImage implements BlockDevice {
   }
 
   /** Fetch whatever of [pos, pos+len) is not cached; resolves once it is (or has been delivered). */
-  async load(pos: number, len: number): Promise<void> {
-    if (len <= 0) return;
-    const bs = this.bs, end = pos + len;
-    const ps: Promise<unknown>[] = [];
-    for (let b = Math.floor(pos / bs), last = Math.floor((end - 1) / bs); b <= last; b++) {
+  load(pos: number, len: number): Promise<void> {
+    return this.loadBlocks(pos, len, false);
+  }
+
+  /** load(), counting each block as a cache hit or miss when `count`. */
+  private loadBlocks(pos: number, len: number, count: boolean): Promise<void> {
+    const bs = this.bs, end = pos + len, c = this.counters;
+    const ps: Promise<void>[] = [];
+    for (let b = Math.floor(pos / bs), last = Math.floor((end - 1) / bs); len > 0 && b <= last; b++) {
       const s = Math.max(pos, b * bs);
-      if (!this.blocks.has(s, Math.min(end, (b + 1) * bs) - s)) ps.push(this.want(b, false));
+      const held = this.blocks.has(s, Math.min(end, (b + 1) * bs) - s);
+      if (!held) ps.push(this.want(b, false));
+      if (count) { if (held) c.cacheHits++; else c.cacheMisses++; }
     }
-    for (const p of ps) await p;
+    return settle(ps); // every failure handled, the first one thrown
   }
 
   fileRange(offset: number, length: number, out: FileRange): boolean {
@@ -111,6 +119,18 @@ export class RemoteImage implements BlockDevice {
     out.fd = this.blocks.fd;
     out.offset = offset;
     return true;
+  }
+
+  /**
+   * A large or sequential read that is not all cached yet: fetch its blocks whole and settle once
+   * they are in the cache file, for the server to send them from there (sendfile: no copy through
+   * a buffer). Null (read as usual) after an eviction, or for a read that would fetch pieces.
+   */
+  whenInFile(offset: number, length: number): Promise<void> | null {
+    if (this.blocks.evicted || this.closed || length === 0) return null;
+    if (2 * length < this.bs && !this.continues(offset) && this.pieceReads()) return null;
+    this.sequential(offset, offset + length);
+    return this.loadBlocks(offset, length, true);
   }
 
   pread(buf: Uint8Array, offset: number, _flags: number): Maybe {
@@ -331,20 +351,32 @@ export class RemoteImage implements BlockDevice {
     });
   }
 
-  /** Note a read of [offset, end); if it continues a recent one, fetch ahead of it and say so. */
-  private sequential(offset: number, end: number): boolean {
+  /** The recent stream a read at `offset` continues, or -1. */
+  private stream(offset: number): number {
     const r = this.recent;
-    let i = 0;
-    while (i < RECENT && !(offset >= r[i]! && offset - r[i]! <= SEQ_GAP)) i++;
-    if (i === RECENT) {
-      r[this.recentAt] = end;
+    for (let i = 0; i < RECENT; i++) if (offset >= r[i]! && offset - r[i]! <= SEQ_GAP) return i;
+    return -1;
+  }
+
+  private continues(offset: number): boolean { return this.stream(offset) >= 0; }
+
+  /**
+   * Note a read of [offset, end); if it continues a recent one, fetch ahead of it and say so. The
+   * window starts at one block and doubles with each read that continues the stream, up to
+   * `readahead`: a short run costs little, a long one gets deep readahead.
+   */
+  private sequential(offset: number, end: number): boolean {
+    const i = this.stream(offset);
+    if (i < 0) {
+      this.recent[this.recentAt] = end;
+      this.window[this.recentAt] = 0;
       this.recentAt = (this.recentAt + 1) % RECENT;
       return false;
     }
-    r[i] = end;
+    this.recent[i] = end;
+    const bs = this.bs, win = (this.window[i] = Math.min(this.policy.readahead, Math.max(bs, 2 * this.window[i]!)));
     if (this.fetcher.changed !== null || this.fetcher.aheadQueued > 1) return true;
-    const bs = this.bs;
-    const b1 = Math.floor((end - 1) / bs), n = Math.floor(this.policy.readahead / bs);
+    const b1 = Math.floor((end - 1) / bs), n = Math.floor(win / bs);
     for (let b = b1 + 1; b <= b1 + n && b < this.blocks.blocks; b++) {
       if (!this.waiting.has(b) && !this.blocks.has(b * bs, this.blocks.blockBytes(b))) this.want(b, true).catch(() => {});
     }

@@ -40,7 +40,7 @@ export const REMOTE_DEFAULTS = {
   cacheSize: 8 * 1024 * MiB,
   blockSize: MiB,
   maxRequest: 8 * MiB,
-  readahead: 8 * MiB,
+  readahead: 32 * MiB,
   smallReads: "auto",
   maxInFlight: 8,
   deadlineMs: 60_000,
