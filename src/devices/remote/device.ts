@@ -373,10 +373,12 @@ export class RemoteImage implements BlockDevice {
       this.recentAt = (this.recentAt + 1) % RECENT;
       return false;
     }
+    const bs = this.bs, b1 = Math.floor((end - 1) / bs), prev = this.recent[i]!;
     this.recent[i] = end;
-    const bs = this.bs, win = (this.window[i] = Math.min(this.policy.readahead, Math.max(bs, 2 * this.window[i]!)));
+    if (Math.floor((prev - 1) / bs) === b1) return true; // still in the block already looked ahead of
+    const win = (this.window[i] = Math.min(this.policy.readahead, Math.max(bs, 2 * this.window[i]!)));
     if (this.fetcher.changed !== null || this.fetcher.aheadQueued > 1) return true;
-    const b1 = Math.floor((end - 1) / bs), n = Math.floor(win / bs);
+    const n = Math.floor(win / bs);
     for (let b = b1 + 1; b <= b1 + n && b < this.blocks.blocks; b++) {
       if (!this.waiting.has(b) && !this.blocks.has(b * bs, this.blocks.blockBytes(b))) this.want(b, true).catch(() => {});
     }
