@@ -2,7 +2,8 @@
 // are needed too) and a sparse raw file on a size-limited tmpfs, served next to another export on
 // the ordinary disk. A write that cannot be allocated fails with ENOSPC, nothing leaks (qemu-img
 // check stays clean), reads and the other export keep working, and writes succeed once space is
-// freed. Needs root for `mount -t tmpfs`; skips with a message where mounting is refused.
+// freed. A remote image whose cache directory is full is served without keeping what it fetches.
+// Needs root for `mount -t tmpfs`; skips with a message where mounting is refused.
 import { suite } from "uvu";
 import * as assert from "uvu/assert";
 import { closeSync, ftruncateSync, mkdirSync, openSync, readFileSync, rmSync, writeFileSync, writeSync } from "node:fs";
@@ -16,6 +17,9 @@ import type { BlockDevice } from "../src/devices/types.ts";
 import { createLogger } from "../src/server/log.ts";
 import { NbdServer } from "../src/server/server.ts";
 import { assertIdentical, KiB, makeBase, MiB, Rng } from "./overlay-support.ts";
+import { logSink, makeImage } from "./helpers/remote-images.ts";
+import { startNginx } from "./services/nginx.ts";
+import { openRemoteImage } from "../src/devices/remote/index.ts";
 
 const test = suite("full-disk");
 const dir = scratch("bun-nbd-full-disk-");
@@ -260,6 +264,36 @@ test("sparse raw file on a full tmpfs: ENOSPC into holes, reads and the other ex
     bytesEqual(new Uint8Array(readFileSync(path)), expected, "the file itself");
   } finally {
     if (served) await served.server.close();
+    await unmount(mnt);
+  }
+}));
+
+test("a remote image whose cache is on a full tmpfs: every read right, served without keeping, each block fetched once, the log says why", () => deadline(60_000, "remote", async () => {
+  need("nginx");
+  const d = join(dir, "remote");
+  const mnt = join(d, "tmpfs");
+  if (!await mountTmpfs(mnt, 2 * MiB)) return;
+  const ngx = await startNginx();
+  let served: Served | null = null;
+  try {
+    const size = 16 * MiB;
+    const image = readFileSync(makeImage(join(ngx.root, "disk.img"), size, 5));
+    const logs = logSink();
+    const device = await openRemoteImage(ngx.url("disk.img"), { cacheDir: join(mnt, "cache"), readahead: 0 }, logs.log);
+    fill(join(mnt, "filler")); // after the cache entry exists: every block write now fails
+    served = serveInProcess(d, [{ name: "remote", device }]);
+    const a = await connect(uri(served, "remote"));
+    for (let off = 0; off < size; off += MiB) bytesEqual(await a.read(off, MiB), image.subarray(off, off + MiB), `MiB ${off / MiB}`);
+    assert.ok(logs.has(/cannot write: .*serving without caching/), logs.lines.join("\n"));
+    await Bun.sleep(200); // nginx logs each GET just after answering it
+    const gets = ngx.rangeGets("/disk.img");
+    assert.ok(gets <= size / MiB + 1, `${gets} GETs for ${size / MiB} blocks: each fetched once, not again for a copy`);
+    assert.is(device.blocks.used, 0, "nothing is held");
+    bytesEqual(await a.read(3 * MiB + 100, 5000), image.subarray(3 * MiB + 100, 3 * MiB + 5100), "a small read, fetched again");
+    await a.close();
+  } finally {
+    if (served) await served.server.close();
+    await ngx.stop();
     await unmount(mnt);
   }
 }));

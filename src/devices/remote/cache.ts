@@ -254,6 +254,7 @@ export class BlockCache {
     if (f === undefined || this.closing || f.failed || isZero(chunk)) return;
     if (this.pendingBytes + chunk.length > MAX_PENDING) {
       f.failed = true; // the disk is behind: serve these bytes without keeping them
+      this.failedAt = Date.now();
       return;
     }
     f.nonzero = true;
@@ -349,8 +350,11 @@ export class BlockCache {
     if (s !== PARTIAL) this.setState(b, PARTIAL);
   }
 
+  /** When bytes last could not be kept (a failed write, or the disk behind): Date.now(), or 0. */
+  failedAt = 0;
   private failedOnce = false;
   private writeFailed(e: unknown): void {
+    this.failedAt = Date.now();
     if (!this.failedOnce) this.log(`cache ${this.path ?? "(throw-away)"}: cannot write: ${(e as Error).message}; serving without caching what does not fit`);
     this.failedOnce = true;
   }

@@ -29,6 +29,8 @@ const CAPS: Capabilities = Object.freeze(caps({ canCache: true, canExtents: true
 const RECENT = 8;
 /** A read starting at most this far after where a recent one ended continues it. */
 const SEQ_GAP = 64 * 1024;
+/** After the cache failed to keep bytes, large reads are copied (not sent from the file) this long. */
+const KEEP_FAILED_MS = 10_000;
 
 /** Copies what it needs of a piece of a block (`chunk` holds the block's bytes from `at` on; valid only during the call). */
 type Take = (chunk: Uint8Array, at: number) => void;
@@ -124,10 +126,12 @@ export class RemoteImage implements BlockDevice {
   /**
    * A large or sequential read that is not all cached yet: fetch its blocks whole and settle once
    * they are in the cache file, for the server to send them from there (sendfile: no copy through
-   * a buffer). Null (read as usual) after an eviction, or for a read that would fetch pieces.
+   * a buffer). Null (read as usual) after an eviction, for a read that would fetch pieces, and for
+   * a while after the cache could not keep something (a full disk): each block would be fetched
+   * once for the file and again for the copy.
    */
   whenInFile(offset: number, length: number): Promise<void> | null {
-    if (this.blocks.evicted || this.closed || length === 0) return null;
+    if (this.blocks.evicted || this.closed || length === 0 || Date.now() - this.blocks.failedAt < KEEP_FAILED_MS) return null;
     if (2 * length < this.bs && !this.continues(offset) && this.pieceReads()) return null;
     this.sequential(offset, offset + length);
     return this.loadBlocks(offset, length, true);
