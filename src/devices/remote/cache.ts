@@ -8,6 +8,7 @@ import { join } from "node:path";
 import { F_UNLCK, F_WRLCK, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate, ofdLock } from "../../sys/libc.ts";
 import type { ObjectVersion } from "./store.ts";
 import { entryId, HEADER, headerBytes, prune } from "./cache-dir.ts";
+import { LruList } from "./lru.ts";
 
 /** Most bytes of data writes waiting for the disk; beyond, new blocks are served but not kept. */
 const MAX_PENDING = 64 * 1024 * 1024;
@@ -69,10 +70,8 @@ export class BlockCache {
    * small arrays would cost a client's random reads ~100 bytes of heap per block.)
    */
   private readonly bitmaps: Uint8Array;
-  private readonly prev: Int32Array;
-  private readonly next: Int32Array;
-  private head = -1; // most recently used
-  private tail = -1;
+  /** DATA and PARTIAL blocks that no GET is filling, least recently used last. */
+  private readonly lru: LruList;
   private closing = false;
   private closed = false;
   private readonly one = new Uint8Array(1);
@@ -81,8 +80,7 @@ export class BlockCache {
     readonly blockSize: number, readonly size: number, readonly budget: number, private readonly log: (msg: string) => void) {
     this.blocks = Math.ceil(size / blockSize);
     this.state = new Uint8Array(this.blocks);
-    this.prev = new Int32Array(this.blocks).fill(-1);
-    this.next = new Int32Array(this.blocks).fill(-1);
+    this.lru = new LruList(this.blocks);
     this.bitmapBytes = Math.ceil(blockSize / PIECE / 8);
     this.bitmaps = new Uint8Array(this.blocks * this.bitmapBytes);
   }
@@ -156,7 +154,7 @@ export class BlockCache {
         this.state[b] = ABSENT;
         continue;
       }
-      if (s !== ZERO) { this.used += this.held(b); this.pushFront(b); }
+      if (s !== ZERO) { this.used += this.held(b); this.lru.pushFront(b); }
     }
     return true;
   }
@@ -201,9 +199,7 @@ export class BlockCache {
 
   /** Mark `b` as just used (eviction takes the least recently used first); blocks being filled are not in the list. */
   touch(b: number): void {
-    if (this.head === b || this.prev[b]! < 0) return;
-    this.unlink(b);
-    this.pushFront(b);
+    this.lru.touch(b);
   }
 
   /** Copy cached bytes [pos, pos+len) into buf[off..] (every byte involved must be cached). */
@@ -235,8 +231,8 @@ export class BlockCache {
     const s = this.state[b];
     if (s === DATA || s === ZERO) return; // held already: its writes are skipped
     const reserve = this.blockBytes(b) - this.held(b);
-    if (s === PARTIAL) this.unlink(b);
-    while (this.used + reserve > this.budget && this.tail >= 0) this.evict(this.tail);
+    if (s === PARTIAL) this.lru.unlink(b);
+    while (this.used + reserve > this.budget && this.lru.tail >= 0) this.evict(this.lru.tail);
     this.used += reserve;
     this.filling.set(b, { open: 1, reserve, nonzero: false, failed: false, pending: 0, whole: false, pieces: [], done: [] });
   }
@@ -323,7 +319,7 @@ export class BlockCache {
     }
     this.used += this.held(b) - before - f.reserve;
     const s = this.state[b];
-    if (s === DATA || s === PARTIAL) this.pushFront(b);
+    if (s === DATA || s === PARTIAL) this.lru.pushFront(b);
     // Unmarked bytes are never read: give their room back (after close the fd may be another file's).
     else if (s === ABSENT && f.nonzero && !this.closed) this.punch(b);
     for (const d of f.done) d(cached);
@@ -367,7 +363,7 @@ export class BlockCache {
 
   private evict(b: number): void {
     const bytes = this.held(b);
-    this.unlink(b);
+    this.lru.unlink(b);
     this.setState(b, ABSENT); // the map first: a crash between leaves unmarked bytes, never a marked hole
     this.bitmap(b).fill(0);
     this.punch(b);
@@ -383,23 +379,7 @@ export class BlockCache {
   }
 
   private shrinkTo(budget: number): void {
-    while (this.used > budget && this.tail >= 0) this.evict(this.tail);
-  }
-
-  private pushFront(b: number): void {
-    this.prev[b] = -1;
-    this.next[b] = this.head;
-    if (this.head >= 0) this.prev[this.head] = b;
-    this.head = b;
-    if (this.tail < 0) this.tail = b;
-  }
-
-  private unlink(b: number): void {
-    const p = this.prev[b]!, n = this.next[b]!;
-    if (p >= 0) this.next[p] = n; else if (this.head === b) this.head = n;
-    if (n >= 0) this.prev[n] = p; else if (this.tail === b) this.tail = p;
-    this.prev[b] = -1;
-    this.next[b] = -1;
+    while (this.used > budget && this.lru.tail >= 0) this.evict(this.lru.tail);
   }
 
   /** Close once the writes in flight have ended (an fd closed under them could be reused by another file). */
