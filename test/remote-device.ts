@@ -19,7 +19,7 @@ import { parseSize } from "../src/cli/remote-args.ts";
 import { ABSENT, BlockCache, DATA, PARTIAL, PIECE, ZERO } from "../src/devices/remote/cache.ts";
 import { NbdError } from "../src/protocol/errors.ts";
 import { NBD_EIO } from "../src/protocol/constants.ts";
-import { isPromise } from "../src/devices/types.ts";
+import { isPromise, type FileRange } from "../src/devices/types.ts";
 
 const KiB = 1024, MiB = 1024 * KiB;
 const dir = scratch("bun-nbd-remote-dev-");
@@ -242,7 +242,7 @@ S("a sequential reader gets readahead; a random one does not", async () => {
 
 S("a small read out of sequence fetches its 4 KiB pieces or its block, as --small-reads says; auto follows the store's round trip", async () => {
   // the ranges nginx logged since line `from` (a line is written just after its answer: wait a little)
-  const ranges = async (from: number) => (await Bun.sleep(100), ngx.log()).slice(from).filter((l) => l.includes("/disk.img ")).map((l) => /"bytes=(\d+)-(\d+)"/.exec(l)).filter((m) => m !== null).map((m) => [Number(m![1]), Number(m![2]) + 1]);
+  const ranges = async (from: number) => (await Bun.sleep(100), ngx.log()).slice(from).filter((l) => l.includes("/disk.img ") && !l.includes('"bytes=0-0"')).map((l) => /"bytes=(\d+)-(\d+)"/.exec(l)).filter((m) => m !== null).map((m) => [Number(m![1]), Number(m![2]) + 1]);
   const bs = 64 * KiB, off = 23 * bs + 5000; // block 23: in the second MiB, which holds data
   const pieces = await openRemoteImage(ngx.url("disk.img"), settings({ smallReads: "pieces" }), () => {});
   try {
@@ -303,7 +303,9 @@ S("whenInFile: a large read settles once its blocks are in the cache file (for s
     await ngx.start();
     for (let b = 16; b < 80; b += 2) await read(d, b * bs, bs); // past the budget (MiB 0 and 3 are zeros, kept as holes): evictions
     assert.ok(d.blocks.evictions > 0);
-    assert.is(d.whenInFile(70 * bs, bs), null, "no sendfile from a cache that evicts");
+    const e2 = d.whenInFile(70 * bs, bs);
+    assert.ok(e2 !== null, "a cache that evicts still sends from the file (blocks being sent are pinned)");
+    await e2;
   } finally { await d.close(); if (!ngx.running()) await ngx.start(); }
 });
 
@@ -332,7 +334,22 @@ S("the cache stays within its budget, evicting the least recently used blocks", 
       assert.ok(d.blocks.used <= 16 * 64 * KiB, `cache holds ${d.blocks.used}`);
     }
     assert.ok(d.blocks.evictions > 0, "evicted some blocks");
-    assert.not.ok(d.fileRange(0, 4096, { fd: 0, offset: 0 }), "no sendfile from a cache that evicts");
+    // a block being sent from the cache file is pinned: never evicted (its hole would be sent as
+    // zeros) until the server releases it
+    const off = 2 * MiB + 4096;
+    await read(d, off, 4096);
+    await Bun.sleep(100); // its cache write ends
+    const out: FileRange = { fd: -1, offset: 0 };
+    assert.ok(d.fileRange(off, 4096, out) && out.release, "cached, sent from the file, with a release");
+    const b = Math.floor(off / (64 * KiB));
+    for (let i = 0; i < 100; i++) await read(d, r(SIZE - 4096), 4096);
+    assert.is.not(d.blocks.state[b], ABSENT, "a pinned block outlives the eviction of 100 reads");
+    const got = new Uint8Array(4096);
+    readSync(out.fd, got, 0, 4096, out.offset);
+    bytesEqual(got, local.subarray(off, off + 4096), "its bytes in the file");
+    out.release!();
+    for (let i = 0; i < 100; i++) await read(d, r(SIZE - 4096), 4096);
+    assert.is(d.blocks.state[b], ABSENT, "released, it is evicted like the others");
   } finally { await d.close(); }
 });
 

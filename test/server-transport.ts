@@ -13,7 +13,7 @@ import { NbdServer } from "../src/server/server.ts";
 import { silentLogger } from "../src/server/log.ts";
 import { RawFile } from "../src/devices/file.ts";
 import { MemoryDevice } from "../src/devices/memory.ts";
-import type { BlockDevice } from "../src/devices/types.ts";
+import type { BlockDevice, FileRange } from "../src/devices/types.ts";
 import { bytesEqual, deadline } from "./helpers/assert.ts";
 import { scratch } from "./helpers/env.ts";
 import { SlowDevice } from "./helpers/slow-device.ts";
@@ -74,6 +74,25 @@ class LateWriter implements BlockDevice {
 }
 let late: MemoryDevice;
 
+/** A file whose sendfile ranges must be given back (as a remote image's cache pins its blocks): counts grants and releases. */
+class Leased implements BlockDevice {
+  granted = 0;
+  released = 0;
+  twice = 0;
+  constructor(private readonly file: RawFile) {}
+  size(): number { return this.file.size(); }
+  capabilities() { return this.file.capabilities(); }
+  pread(buf: Uint8Array, offset: number) { return this.file.pread(buf, offset); }
+  fileRange(offset: number, length: number, out: FileRange): boolean {
+    if (!this.file.fileRange(offset, length, out)) return false;
+    this.granted++;
+    let done = false;
+    out.release = () => { if (done) this.twice++; done = true; this.released++; };
+    return true;
+  }
+}
+let leased: Leased;
+
 test.before(async () => {
   writeFileSync(img, data);
   writeFileSync(shrink, data.subarray(0, 1024 * 1024));
@@ -89,6 +108,7 @@ test.before(async () => {
     { name: "sparse", device: RawFile.open(sparse, { readOnly: true }) },
     { name: "mixed", device: new HalfAsync(memory, new SlowDevice(data, { maxDelayMs: 2 })) },
     { name: "late", device: new LateWriter(late = new MemoryDevice(SIZE)) },
+    { name: "leased", device: leased = new Leased(RawFile.open(img, { readOnly: true })) },
   ], { log: silentLogger });
   tcp = { port: server.listenTcp("127.0.0.1", 0).port };
   const sock = join(dir, "s.sock");
@@ -317,6 +337,29 @@ test("small replies in place, and detached when the device answers later: bytes 
   }
   w.destroy();
 }));
+
+for (const [label, target, structured] of [["TCP, simple", () => tcp, false], ["unix socket, structured", () => unix, true]] as const) {
+  test(`${label}: every file range sent is released once, whether sent, queued behind a full socket, or dropped when the client goes`, () => deadline(30_000, "release", async () => {
+    const w = await Wire.open(target());
+    await w.hello();
+    await w.go("leased", { structured });
+    const base = leased.granted;
+    // 24 large reads, all read back: each range released once it has left
+    const reqs: Req[] = [];
+    for (let i = 0; i < 24; i++) reqs.push({ cookie: BigInt(i + 1), offset: i * 512 * 1024, length: 256 * 1024 + i });
+    await pipelined(target(), "leased", structured, reqs, data, () => true, "");
+    await until("every range sent was released", () => leased.released === leased.granted);
+    assert.ok(leased.granted - base >= 24, `ranges granted: ${leased.granted - base}`);
+    // 64 reads of 1 MiB never read by the client: the socket fills and ranges queue; then it goes
+    const granted = leased.granted;
+    w.write(Buffer.concat(Array.from({ length: 64 }, (_, i) => request(CMD.READ, BigInt(1000 + i), (i % 16) * 1024 * 1024, 1024 * 1024))));
+    await until("the server queued ranges behind the full socket", () => leased.granted - leased.released > 1);
+    assert.ok(leased.granted > granted);
+    w.destroy();
+    await until("ranges queued for a client that went are released", () => leased.released === leased.granted);
+    assert.is(leased.twice, 0, "no range released twice");
+  }));
+}
 
 test("a file that shrank under the export: a sendfile READ across the new end reads zeros after it", () => deadline(15_000, "shrunk", async () => {
   const end = 512 * 1024 + 1000;

@@ -108,6 +108,7 @@ export class CheckedExport {
    */
   fileRange(offset: number, length: number, out: FileRange): boolean {
     if (!this.device.fileRange || offset > this.size || length > this.size - offset) return false;
+    out.release = null;
     return this.device.fileRange(offset, length, out);
   }
 

@@ -59,6 +59,12 @@ export interface ExtentSink {
 export interface FileRange {
   fd: number;
   offset: number;
+  /**
+   * Set by a device whose file can change under a sendfile still queued (a cache that evicts):
+   * called once the bytes have left, or will not be sent. The server calls it exactly once for
+   * every fileRange() that returned true.
+   */
+  release?: (() => void) | null;
 }
 
 /** An extra metadata context a device offers (e.g. "qemu:allocation-depth"). */

@@ -131,15 +131,16 @@ export class ReplyWriter {
 
   /** A READ reply whose data is this.range (set by fileRange), by sendfile. */
   private sendFileData(req: PendingRequest): void {
-    if (this.s.closed) return;
+    const r = this.range;
+    if (this.s.closed) { r.release?.(); return; }
     if (!this.structured) {
       putSimpleReply(this.rep16, 0, 0, req.cookieHi, req.cookieLo);
-      this.t.sendFile!(this.rep16, this.range.fd, this.range.offset, req.length);
+      this.t.sendFile!(this.rep16, r.fd, r.offset, req.length, r.release);
       return;
     }
     this.chunkHeader(this.repData, 0, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, req, 8 + req.length);
     putU64(this.repData, this.hdr, req.offset);
-    this.t.sendFile!(this.repData, this.range.fd, this.range.offset, req.length);
+    this.t.sendFile!(this.repData, r.fd, r.offset, req.length, r.release);
   }
 
   /**
@@ -193,7 +194,10 @@ export class ReplyWriter {
     for (let i = 0, off = req.offset; off < end; i++) {
       if (i >= list.lengths.length) return false; // extents short of the range (should not happen)
       const l = Math.min(list.lengths[i]!, end - off);
-      if (!(list.types[i]! & NBD_STATE_ZERO) && !exp.fileRange(off, l, this.range)) return false;
+      if (!(list.types[i]! & NBD_STATE_ZERO)) {
+        if (!exp.fileRange(off, l, this.range)) return false;
+        this.range.release?.(); // only a check: asked again below
+      }
       off += l;
     }
     const h = this.hdr, hole = this.repHole;
@@ -206,10 +210,10 @@ export class ReplyWriter {
         putU32(hole, h + 8, l);
         this.t.sendTransient(hole);
       } else {
-        exp.fileRange(off, l, this.range);
+        exp.fileRange(off, l, this.range); // true, as in the check above (nothing ran in between)
         this.chunkHeader(this.repData, 0, flags, NBD_REPLY_TYPE_OFFSET_DATA, req, 8 + l);
         putU64(this.repData, h, off);
-        this.t.sendFile!(this.repData, this.range.fd, this.range.offset, l);
+        this.t.sendFile!(this.repData, this.range.fd, this.range.offset, l, this.range.release);
       }
       off += l;
     }

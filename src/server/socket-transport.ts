@@ -85,6 +85,8 @@ interface FileSegment {
   fd: number;
   offset: number;
   length: number;
+  /** Called once the segment has been sent, or dropped (see FileRange.release). */
+  release: (() => void) | null | undefined;
 }
 
 /** Counters of the reply and receive paths (summed by NbdServer.transportStats, for tests): which ways bytes went. */
@@ -208,9 +210,9 @@ export class SocketTransport implements Transport {
    * MSG_MORE so that it leaves in one segment with the payload. When the socket fills, the rest
    * stays queued as a file segment and continues with sendfile on `drain`.
    */
-  sendFile(header: Uint8Array, fd: number, offset: number, length: number): void {
+  sendFile(header: Uint8Array, fd: number, offset: number, length: number, release?: (() => void) | null): void {
     this.flushBatch();
-    const seg: FileSegment = { fd, offset, length };
+    const seg: FileSegment = { fd, offset, length, release };
     const raw = !this.encrypted && this.fd >= 0;
     if (raw && !this.bulk) {
       this.bulk = true;
@@ -220,10 +222,11 @@ export class SocketTransport implements Transport {
       const n = raw ? sendMore(this.fd, header, 0, header.length) : 0;
       // What did not go (socket full, or an error) goes through Bun: it arms `drain`, or reports the error.
       const m = n === header.length ? 0 : this.sock.write(n > 0 ? header.subarray(n) : header);
-      if (m < 0) return; // the socket is gone
+      if (m < 0) { release?.(); return; } // the socket is gone
       if (n + m === header.length) {
         this.bytes += length;
-        if (!this.pumpFile(seg)) this.queueSegment(seg);
+        if (this.pumpFile(seg)) release?.();
+        else this.queueSegment(seg);
         return;
       }
       header = header.subarray(n + m);
@@ -234,10 +237,21 @@ export class SocketTransport implements Transport {
     this.queueSegment(seg);
   }
 
-  /** The connection closed: it no longer counts as a reader (bulkReaders). */
+  /** The connection closed: it no longer counts as a reader (bulkReaders); its queued file segments will not be sent. */
   closed(): void {
     if (this.bulk) bulkReaders--;
     this.bulk = false;
+    this.releaseQueued();
+  }
+
+  /** Call the release of every queued file segment (they will not be sent), once. */
+  private releaseQueued(): void {
+    for (const item of this.q) {
+      if (item instanceof Uint8Array || !item.release) continue;
+      const r = item.release;
+      item.release = null;
+      r();
+    }
   }
 
   private queueSegment(seg: FileSegment): void {
@@ -380,6 +394,7 @@ export class SocketTransport implements Transport {
     if (this.q.length === 0) this.sock.end();
   }
   destroy(): void {
+    this.releaseQueued();
     this.q.length = 0;
     this.bytes = 0;
     this.batchLen = 0;
@@ -393,7 +408,7 @@ export class SocketTransport implements Transport {
       const item = q[0]!;
       if (item instanceof Uint8Array) {
         const n = this.sock.write(item);
-        if (n < 0) { q.length = 0; this.bytes = 0; return; }
+        if (n < 0) { this.releaseQueued(); q.length = 0; this.bytes = 0; return; }
         this.bytes -= n;
         if (n < item.length) {
           q[0] = item.subarray(n);
@@ -406,6 +421,9 @@ export class SocketTransport implements Transport {
         if (!this.pumpFile(item)) return;
         if (q[0] === item) q.shift();
         else q.splice(q.indexOf(item), 1);
+        const r = item.release;
+        item.release = null;
+        r?.();
       }
     }
     if (this.pendingUpgrade) {

@@ -20,7 +20,7 @@ export interface Transport {
   /** Like send(), but the caller reuses `b` at once: the transport copies whatever it must keep. */
   sendTransient(b: Uint8Array): void;
   /** Optional zero-copy path: `header`, then `length` bytes of file `fd` at `offset`. */
-  sendFile?(header: Uint8Array, fd: number, offset: number, length: number): void;
+  sendFile?(header: Uint8Array, fd: number, offset: number, length: number, release?: (() => void) | null): void;
   /**
    * Optional in-place path for small replies: room for `length` bytes in the transport's own
    * output buffer (null when there is none now). The caller fills it, then commit() makes it

@@ -59,8 +59,6 @@ export class BlockCache {
   readonly state: Uint8Array;
   /** Bytes held (DATA blocks, the pieces of PARTIAL ones) plus the room reserved by fillings. */
   used = 0;
-  /** True once a block was evicted: from then on the data file's bytes may move under a sendfile. */
-  evicted = false;
   evictions = 0;
   /** Bytes of one block's piece bitmap in the map file. */
   private readonly bitmapBytes: number;
@@ -70,8 +68,10 @@ export class BlockCache {
    * small arrays would cost a client's random reads ~100 bytes of heap per block.)
    */
   private readonly bitmaps: Uint8Array;
-  /** DATA and PARTIAL blocks that no GET is filling, least recently used last. */
+  /** DATA and PARTIAL blocks that no GET is filling and no sendfile reads, least recently used last. */
   private readonly lru: LruList;
+  /** Sendfiles under way per block (see pin()): such a block is never evicted. */
+  private readonly pins: Int32Array;
   private closing = false;
   private closed = false;
   private readonly one = new Uint8Array(1);
@@ -81,6 +81,7 @@ export class BlockCache {
     this.blocks = Math.ceil(size / blockSize);
     this.state = new Uint8Array(this.blocks);
     this.lru = new LruList(this.blocks);
+    this.pins = new Int32Array(this.blocks);
     this.bitmapBytes = Math.ceil(blockSize / PIECE / 8);
     this.bitmaps = new Uint8Array(this.blocks * this.bitmapBytes);
   }
@@ -202,6 +203,27 @@ export class BlockCache {
     this.lru.touch(b);
   }
 
+  /**
+   * Blocks first..last are being sent from the data file (sendfile, possibly queued for a while):
+   * keep them out of eviction, whose hole punching would turn the bytes still to be sent into zeros,
+   * until unpin().
+   */
+  pin(first: number, last: number): void {
+    for (let b = first; b <= last; b++) {
+      const n = this.pins[b]!;
+      this.pins[b] = n + 1;
+      if (n === 0) this.lru.unlink(b);
+    }
+  }
+
+  unpin(first: number, last: number): void {
+    for (let b = first; b <= last; b++) {
+      if (--this.pins[b]! > 0) continue;
+      const s = this.state[b];
+      if ((s === DATA || s === PARTIAL) && !this.filling.has(b)) this.lru.pushFront(b);
+    }
+  }
+
   /** Copy cached bytes [pos, pos+len) into buf[off..] (every byte involved must be cached). */
   read(buf: Uint8Array, off: number, len: number, pos: number): void {
     let done = 0;
@@ -319,7 +341,7 @@ export class BlockCache {
     }
     this.used += this.held(b) - before - f.reserve;
     const s = this.state[b];
-    if (s === DATA || s === PARTIAL) this.lru.pushFront(b);
+    if ((s === DATA || s === PARTIAL) && this.pins[b] === 0) this.lru.pushFront(b);
     // Unmarked bytes are never read: give their room back (after close the fd may be another file's).
     else if (s === ABSENT && f.nonzero && !this.closed) this.punch(b);
     for (const d of f.done) d(cached);
@@ -368,7 +390,6 @@ export class BlockCache {
     this.bitmap(b).fill(0);
     this.punch(b);
     this.used -= bytes;
-    this.evicted = true;
     this.evictions++;
   }
 

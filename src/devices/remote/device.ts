@@ -113,25 +113,27 @@ export class RemoteImage implements BlockDevice {
     return settle(ps); // every failure handled, the first one thrown
   }
 
+  /** Cached bytes, for sendfile: their blocks are pinned (never evicted) until the server releases them. */
   fileRange(offset: number, length: number, out: FileRange): boolean {
-    // After an eviction, a block could be punched while sendfile still reads it: copy instead.
-    if (this.blocks.evicted || length === 0) return false;
-    if (!this.blocks.has(offset, length)) return false;
+    if (length === 0 || this.closed || !this.blocks.has(offset, length)) return false;
     this.hit(offset, offset + length);
-    out.fd = this.blocks.fd;
+    const blocks = this.blocks, b0 = Math.floor(offset / this.bs), b1 = Math.floor((offset + length - 1) / this.bs);
+    blocks.pin(b0, b1);
+    out.fd = blocks.fd;
     out.offset = offset;
+    out.release = () => blocks.unpin(b0, b1);
     return true;
   }
 
   /**
    * A large or sequential read that is not all cached yet: fetch its blocks whole and settle once
    * they are in the cache file, for the server to send them from there (sendfile: no copy through
-   * a buffer). Null (read as usual) after an eviction, for a read that would fetch pieces, and for
-   * a while after the cache could not keep something (a full disk): each block would be fetched
-   * once for the file and again for the copy.
+   * a buffer). Null (read as usual) for a read that would fetch pieces, and for a while after the
+   * cache could not keep something (a full disk): each block would be fetched once for the file
+   * and again for the copy. (An eviction between the fetch and fileRange() also ends in a copy.)
    */
   whenInFile(offset: number, length: number): Promise<void> | null {
-    if (this.blocks.evicted || this.closed || length === 0 || Date.now() - this.blocks.failedAt < KEEP_FAILED_MS) return null;
+    if (this.closed || length === 0 || Date.now() - this.blocks.failedAt < KEEP_FAILED_MS) return null;
     if (2 * length < this.bs && !this.continues(offset) && this.pieceReads()) return null;
     this.sequential(offset, offset + length);
     return this.loadBlocks(offset, length, true);
