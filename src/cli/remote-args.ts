@@ -23,8 +23,7 @@ export const REMOTE_HELP = `remote images (FILE is http://, https:// or s3://BUC
       --no-cache           a throw-away cache instead (deleted at exit)
       --cache-size SIZE    most bytes the cache directory holds (default 8G; least recently
                            used blocks are dropped)
-      --block-size SIZE    unit of the cache and of sequential GETs (default 1M; 64K to 16M);
-                           small reads out of sequence fetch just their 4 KiB pieces
+      --block-size SIZE    unit of the cache and of sequential GETs (default 1M; 64K to 16M)
       --readahead SIZE     most bytes fetched ahead of a sequential reader (default 32M; the
                            window starts at one block and doubles as the reader goes on; 0 = none)
       --small-reads MODE   what a small read out of sequence fetches: pieces (its 4 KiB
