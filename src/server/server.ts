@@ -12,7 +12,8 @@ import { clientFields, describeClient, type ClientIdentity } from "./identity.ts
 import { type Logger, silentLogger } from "./log.ts";
 import { Session } from "./session.ts";
 import { type CheckedSettings, checkSettings, type ServerSettings } from "./settings.ts";
-import { type Conn, SocketTransport, type TransportStats, type Upgrader } from "./socket-transport.ts";
+import { type Conn, SocketTransport, type Upgrader } from "./socket-transport.ts";
+import { addStats, newTransportStats, type TransportStats } from "./transport-stats.ts";
 import { type ConnEvents, makeUpgrader } from "./starttls.ts";
 import { loadServerCredentials, type ServerCredentials } from "./tls.ts";
 import type { ExportTable } from "./types.ts";
@@ -43,7 +44,7 @@ export class NbdServer implements ExportTable {
   private readonly events: ConnEvents;
   private closing = false;
   /** Reply-path counters of connections already closed (open ones are summed on demand). */
-  private readonly closedStats: TransportStats = { sendfileCalls: 0, copySends: 0, sendfileShort: 0, drainWaits: 0, copiedFileBytes: 0, receivedInPlace: 0 };
+  private readonly closedStats: TransportStats = newTransportStats();
   private readonly transports = new Set<SocketTransport>();
 
   /**
@@ -256,13 +257,4 @@ export class NbdServer implements ExportTable {
 /** The listening socket's descriptor (Bun has it, its types do not). */
 function listenerFd(l: TCPSocketListener<Conn> | UnixSocketListener<Conn>): number {
   return (l as unknown as { fd: number }).fd;
-}
-
-function addStats(to: TransportStats, from: TransportStats): void {
-  to.sendfileCalls += from.sendfileCalls;
-  to.copySends += from.copySends;
-  to.sendfileShort += from.sendfileShort;
-  to.drainWaits += from.drainWaits;
-  to.copiedFileBytes += from.copiedFileBytes;
-  to.receivedInPlace += from.receivedInPlace;
 }

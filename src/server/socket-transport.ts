@@ -8,6 +8,7 @@ import { readSync } from "node:fs";
 import { copySend, recvNow, sendfile, sendMore, setNotSentLowat, setSendBuffer } from "../sys/libc.ts";
 import type { Session } from "./session.ts";
 import type { Transport } from "./types.ts";
+import { newTransportStats, type TransportStats } from "./transport-stats.ts";
 
 /** What the writer needs of a socket: Bun's plain and TLS sockets, and the PSK engine's adapter. */
 export interface ByteSocket {
@@ -89,20 +90,6 @@ interface FileSegment {
   release: (() => void) | null | undefined;
 }
 
-/** Counters of the reply and receive paths (summed by NbdServer.transportStats, for tests): which ways bytes went. */
-export interface TransportStats {
-  /** sendfile(2) calls; copySend calls (read, then send: one reader, see bulkReaders); those of either that sent less than asked or nothing (socket full). */
-  sendfileCalls: number;
-  copySends: number;
-  sendfileShort: number;
-  /** Times the socket was full and the writer waited for `drain`. */
-  drainWaits: number;
-  /** File bytes that were read into memory: under TLS, or sent by copySend. */
-  copiedFileBytes: number;
-  /** WRITE payload bytes received straight into their buffer (recvInto) rather than through Bun. */
-  receivedInPlace: number;
-}
-
 export class SocketTransport implements Transport {
   private readonly q: (Uint8Array | FileSegment)[] = [];
   private bytes = 0;
@@ -116,7 +103,7 @@ export class SocketTransport implements Transport {
   private readonly probe = new Uint8Array(1);
   /** Counted in bulkReaders (it has sent a file range). */
   private bulk = false;
-  readonly stats: TransportStats = { sendfileCalls: 0, copySends: 0, sendfileShort: 0, drainWaits: 0, copiedFileBytes: 0, receivedInPlace: 0 };
+  readonly stats: TransportStats = newTransportStats();
   session: Session | null = null;
   private sock: ByteSocket;
   /**

@@ -8,6 +8,7 @@ import { PIECE, ZERO, type BlockCache } from "./cache.ts";
 import { Fetcher, type FetchJob, type FetchPolicy } from "./fetcher.ts";
 import { dropCounters, newCounters, type RemoteCounters } from "./metrics.ts";
 import type { ObjectStore, ObjectVersion } from "./store.ts";
+import { Streams } from "./streams.ts";
 
 export interface ReadPolicy {
   /** Most bytes one GET covers when neighbouring missing blocks are merged. */
@@ -25,10 +26,6 @@ export interface ReadPolicy {
 export type SmallReads = "auto" | "pieces" | "blocks";
 
 const CAPS: Capabilities = Object.freeze(caps({ canCache: true, canExtents: true, canMultiConn: true }));
-/** Sequential streams told apart (several readers may interleave). */
-const RECENT = 8;
-/** A read starting at most this far after where a recent one ended continues it. */
-const SEQ_GAP = 64 * 1024;
 /** After the cache failed to keep bytes, large reads are copied (not sent from the file) this long. */
 const KEEP_FAILED_MS = 10_000;
 
@@ -67,11 +64,8 @@ export class RemoteImage implements BlockDevice {
   private wanted: number[] = [];
   private wantedAhead: number[] = [];
   private flushQueued = false;
-  /** Where recent reads ended, to tell sequential readers. */
-  private readonly recent = new Float64Array(RECENT).fill(-Infinity);
-  /** Each stream's readahead window (bytes). */
-  private readonly window = new Float64Array(RECENT);
-  private recentAt = 0;
+  /** Sequential readers, and how far ahead of each to fetch. */
+  private readonly streams: Streams;
   private closed = false;
 
   constructor(readonly store: ObjectStore, readonly version: ObjectVersion, readonly blocks: BlockCache,
@@ -81,6 +75,7 @@ export class RemoteImage implements BlockDevice {
     this.counters = newCounters(store.display);
     this.counters.cachedBytes = blocks.used;
     this.fetcher = new Fetcher(store, version, policy, this.counters, log);
+    this.streams = new Streams(this.bs, policy.readahead);
   }
 
   /** The object as printed (no credentials). */
@@ -134,7 +129,7 @@ export class RemoteImage implements BlockDevice {
    */
   whenInFile(offset: number, length: number): Promise<void> | null {
     if (this.closed || length === 0 || Date.now() - this.blocks.failedAt < KEEP_FAILED_MS) return null;
-    if (2 * length < this.bs && !this.continues(offset) && this.pieceReads()) return null;
+    if (2 * length < this.bs && !this.streams.continues(offset) && this.pieceReads()) return null;
     this.sequential(offset, offset + length);
     return this.loadBlocks(offset, length, true);
   }
@@ -357,35 +352,13 @@ export class RemoteImage implements BlockDevice {
     });
   }
 
-  /** The recent stream a read at `offset` continues, or -1. */
-  private stream(offset: number): number {
-    const r = this.recent;
-    for (let i = 0; i < RECENT; i++) if (offset >= r[i]! && offset - r[i]! <= SEQ_GAP) return i;
-    return -1;
-  }
-
-  private continues(offset: number): boolean { return this.stream(offset) >= 0; }
-
-  /**
-   * Note a read of [offset, end); if it continues a recent one, fetch ahead of it and say so. The
-   * window starts at one block and doubles with each read that continues the stream, up to
-   * `readahead`: a short run costs little, a long one gets deep readahead.
-   */
+  /** Note a read of [offset, end); if it continues a recent one, fetch ahead of it and say so. */
   private sequential(offset: number, end: number): boolean {
-    const i = this.stream(offset);
-    if (i < 0) {
-      this.recent[this.recentAt] = end;
-      this.window[this.recentAt] = 0;
-      this.recentAt = (this.recentAt + 1) % RECENT;
-      return false;
-    }
-    const bs = this.bs, b1 = Math.floor((end - 1) / bs), prev = this.recent[i]!;
-    this.recent[i] = end;
-    if (Math.floor((prev - 1) / bs) === b1) return true; // still in the block already looked ahead of
-    const win = (this.window[i] = Math.min(this.policy.readahead, Math.max(bs, 2 * this.window[i]!)));
-    if (this.fetcher.changed !== null || this.fetcher.aheadQueued > 1) return true;
-    const n = Math.floor(win / bs);
-    for (let b = b1 + 1; b <= b1 + n && b < this.blocks.blocks; b++) {
+    const win = this.streams.note(offset, end);
+    if (win < 0) return false;
+    if (win === 0 || this.fetcher.changed !== null || this.fetcher.aheadQueued > 1) return true;
+    const bs = this.bs, b1 = Math.floor((end - 1) / bs);
+    for (let b = b1 + 1; b <= b1 + Math.floor(win / bs) && b < this.blocks.blocks; b++) {
       if (!this.waiting.has(b) && !this.blocks.has(b * bs, this.blocks.blockBytes(b))) this.want(b, true).catch(() => {});
     }
     return true;
