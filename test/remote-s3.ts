@@ -278,8 +278,12 @@ s3test("overlay create over an S3 object, then publish in several parts: the new
   for (const end = Date.now() + 30_000; logged() < 8 && Date.now() < end;) await Bun.sleep(250);
   await settled(() => published().length);
   const ops = published();
-  assert.ok(ops.some((o) => o.op === "init_multipart") && ops.some((o) => o.op === "complete_multipart"), `a multipart upload: ${ops.map((o) => o.op).join(" ")}`);
-  assert.is(ops.filter((o) => o.op === "put_obj" && /partNumber=/.test(o.uri)).length, 7, "seven parts");
+  // a multipart upload: parts that name an upload, and its completion (RGW's ops log has been seen
+  // to leave out the init_multipart entry while logging everything after it, so it is not required)
+  assert.ok(ops.some((o) => o.op === "complete_multipart"), `a multipart upload: ${ops.map((o) => o.op).join(" ")}`);
+  const parts = ops.filter((o) => o.op === "put_obj" && /partNumber=/.test(o.uri));
+  assert.is(parts.length, 7, "seven parts");
+  assert.ok(parts.every((o) => /uploadId=/.test(o.uri)), `parts of one upload: ${parts.map((o) => o.uri).join(" ")}`);
   const expected = new Uint8Array(size);
   expected.set(readFileSync(mid));
   expected.set(patch, 20 * MiB + 512);
