@@ -69,6 +69,7 @@ export async function openRemoteImage(name: string | RemoteLocation, settings: R
   const store = new ObjectStore(loc);
   const attemptTimeoutMs = settings.attemptTimeoutMs ?? REMOTE_DEFAULTS.attemptTimeoutMs;
   let version;
+  const t0 = performance.now();
   try {
     version = await store.probe(attemptTimeoutMs);
   } catch (e) {
@@ -80,7 +81,7 @@ export async function openRemoteImage(name: string | RemoteLocation, settings: R
     dir: settings.cacheDir === undefined ? defaultCacheDir() : settings.cacheDir,
     key: loc.key, version, blockSize, budget: settings.cacheSize ?? REMOTE_DEFAULTS.cacheSize, log,
   });
-  return new RemoteImage(store, version, cache, {
+  const img = new RemoteImage(store, version, cache, {
     maxRequest: settings.maxRequest ?? REMOTE_DEFAULTS.maxRequest,
     readahead: settings.readahead ?? REMOTE_DEFAULTS.readahead,
     smallReads: settings.smallReads ?? REMOTE_DEFAULTS.smallReads,
@@ -88,6 +89,10 @@ export async function openRemoteImage(name: string | RemoteLocation, settings: R
     deadlineMs: settings.deadlineMs ?? REMOTE_DEFAULTS.deadlineMs,
     attemptTimeoutMs,
   }, log);
+  // The probe (a 1-byte GET, connection set-up included: an estimate on the high side) is the
+  // first round trip `--small-reads auto` goes by.
+  img.fetcher.roundTripMs = performance.now() - t0;
+  return img;
 }
 
 /** A remote image as a file that synchronous readers (the CD views) stage through its cache. */
