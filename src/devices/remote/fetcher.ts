@@ -50,7 +50,7 @@ interface Job extends FetchJob {
 const BANDWIDTH_SAMPLE_MIN = 64 * 1024;
 
 export class Fetcher {
-  /** Time from a GET's start to its first bytes (ms, moving average); null before the first GET. */
+  /** Time from a GET's start to its first bytes (ms, moving average; the opener seeds it with its probe); null before any. */
   roundTripMs: number | null = null;
   /** Bytes per ms of a GET's transfer after its first bytes (moving average; 100 MB/s until measured). */
   bytesPerMs = 100_000;
