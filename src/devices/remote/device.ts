@@ -129,7 +129,7 @@ export class RemoteImage implements BlockDevice {
    */
   whenInFile(offset: number, length: number): Promise<void> | null {
     if (this.closed || length === 0 || Date.now() - this.blocks.failedAt < KEEP_FAILED_MS) return null;
-    if (2 * length < this.bs && !this.streams.continues(offset) && this.pieceReads()) return null;
+    if (this.piecesFor(length, this.streams.continues(offset))) return null;
     this.sequential(offset, offset + length);
     return this.loadBlocks(offset, length, true);
   }
@@ -171,7 +171,7 @@ export class RemoteImage implements BlockDevice {
         continue;
       }
       this.counters.cacheMisses++;
-      if (!seq && 2 * (e - s) < bs && !this.waiting.has(b) && this.pieceReads()) {
+      if (!this.waiting.has(b) && this.piecesFor(e - s, seq)) {
         ps.push(this.fetchPieces(buf, offset, b, s, e));
         continue;
       }
@@ -185,7 +185,12 @@ export class RemoteImage implements BlockDevice {
     return settle(ps);
   }
 
-  private pieceReads(): boolean {
+  /**
+   * Whether `length` bytes of a block are fetched as pieces: a small read (under half a block)
+   * that continues no sequential one, when --small-reads says pieces (see ReadPolicy.smallReads).
+   */
+  private piecesFor(length: number, sequential: boolean): boolean {
+    if (sequential || 2 * length >= this.bs) return false;
     const mode = this.policy.smallReads;
     if (mode !== "auto") return mode === "pieces";
     const f = this.fetcher;
