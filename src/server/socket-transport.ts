@@ -212,7 +212,7 @@ export class SocketTransport implements Transport {
       if (m < 0) { release?.(); return; } // the socket is gone
       if (n + m === header.length) {
         this.bytes += length;
-        if (this.pumpFile(seg)) release?.();
+        if (this.pumpFile(seg)) released(seg);
         else this.queueSegment(seg);
         return;
       }
@@ -233,12 +233,7 @@ export class SocketTransport implements Transport {
 
   /** Call the release of every queued file segment (they will not be sent), once. */
   private releaseQueued(): void {
-    for (const item of this.q) {
-      if (item instanceof Uint8Array || !item.release) continue;
-      const r = item.release;
-      item.release = null;
-      r();
-    }
+    for (const item of this.q) if (!(item instanceof Uint8Array)) released(item);
   }
 
   private queueSegment(seg: FileSegment): void {
@@ -408,9 +403,7 @@ export class SocketTransport implements Transport {
         if (!this.pumpFile(item)) return;
         if (q[0] === item) q.shift();
         else q.splice(q.indexOf(item), 1);
-        const r = item.release;
-        item.release = null;
-        r?.();
+        released(item);
       }
     }
     if (this.pendingUpgrade) {
@@ -421,6 +414,13 @@ export class SocketTransport implements Transport {
     }
     if (this.ending) this.sock.end();
   }
+}
+
+/** The segment has been sent, or will not be: call its release, once. */
+function released(seg: FileSegment): void {
+  const r = seg.release;
+  seg.release = null;
+  r?.();
 }
 
 /**
