@@ -212,27 +212,9 @@ export async function main(argv: string[]): Promise<number> {
     }
   }
 
-  if (role !== null) {
-    process.send?.({ ready: true });
-  } else {
-    if (s.workers > 1) {
-      pool = new WorkerPool(s.workers, shared, [process.execPath, ...process.argv.slice(1)], log);
-      try {
-        await pool.start();
-      } catch (e) {
-        console.error(`bun-nbd serve: --workers ${s.workers}: ${(e as Error).message}`);
-        await server.close(0);
-        return 1;
-      }
-    }
-    printBanner(server, where, say);
-    if (server.tlsSummary) say(server.tlsSummary);
-    if (metricsUrl) say(`Metrics at ${metricsUrl}`);
-    if (pool) say(`${s.workers} processes serve these sockets (pids ${[process.pid, ...pool.pids].join(", ")}).`);
-    say("Ready. Press Ctrl-C to stop.");
-  }
-
-  return await new Promise<number>((resolve) => {
+  // The signal handlers are in place before anyone is told the server is ready: a SIGHUP sent
+  // on seeing "Ready" found none (and killed the process) in a few runs of ten.
+  const done = new Promise<number>((resolve) => {
     let stopping = false;
     const stop = (sig: string) => {
       if (stopping) return;
@@ -261,6 +243,28 @@ export async function main(argv: string[]): Promise<number> {
       void reload(cfg, flags, service, log);
     });
   });
+
+  if (role !== null) {
+    process.send?.({ ready: true });
+  } else {
+    if (s.workers > 1) {
+      pool = new WorkerPool(s.workers, shared, [process.execPath, ...process.argv.slice(1)], log);
+      try {
+        await pool.start();
+      } catch (e) {
+        console.error(`bun-nbd serve: --workers ${s.workers}: ${(e as Error).message}`);
+        await server.close(0);
+        return 1;
+      }
+    }
+    printBanner(server, where, say);
+    if (server.tlsSummary) say(server.tlsSummary);
+    if (metricsUrl) say(`Metrics at ${metricsUrl}`);
+    if (pool) say(`${s.workers} processes serve these sockets (pids ${[process.pid, ...pool.pids].join(", ")}).`);
+    say("Ready. Press Ctrl-C to stop.");
+  }
+
+  return await done;
 }
 
 /** Per-client overlays: the qcow2 code is loaded only when an export uses them. */
