@@ -29,6 +29,8 @@ export interface RawIo {
   fdatasync(fd: number): Promise<void>;
   /** fdatasync(2) now (the last one, at close). */
   fdatasyncNow(fd: number): void;
+  /** FLUSH and FUA call fdatasyncNow, here (a connection's own thread, where nothing else waits). */
+  syncHere?: boolean;
 }
 
 const plainIo: RawIo = {
@@ -37,6 +39,9 @@ const plainIo: RawIo = {
   fdatasync: (fd) => new Promise((resolve, reject) => fs.fdatasync(fd, (e) => (e ? reject(e) : resolve()))),
   fdatasyncNow: (fd) => fs.fdatasyncSync(fd),
 };
+
+/** Everything synchronous: for a connection served on a thread of its own (RawFile.shared). */
+const threadIo: RawIo = { pwrite: plainIo.pwrite, fdatasync: plainIo.fdatasync, fdatasyncNow: plainIo.fdatasyncNow, syncHere: true };
 
 /**
  * Writes at least this large go to the thread pool. At its dirty limit the kernel puts a writer to
@@ -59,6 +64,8 @@ export class RawFile implements BlockDevice {
   private canZeroRange = haveLibc;
   private canSeekHoles = haveLibc;
   private closed = false;
+  /** False for RawFile.shared: the descriptor is another RawFile's, which syncs and closes it. */
+  private owner = true;
   private readonly io: RawIo;
   /** The first failed write or sync: then writes and flushes are refused. */
   private readonly latch: FailureLatch;
@@ -114,6 +121,23 @@ export class RawFile implements BlockDevice {
       size = opts.size;
     }
     return new RawFile(path, fd, size, readOnly, opts.io ?? plainIo, opts.log ?? ((m) => console.error(m)));
+  }
+
+  /**
+   * The file another RawFile (`of`) has open, for a connection served on a thread of its own
+   * (server/connection-thread.ts): the same descriptor, every call synchronous, and close() leaves
+   * the descriptor to its owner. `of` may live in another thread: only plain data crosses.
+   */
+  static shared(of: { path: string; fd: number; size: number; readOnly: boolean }, log: (msg: string) => void): RawFile {
+    const f = new RawFile(of.path, of.fd, of.size, of.readOnly, threadIo, log);
+    f.owner = false;
+    return f;
+  }
+
+  /** What RawFile.shared needs, as plain data (null when writes go through a test's RawIo). */
+  sharedSpec(): { path: string; fd: number; size: number; readOnly: boolean } | null {
+    if (this.io !== plainIo || this.closed) return null;
+    return { path: this.path, fd: this.fd, size: this.bytes, readOnly: this.readOnly };
   }
 
   size(): number { return this.bytes; }
@@ -206,13 +230,17 @@ export class RawFile implements BlockDevice {
     return p;
   }
 
-  flush(): Promise<void> {
+  flush(): Maybe {
     this.latch.refuse();
     return this.sync();
   }
 
-  /** fdatasync on the thread pool; a failure is latched (see FailureLatch). */
-  private sync(): Promise<void> {
+  /** fdatasync on the thread pool (or here, see RawIo.syncHere); a failure is latched (see FailureLatch). */
+  private sync(): Maybe {
+    if (this.io.syncHere) {
+      try { this.io.fdatasyncNow(this.fd); } catch (e) { throw this.latch.note(e, "fdatasync"); }
+      return;
+    }
     const p = this.io.fdatasync(this.fd);
     this.track(p);
     return p.catch((e: unknown) => { throw this.latch.note(e, "fdatasync"); });
@@ -318,6 +346,7 @@ export class RawFile implements BlockDevice {
   close(): Maybe {
     if (this.closed) return;
     this.closed = true;
+    if (!this.owner) return;
     if (this.syncs.size > 0) return Promise.all(this.syncs).then(() => this.closeNow());
     this.closeNow();
   }

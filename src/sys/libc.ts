@@ -2,7 +2,8 @@
 // The few libc calls Bun does not expose, through bun:ffi: fallocate (hole punching and zero
 // ranges), lseek with SEEK_DATA/SEEK_HOLE (sparse extents), OFD byte-range locks (compatible with
 // QEMU's image locking), sendfile, send with MSG_MORE, socket buffer sizes and TCP_NOTSENT_LOWAT
-// (the server's reply path), and recv without waiting (the client's in-place receive). Each
+// (the server's reply path), recv without waiting (the client's in-place receive), and the
+// blocking socket calls of a connection served on a thread of its own (server/connection-thread.ts). Each
 // wrapper throws an Error with a `code` like Node's (e.g. "EOPNOTSUPP") so errors map to NBD
 // errnos in one place. If libc cannot be loaded, `libc`
 // is null and callers fall back to portable paths.
@@ -53,6 +54,10 @@ function load(f: Ffi) {
     posix_fadvise: { args: [FFIType.i32, FFIType.i64, FFIType.i64, FFIType.i32], returns: FFIType.i32 },
     calloc: { args: [FFIType.u64, FFIType.u64], returns: FFIType.ptr },
     free: { args: [FFIType.ptr], returns: FFIType.void },
+    dup: { args: [FFIType.i32], returns: FFIType.i32 },
+    close: { args: [FFIType.i32], returns: FFIType.i32 },
+    shutdown: { args: [FFIType.i32, FFIType.i32], returns: FFIType.i32 },
+    ioctl: { args: [FFIType.i32, FFIType.u64, FFIType.ptr], returns: FFIType.i32 },
     __errno_location: { args: [], returns: FFIType.ptr },
   }).symbols;
 }
@@ -263,4 +268,96 @@ export function ofdTestLock(fd: number, type: number, start: number, len: number
   setFlock(type, start, len);
   if (lib.fcntl(fd, F_OFD_GETLK, ptr(flockBytes)) !== 0) throw errnoError("fcntl(F_OFD_GETLK)", errno());
   return flockView.getInt16(0, true);
+}
+
+// ---------------------------------------------------------------- sockets owned by a thread ---
+// A connection handed to a thread of its own (server/thread-pool.ts) is a blocking socket there:
+// the thread sleeps in recv(2) until a request comes, and its sends wait for room.
+
+const FIONBIO = 0x5421;
+const SO_LINGER = 13;
+const EINTR = 4;
+
+/**
+ * A second descriptor for the socket `fd`, in blocking mode, that outlives `fd` being closed (the
+ * event loop closes its own when it lets the connection go). Throws when libc is missing.
+ */
+export function adoptSocket(fd: number): number {
+  if (!lib) throw errnoError("dup", 38);
+  const d = lib.dup(fd);
+  if (d < 0) throw errnoError("dup", errno());
+  sockInt[0] = 0;
+  if (lib.ioctl(d, FIONBIO, ptr(sockInt)) !== 0) {
+    const e = errno();
+    lib.close(d);
+    throw errnoError("ioctl(FIONBIO)", e);
+  }
+  return d;
+}
+
+/**
+ * recv(2) that waits for data: the count read, 0 at the end of the stream (or after
+ * shutdownRead), -1 on an error (ECONNRESET...).
+ */
+export function recvWait(fd: number, dst: Uint8Array, off: number, len: number): number {
+  for (;;) {
+    const r = lib!.recv(fd, ptr(dst, off), len, 0) as number;
+    if (r >= 0) return r;
+    if (errno() !== EINTR) return -1;
+  }
+}
+
+/** send(2) all of `b[off, off+len)`, waiting for room; MSG_MORE with `more`. Throws on an error (EPIPE). */
+export function sendWait(fd: number, b: Uint8Array, off: number, len: number, more = false): void {
+  const flags = MSG_NOSIGNAL | (more ? MSG_MORE : 0);
+  while (len > 0) {
+    const r = lib!.send(fd, ptr(b, off), len, flags) as number;
+    if (r < 0) {
+      const e = errno();
+      if (e === EINTR) continue;
+      throw errnoError("send", e);
+    }
+    off += r;
+    len -= r;
+  }
+}
+
+/**
+ * sendfile(2) of `len` bytes of `inFd` at `offset`, waiting for room. Returns the bytes sent: less
+ * than `len` only when the file ended first. Throws on an error (EPIPE, EIO).
+ */
+export function sendfileWait(outFd: number, inFd: number, offset: number, len: number): number {
+  let sent = 0;
+  while (sent < len) {
+    const at = offset + sent;
+    sendfileOffset[0] = at >>> 0;
+    sendfileOffset[1] = Math.floor(at / 4294967296);
+    const r = lib!.sendfile(outFd, inFd, ptr(sendfileOffset), len - sent) as number;
+    if (r === 0) break;
+    if (r < 0) {
+      const e = errno();
+      if (e === EINTR) continue;
+      throw errnoError("sendfile", e);
+    }
+    sent += r;
+  }
+  return sent;
+}
+
+/** shutdown(SHUT_RD): a recvWait blocked on `fd` (in another thread) returns 0. */
+export function shutdownRead(fd: number): void {
+  lib?.shutdown(fd, 0);
+}
+
+/**
+ * close(2) a socket with a normal FIN: SO_LINGER is cleared first (an event loop that let the
+ * connection go may have set it to reset on close, and the setting belongs to the socket, not to
+ * one of its descriptors).
+ */
+export function closeSocket(fd: number): void {
+  if (!lib) return;
+  sockInt[0] = 0;
+  sockInt[1] = 0;
+  lib.setsockopt(fd, SOL_SOCKET, SO_LINGER, ptr(sockInt), 8);
+  lib.close(fd);
 }
