@@ -3,7 +3,7 @@
 import { readFileSync, statSync } from "node:fs";
 import { resolve } from "node:path";
 import { MAX_WORKERS, parseConfig } from "../config/parse.ts";
-import { DEFAULT_PORT, DEFAULT_SETTINGS, deepFreeze, formatConfigError, type ExportConfig, type ListenAddress, type PathKind, type ServerSettings, type ServiceConfig } from "../config/types.ts";
+import { DEFAULT_PORT, DEFAULT_SETTINGS, MAX_THREADS, deepFreeze, formatConfigError, type ExportConfig, type ListenAddress, type PathKind, type ServerSettings, type ServiceConfig } from "../config/types.ts";
 import { parseHostPort } from "../config/values.ts";
 import { cidrProblem } from "../server/access.ts";
 import { exportNameFor } from "../devices/open.ts";
@@ -39,6 +39,7 @@ export interface ServeFlags {
   "max-connections-per-address"?: string;
   "handshake-timeout"?: string;
   workers?: string;
+  threads?: string;
 }
 
 /** A usable configuration, or the lines to print before exiting with `code`. */
@@ -144,7 +145,12 @@ function overrideSettings(s: ServerSettings, f: ServeFlags): ServerSettings | st
     workers = Number(f.workers);
     if (!/^\d+$/.test(f.workers) || workers < 1 || workers > MAX_WORKERS) return `invalid --workers "${f.workers}" (1 to ${MAX_WORKERS})`;
   }
-  return { ...s, ...security, listen, metrics, logFormat, verbose: !!verbose, quiet: !!quiet, readOnly: s.readOnly || !!f["read-only"], workers };
+  let threads = s.threads;
+  if (f.threads !== undefined) {
+    threads = Number(f.threads);
+    if (!/^\d+$/.test(f.threads) || threads > MAX_THREADS) return `invalid --threads "${f.threads}" (0 to ${MAX_THREADS})`;
+  }
+  return { ...s, ...security, listen, metrics, logFormat, verbose: !!verbose, quiet: !!quiet, readOnly: s.readOnly || !!f["read-only"], workers, threads };
 }
 
 /**

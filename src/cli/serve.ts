@@ -6,7 +6,7 @@ import { commandArgs } from "./args.ts";
 import { REMOTE_FLAGS, REMOTE_HELP, remoteSettings } from "./remote-args.ts";
 import { serveConfig, type ServeFlags } from "./serve-config.ts";
 import { formatConfig } from "../config/print.ts";
-import type { ServiceConfig } from "../config/types.ts";
+import { DEFAULT_THREADS, type ServiceConfig } from "../config/types.ts";
 import { describeListen } from "../config/values.ts";
 import { activationSockets } from "../server/activation.ts";
 import { createLogger, type Logger } from "../server/log.ts";
@@ -83,6 +83,9 @@ Processes:
       --workers N      serve with N processes (default 1), so connections use N cores: raw
                        images (read-write), and any local image read-only; not with overlays,
                        remote images or connection limits
+      --threads N      serve up to N connections to plain-file exports each on a thread of
+                       its own (default ${DEFAULT_THREADS}; 0: all on the event loop); not with
+                       --metrics or TLS
   -q, --quiet          log only warnings and errors
   -h, --help           this help
   -V, --version        print the version
@@ -121,6 +124,7 @@ export async function main(argv: string[]): Promise<number> {
     "max-connections-per-address": { type: "string" },
     "handshake-timeout": { type: "string" },
     workers: { type: "string" },
+    threads: { type: "string" },
     quiet: { type: "boolean", short: "q" },
     version: { type: "boolean", short: "V" },
     ...REMOTE_FLAGS,
@@ -170,7 +174,7 @@ export async function main(argv: string[]): Promise<number> {
     server = new NbdServer(registry, {
       log, tls: s.tls, tlsCertificates: s.tlsCertificates, tlsVerifyPeer: s.tlsVerifyPeer, tlsPsk: s.tlsPsk,
       allow: s.allow, maxConnections: s.maxConnections, maxConnectionsPerAddress: s.maxConnectionsPerAddress,
-      handshakeTimeout: s.handshakeTimeout,
+      handshakeTimeout: s.handshakeTimeout, threads: s.threads,
     });
   } catch (e) {
     console.error(`bun-nbd serve: ${(e as Error).message}`);
@@ -191,6 +195,8 @@ export async function main(argv: string[]): Promise<number> {
     return 1;
   }
 
+  // (with metrics on, every connection stays on the event loop, where the counters are)
+  if (s.metrics === null) server.prestartThreads();
   let metricsUrl = "";
   let stopMetrics = () => {};
   let pool: WorkerPool | null = null;

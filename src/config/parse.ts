@@ -5,14 +5,14 @@ import { dirname, isAbsolute, resolve } from "node:path";
 import { keyLines, syntaxErrorLine, type KeyLines } from "./toml-lines.ts";
 import { parseHostPort, parseListen } from "./values.ts";
 import {
-  DEFAULT_SETTINGS, deepFreeze, type ConfigError, type ExportConfig, type ListenAddress, type OverlayMode,
+  DEFAULT_SETTINGS, MAX_THREADS, deepFreeze, type ConfigError, type ExportConfig, type ListenAddress, type OverlayMode,
   type PathProbe, type ServerSettings, type ServiceConfig,
 } from "./types.ts";
 
 export const SERVER_KEYS = [
   "listen", "read-only", "verbose", "quiet", "log-format", "metrics",
   "tls", "tls-certificates", "tls-verify-peer", "tls-psk", "allow", "max-connections", "max-connections-per-address",
-  "handshake-timeout", "workers",
+  "handshake-timeout", "workers", "threads",
 ] as const;
 export const EXPORT_KEYS = [
   "name", "file", "read-only", "overlay", "overlay-dir", "compat", "partitions", "description", "allow", "client-name",
@@ -170,8 +170,11 @@ class Checker {
     if (!(Number.isInteger(workers) && (workers as number) >= 1 && (workers as number) <= MAX_WORKERS)) {
       this.err(`${at}.workers`, `must be a whole number from 1 to ${MAX_WORKERS}, not ${show(workers)}`);
     }
+    const threads = v.threads ?? d.threads;
+    const threadsOk = Number.isInteger(threads) && (threads as number) >= 0 && (threads as number) <= MAX_THREADS;
+    if (!threadsOk) this.err(`${at}.threads`, `must be a whole number from 0 to ${MAX_THREADS} (0: none), not ${show(threads)}`);
     return {
-      listen, metrics, verbose, quiet, tlsCertificates, tlsPsk,
+      listen, metrics, verbose, quiet, tlsCertificates, tlsPsk, threads: threadsOk ? threads as number : d.threads,
       workers: Number.isInteger(workers) && (workers as number) >= 1 && (workers as number) <= MAX_WORKERS ? workers as number : d.workers,
       readOnly: this.bool(v, "read-only", at, false),
       logFormat: this.oneOf(v, "log-format", at, ["text", "json"] as const, "text"),

@@ -32,6 +32,8 @@ export interface ServerSettings {
   readonly handshakeTimeout: number;
   /** Processes serving connections (issue 15): 1 is one event loop; N > 1 is src/server/workers.ts. */
   readonly workers: number;
+  /** Connections to plain-file exports served on threads of their own, at most (src/server/thread-pool.ts); 0: none. */
+  readonly threads: number;
 }
 
 export type OverlayMode =
@@ -84,12 +86,16 @@ export function formatConfigError(e: ConfigError): string {
 }
 
 export const DEFAULT_PORT = 10809;
+/** Connections on threads of their own at most, unless configured (threads; serve --threads). */
+export const DEFAULT_THREADS = 16;
+/** The most threads one may ask for. */
+export const MAX_THREADS = 1024;
 
 export const DEFAULT_SETTINGS: ServerSettings = Object.freeze({
   listen: Object.freeze([Object.freeze({ kind: "tcp" as const, host: "127.0.0.1", port: DEFAULT_PORT })]),
   readOnly: false, verbose: false, quiet: false, logFormat: "text" as const, metrics: null,
   tls: "off" as const, tlsCertificates: null, tlsVerifyPeer: false, tlsPsk: null,
-  allow: Object.freeze([]), maxConnections: 0, maxConnectionsPerAddress: 0, handshakeTimeout: 10, workers: 1,
+  allow: Object.freeze([]), maxConnections: 0, maxConnectionsPerAddress: 0, handshakeTimeout: 10, workers: 1, threads: DEFAULT_THREADS,
 });
 
 /** What a path is, for the checks that need the file system (injected: parsing stays pure). */

@@ -11,7 +11,10 @@ import { ExportRegistry, Generation, staticRows, type ExportLease } from "./expo
 import { clientFields, describeClient, type ClientIdentity } from "./identity.ts";
 import { type Logger, silentLogger } from "./log.ts";
 import { Session } from "./session.ts";
-import { type CheckedSettings, checkSettings, type ServerSettings } from "./settings.ts";
+import { type CheckedSettings, checkSettings, type ServerSettings, SettingsError } from "./settings.ts";
+import { ThreadPool, type ThreadedConnection } from "./thread-pool.ts";
+import { RawFile } from "../devices/file.ts";
+import type { Negotiated } from "./types.ts";
 import { type Conn, SocketTransport, type Upgrader } from "./socket-transport.ts";
 import { addStats, newTransportStats, type TransportStats } from "./transport-stats.ts";
 import { type ConnEvents, makeUpgrader } from "./starttls.ts";
@@ -21,6 +24,8 @@ import type { ExportTable } from "./types.ts";
 export interface ServerOptions extends Partial<ServerSettings> {
   /** Serve every export read-only, whatever its device can do (with a list of specs). */
   readOnly?: boolean;
+  /** Up to this many connections to plain-file exports on threads of their own (thread-pool.ts); 0: none. */
+  threads?: number;
   log?: Logger;
 }
 
@@ -46,6 +51,8 @@ export class NbdServer implements ExportTable {
   /** Reply-path counters of connections already closed (open ones are summed on demand). */
   private readonly closedStats: TransportStats = newTransportStats();
   private readonly transports = new Set<SocketTransport>();
+  /** serve --threads: connections on threads of their own (null: all on the event loop). */
+  private readonly threads: ThreadPool | null;
 
   /**
    * Serve `specs` (fixed, one stack each), or the exports of a registry built from a configuration.
@@ -60,6 +67,9 @@ export class NbdServer implements ExportTable {
       maxConnectionsPerAddress: this.settings.maxConnectionsPerAddress,
     });
     this.events = this.connEvents();
+    const threads = opts.threads ?? 0;
+    if (!Number.isInteger(threads) || threads < 0) throw new SettingsError("threads", `threads must be a whole number >= 0 (0: none), not ${threads}`);
+    this.threads = threads > 0 ? new ThreadPool(threads, this.log) : null;
     this.upgrader = this.credentials ? makeUpgrader(this.credentials, this.events) : null;
     this.registry = exports instanceof ExportRegistry
       ? exports
@@ -86,6 +96,16 @@ export class NbdServer implements ExportTable {
     for (const t of this.transports) addStats(sum, t.stats);
     return sum;
   }
+  /** Connections on threads now, and handed to one so far (serve --threads; zeros without). */
+  threadStats(): { running: number; served: number } {
+    return { running: this.threads?.running ?? 0, served: this.threads?.served ?? 0 };
+  }
+
+  /** Start up to `n` connection threads now (serve --threads), so that the first clients do not wait for one. */
+  prestartThreads(n = 2): void {
+    this.threads?.prestart(n);
+  }
+
   /** What TLS serves with, in one line (null with TLS off). */
   get tlsSummary(): string | null {
     return this.credentials ? `TLS ${this.settings.tls === "require" ? "required" : "offered"}: ${this.credentials.summary}` : null;
@@ -134,15 +154,52 @@ export class NbdServer implements ExportTable {
         if (!s) return;
         c.session = null;
         if (c.deadline) clearTimeout(c.deadline);
-        s.onClose();
-        self.sessions.delete(s);
-        self.admission.release(s.client);
-        self.log.info(`[${s.id}] closed`, { conn: s.id, ...clientFields(s.client), export: s.exportName });
+        self.ended(s);
       },
       error(c: Conn, err: Error) {
         self.log.warn(`[${c.session?.id ?? "?"}] socket error: ${err.message}`);
       },
     };
+  }
+
+  /**
+   * Serve a connection whose handshake chose `n` on a thread of its own, if it may go: a plain
+   * (not TLS) socket with nothing left to send, an export that is a plain file, metrics off (their
+   * counters live here) and a thread free. The event loop's socket is closed; the session stays
+   * open (counted, holding its export) until the thread reports the connection's end.
+   */
+  private handOff(sock: Socket<Conn>, c: Conn, n: Negotiated, rest: Uint8Array): ThreadedConnection | null {
+    const pool = this.threads;
+    const s = c.session;
+    const t = c.transport;
+    if (pool === null || !pool.available || s === null || t === null || c.secure !== null || n.lease.stats !== null) return null;
+    const dev = n.exp.device;
+    const file = dev instanceof RawFile ? dev.sharedSpec() : null;
+    if (file === null) return null;
+    const socket = t.handOver();
+    if (socket === null) return null;
+    // The event loop lets the socket go: its close event must not end the session.
+    c.session = null;
+    c.transport = null;
+    if (c.deadline) { clearTimeout(c.deadline); c.deadline = null; }
+    t.closed();
+    if (this.transports.delete(t)) addStats(this.closedStats, t.stats);
+    sock.terminate();
+    if (this.log.debugEnabled) this.log.debug(`[${s.id}] served on a thread of its own (${pool.running + 1} of at most ${pool.max})`);
+    return pool.run({
+      socket, file, name: n.exp.name, description: n.exp.description, readOnly: !n.exp.caps.canWrite,
+      structured: n.structured, extended: n.extended, maxPayload: n.maxPayload,
+      contexts: n.contexts.map((x) => x.name), contextIds: [...n.contextIds],
+      id: s.id, peer: s.peer, client: s.client, initial: rest, debug: this.log.debugEnabled,
+    }, () => this.ended(s));
+  }
+
+  /** A session is over (its socket closed, here or on its thread): forget it and log it. */
+  private ended(s: Session): void {
+    s.onClose();
+    this.sessions.delete(s);
+    this.admission.release(s.client);
+    this.log.info(`[${s.id}] closed`, { conn: s.id, ...clientFields(s.client), export: s.exportName });
   }
 
   /** Socket handlers; "auto" (an inherited listening socket) tells TCP from unix by the peer address. */
@@ -168,7 +225,8 @@ export class NbdServer implements ExportTable {
         if (transport === "unix") t.widenSendBuffer(); // inherited unix sockets too ("auto")
         else t.limitUnsent();
         self.transports.add(t);
-        const s = new Session(t, self, self.log, peer, { client, tls: self.upgrader ? self.settings.tls : "off" });
+        const handOff = self.threads ? (n: Negotiated, rest: Uint8Array) => self.handOff(sock, c, n, rest) : undefined;
+        const s = new Session(t, self, self.log, peer, { client, tls: self.upgrader ? self.settings.tls : "off", handOff });
         t.session = s;
         const c: Conn = { session: s, transport: t, secure: null, deadline: null };
         sock.data = c;
@@ -249,6 +307,7 @@ export class NbdServer implements ExportTable {
     while (this.sessions.size > 0 && Date.now() < limit) await Bun.sleep(10);
     for (const l of this.listeners) l.stop(true);
     for (const p of this.unixPaths) rmSync(p, { force: true });
+    this.threads?.close();
     await this.registry.close();
     if (this.credentials?.kind === "psk") this.credentials.engine.free();
   }

@@ -16,6 +16,17 @@ export interface SessionOptions {
   client?: ClientIdentity;
   /** STARTTLS policy; "off" unless the transport can encrypt. */
   tls?: TlsMode;
+  /**
+   * Offered each chosen export before transmission starts: returns what now serves the connection
+   * elsewhere (a thread of its own, thread-pool.ts), or null to serve it here. `rest` is what
+   * arrived after the last option.
+   */
+  handOff?: (n: Negotiated, rest: Uint8Array) => Away | null;
+}
+
+/** A connection served elsewhere (see SessionOptions.handOff): stop() ends it. */
+export interface Away {
+  stop(): void;
 }
 
 /**
@@ -36,6 +47,9 @@ export class Session implements SessionLink {
   private readonly log: Logger;
   private hs: Handshake | null;
   private tx: Transmission | null = null;
+  /** Set once the transmission phase runs elsewhere (SessionOptions.handOff). */
+  private away: Away | null = null;
+  private readonly handOff: SessionOptions["handOff"];
   private readonly tls: TlsMode;
   /** NO_ZEROES from the client flags, carried across STARTTLS. */
   private noZeroes = false;
@@ -53,12 +67,13 @@ export class Session implements SessionLink {
     this.peer = peer;
     this.client = opts.client ?? UNIX_PEER;
     this.tls = t.startTls ? opts.tls ?? "off" : "off";
+    this.handOff = opts.handOff;
     this.hs = new Handshake(this, t, exports, log, { tls: this.tls });
   }
 
   /** True until an export is chosen (option haggling or the TLS handshake is going on). */
   get negotiating(): boolean {
-    return this.tx === null && !this.closed;
+    return this.tx === null && this.away === null && !this.closed;
   }
 
   /** Feed bytes from the socket. */
@@ -83,10 +98,15 @@ export class Session implements SessionLink {
     this.chosen = n;
     this.exportName = n.exp.name;
     if (n.lease.stats !== null) n.lease.stats.connections++;
+    this.hs = null;
+    const away = this.handOff?.(n, rest) ?? null;
+    if (away !== null) {
+      this.away = away;
+      return;
+    }
     const next = n.extended
       ? new ExtendedTransmission(this, this.t, this.exports, this.log, n, this.hsPaused)
       : new Transmission(this, this.t, this.exports, this.log, n, this.hsPaused);
-    this.hs = null;
     this.tx = next;
     if (rest.length) next.onData(rest);
   }
@@ -157,7 +177,8 @@ export class Session implements SessionLink {
   /** Server shutdown: stop reading; close once in-flight requests have been answered. */
   shutdown(): void {
     if (this.closed) return;
-    if (this.tx === null) this.close();
+    if (this.away !== null) this.away.stop();
+    else if (this.tx === null) this.close();
     else this.tx.shutdown();
   }
 

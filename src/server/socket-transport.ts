@@ -5,7 +5,7 @@
 // STARTTLS the same writer writes to an encrypting socket (no sendfile, no raw recv).
 import type { Socket } from "bun";
 import { readSync } from "node:fs";
-import { copySend, recvNow, sendfile, sendMore, setNotSentLowat, setSendBuffer } from "../sys/libc.ts";
+import { adoptSocket, copySend, recvNow, sendfile, sendMore, setNotSentLowat, setSendBuffer } from "../sys/libc.ts";
 import type { Session } from "./session.ts";
 import type { Transport } from "./types.ts";
 import { newTransportStats, type TransportStats } from "./transport-stats.ts";
@@ -127,6 +127,23 @@ export class SocketTransport implements Transport {
     const n = recvNow(this.fd, dst, off, len);
     this.stats.receivedInPlace += n;
     return n;
+  }
+
+  /**
+   * Let the connection go to another owner (a thread, see thread-pool.ts): what is batched is
+   * sent, and if the kernel took all of it, a blocking descriptor of the socket is returned; the
+   * caller then closes the event loop's socket. Null (and nothing changes) when output is still
+   * queued, after STARTTLS, or without libc.
+   */
+  handOver(): number | null {
+    if (this.encrypted || this.fd < 0) return null;
+    this.flushBatch();
+    if (this.q.length > 0) return null;
+    try {
+      return adoptSocket(this.fd);
+    } catch {
+      return null;
+    }
   }
 
   /** STARTTLS: once what is queued (the ACK) has gone out in plaintext, upgrade the socket. */
