@@ -7,7 +7,7 @@
 // rounds and variants).
 //
 //   bun bench/e2e.ts [--quick] [--runtime SECONDS] [--rounds N] [--dir DIR]
-//                    [--servers bun,nbdkit,qemu] [--only WORKLOAD,...] [--unix] [--json FILE] [--full]
+//                    [--servers bun,nbdkit,qemu] [--only WORKLOAD,...] [--unix] [--json FILE] [--full] [--bun-args="--threads 4"]
 //
 // The first workload, "nbdcopy-first", is a whole-image nbdcopy right after the server started
 // (every round starts each server afresh), before anything has warmed it; the later "nbdcopy-null"
@@ -50,6 +50,7 @@ const { values: opt } = parseArgs({
     unix: { type: "boolean" },
     json: { type: "string" },
     full: { type: "boolean" },
+    "bun-args": { type: "string" },
     help: { type: "boolean", short: "h" },
   },
 });
@@ -101,7 +102,7 @@ async function start(server: string, img: string): Promise<Started> {
   let cmd: string[];
   let uri: string;
   if (server === "bun") {
-    cmd = [process.execPath, join(ROOT, "src/cli.ts"), "serve", "-q", ...(tcp ? ["-p", String(port)] : ["-k", sock]), img];
+    cmd = [process.execPath, join(ROOT, "src/cli.ts"), "serve", "-q", ...(opt["bun-args"]?.split(" ").filter(Boolean) ?? []), ...(tcp ? ["-p", String(port)] : ["-k", sock]), img];
     uri = tcp ? `nbd://127.0.0.1:${port}/` : `nbd+unix:///?socket=${sock}`;
   } else if (server === "nbdkit") {
     cmd = ["nbdkit", "-f", ...(tcp ? ["-p", String(port), "-i", "127.0.0.1"] : ["-U", sock]), "file", `file=${img}`];

@@ -37,6 +37,8 @@ export interface ThreadJob {
   client: ClientIdentity;
   /** Bytes that arrived after the handshake's last option (pipelined requests). */
   initial: Uint8Array;
+  /** One Int32 shared by every connection thread: how many send file ranges (BlockingTransport). */
+  readers: SharedArrayBuffer;
   debug: boolean;
 }
 
@@ -69,7 +71,7 @@ const turn = (): Promise<void> => new Promise((r) => setImmediate(r));
 
 /** Serve one connection until it ends; the socket is closed on return. */
 export async function serveConnection(job: ThreadJob, log: Logger): Promise<void> {
-  const t = new BlockingTransport(job.socket);
+  const t = new BlockingTransport(job.socket, new Int32Array(job.readers));
   try {
     const file = RawFile.shared(job.file, (m) => log.warn(m));
     const exp = new CheckedExport({ name: job.name, description: job.description, device: file }, { readOnly: job.readOnly });
@@ -128,6 +130,7 @@ export async function serveConnection(job: ThreadJob, log: Logger): Promise<void
     log.error(`[${job.id}] internal error, closing the connection: ${(e as Error).stack ?? e}`);
   } finally {
     t.flush();
+    t.closed();
     closeSocket(job.socket);
   }
 }

@@ -190,7 +190,7 @@ export class NbdServer implements ExportTable {
       socket, file, name: n.exp.name, description: n.exp.description, readOnly: !n.exp.caps.canWrite,
       structured: n.structured, extended: n.extended, maxPayload: n.maxPayload,
       contexts: n.contexts.map((x) => x.name), contextIds: [...n.contextIds],
-      id: s.id, peer: s.peer, client: s.client, initial: rest, debug: this.log.debugEnabled,
+      id: s.id, peer: s.peer, client: s.client, initial: rest, debug: this.log.debugEnabled, readers: pool.readers,
     }, () => this.ended(s));
   }
 

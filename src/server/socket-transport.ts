@@ -9,6 +9,7 @@ import { adoptSocket, copySend, recvNow, sendfile, sendMore, setNotSentLowat, se
 import type { Session } from "./session.ts";
 import type { Transport } from "./types.ts";
 import { newTransportStats, type TransportStats } from "./transport-stats.ts";
+import { OutputBatch } from "./output-batch.ts";
 
 /** What the writer needs of a socket: Bun's plain and TLS sockets, and the PSK engine's adapter. */
 export interface ByteSocket {
@@ -44,15 +45,6 @@ export interface Conn {
 /** Upgrades a connection's raw socket to TLS; `initial` is what arrived after STARTTLS. */
 export type Upgrader = (raw: Socket<Conn>, initial: Uint8Array) => void;
 
-/** Sends up to this size are copied into the cork batch; larger ones go out directly. */
-const BATCH_SIZE = 256 * 1024;
-const SMALL_SEND = 64 * 1024;
-/**
- * Replies up to this size are built in place in the cork batch (reserve): a 64 KiB read with its
- * chunk header fits, so a device that reads into memory (a cooked CD view, an overlay) fills the
- * batch directly instead of an allocated buffer that is then copied into it.
- */
-const IN_PLACE_MAX = SMALL_SEND + 64;
 /**
  * The send buffer asked for on unix sockets (the kernel doubles it, capped by net.core.wmem_max).
  * Their default (net.core.wmem_default, 208 KiB here) is less than one 256 KiB nbdcopy reply, so
@@ -95,8 +87,8 @@ export class SocketTransport implements Transport {
   private bytes = 0;
   private ending = false;
   private corked = false;
-  private batch = new Uint8Array(BATCH_SIZE);
-  private batchLen = 0;
+  /** Small replies while corked (a data callback is running). */
+  private readonly batch = new OutputBatch((b) => this.write(b, true));
   /** The socket's descriptor (-1: unknown, so no sendfile or MSG_MORE). */
   private readonly fd: number;
   /** One byte of a file, written through Bun when sendfile finds the socket full (see pumpFile). */
@@ -172,12 +164,7 @@ export class SocketTransport implements Transport {
 
   send(b: Uint8Array): void {
     if (this.corked) {
-      if (b.length <= SMALL_SEND) {
-        if (this.batchLen + b.length > BATCH_SIZE) this.flushBatch();
-        this.batch.set(b, this.batchLen);
-        this.batchLen += b.length;
-        return;
-      }
+      if (this.batch.add(b)) return;
       this.flushBatch();
     }
     this.write(b, false);
@@ -193,20 +180,17 @@ export class SocketTransport implements Transport {
    * committed; null when not corked or too large (then send() an allocated buffer instead).
    */
   reserve(length: number): Uint8Array | null {
-    if (!this.corked || length > IN_PLACE_MAX) return null;
-    if (this.batchLen + length > BATCH_SIZE) this.flushBatch();
-    return this.batch.subarray(this.batchLen, this.batchLen + length);
+    return this.corked ? this.batch.reserve(length) : null;
   }
 
   /** The reserved bytes are filled: they are part of the output now. */
   commit(length: number): void {
-    this.batchLen += length;
+    this.batch.commit(length);
   }
 
   /** Someone keeps the reserved region (an asynchronous read fills it later): flush, take a new batch. */
   detach(): void {
-    this.flushBatch();
-    this.batch = new Uint8Array(BATCH_SIZE);
+    this.batch.detach();
   }
 
   /**
@@ -364,10 +348,7 @@ export class SocketTransport implements Transport {
   }
 
   private flushBatch(): void {
-    if (this.batchLen === 0) return;
-    const b = this.batch.subarray(0, this.batchLen);
-    this.batchLen = 0;
-    this.write(b, true);
+    this.batch.flush();
   }
 
   private write(b: Uint8Array, transient: boolean): void {
@@ -384,7 +365,7 @@ export class SocketTransport implements Transport {
     this.session?.checkBackpressure();
   }
 
-  queued(): number { return this.bytes + this.batchLen; }
+  queued(): number { return this.bytes + this.batch.length; }
   pause(): void { this.sock.pause(); }
   resume(): void { this.sock.resume(); }
   end(): void {
@@ -396,7 +377,7 @@ export class SocketTransport implements Transport {
     this.releaseQueued();
     this.q.length = 0;
     this.bytes = 0;
-    this.batchLen = 0;
+    this.batch.clear();
     this.sock.terminate();
   }
 

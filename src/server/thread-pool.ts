@@ -28,6 +28,8 @@ export class ThreadPool {
   /** Connections handed to a thread so far. */
   served = 0;
   private closed = false;
+  /** Shared with every thread: how many of its connections send file ranges (see BlockingTransport). */
+  readonly readers = new SharedArrayBuffer(4);
 
   constructor(readonly max: number, private readonly log: Logger) {}
 
