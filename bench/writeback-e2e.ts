@@ -5,7 +5,7 @@
 // writer's MB/s and the reader's IOPS and latency percentiles for bun-nbd, nbdkit and qemu-nbd. A
 // server that syncs on its event loop stalls every reader for as long as each fdatasync takes.
 //
-//   bun bench/writeback-e2e.ts [--runtime SECONDS (default 8)] [--rounds N] [--dir DIR] [--servers bun,bun-workers,nbdkit,qemu]
+//   bun bench/writeback-e2e.ts [--runtime SECONDS (default 8)] [--rounds N] [--dir DIR] [--servers bun,bun-loop,bun-workers,nbdkit,qemu]
 import { spawn, spawnSync } from "bun";
 import { rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -25,6 +25,8 @@ const sock = join(dir, "s.sock");
 
 function command(server: string): string[] {
   if (server === "bun") return [process.execPath, join(ROOT, "src/cli.ts"), "serve", "-q", "-k", sock, img];
+  // every connection on the event loop (serve --threads 0), as before connections had threads of their own
+  if (server === "bun-loop") return [process.execPath, join(ROOT, "src/cli.ts"), "serve", "-q", "--threads", "0", "-k", sock, img];
   // the same with serve --workers 2: the writer's pwrite stalls stay in its own process when the reader lands in the other
   if (server === "bun-workers") return [process.execPath, join(ROOT, "src/cli.ts"), "serve", "-q", "--workers", "2", "-k", sock, img];
   if (server === "nbdkit") return ["nbdkit", "-f", "-U", sock, "file", `file=${img}`];
@@ -73,7 +75,7 @@ async function main(): Promise<void> {
   console.log(`\nunix socket, sparse 1 GiB raw file, ${RUNTIME} s; writer: 1 MiB sequential writes QD4 + FLUSH every 64; reader: 4 KiB random reads QD1${ROUNDS > 1 ? `; best p99 of ${ROUNDS} rounds` : ""}\n`);
   console.log("| server | writer MB/s | reader IOPS | reader p50 ms | p99 ms | p99.9 ms | max ms |");
   console.log("|---|---:|---:|---:|---:|---:|---:|");
-  const name: Record<string, string> = { bun: "bun-nbd", "bun-workers": "bun-nbd --workers 2", nbdkit: "nbdkit", qemu: "qemu-nbd" };
+  const name: Record<string, string> = { bun: "bun-nbd", "bun-loop": "bun-nbd --threads 0", "bun-workers": "bun-nbd --workers 2", nbdkit: "nbdkit", qemu: "qemu-nbd" };
   for (const [s, r] of best) {
     console.log(`| ${name[s]} | ${r.writer.toFixed(0)} | ${r.iops.toFixed(0)} | ${r.p50.toFixed(2)} | ${r.p99.toFixed(2)} | ${r.p999.toFixed(2)} | ${r.max.toFixed(1)} |`);
   }

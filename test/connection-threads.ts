@@ -252,6 +252,33 @@ test("a read-only export stays read-only on its thread", async () => {
   bytesEqual(readFileSync(join(dir, "ro.img")).subarray(0, 4096), pattern(4096, 0, 7), "the file is untouched");
 });
 
+test("--metrics: connections on threads are counted while they run and after they end", async () => {
+  const img = image("metrics.img");
+  const s = await serveCli(["-v", "--metrics", "127.0.0.1:0", img]);
+  try {
+    const url = /Metrics at (http:\/\/\S+)/.exec(s.output())![1]!;
+    const clients = [await connect(s.uri("metrics")), await connect(s.uri("metrics"))];
+    for (const [k, c] of clients.entries()) for (let i = 0; i < 12; i++) await c.pread(new Uint8Array(4096), (k * 12 + i) * 4096);
+    await clients[1]!.pwrite(pattern(65536, 0, 3), MiB);
+    await until("both on threads", () => (s.output().match(/served on a thread of its own/g)?.length ?? 0) === 2);
+    const scrape = async () => await (await fetch(url)).text();
+    for (const [when, conns] of [["while connected", 2], ["after both closed", 0]] as const) {
+      const text = await scrape();
+      assert.match(text, /^bun_nbd_read_bytes_total\{export="metrics"\} 98304$/m, `${when}\n${text}`);
+      assert.match(text, /^bun_nbd_written_bytes_total\{export="metrics"\} 65536$/m, when);
+      assert.match(text, /^bun_nbd_requests_total\{export="metrics",command="read"\} 24$/m, when);
+      assert.match(text, /^bun_nbd_request_duration_seconds_count\{export="metrics"\} 25$/m, when);
+      assert.match(text, new RegExp(`^bun_nbd_export_connections\\{export="metrics"\\} ${conns}$`, "m"), when);
+      if (conns === 2) {
+        await Promise.all(clients.map((c) => c.close()));
+        await until("both closed", () => (s.output().match(/\] closed/g)?.length ?? 0) === 2);
+      }
+    }
+  } finally {
+    assert.is(await s.stop(), 0);
+  }
+});
+
 test("serve: threads by default, --threads 0 keeps every connection on the event loop, bad values refused", async () => {
   const img = image("cli.img");
   for (const [args, threaded] of [[[], true], [["--threads", "0"], false]] as const) {

@@ -84,8 +84,8 @@ Processes:
                        images (read-write), and any local image read-only; not with overlays,
                        remote images or connection limits
       --threads N      serve up to N connections to plain-file exports each on a thread of
-                       its own (default ${DEFAULT_THREADS}; 0: all on the event loop); not with
-                       --metrics or TLS
+                       its own (default ${DEFAULT_THREADS}; 0: all on the event loop); TLS
+                       connections stay on the event loop
   -q, --quiet          log only warnings and errors
   -h, --help           this help
   -V, --version        print the version
@@ -195,8 +195,7 @@ export async function main(argv: string[]): Promise<number> {
     return 1;
   }
 
-  // (with metrics on, every connection stays on the event loop, where the counters are)
-  if (s.metrics === null) server.prestartThreads();
+  server.prestartThreads();
   let metricsUrl = "";
   let stopMetrics = () => {};
   let pool: WorkerPool | null = null;

@@ -12,6 +12,7 @@ import { BlockingTransport } from "./blocking-transport.ts";
 import { ExtendedTransmission } from "./extended.ts";
 import type { ClientIdentity } from "./identity.ts";
 import type { Logger, LogFields } from "./log.ts";
+import { ExportStats } from "./metrics.ts";
 import { Transmission } from "./transmission.ts";
 import type { ExportTable, Negotiated } from "./types.ts";
 
@@ -39,6 +40,8 @@ export interface ThreadJob {
   initial: Uint8Array;
   /** One Int32 shared by every connection thread: how many send file ranges (BlockingTransport). */
   readers: SharedArrayBuffer;
+  /** With metrics on: this connection's block of the export's counters (ExportStats.attach). */
+  stats: SharedArrayBuffer | null;
   debug: boolean;
 }
 
@@ -81,7 +84,7 @@ export async function serveConnection(job: ThreadJob, log: Logger): Promise<void
       return c;
     });
     const n: Negotiated = {
-      exp, lease: { exp, stats: null, release() {} }, structured: job.structured, extended: job.extended,
+      exp, lease: { exp, stats: job.stats ? new ExportStats(job.name, job.stats) : null, release() {} }, structured: job.structured, extended: job.extended,
       maxPayload: job.maxPayload, contexts, contextIds: job.contextIds,
     };
     const link = {

@@ -11,35 +11,92 @@ const COMMANDS = 8; // NBD_CMD_READ .. NBD_CMD_BLOCK_STATUS (0..7); anything els
 const READ = 0;
 const WRITE = 1;
 
-/** One export's counters. Reused across reloads (counters only go up), shared by all its sessions. */
-export class ExportStats {
-  bytesRead = 0;
-  bytesWritten = 0;
-  /** Connections in the transmission phase on this export now. */
-  connections = 0;
-  readonly requests = new Float64Array(COMMANDS + 1);
-  /** Failed requests by NBD errno value (all below 128). */
-  readonly errors = new Float64Array(128);
-  readonly latency = new Float64Array(LATENCY_BUCKETS.length + 1);
-  latencySum = 0;
-  latencyCount = 0;
+// Where each counter lives in an ExportStats' cells (one Float64Array, so that a connection on a
+// thread of its own can count into a block of shared memory the event loop reads).
+const BYTES_READ = 0;
+const BYTES_WRITTEN = 1;
+const LATENCY_SUM = 2;
+const LATENCY_COUNT = 3;
+const REQUESTS = 4;
+const ERRORS = REQUESTS + COMMANDS + 1;
+const LATENCY = ERRORS + 128;
+const CELLS = LATENCY + LATENCY_BUCKETS.length + 1;
 
-  constructor(readonly name: string) {}
+/**
+ * One export's counters. Reused across reloads (counters only go up), shared by all its sessions.
+ * A connection served on a thread counts into a block of its own (attach()), written by that
+ * thread alone, read by the event loop at a scrape and added in when the connection ends.
+ */
+export class ExportStats {
+  /** Connections in the transmission phase on this export now (counted on the event loop). */
+  connections = 0;
+  private readonly cells: Float64Array;
+  /** Requests by command (the last: any other command). */
+  readonly requests: Float64Array;
+  /** Failed requests by NBD errno value (all below 128). */
+  readonly errors: Float64Array;
+  readonly latency: Float64Array;
+  /** The blocks of connections on threads now (see attach). */
+  private readonly threads = new Set<Float64Array>();
+
+  /** `shared`: count into this block (a thread's, from attach()) instead of memory of its own. */
+  constructor(readonly name: string, shared?: SharedArrayBuffer) {
+    this.cells = shared ? new Float64Array(shared) : new Float64Array(CELLS);
+    this.requests = this.cells.subarray(REQUESTS, ERRORS);
+    this.errors = this.cells.subarray(ERRORS, LATENCY);
+    this.latency = this.cells.subarray(LATENCY, CELLS);
+  }
+
+  get bytesRead(): number { return this.cells[BYTES_READ]!; }
+  get bytesWritten(): number { return this.cells[BYTES_WRITTEN]!; }
+  get latencySum(): number { return this.cells[LATENCY_SUM]!; }
+  get latencyCount(): number { return this.cells[LATENCY_COUNT]!; }
 
   /** A request finished (errno 0: success). `start` is performance.now() when it was dispatched. */
   record(type: number, length: number, errno: number, start: number): void {
     const dt = (performance.now() - start) / 1000;
-    this.requests[type < COMMANDS ? type : COMMANDS]!++;
-    if (errno !== 0) this.errors[errno & 127]!++;
-    else if (type === READ) this.bytesRead += length;
-    else if (type === WRITE) this.bytesWritten += length;
+    const c = this.cells;
+    c[REQUESTS + (type < COMMANDS ? type : COMMANDS)]!++;
+    if (errno !== 0) c[ERRORS + (errno & 127)]!++;
+    else if (type === READ) c[BYTES_READ] = c[BYTES_READ]! + length;
+    else if (type === WRITE) c[BYTES_WRITTEN] = c[BYTES_WRITTEN]! + length;
     const b = LATENCY_BUCKETS;
     let i = 0;
     while (i < b.length && dt > b[i]!) i++;
-    this.latency[i]!++;
-    this.latencySum += dt;
-    this.latencyCount++;
+    c[LATENCY + i]!++;
+    c[LATENCY_SUM] = c[LATENCY_SUM]! + dt;
+    c[LATENCY_COUNT]!++;
   }
+
+  /** A block for a connection about to run on a thread, which counts into it (new ExportStats(name, block)). */
+  attach(): SharedArrayBuffer {
+    const block = new SharedArrayBuffer(CELLS * 8);
+    this.threads.add(new Float64Array(block));
+    return block;
+  }
+
+  /** That connection ended: its counts become this export's own. */
+  detach(block: SharedArrayBuffer): void {
+    for (const t of this.threads) {
+      if (t.buffer !== block) continue;
+      this.threads.delete(t);
+      addInto(this.cells, t);
+    }
+  }
+
+  /** The counters as of now, the blocks of connections on threads included (for a scrape). */
+  snapshot(): ExportStats {
+    if (this.threads.size === 0) return this;
+    const s = new ExportStats(this.name);
+    s.connections = this.connections;
+    addInto(s.cells, this.cells);
+    for (const t of this.threads) addInto(s.cells, t);
+    return s;
+  }
+}
+
+function addInto(to: Float64Array, from: Float64Array): void {
+  for (let i = 0; i < CELLS; i++) to[i] = to[i]! + from[i]!;
 }
 
 /** One overlay's size on disk, for bun_nbd_overlay_allocated_bytes. */
@@ -65,7 +122,7 @@ const num = (n: number) => (Number.isFinite(n) ? String(n) : n > 0 ? "+Inf" : "-
 export function renderMetrics(src: MetricsSource): string {
   const out: string[] = [];
   const family = (name: string, type: string, help: string) => out.push(`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`);
-  const all = [...src.stats()];
+  const all = [...src.stats()].map((s) => s.snapshot());
   family("bun_nbd_connections", "gauge", "Client connections open now, in any phase.");
   out.push(`bun_nbd_connections ${src.connections()}`);
   family("bun_nbd_export_connections", "gauge", "Connections in the transmission phase, by export.");

@@ -164,15 +164,15 @@ export class NbdServer implements ExportTable {
 
   /**
    * Serve a connection whose handshake chose `n` on a thread of its own, if it may go: a plain
-   * (not TLS) socket with nothing left to send, an export that is a plain file, metrics off (their
-   * counters live here) and a thread free. The event loop's socket is closed; the session stays
+   * (not TLS) socket with nothing left to send, an export that is a plain file, and a thread free.
+   * With metrics on, the thread counts into a block of shared memory (ExportStats.attach). The event loop's socket is closed; the session stays
    * open (counted, holding its export) until the thread reports the connection's end.
    */
   private handOff(sock: Socket<Conn>, c: Conn, n: Negotiated, rest: Uint8Array): ThreadedConnection | null {
     const pool = this.threads;
     const s = c.session;
     const t = c.transport;
-    if (pool === null || !pool.available || s === null || t === null || c.secure !== null || n.lease.stats !== null) return null;
+    if (pool === null || !pool.available || s === null || t === null || c.secure !== null) return null;
     const dev = n.exp.device;
     const file = dev instanceof RawFile ? dev.sharedSpec() : null;
     if (file === null) return null;
@@ -186,12 +186,17 @@ export class NbdServer implements ExportTable {
     if (this.transports.delete(t)) addStats(this.closedStats, t.stats);
     sock.terminate();
     if (this.log.debugEnabled) this.log.debug(`[${s.id}] served on a thread of its own (${pool.running + 1} of at most ${pool.max})`);
+    const stats = n.lease.stats;
+    const block = stats?.attach() ?? null;
     return pool.run({
       socket, file, name: n.exp.name, description: n.exp.description, readOnly: !n.exp.caps.canWrite,
       structured: n.structured, extended: n.extended, maxPayload: n.maxPayload,
       contexts: n.contexts.map((x) => x.name), contextIds: [...n.contextIds],
-      id: s.id, peer: s.peer, client: s.client, initial: rest, debug: this.log.debugEnabled, readers: pool.readers,
-    }, () => this.ended(s));
+      id: s.id, peer: s.peer, client: s.client, initial: rest, debug: this.log.debugEnabled, readers: pool.readers, stats: block,
+    }, () => {
+      if (block !== null) stats!.detach(block);
+      this.ended(s);
+    });
   }
 
   /** A session is over (its socket closed, here or on its thread): forget it and log it. */
