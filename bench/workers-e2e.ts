@@ -5,11 +5,12 @@
 // Server CPU is summed over the server's processes (the supervisor and its workers).
 //
 //   bun bench/workers-e2e.ts [--workers N] [--runtime SECONDS] [--rounds N] [--dir DIR]
-//                            [--servers bun,bun-workers,nbdkit,qemu] [--only WORKLOAD,...]
+//                            [--servers bun,bun-loop,bun-workers,nbdkit,qemu] [--only WORKLOAD,...]
 //
 // On a 2-core machine the clients (fio, nbdcopy) run on the same cores as the servers, so what
 // more processes can show is bounded: a server that used one core can now use the second one when
-// the clients leave it idle. Servers listen on 127.0.0.1 ports 12540-12543.
+// the clients leave it idle. "bun-loop" is one process with every connection on its event loop
+// (--threads 0). Servers listen on 127.0.0.1 ports 12540-12544.
 import { spawn, spawnSync, type Subprocess } from "bun";
 import { readdirSync, readFileSync } from "node:fs";
 import { cpus, totalmem } from "node:os";
@@ -53,8 +54,9 @@ const { dir, running } = benchScratch("bun-nbd-workers-e2e-", opt.dir);
 interface Started { proc: Subprocess; uri: string }
 
 async function start(server: string, img: string): Promise<Started> {
-  const port = { bun: 12540, "bun-workers": 12541, nbdkit: 12542, qemu: 12543 }[server]!;
+  const port = { bun: 12540, "bun-workers": 12541, nbdkit: 12542, qemu: 12543, "bun-loop": 12544 }[server]!;
   const cmd = server === "bun" ? [process.execPath, join(ROOT, "src/cli.ts"), "serve", "-q", "-p", String(port), img]
+    : server === "bun-loop" ? [process.execPath, join(ROOT, "src/cli.ts"), "serve", "-q", "--threads", "0", "-p", String(port), img]
     : server === "bun-workers" ? [process.execPath, join(ROOT, "src/cli.ts"), "serve", "-q", "-p", String(port), "--workers", String(WORKERS), img]
     : server === "nbdkit" ? ["nbdkit", "-f", "-p", String(port), "-i", "127.0.0.1", "file", `file=${img}`]
     : ["qemu-nbd", "-f", "raw", "-t", "-e", "64", "-p", String(port), "-b", "127.0.0.1", img];
@@ -69,7 +71,9 @@ async function start(server: string, img: string): Promise<Started> {
 function treeTicks(pid: number): number {
   let t = cpuTicks(pid);
   for (const task of readdirSync(`/proc/${pid}/task`)) {
-    for (const c of readFileSync(`/proc/${pid}/task/${task}/children`, "utf8").split(" ").filter(Boolean)) {
+    let children: string;
+    try { children = readFileSync(`/proc/${pid}/task/${task}/children`, "utf8"); } catch { continue; } // a thread that ended
+    for (const c of children.split(" ").filter(Boolean)) {
       try { t += cpuTicks(Number(c)); } catch { /* exited */ }
     }
   }
@@ -88,7 +92,7 @@ interface Result { value: number; bytes: number; cpu: number }
 const fmt = (v: number | undefined, unit: string) => (v === undefined ? "-" : unit === "IOPS" ? Math.round(v).toLocaleString("en-US") : v.toFixed(0));
 const ratio = (a?: Result, b?: Result) => (a && b && b.value > 0 ? `${(a.value / b.value).toFixed(2)}x` : "-");
 const cpuPerGiB = (r?: Result) => (r ? (r.cpu / (r.bytes / GiB)).toFixed(2) : "-");
-const NAME: Record<string, string> = { bun: "bun-nbd", "bun-workers": `bun-nbd --workers ${WORKERS}`, nbdkit: "nbdkit", qemu: "qemu-nbd" };
+const NAME: Record<string, string> = { bun: "bun-nbd", "bun-loop": "bun-nbd --threads 0", "bun-workers": `bun-nbd --workers ${WORKERS}`, nbdkit: "nbdkit", qemu: "qemu-nbd" };
 
 async function main(): Promise<void> {
   const img = join(dir, "bench.img");

@@ -147,8 +147,8 @@ function overrideSettings(s: ServerSettings, f: ServeFlags): ServerSettings | st
   }
   let threads = s.threads;
   if (f.threads !== undefined) {
-    threads = Number(f.threads);
-    if (!/^\d+$/.test(f.threads) || threads > MAX_THREADS) return `invalid --threads "${f.threads}" (0 to ${MAX_THREADS})`;
+    threads = f.threads === "auto" ? "auto" : Number(f.threads);
+    if (threads !== "auto" && (!/^\d+$/.test(f.threads) || threads > MAX_THREADS)) return `invalid --threads "${f.threads}" (auto, or 0 to ${MAX_THREADS})`;
   }
   return { ...s, ...security, listen, metrics, logFormat, verbose: !!verbose, quiet: !!quiet, readOnly: s.readOnly || !!f["read-only"], workers, threads };
 }

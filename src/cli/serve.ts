@@ -6,7 +6,8 @@ import { commandArgs } from "./args.ts";
 import { REMOTE_FLAGS, REMOTE_HELP, remoteSettings } from "./remote-args.ts";
 import { serveConfig, type ServeFlags } from "./serve-config.ts";
 import { formatConfig } from "../config/print.ts";
-import { DEFAULT_THREADS, type ServiceConfig } from "../config/types.ts";
+import { availableParallelism } from "node:os";
+import type { ServiceConfig } from "../config/types.ts";
 import { describeListen } from "../config/values.ts";
 import { activationSockets } from "../server/activation.ts";
 import { createLogger, type Logger } from "../server/log.ts";
@@ -84,7 +85,7 @@ Processes:
                        images (read-write), and any local image read-only; not with overlays,
                        remote images or connection limits
       --threads N      serve up to N connections to plain-file exports each on a thread of
-                       its own (default ${DEFAULT_THREADS}; 0: all on the event loop); TLS
+                       its own (default auto: one per core; 0: all on the event loop); TLS
                        connections stay on the event loop
   -q, --quiet          log only warnings and errors
   -h, --help           this help
@@ -174,7 +175,7 @@ export async function main(argv: string[]): Promise<number> {
     server = new NbdServer(registry, {
       log, tls: s.tls, tlsCertificates: s.tlsCertificates, tlsVerifyPeer: s.tlsVerifyPeer, tlsPsk: s.tlsPsk,
       allow: s.allow, maxConnections: s.maxConnections, maxConnectionsPerAddress: s.maxConnectionsPerAddress,
-      handshakeTimeout: s.handshakeTimeout, threads: s.threads,
+      handshakeTimeout: s.handshakeTimeout, threads: s.threads === "auto" ? availableParallelism() : s.threads,
     });
   } catch (e) {
     console.error(`bun-nbd serve: ${(e as Error).message}`);

@@ -171,10 +171,10 @@ class Checker {
       this.err(`${at}.workers`, `must be a whole number from 1 to ${MAX_WORKERS}, not ${show(workers)}`);
     }
     const threads = v.threads ?? d.threads;
-    const threadsOk = Number.isInteger(threads) && (threads as number) >= 0 && (threads as number) <= MAX_THREADS;
-    if (!threadsOk) this.err(`${at}.threads`, `must be a whole number from 0 to ${MAX_THREADS} (0: none), not ${show(threads)}`);
+    const threadsOk = threads === "auto" || (Number.isInteger(threads) && (threads as number) >= 0 && (threads as number) <= MAX_THREADS);
+    if (!threadsOk) this.err(`${at}.threads`, `must be "auto" (one per core) or a whole number from 0 to ${MAX_THREADS} (0: none), not ${show(threads)}`);
     return {
-      listen, metrics, verbose, quiet, tlsCertificates, tlsPsk, threads: threadsOk ? threads as number : d.threads,
+      listen, metrics, verbose, quiet, tlsCertificates, tlsPsk, threads: threadsOk ? threads as number | "auto" : d.threads,
       workers: Number.isInteger(workers) && (workers as number) >= 1 && (workers as number) <= MAX_WORKERS ? workers as number : d.workers,
       readOnly: this.bool(v, "read-only", at, false),
       logFormat: this.oneOf(v, "log-format", at, ["text", "json"] as const, "text"),

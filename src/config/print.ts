@@ -31,7 +31,7 @@ function serverLines(s: ServerSettings): string[] {
   lines.push(`max-connections = ${s.maxConnections}`, `max-connections-per-address = ${s.maxConnectionsPerAddress}`);
   lines.push(`handshake-timeout = ${s.handshakeTimeout}`);
   if (s.workers !== 1) lines.push(`workers = ${s.workers}`);
-  lines.push(`threads = ${s.threads}`);
+  lines.push(`threads = ${typeof s.threads === "string" ? q(s.threads) : s.threads}`);
   return lines;
 }
 

@@ -32,8 +32,11 @@ export interface ServerSettings {
   readonly handshakeTimeout: number;
   /** Processes serving connections (issue 15): 1 is one event loop; N > 1 is src/server/workers.ts. */
   readonly workers: number;
-  /** Connections to plain-file exports served on threads of their own, at most (src/server/thread-pool.ts); 0: none. */
-  readonly threads: number;
+  /**
+   * Connections to plain-file exports served on threads of their own, at most
+   * (src/server/thread-pool.ts); 0: none; "auto": one per core (the CLI resolves it).
+   */
+  readonly threads: number | "auto";
 }
 
 export type OverlayMode =
@@ -86,8 +89,8 @@ export function formatConfigError(e: ConfigError): string {
 }
 
 export const DEFAULT_PORT = 10809;
-/** Connections on threads of their own at most, unless configured (threads; serve --threads). */
-export const DEFAULT_THREADS = 16;
+/** Connections on threads of their own at most, unless configured (threads; serve --threads): one per core. */
+export const DEFAULT_THREADS = "auto";
 /** The most threads one may ask for. */
 export const MAX_THREADS = 1024;
 
