@@ -220,6 +220,28 @@ test("server close ends a connection waiting on its thread, and the client sees 
   bytesEqual(readFileSync(join(dir, "close.img")).subarray(0, 4096), pattern(4096, 0, 5), "the write is in the file");
 });
 
+test("a write that fails on one thread's view of a file fails every other's writes and flushes", () => {
+  // Threads share the descriptor, and Linux reports a failed writeback to one fdatasync of it
+  // only: a FLUSH on another connection must not succeed after it. A read-only descriptor that
+  // believes it may write makes a real failing pwrite (EBADF).
+  const path = image("latch.img");
+  const owner = RawFile.open(path, { readOnly: true });
+  const spec = { ...owner.sharedSpec()!, readOnly: false };
+  const logs: string[] = [];
+  const a = RawFile.shared(spec, (m) => logs.push(m));
+  const b = RawFile.shared(spec, (m) => logs.push(m));
+  const code = (f: () => unknown) => { try { f(); return "ok"; } catch (e) { return (e as { code?: string }).code ?? (e as Error).message; } };
+  assert.is(code(() => b.flush()), "ok", "before the failure");
+  assert.is(code(() => a.pwrite(pattern(4096, 0, 1), 0, 0)), "EBADF");
+  assert.ok(logs.some((l) => /write failed/.test(l)), logs.join("\n"));
+  let err: unknown = null;
+  try { b.flush(); } catch (e) { err = e; }
+  assert.match(String((err as Error)?.message), /failed on another connection's thread/);
+  assert.throws(() => b.pwrite(pattern(4096, 0, 1), 0, 0), /another connection's thread/);
+  assert.throws(() => owner.flush(), /another connection's thread/);
+  void owner.close();
+});
+
 test("other devices, and files written through a test's system calls, stay on the event loop", async () => {
   const server = new NbdServer([{ name: "mem", device: new MemoryDevice(SIZE) }], { threads: 4, log: silentLogger });
   const { port } = server.listenTcp("127.0.0.1", 0);

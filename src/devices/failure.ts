@@ -13,10 +13,27 @@ const FULL_DISK = new Set(["ENOSPC", "EDQUOT", "EFBIG"]);
  * write is kept too: the data it carried is not where the client believes it is.
  */
 export class FailureLatch {
+  /** The failure noted here (null also when only another thread's latch of the same file noted one). */
   failure: Error | null = null;
+  /**
+   * One Int32, shared with the latches of the same file on other threads (connections served on
+   * threads of their own share the descriptor, and Linux reports a failed writeback to one
+   * fdatasync of that descriptor only): 1 once any of them noted a failure.
+   */
+  readonly shared: Int32Array;
 
-  /** `what` names the device in messages ("overlay /x/ov.qcow2", "/x/disk.img"). */
-  constructor(private readonly what: string, private readonly log: (msg: string) => void) {}
+  /**
+   * `what` names the device in messages ("overlay /x/ov.qcow2", "/x/disk.img"); `shared`: the
+   * buffer of another latch of the same file (`latch.shared.buffer`), to fail together.
+   */
+  constructor(private readonly what: string, private readonly log: (msg: string) => void, shared?: SharedArrayBuffer) {
+    this.shared = new Int32Array(shared ?? new SharedArrayBuffer(4));
+  }
+
+  /** A failure was noted, here or by a latch sharing this one's buffer. */
+  get failed(): boolean {
+    return this.failure !== null || Atomics.load(this.shared, 0) !== 0;
+  }
 
   /**
    * Note an error thrown by `op` ("write", "fdatasync", "fallocate", ...) and return it, for the
@@ -27,6 +44,7 @@ export class FailureLatch {
     if (op !== "fdatasync" && typeof code === "string" && FULL_DISK.has(code)) return e;
     if (this.failure === null) {
       this.failure = e instanceof Error ? e : new Error(String(e));
+      Atomics.store(this.shared, 0, 1);
       this.log(`${this.what}: ${op} failed (${describe(this.failure)}): from now on writes and flushes fail with ` +
         "EIO (reads go on), since data not yet flushed may be lost even if a later fdatasync succeeded; " +
         "restart the server once the storage is fixed");
@@ -38,6 +56,9 @@ export class FailureLatch {
   refuse(): void {
     if (this.failure !== null) {
       throw eio(`${this.what}: refusing writes and flushes since an earlier ${describe(this.failure)}`);
+    }
+    if (Atomics.load(this.shared, 0) !== 0) {
+      throw eio(`${this.what}: refusing writes and flushes since a write or fdatasync failed on another connection's thread`);
     }
   }
 }

@@ -55,6 +55,12 @@ const threadIo: RawIo = { pwrite: plainIo.pwrite, fdatasync: plainIo.fdatasync, 
  */
 const ASYNC_WRITE_MIN = 128 * 1024;
 
+/**
+ * A RawFile's descriptor as another thread uses it (RawFile.shared): `failed` is its failure
+ * latch's shared flag, so that a failed write or fdatasync on any thread fails them all.
+ */
+export interface SharedFile { path: string; fd: number; size: number; readOnly: boolean; failed: SharedArrayBuffer }
+
 export class RawFile implements BlockDevice {
   readonly path: string;
   readonly fd: number;
@@ -81,13 +87,13 @@ export class RawFile implements BlockDevice {
   /** fdatasyncs and large writes under way on the thread pool: close() waits for them before closing the fd. */
   private readonly syncs = new Set<Promise<unknown>>();
 
-  private constructor(path: string, fd: number, size: number, readOnly: boolean, io: RawIo, log: (msg: string) => void) {
+  private constructor(path: string, fd: number, size: number, readOnly: boolean, io: RawIo, log: (msg: string) => void, failed?: SharedArrayBuffer) {
     this.path = path;
     this.fd = fd;
     this.bytes = size;
     this.readOnly = readOnly;
     this.io = io;
-    this.latch = new FailureLatch(path, log);
+    this.latch = new FailureLatch(path, log, failed);
   }
 
   /**
@@ -128,16 +134,16 @@ export class RawFile implements BlockDevice {
    * (server/connection-thread.ts): the same descriptor, every call synchronous, and close() leaves
    * the descriptor to its owner. `of` may live in another thread: only plain data crosses.
    */
-  static shared(of: { path: string; fd: number; size: number; readOnly: boolean }, log: (msg: string) => void): RawFile {
-    const f = new RawFile(of.path, of.fd, of.size, of.readOnly, threadIo, log);
+  static shared(of: SharedFile, log: (msg: string) => void): RawFile {
+    const f = new RawFile(of.path, of.fd, of.size, of.readOnly, threadIo, log, of.failed);
     f.owner = false;
     return f;
   }
 
   /** What RawFile.shared needs, as plain data (null when writes go through a test's RawIo). */
-  sharedSpec(): { path: string; fd: number; size: number; readOnly: boolean } | null {
+  sharedSpec(): SharedFile | null {
     if (this.io !== plainIo || this.closed) return null;
-    return { path: this.path, fd: this.fd, size: this.bytes, readOnly: this.readOnly };
+    return { path: this.path, fd: this.fd, size: this.bytes, readOnly: this.readOnly, failed: this.latch.shared.buffer as SharedArrayBuffer };
   }
 
   size(): number { return this.bytes; }
@@ -178,7 +184,7 @@ export class RawFile implements BlockDevice {
 
   /** The write itself: on the thread pool (`pool`, see ASYNC_WRITE_MIN) or here; `buf` is the caller's until it is done. */
   private writeNow(buf: Uint8Array, offset: number, flags: number, pool: boolean): Maybe {
-    if (this.latch.failure !== null) this.latch.refuse(); // (checked here: also after waiting behind an earlier write)
+    if (this.latch.failed) this.latch.refuse(); // (checked here: also after waiting behind an earlier write)
     if (!pool) {
       this.writeAll(buf, offset);
       return flags & FUA ? this.sync() : undefined;
@@ -353,7 +359,7 @@ export class RawFile implements BlockDevice {
 
   private closeNow(): void {
     // After a failure nothing more is synced (the latch said so in the log); a failing final sync is logged.
-    if (!this.readOnly && this.latch.failure === null) {
+    if (!this.readOnly && !this.latch.failed) {
       try { this.io.fdatasyncNow(this.fd); } catch (e) { this.latch.note(e, "fdatasync"); }
     }
     fs.closeSync(this.fd);

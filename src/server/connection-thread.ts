@@ -6,7 +6,7 @@
 // write that the kernel throttles stalls only its own connection.
 import { isMainThread } from "node:worker_threads";
 import { CheckedExport } from "../devices/checked.ts";
-import { RawFile } from "../devices/file.ts";
+import { RawFile, type SharedFile } from "../devices/file.ts";
 import { closeSocket, recvWait } from "../sys/libc.ts";
 import { BlockingTransport } from "./blocking-transport.ts";
 import { ExtendedTransmission } from "./extended.ts";
@@ -21,7 +21,7 @@ export interface ThreadJob {
   /** The socket: a descriptor of its own, in blocking mode (libc adoptSocket). */
   socket: number;
   /** The export's file, opened by the event loop (RawFile.sharedSpec). */
-  file: { path: string; fd: number; size: number; readOnly: boolean };
+  file: SharedFile;
   name: string;
   description: string;
   /** The export is served read-only (whatever the file allows). */
