@@ -226,7 +226,7 @@ test("a write that fails on one thread's view of a file fails every other's writ
   // believes it may write makes a real failing pwrite (EBADF).
   const path = image("latch.img");
   const owner = RawFile.open(path, { readOnly: true });
-  const spec = { ...owner.sharedSpec()!, readOnly: false };
+  const spec = { ...owner.recipe()!, readOnly: false };
   const logs: string[] = [];
   const a = RawFile.shared(spec, (m) => logs.push(m));
   const b = RawFile.shared(spec, (m) => logs.push(m));
@@ -300,6 +300,41 @@ test("--metrics: connections on threads are counted while they run and after the
   } finally {
     assert.is(await s.stop(), 0);
   }
+});
+
+test("a partitioned disk, its partition and an ISO are served on threads, each its own view of the file", async () => {
+  // An MBR with one Linux partition of 4 MiB at 1 MiB; an "ISO" with a volume descriptor at sector 16.
+  const disk = pattern(SIZE, 0, 21);
+  disk.fill(0, 446, 512);
+  disk[446 + 4] = 0x83;
+  disk.writeUInt32LE(2048, 446 + 8);
+  disk.writeUInt32LE(8192, 446 + 12);
+  disk[510] = 0x55;
+  disk[511] = 0xaa;
+  const diskPath = join(dir, "parted.img");
+  writeFileSync(diskPath, disk);
+  const iso = pattern(4 * MiB, 0, 22);
+  iso.set([1, 0x43, 0x44, 0x30, 0x30, 0x31, 1], 16 * 2048);
+  const isoPath = join(dir, "disc.iso");
+  writeFileSync(isoPath, iso);
+  const s = await serveCli(["-v", "--threads", "3", diskPath, isoPath]);
+  try {
+    const whole = await connect(s.uri("parted"));
+    const part = await connect(s.uri("parted/p1"));
+    const disc = await connect(s.uri("disc"));
+    await until("three connections on threads", () => (s.output().match(/served on a thread of its own/g)?.length ?? 0) === 3);
+    assert.is(part.size, 4 * MiB);
+    bytesEqual(await part.read(0, 65536), disk.subarray(MiB, MiB + 65536), "the partition starts 1 MiB in");
+    await part.pwrite(pattern(8192, 0, 23), 4096);
+    await part.flush();
+    bytesEqual(await whole.read(MiB + 4096, 8192), pattern(8192, 0, 23), "a write to the partition, read through the disk");
+    bytesEqual(await disc.read(0, 2 * MiB), iso.subarray(0, 2 * MiB), "the ISO's bytes");
+    assert.ok(disc.info.readOnly, "the ISO is read-only");
+    for (const c of [whole, part, disc]) await c.close();
+  } finally {
+    assert.is(await s.stop(), 0);
+  }
+  bytesEqual(readFileSync(diskPath).subarray(MiB + 4096, MiB + 4096 + 8192), pattern(8192, 0, 23), "in the file");
 });
 
 test("serve: one thread per core by default, --threads 0 keeps every connection on the event loop, bad values refused", async () => {

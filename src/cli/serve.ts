@@ -84,9 +84,9 @@ Processes:
       --workers N      serve with N processes (default 1), so connections use N cores: raw
                        images (read-write), and any local image read-only; not with overlays,
                        remote images or connection limits
-      --threads N      serve up to N connections to plain-file exports each on a thread of
-                       its own (default auto: one per core; 0: all on the event loop); TLS
-                       connections stay on the event loop
+      --threads N      serve up to N connections to raw images (and their partitions, and
+                       ISOs) each on a thread of its own (default auto: one per core; 0: all
+                       on the event loop); TLS connections stay on the event loop
   -q, --quiet          log only warnings and errors
   -h, --help           this help
   -V, --version        print the version

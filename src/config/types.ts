@@ -33,7 +33,7 @@ export interface ServerSettings {
   /** Processes serving connections (issue 15): 1 is one event loop; N > 1 is src/server/workers.ts. */
   readonly workers: number;
   /**
-   * Connections to plain-file exports served on threads of their own, at most
+   * Connections to raw images (their partitions, ISOs) served on threads of their own, at most
    * (src/server/thread-pool.ts); 0: none; "auto": one per core (the CLI resolves it).
    */
   readonly threads: number | "auto";

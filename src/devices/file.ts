@@ -14,7 +14,7 @@ import {
   fallocate, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, haveLibc, seekData, seekHole, willNeed,
 } from "../sys/libc.ts";
 import {
-  type BlockDevice, type Capabilities, type ExtentSink, type FileRange, type Maybe, caps, EXTENT_HOLE, EXTENT_ZERO, FAST_ZERO, FUA, MAY_TRIM,
+  type BlockDevice, type Capabilities, type DeviceRecipe, type ExtentSink, type FileRange, type Maybe, caps, EXTENT_HOLE, EXTENT_ZERO, FAST_ZERO, FUA, MAY_TRIM,
 } from "./types.ts";
 
 const ZERO_CHUNK = 1024 * 1024;
@@ -59,7 +59,7 @@ const ASYNC_WRITE_MIN = 128 * 1024;
  * A RawFile's descriptor as another thread uses it (RawFile.shared): `failed` is its failure
  * latch's shared flag, so that a failed write or fdatasync on any thread fails them all.
  */
-export interface SharedFile { path: string; fd: number; size: number; readOnly: boolean; failed: SharedArrayBuffer }
+export type SharedFile = Extract<DeviceRecipe, { kind: "file" }>;
 
 export class RawFile implements BlockDevice {
   readonly path: string;
@@ -141,9 +141,9 @@ export class RawFile implements BlockDevice {
   }
 
   /** What RawFile.shared needs, as plain data (null when writes go through a test's RawIo). */
-  sharedSpec(): SharedFile | null {
+  recipe(): SharedFile | null {
     if (this.io !== plainIo || this.closed) return null;
-    return { path: this.path, fd: this.fd, size: this.bytes, readOnly: this.readOnly, failed: this.latch.shared.buffer as SharedArrayBuffer };
+    return { kind: "file", path: this.path, fd: this.fd, size: this.bytes, readOnly: this.readOnly, failed: this.latch.shared.buffer as SharedArrayBuffer };
   }
 
   size(): number { return this.bytes; }

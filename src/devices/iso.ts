@@ -2,7 +2,7 @@
 // drive reads nothing smaller, and it tells other clients so). What the volume descriptors say
 // (label, El Torito, UDF) is src/inspect's to read: serve adds it to the description.
 import { Passthrough } from "./passthrough.ts";
-import type { BlockDevice, BlockSize, Capabilities, FileRange } from "./types.ts";
+import type { BlockDevice, BlockSize, Capabilities, DeviceRecipe, FileRange } from "./types.ts";
 
 export const ISO_SECTOR = 2048;
 /** "CD001" at byte 1 of sector 16: the primary volume descriptor. */
@@ -24,5 +24,9 @@ export class IsoView extends Passthrough {
   fileRange(offset: number, length: number, out: FileRange): boolean {
     // The bytes pass through unchanged, so the plugin's file range is ours.
     return this.next.fileRange?.(offset, length, out) ?? false;
+  }
+  recipe(): DeviceRecipe | null {
+    const inner = this.next.recipe?.() ?? null;
+    return inner && { kind: "iso", inner };
   }
 }

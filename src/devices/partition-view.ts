@@ -5,7 +5,7 @@
 // The disk's device is shared by its own export and its partition views (shareDevice): it is
 // closed when the last of them closes, so the server may flush and close them in any order.
 import { Passthrough } from "./passthrough.ts";
-import type { BlockDevice, ExtentSink, FileRange, Maybe, MetaContextProvider } from "./types.ts";
+import type { BlockDevice, DeviceRecipe, ExtentSink, FileRange, Maybe, MetaContextProvider } from "./types.ts";
 
 /** A sink that moves extents from the device's offsets to the view's, clipped to [0, length). */
 function shifted(sink: ExtentSink, start: number, length: number): ExtentSink {
@@ -46,6 +46,11 @@ export class PartitionView extends Passthrough {
     return this.next.fileRange?.(offset + this.start, length, out) ?? false;
   }
 
+  recipe(): DeviceRecipe | null {
+    const inner = this.next.recipe?.() ?? null;
+    return inner && { kind: "partition", start: this.start, length: this.length, inner };
+  }
+
   override metaContexts(): MetaContextProvider[] {
     return (this.next.metaContexts?.() ?? []).map((p) => ({
       name: p.name,
@@ -62,6 +67,9 @@ class SharedHandle extends Passthrough {
   constructor(next: BlockDevice, private readonly owner: { refs: number }) { super(next); }
   fileRange(offset: number, length: number, out: FileRange): boolean {
     return this.next.fileRange?.(offset, length, out) ?? false;
+  }
+  recipe(): DeviceRecipe | null {
+    return this.next.recipe?.() ?? null;
   }
   override close(): Maybe {
     if (this.released) return;

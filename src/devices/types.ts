@@ -104,9 +104,24 @@ export interface BlockDevice {
   whenInFile?(offset: number, length: number): Promise<void> | null;
   /** Extra metadata contexts (base:allocation is always offered, from extents()). */
   metaContexts?(): MetaContextProvider[];
+  /**
+   * This stack as plain data another thread can rebuild it from (recipe.ts), sharing its open
+   * files; null or absent when it cannot be (state kept in memory, a test's seams). Like
+   * fileRange, filters must not forward it unless they pass bytes through unchanged.
+   */
+  recipe?(): DeviceRecipe | null;
   /** Release files and resources. Called once at shutdown, after a final flush. */
   close?(): Maybe;
 }
+
+/**
+ * A device stack as plain data (BlockDevice.recipe; rebuilt by recipe.ts in another thread): a
+ * raw file shared with the thread that opened it, and the stateless views over one.
+ */
+export type DeviceRecipe =
+  | { kind: "file"; path: string; fd: number; size: number; readOnly: boolean; failed: SharedArrayBuffer }
+  | { kind: "partition"; start: number; length: number; inner: DeviceRecipe }
+  | { kind: "iso"; inner: DeviceRecipe };
 
 /** An export as the server sees it: a name, a description and a device stack. */
 export interface ExportSpec {

@@ -1,12 +1,14 @@
 // A connection's transmission phase on a thread of its own (a Bun Worker; thread-pool.ts hands it
-// over once the handshake chose a plain-file export). The thread sleeps in recv(2) until requests
+// over once the handshake chose an export whose stack it can rebuild: a raw file, or a partition or
+// ISO view of one). The thread sleeps in recv(2) until requests
 // come, runs the same Transmission as the event loop over a BlockingTransport and a RawFile that
 // shares the event loop's descriptor, and sends the replies of each receive with one send. So a
 // request costs one recv, the file call and one send, with no event-loop turn between them, and a
 // write that the kernel throttles stalls only its own connection.
 import { isMainThread } from "node:worker_threads";
 import { CheckedExport } from "../devices/checked.ts";
-import { RawFile, type SharedFile } from "../devices/file.ts";
+import { fromRecipe } from "../devices/recipe.ts";
+import type { DeviceRecipe } from "../devices/types.ts";
 import { closeSocket, recvWait } from "../sys/libc.ts";
 import { BlockingTransport } from "./blocking-transport.ts";
 import { ExtendedTransmission } from "./extended.ts";
@@ -20,8 +22,8 @@ import type { ExportTable, Negotiated } from "./types.ts";
 export interface ThreadJob {
   /** The socket: a descriptor of its own, in blocking mode (libc adoptSocket). */
   socket: number;
-  /** The export's file, opened by the event loop (RawFile.sharedSpec). */
-  file: SharedFile;
+  /** The export's device stack, over files the event loop opened (BlockDevice.recipe). */
+  device: DeviceRecipe;
   name: string;
   description: string;
   /** The export is served read-only (whatever the file allows). */
@@ -76,8 +78,8 @@ const turn = (): Promise<void> => new Promise((r) => setImmediate(r));
 export async function serveConnection(job: ThreadJob, log: Logger): Promise<void> {
   const t = new BlockingTransport(job.socket, new Int32Array(job.readers));
   try {
-    const file = RawFile.shared(job.file, (m) => log.warn(m));
-    const exp = new CheckedExport({ name: job.name, description: job.description, device: file }, { readOnly: job.readOnly });
+    const device = fromRecipe(job.device, (m) => log.warn(m));
+    const exp = new CheckedExport({ name: job.name, description: job.description, device }, { readOnly: job.readOnly });
     const contexts = job.contexts.map((name) => {
       const c = exp.contexts.find((x) => x.name === name);
       if (!c) throw new Error(`meta context ${name} is not offered by ${job.name}`);

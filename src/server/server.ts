@@ -13,7 +13,6 @@ import { type Logger, silentLogger } from "./log.ts";
 import { Session } from "./session.ts";
 import { type CheckedSettings, checkSettings, type ServerSettings, SettingsError } from "./settings.ts";
 import { ThreadPool, type ThreadedConnection } from "./thread-pool.ts";
-import { RawFile } from "../devices/file.ts";
 import type { Negotiated } from "./types.ts";
 import { type Conn, SocketTransport, type Upgrader } from "./socket-transport.ts";
 import { addStats, newTransportStats, type TransportStats } from "./transport-stats.ts";
@@ -24,7 +23,7 @@ import type { ExportTable } from "./types.ts";
 export interface ServerOptions extends Partial<ServerSettings> {
   /** Serve every export read-only, whatever its device can do (with a list of specs). */
   readOnly?: boolean;
-  /** Up to this many connections to plain-file exports on threads of their own (thread-pool.ts); 0: none. */
+  /** Up to this many connections to raw-file exports (and their partitions) on threads of their own (thread-pool.ts); 0: none. */
   threads?: number;
   log?: Logger;
 }
@@ -164,7 +163,8 @@ export class NbdServer implements ExportTable {
 
   /**
    * Serve a connection whose handshake chose `n` on a thread of its own, if it may go: a plain
-   * (not TLS) socket with nothing left to send, an export that is a plain file, and a thread free.
+   * (not TLS) socket with nothing left to send, an export whose stack has a recipe (a raw file,
+   * and partition and ISO views of one: BlockDevice.recipe), and a thread free.
    * With metrics on, the thread counts into a block of shared memory (ExportStats.attach). The event loop's socket is closed; the session stays
    * open (counted, holding its export) until the thread reports the connection's end.
    */
@@ -173,9 +173,8 @@ export class NbdServer implements ExportTable {
     const s = c.session;
     const t = c.transport;
     if (pool === null || !pool.available || s === null || t === null || c.secure !== null) return null;
-    const dev = n.exp.device;
-    const file = dev instanceof RawFile ? dev.sharedSpec() : null;
-    if (file === null) return null;
+    const device = n.exp.device.recipe?.() ?? null;
+    if (device === null) return null;
     const socket = t.handOver();
     if (socket === null) return null;
     // The event loop lets the socket go: its close event must not end the session.
@@ -189,7 +188,7 @@ export class NbdServer implements ExportTable {
     const stats = n.lease.stats;
     const block = stats?.attach() ?? null;
     return pool.run({
-      socket, file, name: n.exp.name, description: n.exp.description, readOnly: !n.exp.caps.canWrite,
+      socket, device, name: n.exp.name, description: n.exp.description, readOnly: !n.exp.caps.canWrite,
       structured: n.structured, extended: n.extended, maxPayload: n.maxPayload,
       contexts: n.contexts.map((x) => x.name), contextIds: [...n.contextIds],
       id: s.id, peer: s.peer, client: s.client, initial: rest, debug: this.log.debugEnabled, readers: pool.readers, stats: block,

@@ -1,6 +1,7 @@
 // Connections on threads of their own (serve --threads N): once the handshake chose an export
-// that is a plain file, the event loop hands the connection to a thread (connection-thread.ts)
-// that serves its requests with blocking calls, as nbdkit's and nbd-server's threads do. Up to N
+// that is a raw file (or a partition or ISO view of one: BlockDevice.recipe), the event loop
+// hands the connection to a thread (connection-thread.ts) that serves its requests with blocking
+// calls, as nbdkit's threads and nbd-server's processes do. Up to N
 // connections at once; the rest stay on the event loop, as do TLS connections and every other
 // kind of export (with metrics on, a thread counts into shared memory: ExportStats.attach). Up to
 // KEEP_IDLE threads wait for the next connection once theirs ends; the others end with it.
