@@ -14,7 +14,7 @@ import { MemoryDevice } from "../src/devices/memory.ts";
 import { silentLogger, type Logger } from "../src/server/log.ts";
 import { NbdServer } from "../src/server/server.ts";
 import { bytesEqual, deadline } from "./helpers/assert.ts";
-import { BUN, CLI, run, scratch } from "./helpers/env.ts";
+import { BUN, CLI, ROOT, run, scratch } from "./helpers/env.ts";
 import { serve as serveCli } from "./helpers/server.ts";
 import { CMD, pattern, request, Wire } from "./robustness-wire.ts";
 
@@ -335,6 +335,27 @@ test("a partitioned disk, its partition and an ISO are served on threads, each i
     assert.is(await s.stop(), 0);
   }
   bytesEqual(readFileSync(diskPath).subarray(MiB + 4096, MiB + 4096 + 8192), pattern(8192, 0, 23), "in the file");
+});
+
+test("a CD's cooked data track on a thread reads as on the event loop", async () => {
+  const cue = join(ROOT, "test/fixtures/cd/mixed/mixed.cue");
+  const threaded = await serveCli(["-v", "--threads", "2", cue]);
+  const loop = await serveCli(["--threads", "0", cue]);
+  try {
+    const a = await connect(threaded.uri("mixed"));
+    const b = await connect(loop.uri("mixed"));
+    await until("the connection on a thread", () => /served on a thread of its own/.test(threaded.output()));
+    assert.is(a.size, b.size);
+    // Reads that start and end inside sectors, span sectors, and cover the whole track.
+    for (const [off, len] of [[0, a.size], [100, 2048], [2047, 4098], [65536 + 5, 70000], [a.size - 3000, 3000]] as const) {
+      bytesEqual(await a.read(off, len), await b.read(off, len), `cooked bytes at ${off} (+${len})`);
+    }
+    await a.close();
+    await b.close();
+  } finally {
+    assert.is(await threaded.stop(), 0);
+    assert.is(await loop.stop(), 0);
+  }
 });
 
 test("serve: one thread per core by default, --threads 0 keeps every connection on the event loop, bad values refused", async () => {

@@ -116,12 +116,15 @@ export interface BlockDevice {
 
 /**
  * A device stack as plain data (BlockDevice.recipe; rebuilt by recipe.ts in another thread): a
- * raw file shared with the thread that opened it, and the stateless views over one.
+ * raw file shared with the thread that opened it, the stateless views over one, and a CD's
+ * cooked data track.
  */
 export type DeviceRecipe =
   | { kind: "file"; path: string; fd: number; size: number; readOnly: boolean; failed: SharedArrayBuffer }
   | { kind: "partition"; start: number; length: number; inner: DeviceRecipe }
-  | { kind: "iso"; inner: DeviceRecipe };
+  | { kind: "iso"; inner: DeviceRecipe }
+  /** A CD's cooked data track (cd/views.ts): its BIN, shared, and the track as laid out (a cd/disc.ts Track without its file). */
+  | { kind: "cooked"; source: string; file: { path: string; label: string; size: number; fd: number }; track: object };
 
 /** An export as the server sees it: a name, a description and a device stack. */
 export interface ExportSpec {

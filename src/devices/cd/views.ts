@@ -4,7 +4,7 @@
 // copy of the 2048 user bytes out of each sector; no allocation per request.
 import { eio } from "../../protocol/errors.ts";
 import { whenLocal } from "../staged.ts";
-import { caps, type BlockDevice, type BlockSize, type Capabilities, type Maybe } from "../types.ts";
+import { caps, type BlockDevice, type BlockSize, type Capabilities, type DeviceRecipe, type Maybe } from "../types.ts";
 import type { CdDisc, DiscFile, Track } from "./disc.ts";
 import { COOKED_SECTOR, RAW_SECTOR, SUBMODE_FORM2 } from "./sector.ts";
 
@@ -86,6 +86,14 @@ export class CookedTrackView implements BlockDevice {
       within = 0;
       sector += n;
     }
+  }
+
+  /** The track over its BIN as plain data (devices/recipe.ts); none for files behind a cache. */
+  recipe(): DeviceRecipe | null {
+    const f = this.file;
+    if (this.disc.staged || f.fd < 0) return null;
+    const { file: _file, ...track } = this.track;
+    return { kind: "cooked", source: this.disc.source, file: { path: f.path, label: f.label, size: f.size, fd: f.fd }, track };
   }
 
   private form2(sector: number): Error {
