@@ -101,14 +101,15 @@ export async function serveConnection(job: ThreadJob, log: Logger): Promise<void
     // Shutdown reaches the thread as the end of the stream (shutdownRead), not as a flag.
     const table: ExportTable = { resolve: () => undefined, list: () => [], shuttingDown: () => false };
     const tx = job.extended ? new ExtendedTransmission(link, t, table, log, n, false) : new Transmission(link, t, table, log, n, false);
-    const settle = async () => {
+    // Send what the receive produced; wait (letting promise callbacks run) only while a device
+    // answers later: the hot path does not await what completed synchronously.
+    const sent = (): boolean => {
       t.flush();
       tx.onDrain();
-      while (tx.requestsInFlight > 0 && !t.broken) {
-        await turn();
-        t.flush();
-        tx.onDrain();
-      }
+      return tx.requestsInFlight === 0 || t.broken;
+    };
+    const settle = async () => {
+      while (!sent()) await turn();
     };
     if (job.initial.length > 0) tx.onData(job.initial);
     await settle();
@@ -126,8 +127,9 @@ export async function serveConnection(job: ThreadJob, log: Logger): Promise<void
         break;
       }
       tx.onData(got === buf.length ? buf : buf.subarray(0, got));
+      if (sent() && !t.paused) continue;
       // A request answered later, or a backlog, holds views of this buffer: receive into another.
-      if (tx.requestsInFlight > 0 || t.paused) buf = Buffer.allocUnsafe(RECEIVE);
+      buf = Buffer.allocUnsafe(RECEIVE);
       await settle();
     }
     await settle();
