@@ -13,17 +13,16 @@ import { type Logger, silentLogger } from "./log.ts";
 import { Session } from "./session.ts";
 import { type CheckedSettings, checkSettings, type ServerSettings, SettingsError } from "./settings.ts";
 import { ThreadPool, type ThreadedConnection } from "./thread-pool.ts";
-import type { Negotiated } from "./types.ts";
 import { type Conn, SocketTransport, type Upgrader } from "./socket-transport.ts";
 import { addStats, newTransportStats, type TransportStats } from "./transport-stats.ts";
 import { type ConnEvents, makeUpgrader } from "./starttls.ts";
 import { loadServerCredentials, type ServerCredentials } from "./tls.ts";
-import type { ExportTable } from "./types.ts";
+import type { ExportTable, Negotiated } from "./types.ts";
 
 export interface ServerOptions extends Partial<ServerSettings> {
   /** Serve every export read-only, whatever its device can do (with a list of specs). */
   readOnly?: boolean;
-  /** Up to this many connections to raw-file exports (and their partitions) on threads of their own (thread-pool.ts); 0: none. */
+  /** Up to this many connections on threads of their own (thread-pool.ts; exports with a BlockDevice.recipe); 0: none. */
   threads?: number;
   log?: Logger;
 }
@@ -164,9 +163,10 @@ export class NbdServer implements ExportTable {
   /**
    * Serve a connection whose handshake chose `n` on a thread of its own, if it may go: a plain
    * (not TLS) socket with nothing left to send, an export whose stack has a recipe (a raw file,
-   * and partition and ISO views of one: BlockDevice.recipe), and a thread free.
-   * With metrics on, the thread counts into a block of shared memory (ExportStats.attach). The event loop's socket is closed; the session stays
-   * open (counted, holding its export) until the thread reports the connection's end.
+   * partition and ISO views of one, a CD's cooked track: BlockDevice.recipe), and a thread free.
+   * The event loop's socket is closed; the session stays open (counted, holding its export) until
+   * the thread reports the connection's end. With metrics on, the thread counts into a block of
+   * shared memory (ExportStats.attach), folded into the export's counters at the end.
    */
   private handOff(sock: Socket<Conn>, c: Conn, n: Negotiated, rest: Uint8Array): ThreadedConnection | null {
     const pool = this.threads;
