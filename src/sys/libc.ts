@@ -133,19 +133,22 @@ export function cFree(addr: number): void {
 
 /**
  * sendfile(2) from `inFd` at `offset` to `outFd`. Returns bytes sent (may be short), 0 at the end of
- * the file, or -11 when the socket is full (EAGAIN). The offset is passed as two 32-bit halves of
- * an off_t: no BigInt per call on the reply path.
+ * the file, or -11 when the socket is full (EAGAIN); a call a signal interrupted is made again.
+ * The offset is passed as two 32-bit halves of an off_t: no BigInt per call on the reply path.
  */
 const sendfileOffset = new Uint32Array(2);
+const EINTR = 4;
 export function sendfile(outFd: number, inFd: number, offset: number, count: number): number {
   if (!lib) throw errnoError("sendfile", 38);
-  sendfileOffset[0] = offset >>> 0;
-  sendfileOffset[1] = Math.floor(offset / 4294967296);
-  const r = lib.sendfile(outFd, inFd, ptr(sendfileOffset), count) as number;
-  if (r >= 0) return r;
-  const e = errno();
-  if (e === 11) return -11;
-  throw errnoError("sendfile", e);
+  for (;;) {
+    sendfileOffset[0] = offset >>> 0;
+    sendfileOffset[1] = Math.floor(offset / 4294967296);
+    const r = lib.sendfile(outFd, inFd, ptr(sendfileOffset), count) as number;
+    if (r >= 0) return r;
+    const e = errno();
+    if (e === 11) return -11;
+    if (e !== EINTR) throw errnoError("sendfile", e);
+  }
 }
 
 const MSG_MORE = 0x8000;
@@ -276,7 +279,6 @@ export function ofdTestLock(fd: number, type: number, start: number, len: number
 
 const FIONBIO = 0x5421;
 const SO_LINGER = 13;
-const EINTR = 4;
 
 /**
  * A second descriptor for the socket `fd`, in blocking mode, that outlives `fd` being closed (the
@@ -329,16 +331,8 @@ export function sendWait(fd: number, b: Uint8Array, off: number, len: number, mo
 export function sendfileWait(outFd: number, inFd: number, offset: number, len: number): number {
   let sent = 0;
   while (sent < len) {
-    const at = offset + sent;
-    sendfileOffset[0] = at >>> 0;
-    sendfileOffset[1] = Math.floor(at / 4294967296);
-    const r = lib!.sendfile(outFd, inFd, ptr(sendfileOffset), len - sent) as number;
-    if (r === 0) break;
-    if (r < 0) {
-      const e = errno();
-      if (e === EINTR) continue;
-      throw errnoError("sendfile", e);
-    }
+    const r = sendfile(outFd, inFd, offset + sent, len - sent); // a blocking socket: never -11
+    if (r <= 0) break;
     sent += r;
   }
   return sent;
