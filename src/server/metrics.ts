@@ -36,8 +36,8 @@ export class ExportStats {
   /** Failed requests by NBD errno value (all below 128). */
   readonly errors: Float64Array;
   readonly latency: Float64Array;
-  /** The blocks of connections on threads now (see attach). */
-  private readonly threads = new Set<Float64Array>();
+  /** The blocks of connections on threads now (see attach), by their buffers. */
+  private readonly threads = new Map<SharedArrayBuffer, Float64Array>();
 
   /** `shared`: count into this block (a thread's, from attach()) instead of memory of its own. */
   constructor(readonly name: string, shared?: SharedArrayBuffer) {
@@ -71,17 +71,16 @@ export class ExportStats {
   /** A block for a connection about to run on a thread, which counts into it (new ExportStats(name, block)). */
   attach(): SharedArrayBuffer {
     const block = new SharedArrayBuffer(CELLS * 8);
-    this.threads.add(new Float64Array(block));
+    this.threads.set(block, new Float64Array(block));
     return block;
   }
 
   /** That connection ended: its counts become this export's own. */
   detach(block: SharedArrayBuffer): void {
-    for (const t of this.threads) {
-      if (t.buffer !== block) continue;
-      this.threads.delete(t);
-      addInto(this.cells, t);
-    }
+    const t = this.threads.get(block);
+    if (t === undefined) return;
+    this.threads.delete(block);
+    addInto(this.cells, t);
   }
 
   /** The counters as of now, the blocks of connections on threads included (for a scrape). */
@@ -90,7 +89,7 @@ export class ExportStats {
     const s = new ExportStats(this.name);
     s.connections = this.connections;
     addInto(s.cells, this.cells);
-    for (const t of this.threads) addInto(s.cells, t);
+    for (const t of this.threads.values()) addInto(s.cells, t);
     return s;
   }
 }

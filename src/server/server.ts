@@ -99,9 +99,9 @@ export class NbdServer implements ExportTable {
     return { running: this.threads?.running ?? 0, served: this.threads?.served ?? 0 };
   }
 
-  /** Start up to `n` connection threads now (serve --threads), so that the first clients do not wait for one. */
-  prestartThreads(n = 2): void {
-    this.threads?.prestart(n);
+  /** Start the connection threads that wait for clients now (serve --threads), so that the first clients do not wait for one. */
+  prestartThreads(): void {
+    this.threads?.prestart();
   }
 
   /** What TLS serves with, in one line (null with TLS off). */

@@ -1,10 +1,10 @@
 // Connections on threads of their own (serve --threads N): once the handshake chose an export
-// that is a raw file (or a partition or ISO view of one: BlockDevice.recipe), the event loop
-// hands the connection to a thread (connection-thread.ts) that serves its requests with blocking
-// calls, as nbdkit's threads and nbd-server's processes do. Up to N
-// connections at once; the rest stay on the event loop, as do TLS connections and every other
-// kind of export (with metrics on, a thread counts into shared memory: ExportStats.attach). Up to
-// KEEP_IDLE threads wait for the next connection once theirs ends; the others end with it.
+// whose stack a thread can rebuild (BlockDevice.recipe: raw files, partition and ISO views, a
+// CD's cooked track), the event loop hands the connection to a thread (connection-thread.ts) that
+// serves its requests with blocking calls, as nbdkit's threads and nbd-server's processes do. Up
+// to N connections at once; the rest stay on the event loop, as do TLS connections and every
+// other export. KEEP_IDLE threads are started ahead and wait for the next connection; the others
+// end with theirs.
 import type { ThreadJob, ThreadMessage } from "./connection-thread.ts";
 import type { Logger } from "./log.ts";
 import { closeSocket, shutdownRead } from "../sys/libc.ts";
@@ -45,11 +45,11 @@ export class ThreadPool {
   }
 
   /**
-   * Start `n` threads ahead of the first connections (serve does, once listening), so that a
-   * client's first requests do not wait for a thread to load its code.
+   * Start the threads that wait for connections (serve does, once listening), so that the first
+   * clients' requests do not wait for a thread to load its code.
    */
-  prestart(n: number): void {
-    while (!this.closed && this.idle.length < Math.min(n, this.max, KEEP_IDLE)) {
+  prestart(): void {
+    while (!this.closed && this.idle.length < Math.min(this.max, KEEP_IDLE)) {
       const w = newThread();
       w.unref();
       this.idle.push(w);
