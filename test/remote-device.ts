@@ -103,6 +103,41 @@ unit("the cache marks a block only once complete; a reopen sees exactly the mark
   assert.is(readdirSync(o.dir).filter((n) => n.endsWith(".map")).length, 1, "the entry of the older version was removed");
 });
 
+unit("cache writes: a small one goes at once while the pool is idle; large ones, and small ones behind them or after a slow write, go to the pool", async () => {
+  const bs = 64 * KiB;
+  const version = { size: 8 * bs, etag: '"w1"', lastModified: null };
+  const o = { dir: join(dir, "unit-writer"), key: "http://h/w.img", version, blockSize: bs, budget: 8 * bs, log: () => {} };
+  const c = BlockCache.open(o);
+  const got = new Uint8Array(PIECE);
+  const p = new Uint8Array(PIECE).fill(0x41);
+  c.begin(0);
+  c.write(0, 0, p);
+  assert.is(c.writer.writesInFlight, 0, "a piece with nothing in flight is written at once");
+  c.read(got, 0, PIECE, 0);
+  bytesEqual(got, p, "in the file when write() returns");
+  c.begin(1);
+  c.write(1, bs, new Uint8Array(bs).fill(0x42));
+  assert.is(c.writer.writesInFlight, 1, "a whole block goes to the pool");
+  c.write(0, PIECE, p);
+  assert.is(c.writer.writesInFlight, 2, "a piece behind a write in flight waits its turn on the pool");
+  const marked = await Promise.all([
+    new Promise<boolean>((resolve) => c.completePieces(0, 0, 2 * PIECE, resolve)),
+    new Promise<boolean>((resolve) => c.complete(1, resolve)),
+  ]);
+  assert.equal(marked, [true, true]);
+  assert.is(c.writer.writesInFlight, 0);
+  c.writer.slowWriteAt = Date.now(); // as after a write the kernel throttled
+  c.begin(2);
+  c.write(2, 2 * bs, p);
+  assert.is(c.writer.writesInFlight, 1, "after a slow write, pieces go to the pool too");
+  assert.ok(await new Promise<boolean>((resolve) => c.completePieces(2, 2 * bs, 2 * bs + PIECE, resolve)));
+  const all = new Uint8Array(bs + PIECE);
+  c.read(all, 0, all.length, bs);
+  bytesEqual(all.subarray(0, bs), new Uint8Array(bs).fill(0x42), "block 1");
+  bytesEqual(all.subarray(bs), p, "block 2's piece");
+  await c.close();
+});
+
 unit("blocks held in part: pieces are marked once written, survive a reopen, fill up to whole blocks, and are evicted whole", async () => {
   const bs = 64 * KiB;
   const version = { size: 40 * bs + 100, etag: '"p1"', lastModified: null };

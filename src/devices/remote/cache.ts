@@ -2,16 +2,15 @@
 // offsets) and a map (identity, one state byte per block, then a bitmap of 4 KiB pieces per block
 // for blocks held in part), bounded with LRU eviction of whole blocks. Bytes are marked only after
 // they are written, and unmarked before their hole is punched: kill -9 safe.
-import { closeSync, existsSync, fstatSync, ftruncateSync, mkdirSync, openSync, readSync, unlinkSync, write as fsWrite, writeSync } from "node:fs";
+import { closeSync, existsSync, fstatSync, ftruncateSync, mkdirSync, openSync, readSync, unlinkSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { F_UNLCK, F_WRLCK, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate, ofdLock } from "../../sys/libc.ts";
 import type { ObjectVersion } from "./store.ts";
 import { entryId, HEADER, headerBytes, prune } from "./cache-dir.ts";
+import { DataWriter, writeFull } from "./cache-writer.ts";
 import { LruList } from "./lru.ts";
 
-/** Most bytes of data writes waiting for the disk; beyond, new blocks are served but not kept. */
-const MAX_PENDING = 64 * 1024 * 1024;
 /** The unit of a block held in part: what a small random read fetches and marks. */
 export const PIECE = 4096;
 
@@ -80,6 +79,7 @@ export class BlockCache {
     readonly blockSize: number, readonly size: number, readonly budget: number, private readonly log: (msg: string) => void) {
     this.blocks = Math.ceil(size / blockSize);
     this.state = new Uint8Array(this.blocks);
+    this.writer = new DataWriter(fd);
     this.lru = new LruList(this.blocks);
     this.pins = new Int32Array(this.blocks);
     this.bitmapBytes = Math.ceil(blockSize / PIECE / 8);
@@ -236,10 +236,8 @@ export class BlockCache {
 
   /** Blocks being written as their bytes stream in. */
   private readonly filling = new Map<number, Filling>();
-  /** Data writes in flight and their bytes: the event loop never waits for the disk. */
-  private inflight = 0;
-  private pendingBytes = 0;
-  private drained: (() => void) | null = null;
+  /** The data file's writes: the event loop never waits for the disk (see DataWriter). */
+  readonly writer: DataWriter;
 
   /**
    * A GET will deliver bytes of block `b` (all of it, or pieces): reserve room for the rest of the
@@ -261,35 +259,37 @@ export class BlockCache {
 
   /**
    * Bytes [pos, pos + chunk.length) of block `b` arrived (after begin(b)): write them to the data
-   * file without waiting (synchronous writes stall the event loop whenever the kernel throttles
-   * dirty pages). All-zero chunks are skipped: the region is a hole or already holds these bytes
-   * (a region only ever holds this version's bytes or zeros). A failed write (disk full), or more
-   * than MAX_PENDING bytes waiting for the disk, leave what this filling brings unmarked.
-   * `chunk` must not change until its write is done.
+   * file without waiting (DataWriter: on the thread pool, small ones at once). All-zero chunks are
+   * skipped: the region is a hole or already holds these bytes (a region only ever holds this
+   * version's bytes or zeros). A failed write (disk full), or more than the writer's bound waiting
+   * for the disk, leave what this filling brings unmarked. `chunk` must not change until its
+   * write is done.
    */
   write(b: number, pos: number, chunk: Uint8Array): void {
     const f = this.filling.get(b);
     if (f === undefined || this.closing || f.failed || isZero(chunk)) return;
-    if (this.pendingBytes + chunk.length > MAX_PENDING) {
+    if (!this.writer.hasRoom(chunk.length)) {
       f.failed = true; // the disk is behind: serve these bytes without keeping them
       this.failedAt = Date.now();
       return;
     }
     f.nonzero = true;
     f.pending++;
-    this.inflight++;
-    this.pendingBytes += chunk.length;
-    fsWrite(this.fd, chunk, 0, chunk.length, pos, (err, n) => {
-      this.inflight--;
-      this.pendingBytes -= chunk.length;
-      if (err !== null || n !== chunk.length) {
-        f.failed = true;
-        this.writeFailed(err ?? new Error(`short write (${n} of ${chunk.length} bytes)`));
-      }
+    try {
+      const now = this.writer.write(chunk, pos, (err) => {
+        if (err !== null) {
+          f.failed = true;
+          this.writeFailed(err);
+        }
+        f.pending--;
+        this.settle(b, f);
+      });
+      if (now) f.pending--;
+    } catch (e) {
       f.pending--;
-      this.settle(b, f);
-      if (this.inflight === 0) this.drained?.();
-    });
+      f.failed = true;
+      this.writeFailed(e);
+    }
   }
 
   /**
@@ -407,7 +407,7 @@ export class BlockCache {
   async close(): Promise<void> {
     if (this.closing) return;
     this.closing = true; // no new writes; those in flight still mark their blocks
-    if (this.inflight > 0) await new Promise<void>((resolve) => { this.drained = resolve; });
+    await this.writer.idle();
     this.closed = true;
     if (this.path !== null) { try { ofdLock(this.mapFd, F_UNLCK, 0, 1); } catch { /* closing anyway */ } }
     closeSync(this.fd);
@@ -422,11 +422,6 @@ function readFull(fd: number, buf: Uint8Array, pos: number): boolean {
     got += n;
   }
   return true;
-}
-
-function writeFull(fd: number, buf: Uint8Array, pos: number): void {
-  let done = 0;
-  while (done < buf.length) done += writeSync(fd, buf, done, buf.length - done, pos + done);
 }
 
 let zeros = new Uint8Array(0);

@@ -165,6 +165,21 @@ export class ObjectStore {
       throw new RemoteError(`${this.display} changed since it was opened: pinned ${describeVersion(pin)}, now ${now}`, 206, false, true);
     }
     const want = end - start;
+    if (want <= SMALL_BODY && res.headers.get("content-length") === String(want)) {
+      // A small answer of the announced length, read whole: a stream reader's machinery costs
+      // more than the bytes (measured at QD1: ~20 µs of CPU per GET). Anything else is streamed,
+      // so a body longer than asked is cut off rather than buffered.
+      let body: Uint8Array;
+      try {
+        body = await res.bytes();
+      } catch (e) {
+        throw new RemoteError(`${this.display}: reading bytes ${start}-${end - 1}: ${networkReason(signal.reason ?? e)}`, 206, true);
+      }
+      progress();
+      if (body.length !== want) throw new RemoteError(`${this.display}: ${body.length} bytes for ${start}-${end - 1}`, 206, true);
+      sink(body);
+      return;
+    }
     let got = 0;
     try {
       const reader = res.body!.getReader();
@@ -184,6 +199,9 @@ export class ObjectStore {
     }
   }
 }
+
+/** Answers up to this size are read whole (Response.bytes()), larger ones streamed. */
+const SMALL_BODY = 64 * 1024;
 
 function contentRangeTotal(cr: string | null): number | null {
   const m = cr === null ? null : /^bytes \d+-\d+\/(\d+)$/.exec(cr.trim());
