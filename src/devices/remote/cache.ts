@@ -178,6 +178,13 @@ export class BlockCache {
     return n;
   }
 
+  /** True if every block is held whole (DATA or ZERO): nothing will be fetched, written or evicted again. */
+  allHeld(): boolean {
+    const s = this.state;
+    for (let b = 0; b < s.length; b++) if (s[b] !== DATA && s[b] !== ZERO) return false;
+    return this.filling.size === 0;
+  }
+
   /** True if every byte of [pos, pos + len) is cached. */
   has(pos: number, len: number): boolean {
     const bs = this.blockSize, end = pos + len, s = this.state;

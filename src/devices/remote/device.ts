@@ -3,7 +3,7 @@
 // (merged, several in flight, readahead for sequential readers), handed to readers and the cache as
 // they stream in. Other devices sit on it (async pread, or isCached/load).
 import { eio } from "../../protocol/errors.ts";
-import { caps, EXTENT_HOLE, EXTENT_ZERO, type BlockDevice, type BlockSize, type Capabilities, type ExtentSink, type FileRange, type Maybe } from "../types.ts";
+import { caps, EXTENT_HOLE, EXTENT_ZERO, type BlockDevice, type BlockSize, type Capabilities, type DeviceRecipe, type ExtentSink, type FileRange, type Maybe } from "../types.ts";
 import { PIECE, ZERO, type BlockCache } from "./cache.ts";
 import { Fetcher, type FetchJob, type FetchPolicy } from "./fetcher.ts";
 import { dropCounters, newCounters, type RemoteCounters } from "./metrics.ts";
@@ -119,6 +119,23 @@ export class RemoteImage implements BlockDevice {
     out.release = () => blocks.unpin(b0, b1);
     return true;
   }
+
+  /**
+   * Once every block is held, the cache's data file is the object's bytes (regions never written
+   * read as the zeros they are) and nothing changes it again: blocks are fetched, written and
+   * evicted only for a block not held. So a connection can then be served on a thread of its own
+   * over that file, read-only, as a local file is (devices/recipe.ts). Measured before: warm 4 KiB
+   * reads at QD1 on the event loop ran at 0.86x of the same image as a local file, which goes to
+   * a thread. Reads served there count in the export's metrics, not as remote cache hits.
+   */
+  recipe(): DeviceRecipe | null {
+    const c = this.blocks;
+    if (this.closed || !c.allHeld()) return null;
+    return { kind: "file", path: `${this.store.display} (cached in ${c.path ?? "a throw-away file"})`, fd: c.fd, size: this.bytes, readOnly: true, failed: this.noFailures };
+  }
+
+  /** The failure flag a thread's read-only view of the cache file gets (it never writes). */
+  private readonly noFailures = new SharedArrayBuffer(4);
 
   /**
    * A large or sequential read that is not all cached yet: fetch its blocks whole and settle once
