@@ -3,7 +3,9 @@
 // open file as the stack the event loop opened. Only layers that keep no state in memory have
 // recipes: the raw file (RawFile.shared: the owner's descriptor, every call synchronous), the
 // partition view, the ISO view, and a CD's cooked data track (over a one-track disc holding the
-// owner's descriptor of its BIN). A rebuilt stack is never closed: the descriptors are the owner's.
+// owner's descriptor of its BIN). A remote image gives one only once every block is in its cache,
+// whose data file then never changes: a read-only raw file. A rebuilt stack is never closed: the
+// descriptors are the owner's.
 import { RawFile } from "./file.ts";
 import { IsoView } from "./iso.ts";
 import { PartitionView } from "./partition-view.ts";
