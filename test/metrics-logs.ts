@@ -9,6 +9,7 @@ import { join } from "node:path";
 import { need, run, runOk, scratch, SYSTEM_PATH } from "./helpers/env.ts";
 import { serve } from "./helpers/server.ts";
 import { connect } from "../src/client/index.ts";
+import { parseExposition, samplesOf } from "./helpers/exposition.ts";
 
 const test = suite("metrics and logs");
 const dir = scratch("bun-nbd-metrics-");
@@ -17,32 +18,7 @@ writeFileSync(disk, new Uint8Array(1 << 20));
 
 test.before(() => need("curl", "nbdsh"));
 
-type Sample = { name: string; labels: Record<string, string>; value: number };
-
-/** Parse the exposition strictly: a line that is neither a comment nor a sample fails the test. */
-function parseExposition(text: string): Sample[] {
-  const samples: Sample[] = [];
-  const typed = new Set<string>();
-  assert.ok(text.endsWith("\n"), "ends with a newline");
-  for (const line of text.slice(0, -1).split("\n")) {
-    const c = /^# (HELP|TYPE) ([a-zA-Z_:][a-zA-Z0-9_:]*) (.+)$/.exec(line);
-    if (c) {
-      if (c[1] === "TYPE") { assert.ok(["counter", "gauge", "histogram"].includes(c[3]!), line); typed.add(c[2]!); }
-      continue;
-    }
-    const m = /^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{((?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\["\\n])*",?)*)\})? (-?[0-9.e+-]+|\+Inf|NaN)$/.exec(line);
-    assert.ok(m, `not a valid exposition line: ${JSON.stringify(line)}`);
-    const labels: Record<string, string> = {};
-    for (const l of (m![2] ?? "").matchAll(/([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"/g)) labels[l[1]!] = l[2]!;
-    const name = m![1]!;
-    assert.ok(typed.has(name.replace(/_(bucket|sum|count)$/, "")) || typed.has(name), `sample before its TYPE: ${line}`);
-    samples.push({ name, labels, value: Number(m![3]) });
-  }
-  return samples;
-}
-
-const get = (s: Sample[], name: string, labels: Record<string, string> = {}) =>
-  s.filter((x) => x.name === name && Object.entries(labels).every(([k, v]) => x.labels[k] === v));
+const get = samplesOf;
 
 test("curl scrapes /metrics: valid text format, the counts of what was done; /healthz", async () => {
   const s = await serve(["--metrics", "127.0.0.1:0", "--log-format", "json", "--verbose", disk]);
@@ -82,6 +58,7 @@ test("curl scrapes /metrics: valid text format, the counts of what was done; /he
     const total = get(m, "bun_nbd_requests_total", e).reduce((a, x) => a + x.value, 0);
     assert.is(count, total, "every answered request is in the histogram");
     assert.ok(one("bun_nbd_request_duration_seconds_sum", e) > 0);
+    assert.is(m.filter((x) => x.name.startsWith("bun_nbd_remote_")).length, 0, "no remote image, no remote series");
     await c.close();
     assert.is((await runOk(["curl", "-sS", url!.replace("/metrics", "/healthz")])).stdout, "ok\n");
     assert.is((await run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", url!.replace("/metrics", "/nope")])).stdout, "404");

@@ -12,6 +12,7 @@ import { describeListen } from "../config/values.ts";
 import { activationSockets } from "../server/activation.ts";
 import { createLogger, type Logger } from "../server/log.ts";
 import { type MetricsSource, serveMetrics } from "../server/metrics.ts";
+import { remoteMetrics } from "../devices/remote/metrics.ts";
 import { NbdServer } from "../server/server.ts";
 import { ExportService, type OpenPerClient } from "../server/service.ts";
 import { answerMetrics, type WorkerListen, WorkerPool, workerProblems, workerRole, type WorkerRole } from "../server/workers.ts";
@@ -202,6 +203,7 @@ export async function main(argv: string[]): Promise<number> {
   let pool: WorkerPool | null = null;
   const source: MetricsSource = {
     stats: () => service.allStats(), connections: () => server.connections, overlays: () => server.registry.overlays(diskBytes),
+    families: remoteMetrics,
   };
   // a worker's counters go to the supervisor's endpoint, which sums every process's
   if (s.metrics !== null && role !== null) answerMetrics(source);

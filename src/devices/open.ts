@@ -90,9 +90,9 @@ async function openOne(file: string, opts: OpenOptions): Promise<ExportSpec[]> {
  * compressed image, a VHD) is recorded as a device-stack base. The files under a CD view get QEMU's
  * shared read lock, as a raw base does. The caller releases the handle.
  */
-export async function openOverlayBase(file: string, opts: { log: (msg: string) => void; info?: (msg: string) => void; remote?: RemoteSettings }): Promise<{ base: OverlayBase; description: string }> {
+export async function openOverlayBase(file: string, opts: { name?: string; log: (msg: string) => void; info?: (msg: string) => void; remote?: RemoteSettings }): Promise<{ base: OverlayBase; description: string }> {
   const { openBase, deviceBase } = await import("./qcow2/index.ts");
-  const img = await openImage(file, { log: opts.log, info: opts.info, readOnly: true, remote: opts.remote });
+  const img = await openImage(file, { name: opts.name, log: opts.log, info: opts.info, readOnly: true, remote: opts.remote });
   const [first, ...rest] = img.exports;
   await closeAll(rest);
   if (!first) throw new Error(`${file}: nothing to put an overlay on`);

@@ -211,7 +211,7 @@ export class ClientOverlays {
  */
 export async function openClientOverlays(e: { name: string; file: string; compat: boolean; overlay: { dir: string } },
   log: (msg: string) => void, remote?: RemoteSettings, lingerMs?: number): Promise<ClientOverlays> {
-  const { base } = await openOverlayBase(e.file, { log, remote });
+  const { base } = await openOverlayBase(e.file, { name: e.name, log, remote }); // name: a remote base's metrics label
   return new ClientOverlays(base, { name: e.name, dir: e.overlay.dir, compat: e.compat, log, lingerMs });
 }
 

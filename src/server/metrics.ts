@@ -106,12 +106,25 @@ export interface OverlayUsage {
   bytes: number;
 }
 
+/**
+ * A family of series a device layer keeps itself (a remote image's GETs and cache hits), rendered
+ * as given: the server learns its name, help text, labels and values, nothing about the device.
+ */
+export interface MetricFamily {
+  name: string;
+  type: "counter" | "gauge";
+  help: string;
+  samples: readonly { labels: Readonly<Record<string, string>>; value: number }[];
+}
+
 /** What a scrape reads. */
 export interface MetricsSource {
   stats(): Iterable<ExportStats>;
   /** Connections open now (all phases). */
   connections(): number;
   overlays(): OverlayUsage[];
+  /** Families the device stacks offer (cli/serve.ts wires them in), after the server's own. */
+  families?(): Iterable<MetricFamily>;
 }
 
 const esc = (s: string) => s.replace(/\\/g, "\\\\").replace(/"/g, '\\"').replace(/\n/g, "\\n");
@@ -159,6 +172,13 @@ export function renderMetrics(src: MetricsSource): string {
   }
   family("bun_nbd_overlay_allocated_bytes", "gauge", "Bytes an overlay file takes on disk, by export and per-client overlay.");
   for (const o of src.overlays()) out.push(`bun_nbd_overlay_allocated_bytes{export="${esc(o.export)}",client="${esc(o.client)}"} ${o.bytes}`);
+  for (const f of src.families?.() ?? []) {
+    family(f.name, f.type, f.help);
+    for (const x of f.samples) {
+      const labels = Object.entries(x.labels).map(([k, v]) => `${k}="${esc(v)}"`).join(",");
+      out.push(`${f.name}${labels ? `{${labels}}` : ""} ${num(x.value)}`);
+    }
+  }
   return out.join("\n") + "\n";
 }
 

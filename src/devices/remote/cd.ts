@@ -47,6 +47,7 @@ export async function openRemoteCue(cue: RemoteImage, loc: RemoteLocation, name:
           throw new Error(`${where}:${cf.line}: FILE "${cf.name}": ${(e as Error).message}`);
         }
         opened.push(img);
+        img.counters.export = name;
         f = discFile(img, cf.name);
         byLocation.set(at.display, f);
         files.push(f);

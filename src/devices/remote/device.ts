@@ -110,8 +110,9 @@ export class RemoteImage implements BlockDevice {
 
   /** Cached bytes, for sendfile: their blocks are pinned (never evicted) until the server releases them. */
   fileRange(offset: number, length: number, out: FileRange): boolean {
+    const counted = this.loadedForFile.delete(offset); // whenInFile() counted these blocks
     if (length === 0 || this.closed || !this.blocks.has(offset, length)) return false;
-    this.hit(offset, offset + length);
+    this.hit(offset, offset + length, !counted);
     const blocks = this.blocks, b0 = Math.floor(offset / this.bs), b1 = Math.floor((offset + length - 1) / this.bs);
     blocks.pin(b0, b1);
     out.fd = blocks.fd;
@@ -148,8 +149,11 @@ export class RemoteImage implements BlockDevice {
     if (this.closed || length === 0 || Date.now() - this.blocks.failedAt < KEEP_FAILED_MS) return null;
     if (this.piecesFor(length, this.streams.continues(offset))) return null;
     this.sequential(offset, offset + length);
-    return this.loadBlocks(offset, length, true);
+    return this.loadBlocks(offset, length, true).then(() => { this.loadedForFile.add(offset); });
   }
+
+  /** Reads whose blocks whenInFile() has counted as hits and misses: the fileRange() that follows does not count them again. */
+  private readonly loadedForFile = new Set<number>();
 
   pread(buf: Uint8Array, offset: number, _flags: number): Maybe {
     const len = buf.length;
@@ -163,9 +167,9 @@ export class RemoteImage implements BlockDevice {
     return this.readMissing(buf, offset);
   }
 
-  private hit(offset: number, end: number): void {
+  private hit(offset: number, end: number, count = true): void {
     const b0 = Math.floor(offset / this.bs), b1 = Math.floor((end - 1) / this.bs);
-    this.counters.cacheHits += b1 - b0 + 1;
+    if (count) this.counters.cacheHits += b1 - b0 + 1;
     for (let b = b0; b <= b1; b++) this.blocks.touch(b);
     this.sequential(offset, end);
   }
