@@ -112,6 +112,9 @@ export async function openOverlayBase(file: string, opts: { name?: string; log: 
         const base = await deviceBase(first.device, remote.remoteIdentity(first.device));
         return { base, description: first.description ?? file };
       }
+      // A remote compressed image: by the object's URL and ETag too, with what it decodes to.
+      const obj = (await import("./remote/compressed.ts")).remoteObjectOf(first.device);
+      if (obj) return { base: await deviceBase(first.device, remote.remoteIdentity(obj, stack)), description: stack };
       location = remote.parseLocation(file, {}).display;
     }
     if (img.kind === "cue" || img.kind === "ccd" || img.kind === "rawcd") {
@@ -245,7 +248,7 @@ function isoExport(name: string, device: BlockDevice, what: string): ExportSpec 
 async function compressed(kind: "xz" | "gzip" | "zip", c: Ctx): Promise<Opened> {
   const { openCompressed } = await import("./compressed/index.ts");
   const info = c.opts.info ?? (() => {});
-  const o = openCompressed(kind, c.path, { member: c.member, log: c.opts.log, info });
+  const o = await openCompressed(kind, c.path, { member: c.member, log: c.opts.log, info });
   try {
     const inner = sniff(await probeDevice(o.device, o.inner));
     if (inner === "iso") return { kind, exports: [isoExport(c.name, new IsoView(o.device), o.description)] };

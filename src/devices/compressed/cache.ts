@@ -46,3 +46,13 @@ export function contentKey(fd: number, what: string): string {
   }
   return h.digest("hex");
 }
+
+/**
+ * The key for a remote object as `what`: its location and version (ETag, or Last-Modified and
+ * size: versionTag), so a replaced object gets a new index and the object is never read for it.
+ */
+export function remoteKey(location: string, version: string, size: number, what: string): string {
+  const h = new Bun.CryptoHasher("sha256");
+  h.update(`bun-nbd index v1\0${what}\0remote\0${location}\0${version}\0${size}\0`);
+  return h.digest("hex");
+}

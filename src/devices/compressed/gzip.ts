@@ -1,7 +1,7 @@
 // .gz images (RFC 1952): member headers and trailers are parsed here (FEXTRA, FNAME, FCOMMENT,
 // FHCRC; CRC-32 and ISIZE checked), the deflate data in between is indexed by zran.ts. Several
 // members (concatenated .gz files) make one image; zero padding after the last member is allowed.
-import { readAt } from "../readat.ts";
+import { type Input, readAt } from "./input.ts";
 import { crc32 } from "../../sys/zlib.ts";
 import { DeflateError, type Framing } from "./zran.ts";
 
@@ -12,7 +12,7 @@ const MAX_HEADER = 1 << 20;
 
 
 /** Parse the member header at `pos`; returns where its deflate data starts. */
-export function gzipHeader(fd: number, pos: number, end: number): { dataStart: number; name?: string } {
+export function gzipHeader(fd: Input, pos: number, end: number): { dataStart: number; name?: string } {
   const h = readAt(fd, Math.min(MAX_HEADER, end - pos), pos);
   if (h.length < 18) throw new DeflateError(`truncated: gzip member at byte ${pos} is cut off`);
   if (h[0] !== 0x1f || h[1] !== 0x8b) throw new DeflateError(`not a gzip member at byte ${pos}`);
@@ -44,8 +44,9 @@ export function gzipHeader(fd: number, pos: number, end: number): { dataStart: n
   return { dataStart: pos + p, name };
 }
 
-/** Framing for a .gz file of `size` bytes: members one after another. */
-export function gzipFraming(fd: number, size: number): Framing {
+/** Framing for a .gz file: members one after another. */
+export function gzipFraming(fd: Input): Framing {
+  const size = fd.size;
   let first = true;
   return {
     limit: Infinity,

@@ -3,10 +3,12 @@
 // first open, then cached), stored zip members straight from the archive. Cold code.
 import { closeSync, fstatSync, openSync } from "node:fs";
 import { basename } from "node:path";
-import type { BlockDevice } from "../types.ts";
 import { FileSlice } from "../slice.ts";
+import { untilLocal } from "../staged.ts";
+import type { BlockDevice, Maybe } from "../types.ts";
 import { cacheDir, contentKey } from "./cache.ts";
 import { gzipFraming } from "./gzip.ts";
+import { type Input, localInput } from "./input.ts";
 import { DecompressedDevice, SpillFile } from "./seekable.ts";
 import { parseXz, XzSource } from "./xz.ts";
 import { chooseMember, locateData, memberFraming, readCentralDirectory } from "./zip.ts";
@@ -44,19 +46,59 @@ function openFd(path: string): number {
   }
 }
 
-export function openCompressed(kind: CompressedKind, path: string, opts: CompressedOptions): OpenedCompressed {
+/**
+ * Where a compressed image's bytes come from, local file or remote object alike: the input every
+ * parser and decoder reads, the key its zran index is cached under, a device for a stored zip
+ * member, and what closes it.
+ */
+export interface Container {
+  /** For messages: the path or URL. */
+  where: string;
+  /** The file name, for the description. */
+  label: string;
+  input: Input;
+  /** The cache key of the index of `what` ("gzip", "zip:MEMBER"). */
+  key(what: string): string;
+  /** Make [pos, pos+len) local before a sequential pass (a no-op for a local file). */
+  prefetch(pos: number, len: number): Promise<void>;
+  /** The stored bytes [start, start+length) as a device (a zip member that is not compressed). */
+  stored(name: string, start: number, length: number): BlockDevice;
+  close(): Maybe;
+}
+
+export async function openCompressed(kind: CompressedKind, path: string, opts: CompressedOptions): Promise<OpenedCompressed> {
   const fd = openFd(path);
+  let owned = false;
   try {
-    const size = fstatSync(fd).size;
-    if (kind === "xz") return openXz(path, fd, size, opts);
-    if (kind === "gzip") {
-      const { device, note } = openDeflate(path, fd, 0, size, gzipFraming(fd, size), "gzip", opts);
-      return { device, description: `${basename(path)}: gzip, ${mib(device.size())} uncompressed${note}`, inner: basename(path).replace(/\.gz$/i, "") };
-    }
-    return openZip(path, fd, size, opts);
+    const c: Container = {
+      where: path, label: basename(path), input: localInput(fd, fstatSync(fd).size),
+      key: (what) => contentKey(fd, what),
+      prefetch: async () => {},
+      stored: (name, start, length) => { owned = true; return new FileSlice(name, fd, start, length); },
+      close: () => { owned = true; closeSync(fd); },
+    };
+    return await openContainer(kind, c, opts);
   } catch (e) {
-    try { closeSync(fd); } catch { /* the device may own and have closed it */ }
-    throw prefixed(path, e);
+    if (!owned) try { closeSync(fd); } catch { /* ignore */ }
+    throw e;
+  }
+}
+
+/**
+ * Open a compressed image from its container. On failure what it opened is closed, and c.close()
+ * has not been called (the caller closes the container). Metadata is read through untilLocal: a
+ * remote object's headers and directories are fetched as the parsers reach them.
+ */
+export async function openContainer(kind: CompressedKind, c: Container, opts: CompressedOptions): Promise<OpenedCompressed> {
+  try {
+    if (kind === "xz") return await openXz(c, opts);
+    if (kind === "gzip") {
+      const device = await openDeflate(c, 0, c.input.size, () => gzipFraming(c.input), "gzip", opts);
+      return { device, description: `${c.label}: gzip, ${mib(device.size())} uncompressed`, inner: c.label.replace(/\.gz$/i, "") };
+    }
+    return await openZip(c, opts);
+  } catch (e) {
+    throw prefixed(c.where, e);
   }
 }
 
@@ -65,52 +107,61 @@ function prefixed(path: string, e: unknown): Error {
   return new Error(msg.startsWith(path) ? msg : `${path}: ${msg}`);
 }
 
-function openXz(path: string, fd: number, size: number, opts: CompressedOptions): OpenedCompressed {
-  const x = parseXz(fd, size);
+async function openXz(c: Container, opts: CompressedOptions): Promise<OpenedCompressed> {
+  const x = await untilLocal(() => parseXz(c.input));
   if (x.size === 0) throw new Error("the xz file holds no data");
-  const src = new XzSource(basename(path), fd, x.blocks, x.size, () => closeSync(fd));
+  const src = new XzSource(c.label, c.input, x.blocks, x.size, () => c.close());
   const big = src.largest();
   if (big.progressive || (x.blocks.length === 1 && x.size > SINGLE_BLOCK_WARN)) {
     const how = big.progressive ? "decoded once, progressively, into a temporary cache as reads reach it" : "decoded whole into a temporary cache at the first read";
-    opts.log(`${path}: ${x.blocks.length === 1 ? "a single xz block" : `an xz block of ${mib(big.bytes)}`}: it can only be decoded from its start, so it is ${how} (recompress with xz -T0 or --block-size=16MiB for random access)`);
+    opts.log(`${c.where}: ${x.blocks.length === 1 ? "a single xz block" : `an xz block of ${mib(big.bytes)}`}: it can only be decoded from its start, so it is ${how} (recompress with xz -T0 or --block-size=16MiB for random access)`);
   }
-  const device = new DecompressedDevice(src, new SpillFile(path));
-  const desc = `${basename(path)}: xz, ${x.blocks.length} block${x.blocks.length === 1 ? "" : "s"}${x.streams > 1 ? ` in ${x.streams} streams` : ""}, ${mib(x.size)} uncompressed`;
-  return { device, description: desc, inner: basename(path).replace(/\.xz$/i, "") };
+  const device = new DecompressedDevice(src, new SpillFile(c.where));
+  const desc = `${c.label}: xz, ${x.blocks.length} block${x.blocks.length === 1 ? "" : "s"}${x.streams > 1 ? ` in ${x.streams} streams` : ""}, ${mib(x.size)} uncompressed`;
+  return { device, description: desc, inner: c.label.replace(/\.xz$/i, "") };
 }
 
-function openDeflate(path: string, fd: number, start: number, end: number, framing: Framing, what: string, opts: CompressedOptions): { device: DecompressedDevice; note: string } {
-  const store = { dir: cacheDir(), key: contentKey(fd, what) };
+/**
+ * Deflate data in [start, end): through the cached access-point index, or one pass that builds
+ * it (the input made local first: for a remote object, fetched in large requests, not piece by piece).
+ */
+async function openDeflate(c: Container, start: number, end: number, framing: () => Framing, what: string, opts: CompressedOptions): Promise<DecompressedDevice> {
+  const store = { dir: cacheDir(), key: c.key(what) };
   const cached = loadIndex(store, end);
-  const spill = new SpillFile(path);
+  const spill = new SpillFile(c.where);
   try {
     if (cached) {
-      opts.info(`${path}: access-point index loaded from ${store.dir} (${cached.points.out.length} points)`);
-      const src = new DeflateSource(basename(path), fd, end, cached.points, cached.size, cached.file, () => closeSync(fd));
-      return { device: new DecompressedDevice(src, spill), note: "" };
+      opts.info(`${c.where}: access-point index loaded from ${store.dir} (${cached.points.out.length} points)`);
+      const src = new DeflateSource(c.label, c.input, end, cached.points, cached.size, cached.file, () => c.close());
+      return new DecompressedDevice(src, spill);
     }
     const t0 = performance.now();
-    const built = buildIndex(fd, start, end, framing, store, (buf, len, pos) => spill.writeSparse(buf, 0, len, pos));
+    await c.prefetch(start, end - start);
+    // (a run cut short by NotLocal, should the bytes not stay local, is started again from scratch)
+    const built = await untilLocal(() => buildIndex(c.input, start, end, framing(), store, (buf, len, pos) => spill.writeSparse(buf, 0, len, pos)), 8);
     const secs = (performance.now() - t0) / 1000;
-    opts.info(`${path}: indexed ${mib(built.size)} in ${secs.toFixed(2)} s, ${built.points.out.length} access points${store.dir ? ` (cached in ${store.dir})` : " (not cached: no cache directory)"}`);
-    const src = new DeflateSource(basename(path), fd, end, built.points, built.size, built.file, () => closeSync(fd));
-    return { device: new DecompressedDevice(src, spill, { decoded: true }), note: "" };
+    opts.info(`${c.where}: indexed ${mib(built.size)} in ${secs.toFixed(2)} s, ${built.points.out.length} access points${store.dir ? ` (cached in ${store.dir})` : " (not cached: no cache directory)"}`);
+    const src = new DeflateSource(c.label, c.input, end, built.points, built.size, built.file, () => c.close());
+    return new DecompressedDevice(src, spill, { decoded: true });
   } catch (e) {
     spill.close();
     throw e;
   }
 }
 
-function openZip(path: string, fd: number, size: number, opts: CompressedOptions): OpenedCompressed {
-  const label = basename(path);
-  const { members, cdStart } = readCentralDirectory(fd, size);
-  const m = chooseMember(members, opts.member, label);
-  locateData(fd, m, cdStart, label);
+async function openZip(c: Container, opts: CompressedOptions): Promise<OpenedCompressed> {
+  const label = c.label;
+  const m = await untilLocal(() => {
+    const { members, cdStart } = readCentralDirectory(c.input);
+    const m = chooseMember(members, opts.member, label);
+    locateData(c.input, m, cdStart, label);
+    return m;
+  });
   const inner = m.name.split("/").pop() ?? m.name;
   if (m.method === 0) {
-    const device = new FileSlice(`${label}/${m.name}`, fd, m.dataStart, m.size);
+    const device = c.stored(`${label}/${m.name}`, m.dataStart, m.size);
     return { device, description: `${label}: zip member ${m.name}, stored, ${mib(m.size)}`, inner };
   }
-  const { device } = openDeflate(path, fd, m.dataStart, m.dataStart + m.compressedSize, memberFraming(m, label), `zip:${m.name}`, opts);
+  const device = await openDeflate(c, m.dataStart, m.dataStart + m.compressedSize, () => memberFraming(m, label), `zip:${m.name}`, opts);
   return { device, description: `${label}: zip member ${m.name}, deflated, ${mib(m.size)} uncompressed`, inner };
 }

@@ -11,7 +11,8 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { haveLibc } from "../../sys/libc.ts";
 import { seekExtents } from "../file.ts";
-import { caps, type BlockDevice, type BlockSize, type Capabilities, type ExtentSink, type FileRange } from "../types.ts";
+import { NotLocal, whenLocal } from "../staged.ts";
+import { caps, type BlockDevice, type BlockSize, type Capabilities, type ExtentSink, type FileRange, type Maybe } from "../types.ts";
 
 /** Damaged or missing image data: logged by the server as an error (not a client mistake), answered with EIO. */
 function damaged(msg: string): Error {
@@ -24,6 +25,12 @@ export const FULL_SEGMENT = 64 * 1024 * 1024;
 const STEP = 4 * 1024 * 1024;
 const STAGE = 1024 * 1024;
 const MAX_CURSORS = 2;
+/**
+ * Fetches one read may wait for (compressed input not local yet: a remote object). Each makes
+ * progress (a cursor keeps what it decoded), so a read deep into a large progressive segment may
+ * need many.
+ */
+const FETCHES = 4096;
 
 /** Decodes one segment from its start, in order. */
 export interface SegmentStream {
@@ -41,8 +48,9 @@ export interface SegmentSource {
   readonly size: number;
   /** Uncompressed start of each segment, increasing, starts[0] = 0. */
   readonly starts: Float64Array;
+  /** Throws NotLocal (before any state is made) when its compressed bytes must be fetched first. */
   open(segment: number): SegmentStream;
-  close(): void;
+  close(): Maybe;
 }
 
 /** An unlinked temporary file that holds decoded bytes at their uncompressed offsets. */
@@ -150,9 +158,21 @@ export class DecompressedDevice implements BlockDevice {
     return true;
   }
 
-  pread(buf: Uint8Array, offset: number, _flags: number): void {
+  pread(buf: Uint8Array, offset: number, _flags: number): Maybe {
     if (buf.length === 0) return;
-    this.present(offset, buf.length, true);
+    if (!this.present(offset, buf.length, false)) {
+      const r = this.decode(offset, buf.length);
+      if (r) return r.then(() => this.copy(buf, offset));
+    }
+    this.copy(buf, offset);
+  }
+
+  /** Decode what [offset, offset+length) needs; a Promise when compressed bytes must be fetched first. */
+  private decode(offset: number, length: number): Maybe {
+    return whenLocal(() => { this.present(offset, length, true); }, FETCHES);
+  }
+
+  private copy(buf: Uint8Array, offset: number): void {
     let done = 0;
     while (done < buf.length) {
       const r = readSync(this.spill.fd, buf, done, buf.length - done, offset + done);
@@ -161,8 +181,8 @@ export class DecompressedDevice implements BlockDevice {
     }
   }
 
-  cache(offset: number, length: number): void {
-    this.present(offset, length, true);
+  cache(offset: number, length: number): Maybe {
+    if (!this.present(offset, length, false)) return this.decode(offset, length);
   }
 
   /** Decoded ranges: data and holes of the spill file; ranges not decoded yet: data (they may be). */
@@ -197,16 +217,18 @@ export class DecompressedDevice implements BlockDevice {
       try {
         stream = this.src.open(i); // (a corrupt block header fails here)
       } catch (e) {
+        if (e instanceof NotLocal) throw e;
         throw this.markBad(i, e);
       }
       c = { segment: i, stream, pos: 0 };
       if (!whole) this.keep(c);
     }
     const base = this.starts[i]!;
+    let got = 0;
     try {
       while (c.pos < target) {
         const want = Math.min(STAGE, target - c.pos);
-        let got = 0;
+        got = 0;
         while (got < want) {
           const r = c.stream.read(this.stage, got, want - got);
           if (r === 0) throw new Error(`segment ${i} ended ${len - (c.pos + got)} bytes early`);
@@ -215,6 +237,7 @@ export class DecompressedDevice implements BlockDevice {
         // Rewriting bytes already present (a restarted cursor) writes the same bytes again.
         this.spill.writeSparse(this.stage, 0, got, base + c.pos);
         c.pos += got;
+        got = 0;
         if (!whole && c.pos > this.done[i]!) this.done[i] = c.pos;
       }
       if (c.pos === len) {
@@ -223,6 +246,17 @@ export class DecompressedDevice implements BlockDevice {
       }
       if (whole) this.done[i] = len;
     } catch (e) {
+      if (e instanceof NotLocal) {
+        // Input not local yet: nothing is wrong. A kept cursor keeps what it decoded (the stream
+        // threw before changing state) and goes on from there once the bytes are in; a whole
+        // segment's stream is closed below and started again.
+        if (!whole && got > 0) {
+          this.spill.writeSparse(this.stage, 0, got, base + c.pos);
+          c.pos += got;
+          if (c.pos > this.done[i]!) this.done[i] = c.pos;
+        }
+        throw e;
+      }
       this.drop(c);
       throw this.markBad(i, e);
     } finally {
@@ -258,12 +292,12 @@ export class DecompressedDevice implements BlockDevice {
     return t;
   }
 
-  close(): void {
+  close(): Maybe {
     if (this.closed) return;
     this.closed = true;
     for (const c of [...this.cursors]) this.drop(c);
-    this.src.close();
     this.spill.close();
+    return this.src.close();
   }
 }
 

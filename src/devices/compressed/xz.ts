@@ -3,10 +3,10 @@
 // Block is one segment of the seekable device, decoded by liblzma (src/sys/lzma.ts). A file with
 // a single large Block can only be decoded from its start: it is decoded progressively into the
 // spill file, with a warning saying so.
-import { readSync } from "node:fs";
-import { readAt as readBytes } from "../readat.ts";
+import { ensure, type Input, readAt as readBytes, readIn } from "./input.ts";
 import { haveLzma, LZMA_OK, LZMA_STREAM_END, lzmaMessage, XzBlockDecoder } from "../../sys/lzma.ts";
 import { crc32 } from "../../sys/zlib.ts";
+import type { Maybe } from "../types.ts";
 import { FULL_SEGMENT, type SegmentSource, type SegmentStream } from "./seekable.ts";
 
 export const XZ_MAGIC = [0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00];
@@ -29,8 +29,8 @@ export interface XzBlock {
 
 export class XzError extends Error {}
 
-function readAt(fd: number, len: number, pos: number, what: string): Uint8Array {
-  const b = readBytes(fd, len, pos);
+function readAt(inp: Input, len: number, pos: number, what: string): Uint8Array {
+  const b = readBytes(inp, len, pos);
   if (b.length < len) throw new XzError(`truncated: ${what} at byte ${pos} is cut off`);
   return b;
 }
@@ -59,8 +59,9 @@ function streamFlags(b: Uint8Array, at: number, where: string): number {
   return b[at + 1]! & 0x0f;
 }
 
-/** Parse every Stream of an .xz file (size `size`); returns its Blocks in order and the uncompressed size. */
-export function parseXz(fd: number, size: number): { blocks: XzBlock[]; size: number; streams: number } {
+/** Parse every Stream of an .xz file; returns its Blocks in order and the uncompressed size. */
+export function parseXz(fd: Input): { blocks: XzBlock[]; size: number; streams: number } {
+  const size = fd.size;
   const streams: XzBlock[][] = [];
   let pos = size;
   if (size < 32) throw new XzError(`too short for an xz file (${size} bytes)`);
@@ -125,6 +126,8 @@ export function parseXz(fd: number, size: number): { blocks: XzBlock[]; size: nu
 }
 
 const IN_CHUNK = 256 * 1024;
+/** A Block decoded progressively has this much of its compressed bytes made local at a time. */
+const AHEAD = 8 * 1024 * 1024;
 
 /** Decodes one Block from its header to its check. */
 class BlockStream implements SegmentStream {
@@ -137,7 +140,7 @@ class BlockStream implements SegmentStream {
   private produced = 0;
   private ended = false;
 
-  constructor(private readonly fd: number, private readonly b: XzBlock) {
+  constructor(private readonly fd: Input, private readonly b: XzBlock) {
     const first = readAt(fd, 1, b.offset, "block header");
     const hsize = (first[0]! + 1) * 4;
     if (first[0] === 0 || hsize > b.unpadded) throw new XzError(`corrupt: no block header at byte ${b.offset}`);
@@ -155,7 +158,8 @@ class BlockStream implements SegmentStream {
   private step(out: Uint8Array, off: number, len: number): number {
     if (this.inPos === this.inEnd && this.filePos < this.fileEnd) {
       const n = Math.min(IN_CHUNK, this.fileEnd - this.filePos);
-      const r = readSync(this.fd, this.input, 0, n, this.filePos);
+      // (NotLocal is thrown before any state here changes: the read runs again once it is local)
+      const r = readIn(this.fd, this.input, 0, n, this.filePos, Math.min(AHEAD, this.fileEnd - this.filePos));
       if (r === 0) throw new XzError(`truncated at byte ${this.filePos}`);
       this.filePos += r;
       this.inPos = 0;
@@ -197,11 +201,20 @@ class BlockStream implements SegmentStream {
 /** The seekable view of a parsed .xz file. */
 export class XzSource implements SegmentSource {
   readonly starts: Float64Array;
-  constructor(readonly label: string, private readonly fd: number, private readonly blocks: XzBlock[], readonly size: number, private readonly onClose: () => void) {
+  constructor(readonly label: string, private readonly fd: Input, private readonly blocks: XzBlock[], readonly size: number, private readonly onClose: () => Maybe) {
     this.starts = Float64Array.from(blocks, (b) => b.start);
   }
-  open(segment: number): SegmentStream { return new BlockStream(this.fd, this.blocks[segment]!); }
-  close(): void { this.onClose(); }
+  open(segment: number): SegmentStream {
+    const b = this.blocks[segment]!;
+    // A Block decoded whole has all of its compressed bytes made local at once (one fetch).
+    // A larger one has its header made local here (the decoder would leak if its constructor
+    // threw NotLocal), and the rest a window at a time as it is decoded.
+    const padded = Math.ceil(b.unpadded / 4) * 4;
+    if (b.uncompressed <= FULL_SEGMENT) ensure(this.fd, b.offset, padded);
+    else ensure(this.fd, b.offset, Math.min(1024, padded), AHEAD);
+    return new BlockStream(this.fd, b);
+  }
+  close(): Maybe { return this.onClose(); }
   /** The largest Block, and whether it is too large to decode whole on first read. */
   largest(): { bytes: number; progressive: boolean } {
     const bytes = this.blocks.reduce((m, b) => Math.max(m, b.uncompressed), 0);

@@ -3,7 +3,7 @@
 // need no special case) and the local header of the chosen member. Encrypted, split and
 // multi-disk archives, methods other than stored and deflated, and sizes that cannot be true
 // (overlapping the directory, or beyond deflate's 1032:1 ratio: a zip bomb) are refused by name.
-import { readAt } from "../readat.ts";
+import { type Input, readAt } from "./input.ts";
 import { DeflateError, type Framing, MAX_RATIO } from "./zran.ts";
 
 export const ZIP_MAGIC = [0x50, 0x4b, 0x03, 0x04];
@@ -34,7 +34,8 @@ const u64 = (b: Uint8Array, a: number) => {
 const MULTI_DISK = "multi-disk (split or spanned) zip archives are not supported: join the parts first (zip -s 0 archive.zip --out whole.zip)";
 
 /** The members of a zip archive, from its central directory. */
-export function readCentralDirectory(fd: number, size: number): { members: ZipMember[]; cdStart: number } {
+export function readCentralDirectory(fd: Input): { members: ZipMember[]; cdStart: number } {
+  const size = fd.size;
   if (size < 22) throw new ZipError(`too short for a zip archive (${size} bytes)`);
   const tailLen = Math.min(size, 22 + 65535 + 20);
   const tail = readAt(fd, tailLen, size - tailLen);
@@ -119,7 +120,7 @@ function list(ms: ZipMember[]): string {
 const METHODS: Record<number, string> = { 1: "shrunk", 6: "imploded", 9: "deflate64", 12: "bzip2", 14: "LZMA", 93: "zstd", 95: "xz", 98: "PPMd", 99: "AES encryption" };
 
 /** Check the member can be served and find where its data starts (after the local header). */
-export function locateData(fd: number, m: ZipMember, cdStart: number, label: string): void {
+export function locateData(fd: Input, m: ZipMember, cdStart: number, label: string): void {
   const what = `${label} member ${m.name}`;
   if (m.flags & 0x41 || m.method === 99) throw new ZipError(`${what} is encrypted; bun-nbd cannot decrypt it (extract it with unzip first)`);
   if (m.method !== 0 && m.method !== 8) throw new ZipError(`${what} is compressed with ${METHODS[m.method] ?? `method ${m.method}`}; only stored and deflated members can be served`);

@@ -5,6 +5,8 @@
 // an index file (windows first, then the point table), kept in the cache directory when there is
 // one, so a second open reads a table instead of decompressing again.
 import { closeSync, openSync, readSync, renameSync, unlinkSync, writeSync } from "node:fs";
+import type { Maybe } from "../types.ts";
+import { ensure, type Input, readIn } from "./input.ts";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { crc32, RawInflate, Z_BLOCK, Z_BUF_ERROR, Z_NO_FLUSH, Z_STREAM_END } from "../../sys/zlib.ts";
@@ -15,6 +17,8 @@ export const SPAN = 2 * 1024 * 1024;
 const WINDOW = 32768;
 const IN_CHUNK = 1024 * 1024;
 const STAGE = 1024 * 1024;
+/** Input a span's inflater may read past the next access point's byte (zlib reads ahead a little). */
+const SLACK = 64 * 1024;
 /** Deflate cannot expand more than 1032:1; output beyond that is corrupt data or a bomb. */
 export const MAX_RATIO = 1032;
 
@@ -143,7 +147,7 @@ export interface BuildResult { points: Points; size: number; file: IndexFile }
  * framing's CRC and size checks), records access points, and hands every decoded byte to `sink`
  * (the spill file). Throws a DeflateError naming the byte where the data goes wrong.
  */
-export function buildIndex(fd: number, start: number, end: number, framing: Framing, store: { dir: string | null; key: string },
+export function buildIndex(fd: Input, start: number, end: number, framing: Framing, store: { dir: string | null; key: string },
   sink: (buf: Uint8Array, len: number, pos: number) => void): BuildResult {
   const file = IndexFile.create(store.dir, store.key);
   const p: Points = { out: [], inPos: [], bits: [], winLen: [], winAt: [] };
@@ -163,7 +167,7 @@ export function buildIndex(fd: number, start: number, end: number, framing: Fram
       for (;;) {
         if (at >= bufPos + bufLen || at < bufPos) {
           bufPos = at;
-          bufLen = readSync(fd, input, 0, Math.min(IN_CHUNK, Math.max(0, end - at)), at);
+          bufLen = readIn(fd, input, 0, Math.min(IN_CHUNK, Math.max(0, end - at)), at);
         }
         const avail = bufPos + bufLen - at;
         const r = inf.run(input, at - bufPos, avail, stage, 0, STAGE, Z_BLOCK);
@@ -224,11 +228,17 @@ class SpanStream implements SegmentStream {
   private bufLen = 0;
   private left: number;
   private ended = false;
+  /** Reads stop here: a little past where the next access point's data starts. */
+  private readonly limit: number;
 
   constructor(private readonly src: DeflateSource, i: number, len: number) {
-    this.inf = src.inflater();
     const p = src.points;
     this.at = p.inPos[i]!;
+    this.limit = Math.min(src.end, (i + 1 < p.inPos.length ? p.inPos[i + 1]! : src.end) + SLACK);
+    // The span's compressed bytes are made local at once (one fetch), before any state is made.
+    const from = Math.max(0, this.at - 1);
+    ensure(src.input, from, this.limit - from);
+    this.inf = src.inflater();
     this.left = len;
     try {
       this.resume(i);
@@ -245,7 +255,7 @@ class SpanStream implements SegmentStream {
     const bits = p.bits[i]!;
     if (bits > 0) {
       const b = new Uint8Array(1);
-      if (readSync(src.fd, b, 0, 1, this.at - 1) !== 1) throw new DeflateError("truncated at an access point");
+      if (readIn(src.input, b, 0, 1, this.at - 1) !== 1) throw new DeflateError("truncated at an access point");
       this.inf.prime(bits, b[0]! >> (8 - bits));
     }
     const wl = p.winLen[i]!;
@@ -263,7 +273,7 @@ class SpanStream implements SegmentStream {
     for (;;) {
       if (this.at >= this.bufPos + this.bufLen) {
         this.bufPos = this.at;
-        this.bufLen = readSync(this.src.fd, this.input, 0, Math.min(this.input.length, Math.max(0, this.src.end - this.at)), this.at);
+        this.bufLen = readIn(this.src.input, this.input, 0, Math.min(this.input.length, Math.max(0, this.limit - this.at)), this.at);
       }
       const avail = this.bufPos + this.bufLen - this.at;
       const r = this.inf.run(this.input, this.at - this.bufPos, avail, buf, off, want, Z_NO_FLUSH);
@@ -288,8 +298,8 @@ export class DeflateSource implements SegmentSource {
   private spare: RawInflate | null = null;
   private win = new Uint8Array(WINDOW);
 
-  constructor(readonly label: string, readonly fd: number, readonly end: number, readonly points: Points,
-    readonly size: number, readonly index: IndexFile, private readonly onClose: () => void) {
+  constructor(readonly label: string, readonly input: Input, readonly end: number, readonly points: Points,
+    readonly size: number, readonly index: IndexFile, private readonly onClose: () => Maybe) {
     this.starts = Float64Array.from(points.out);
   }
 
@@ -308,10 +318,10 @@ export class DeflateSource implements SegmentSource {
   }
   scratchWindow(): Uint8Array { return this.win; }
 
-  close(): void {
+  close(): Maybe {
     this.spare?.close();
     this.spare = null;
     this.index.close();
-    this.onClose();
+    return this.onClose();
   }
 }

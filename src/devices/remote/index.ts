@@ -1,10 +1,11 @@
 // Opening remote images (http(s)://, s3://) as exports: found and pinned (open-image.ts), then
 // sniffed like a local file (sniff.ts): raw, a CUE sheet (BINs next to it), raw CD sectors, an ISO,
-// a fixed VHD. Cold code.
+// a fixed VHD, a compressed image (.xz, .gz, a .zip member: compressed.ts). Cold code.
 import { HEAD_BYTES, sniff, type Kind } from "../sniff.ts";
 import type { ExportSpec } from "../types.ts";
-import { objectBaseName, parseLocation, remoteExportName, s3Settings } from "./location.ts";
+import { objectBaseName, parseLocation, remoteExportName, s3Settings, type RemoteLocation } from "./location.ts";
 import { openRemoteImage, type RemoteOpenOptions } from "./open-image.ts";
+import type { RemoteImage } from "./device.ts";
 import { describeVersion } from "./store.ts";
 
 export { RemoteImage, type SmallReads } from "./device.ts";
@@ -21,12 +22,13 @@ const ISO_DESCRIPTION = (what: string, size: number) => `${what}: CD image, ${(s
 /**
  * The exports of a remote object, by its content (the same sniffing as for a file: the first
  * HEAD_BYTES and the last 512 bytes): a raw image, a CUE sheet (BINs next to it), raw CD sectors,
- * an ISO, or a fixed VHD. Compressed images, dynamic VHDs and qcow2 files are refused by name.
+ * an ISO, a fixed VHD, or an .xz, .gz or .zip image (ARCHIVE.zip/MEMBER names a member, as for a
+ * local file). Dynamic VHDs, CloneCD images and qcow2 files are refused by name.
  */
 export async function openRemote(name: string, o: RemoteOpenOptions): Promise<OpenedRemote> {
-  const loc = parseLocation(name, s3Settings(o.settings.s3));
   const exportName = o.name ?? remoteExportName(name);
-  const img = await openRemoteImage(loc, o.settings, o.log);
+  const { img, loc, member } = await find(name, o);
+  img.counters.export = exportName; // metrics are labelled with the export (a CUE sheet's BINs: cd.ts)
   try {
     const size = img.size();
     const head = new Uint8Array(Math.min(HEAD_BYTES, size));
@@ -36,6 +38,7 @@ export async function openRemote(name: string, o: RemoteOpenOptions): Promise<Op
     let kind = sniff({ head, tail, size, name: img.location });
     if (/\.cue$/i.test(objectBaseName(loc))) kind = "cue";
     const what = img.location;
+    if (member !== undefined && kind !== "zip") throw new Error(`${what} is not a zip archive, so it has no member ${member}`);
     switch (kind) {
       case "raw":
         return { kind, exports: [{ name: exportName, description: `remote raw image ${what} (${describeVersion(img.version)})`, device: img }] };
@@ -55,11 +58,42 @@ export async function openRemote(name: string, o: RemoteOpenOptions): Promise<Op
         const device = new PartitionView(img, 0, footer.currentSize);
         return { kind, exports: [{ name: exportName, description: `${what}: fixed VHD, ${(footer.currentSize / 1048576).toFixed(1)} MiB (read-only)`, device }] };
       }
+      case "xz":
+      case "gzip":
+      case "zip": {
+        const { openRemoteCompressed } = await import("./compressed.ts");
+        return { kind, exports: await openRemoteCompressed(kind, img, loc, exportName, { member, log: o.log }) };
+      }
       default:
-        throw new Error(`${what} is a ${kind} image: compressed images, CloneCD images and qcow2 files cannot be served from a remote store yet (their readers work on local files); serve it decompressed or as a raw image`);
+        throw new Error(`${what} is a ${kind} image: CloneCD images and qcow2 files cannot be served from a remote store yet (their readers work on local files); serve it as a raw image`);
     }
   } catch (e) {
     await img.close();
     throw e;
+  }
+}
+
+/** ARCHIVE.zip/MEMBER (or .imz): the archive's name and the member's path. */
+const MEMBER = /^([^?#]*?\.(?:zip|imz))\/([^?#]+)$/i;
+
+/**
+ * The object `name` names, opened; when there is none and the name reads ARCHIVE.zip/MEMBER, the
+ * archive, with the member to serve (the local CLI's archive.zip/MEMBER).
+ */
+async function find(name: string, o: RemoteOpenOptions): Promise<{ img: RemoteImage; loc: RemoteLocation; member?: string }> {
+  const loc = parseLocation(name, s3Settings(o.settings.s3));
+  try {
+    return { img: await openRemoteImage(loc, o.settings, o.log), loc };
+  } catch (e) {
+    const m = MEMBER.exec(name);
+    if (m === null) throw e;
+    const archive = parseLocation(m[1]!, s3Settings(o.settings.s3));
+    let img: RemoteImage;
+    try {
+      img = await openRemoteImage(archive, o.settings, o.log);
+    } catch {
+      throw e; // neither the object nor the archive: report the name as given
+    }
+    return { img, loc: archive, member: decodeURIComponent(m[2]!) };
   }
 }
