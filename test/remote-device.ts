@@ -20,6 +20,7 @@ import { ABSENT, BlockCache, DATA, PARTIAL, PIECE, ZERO } from "../src/devices/r
 import { NbdError } from "../src/protocol/errors.ts";
 import { NBD_EIO } from "../src/protocol/constants.ts";
 import { isPromise, type FileRange } from "../src/devices/types.ts";
+import { guardedSuite } from "./interop-lib.ts";
 
 const KiB = 1024, MiB = 1024 * KiB;
 const dir = scratch("bun-nbd-remote-dev-");
@@ -191,12 +192,12 @@ unit("blocks held in part: pieces are marked once written, survive a reopen, fil
 unit.run();
 
 // ---------------------------------------------------------------------------------------------
-const S = suite("remote: device over nginx");
 const SIZE = 5 * MiB + 12345; // a partial last block
 let image: string;
 let local: Uint8Array;
 
-S.before(async () => {
+// uvu swallows errors thrown in before hooks: a failed setup fails every test with its cause
+const { test: S, run: runS } = guardedSuite("remote: device over nginx", async () => {
   ngx = await startNginx();
   image = makeImage(join(ngx.root, "disk.img"), SIZE, 7, { zeroEvery: 3 });
   local = readFileSync(image);
@@ -464,8 +465,10 @@ S("a slow store never blocks the event loop", async () => {
   // /slow/ sends 128 KiB/s: one 64 KiB block takes about half a second
   const d = await openRemoteImage(ngx.url("slow/disk.img"), settings({ deadlineMs: 30_000, attemptTimeoutMs: 30_000 }), () => {});
   try {
-    await read(d, 0, 8192); // its two 4 KiB pieces are cached
+    await read(d, 0, 8192); // its two 4 KiB pieces are cached (written just after the answer)
+    for (let i = 0; i < 100 && !d.isCached(0, 8192); i++) await Bun.sleep(10);
     const slow = read(d, 3 * MiB, 4096);
+    slow.catch(() => {}); // awaited below; a failed assertion before that must not end the run
     let ticks = 0;
     const timer = setInterval(() => { ticks++; }, 10);
     const t0 = Date.now();
@@ -479,12 +482,13 @@ S("a slow store never blocks the event loop", async () => {
   } finally { await d.close(); }
 });
 
-S.run();
+runS();
 
 // ---------------------------------------------------------------------------------------------
 conformance("RemoteImage over nginx (64 KiB blocks, throw-away cache)", {
   ops: 150,
   make: async () => {
+    if (ngx === undefined) throw new Error("nginx did not start: see the failures of \"remote: device over nginx\"");
     if (!ngx.running()) await ngx.start();
     const path = join(ngx.root, "conf.img");
     try { statSync(path); } catch { makeImage(path, 3 * MiB + 4097, 3, { zeroEvery: 2 }); }

@@ -5,6 +5,8 @@
 // server survives, the next copy is exact), an image replaced while served (EIO and a log line,
 // never bytes of the new version), a CUE sheet whose BINs sit next to it, credentials kept out of
 // logs and LIST, and clear errors at start (and a throw-away overlay over the remote disc). BUN_NBD_REMOTE_BIG_MIB sets the big image's size.
+// More in remote-http-faults.ts (5xx and stalls mid-run), remote-http-cache.ts (GETs in flight,
+// the cache directory's bound) and remote-http-overlay.ts (an overlay's base identity).
 import * as assert from "uvu/assert";
 import { cpSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, renameSync, statSync, utimesSync, closeSync, writeFileSync, writeSync } from "node:fs";
 import { join } from "node:path";

@@ -2,7 +2,6 @@
 // to a thread of its own over the cache's data file, read-only (RemoteImage.recipe). Until then,
 // and for a cache that could still change, connections stay on the event loop, where the fetcher
 // and the cache live. Each test checks by the server's counters where the connection ran.
-import { suite } from "uvu";
 import * as assert from "uvu/assert";
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
@@ -14,18 +13,19 @@ import { bytesEqual } from "./helpers/assert.ts";
 import { makeImage } from "./helpers/remote-images.ts";
 import { startNginx, type Nginx } from "./services/nginx.ts";
 import { CMD, request, Wire } from "./robustness-wire.ts";
+import { guardedSuite } from "./interop-lib.ts";
 
-const test = suite("remote images on threads");
 const MiB = 1024 * 1024;
 const SIZE = 6 * MiB + 4321; // a short last block; MiBs 0 and 3 are holes (zeroEvery 3)
 let ngx: Nginx;
 let local: Uint8Array;
 
-test.before(async () => {
+// uvu swallows errors thrown in before hooks: a failed setup fails every test with its cause
+const { test, after, run } = guardedSuite("remote images on threads", async () => {
   ngx = await startNginx();
   local = readFileSync(makeImage(join(ngx.root, "disk.img"), SIZE, 11, { zeroEvery: 3 }));
 });
-test.after(async () => { await ngx.stop(); });
+after(async () => { await ngx?.stop(); });
 
 async function until(what: string, ok: () => boolean, ms = 5000): Promise<void> {
   const limit = Date.now() + ms;
@@ -103,4 +103,4 @@ test("on its thread a remote image stays read-only", async () => {
   }
 });
 
-test.run();
+run();

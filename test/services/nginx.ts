@@ -2,9 +2,13 @@
 // generated config (static files with Range support, an access log of every request with its
 // Range header), stopped and started again on the same port for fault tests. Every location
 // serves the same root; /private/ asks for basic auth, /denied/ answers 403, /noranges/ ignores
-// Range (200 with the whole file), /slow/ sends 128 KiB/s per connection, /medium/ 4 MiB/s.
+// Range (200 with the whole file), /slow/ sends 128 KiB/s per connection, /medium/ 4 MiB/s,
+// /stall/ sends its first 2 KiB and then next to nothing (1 byte/s: a transfer that stalls).
+// fail(503) makes every request answer that status until fail(null) (a flag file the config
+// tests on each request: nginx itself answers, no restart). The log has each request's
+// connection number, end time and duration, to show which GETs overlapped.
 // One process, no daemon, everything under a scratch directory.
-import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
+import { mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
 import { join } from "node:path";
 import type { Subprocess } from "bun";
@@ -19,14 +23,32 @@ export interface Nginx {
   /** The directory served at /. */
   readonly root: string;
   url(path: string): string;
-  /** Access-log lines so far: "STATUS METHOD URI RANGE BYTES". */
+  /** Access-log lines so far: "STATUS METHOD URI RANGE BYTES CONNECTION END_MSEC REQUEST_TIME". */
   log(): string[];
+  /** Requests for `uri` so far, parsed from the log (start = end - duration, in seconds). */
+  requests(uri: string): LoggedRequest[];
+  /** Answer every request with `status` (500, 502, 503 or 504) from now on; null: serve again. */
+  fail(status: FailStatus | null): void;
   /** GETs with status 206 for `uri` so far, not counting probes of the first byte (bytes=0-0). */
   rangeGets(uri: string): number;
   /** Stop (SIGKILL with `hard`), leaving the port free; start() brings it back on the same port. */
   stop(hard?: boolean): Promise<void>;
   start(): Promise<void>;
   running(): boolean;
+}
+
+export type FailStatus = 500 | 502 | 503 | 504;
+const FAIL_STATUSES: FailStatus[] = [500, 502, 503, 504];
+
+export interface LoggedRequest {
+  status: number;
+  method: string;
+  range: string;
+  bytes: number;
+  connection: number;
+  /** Seconds (epoch, ms resolution): when nginx read the request and when it logged the answer. */
+  start: number;
+  end: number;
 }
 
 /** A free TCP port on 127.0.0.1 (closed again at once; the caller binds it soon after). */
@@ -60,7 +82,7 @@ pid ${dir}/nginx.pid;
 error_log ${dir}/error.log warn;
 events { worker_connections 1024; }
 http {
-  log_format ranges '$status $request_method $uri "$http_range" $body_bytes_sent';
+  log_format ranges '$status $request_method $uri "$http_range" $body_bytes_sent $connection $msec $request_time';
   access_log ${logFile} ranges;
   client_body_temp_path ${dir}/tmp; proxy_temp_path ${dir}/tmp; fastcgi_temp_path ${dir}/tmp;
   uwsgi_temp_path ${dir}/tmp; scgi_temp_path ${dir}/tmp;
@@ -70,11 +92,12 @@ http {
     listen 127.0.0.1:${port};
     root ${www};
     default_type application/octet-stream;
-    location /private/ { auth_basic "images"; auth_basic_user_file ${dir}/htpasswd; }
+${FAIL_STATUSES.map((st) => `    if (-f ${dir}/fail-${st}) { return ${st}; }\n`).join("")}    location /private/ { auth_basic "images"; auth_basic_user_file ${dir}/htpasswd; }
     location /denied/ { deny all; }
     location /noranges/ { max_ranges 0; }
     location /slow/ { limit_rate 128k; }
     location /medium/ { limit_rate 4m; }
+    location /stall/ { limit_rate_after 2k; limit_rate 1; }
   }
 }
 `);
@@ -110,6 +133,14 @@ http {
     port, root: www,
     url: (p) => `http://127.0.0.1:${port}/${p.replace(/^\//, "")}`,
     log: lines,
+    requests: (uri) => lines().map((l) => l.split(" ")).filter((f) => f[2] === uri).map((f) => {
+      const end = Number(f[6]), took = Number(f[7]);
+      return { status: Number(f[0]), method: f[1]!, range: f[3]!.replace(/"/g, ""), bytes: Number(f[4]), connection: Number(f[5]), start: end - took, end };
+    }),
+    fail(status) {
+      for (const st of FAIL_STATUSES) rmSync(join(dir, `fail-${st}`), { force: true });
+      if (status !== null) writeFileSync(join(dir, `fail-${status}`), "");
+    },
     rangeGets: (uri) => lines().filter((l) => l.startsWith(`206 GET ${uri} `) && !l.includes('"bytes=0-0"')).length,
     async stop(hard = false) {
       const p = proc as Subprocess | null;
