@@ -1,9 +1,10 @@
 // How `bun-nbd serve http://...` uses a real nginx and its cache directory: reads in flight at once
 // become GETs that overlap in time, never more than --remote-connections of them (nginx's access
-// log has each request's connection, end time and duration); and with a small --cache-size, opening
-// another image drops the least recently used entry of another object from the directory.
+// log has each request's connection, end time and duration); and a small --cache-size bounds the
+// whole directory: an image filling makes room from the least recently used entry of another
+// object, and images served by one process evict each other's least recently used blocks.
 import * as assert from "uvu/assert";
-import { closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, readSync } from "node:fs";
+import { closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, statSync } from "node:fs";
 import { join } from "node:path";
 import { connect, type NbdClient } from "../src/client/index.ts";
 import { bytesEqual, deadline } from "./helpers/assert.ts";
@@ -103,27 +104,61 @@ async function readThrough(cache: string, name: string, off: number, len: number
   return s;
 }
 
-test("a small --cache-size: opening another image drops the least recently used entry of another object, not the oldest", () => deadline(60_000, "eviction across entries", async () => {
+/** Bytes of block data in the cache directory (what --cache-size bounds: the data files' allocated blocks). */
+function dataBytes(cache: string): number {
+  let n = 0;
+  for (const name of readdirSync(cache)) if (name.endsWith(".data")) n += statSync(join(cache, name)).blocks * 512;
+  return n;
+}
+
+const BOUND = 7680 * KiB;
+
+test("a small --cache-size bounds the directory: while an image fills, the least recently used entry of another object goes, not the oldest", () => deadline(60_000, "eviction across entries", async () => {
   const cache = join(dir, "shared");
-  // 7.5 MiB for the directory (at least 16 blocks: 64 KiB blocks), three images of 4 MiB. a.img first (3 MiB of it), then c.img whole,
-  // then a.img's last MiB: a.img was created first but used last.
+  // 7.5 MiB for the directory (64 KiB blocks), three images of 4 MiB. a.img first (3 MiB of it),
+  // then c.img whole, then 256 KiB more of a.img: a.img was created first but used last.
   await readThrough(cache, "a.img", 0, 3 * MiB);
   await readThrough(cache, "c.img", 0, 4 * MiB);
   await Bun.sleep(20); // map times a few ms apart
-  await readThrough(cache, "a.img", 3 * MiB, MiB);
+  await readThrough(cache, "a.img", 3 * MiB, 256 * KiB);
   let e = entries(cache);
-  assert.equal([...e.keys()].sort(), ["a.img", "c.img"], "both fit (8 MiB would not)");
+  assert.equal([...e.keys()].sort(), ["a.img", "c.img"], "both fit (7.25 MiB)");
+  assert.ok(dataBytes(cache) <= BOUND, `${dataBytes(cache)} bytes`);
   const cPath = e.get("c.img")!;
-  // b.img: the others hold 8 MiB, more than the 7.5 MiB the directory may hold
+  // b.img: 4 MiB more than the 7.25 MiB the others hold, so room must be made as it fills
   const s = await readThrough(cache, "b.img", 0, 4 * MiB);
   e = entries(cache);
   assert.equal([...e.keys()].sort(), ["a.img", "b.img"], "c.img, the least recently used, was dropped");
   assert.not.ok(existsSync(`${cPath}.data`) || existsSync(`${cPath}.map`), "both files of c.img's entry are gone");
   assert.match(s.output(), new RegExp(`cache: removed ${cPath.replace(/[.]/g, "\\.")} \\(least recently used\\) to stay within the cache size`));
+  assert.ok(dataBytes(cache) <= BOUND, `the directory within --cache-size after b.img: ${dataBytes(cache)} bytes`);
   // what is left is still served from the cache: a.img without a GET
   const before = ngx.rangeGets("/a.img");
-  await readThrough(cache, "a.img", 0, 4 * MiB);
+  await readThrough(cache, "a.img", 0, 3 * MiB + 256 * KiB);
   assert.is(ngx.rangeGets("/a.img"), before, "a.img's entry was kept whole");
+}));
+
+test("images served by one process share the bound: the second one evicts the first one's least recently used blocks", () => deadline(60_000, "one budget", async () => {
+  const cache = join(dir, "one-process");
+  const s = await serve(["--cache-dir", cache, "--cache-size", "6M", "--block-size", "64K", "--readahead", "0", ngx.url("a.img"), ngx.url("b.img")]);
+  try {
+    const [a, b] = [await connect(s.uri("a")), await connect(s.uri("b"))];
+    try {
+      const imgA = readFileSync(join(ngx.root, "a.img")), imgB = readFileSync(join(ngx.root, "b.img"));
+      bytesEqual(await a.read(0, 4 * MiB), imgA.subarray(0, 4 * MiB), "a.img");
+      bytesEqual(await a.read(0, 1 * MiB), imgA.subarray(0, 1 * MiB), "a.img's first MiB again (used last)");
+      bytesEqual(await b.read(0, 4 * MiB), imgB.subarray(0, 4 * MiB), "b.img");
+      await Bun.sleep(100); // block writes on the thread pool land
+      assert.ok(dataBytes(cache) <= 6 * MiB, `the directory within --cache-size: ${dataBytes(cache)} bytes`);
+      // a.img kept its first MiB (used last) and lost the rest first
+      const gets = ngx.rangeGets("/a.img");
+      bytesEqual(await a.read(0, 1 * MiB), imgA.subarray(0, 1 * MiB), "a.img's first MiB");
+      assert.is(ngx.rangeGets("/a.img"), gets, "a.img's most recently used MiB was kept");
+      // 6 MiB hold 96 blocks of 64 KiB: b.img's 64 took the room of a.img's 32 least recently used, its 2nd and 3rd MiB
+      bytesEqual(await a.read(1 * MiB, 2 * MiB), imgA.subarray(1 * MiB, 3 * MiB), "a.img's 2nd and 3rd MiB");
+      assert.ok(ngx.rangeGets("/a.img") > gets, "a.img's least recently used blocks were evicted for b.img's");
+    } finally { await a.close(); await b.close(); }
+  } finally { await stopped(s); }
 }));
 
 run();

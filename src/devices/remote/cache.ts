@@ -1,18 +1,18 @@
 // The persistent cache of a remote object, per URL + ETag: a sparse data file (bytes at their own
 // offsets) and a map (identity, one state byte per block, then a bitmap of 4 KiB pieces per block
-// for blocks held in part), bounded with LRU eviction of whole blocks. Bytes are marked only after
+// for blocks held in part), within its directory's budget (cache-budget.ts: LRU eviction of whole
+// blocks, across every image open there, after entries no one uses). Bytes are marked only after
 // they are written, and unmarked before their hole is punched: kill -9 safe.
-import { closeSync, existsSync, fstatSync, ftruncateSync, mkdirSync, openSync, readSync, unlinkSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
-import { F_UNLCK, F_WRLCK, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate, ofdLock } from "../../sys/libc.ts";
+import { closeSync, fstatSync, ftruncateSync, readSync } from "node:fs";
+import { F_UNLCK, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate, ofdLock } from "../../sys/libc.ts";
 import type { ObjectVersion } from "./store.ts";
-import { entryId, HEADER, headerBytes, prune } from "./cache-dir.ts";
+import { DirBudget, type BudgetMember } from "./cache-budget.ts";
+import { HEADER, headerBytes, openEntry, pruneVersions } from "./cache-dir.ts";
 import { DataWriter, writeFull } from "./cache-writer.ts";
 import { LruList } from "./lru.ts";
+import { PIECE, PieceMap } from "./pieces.ts";
 
-/** The unit of a block held in part: what a small random read fetches and marks. */
-export const PIECE = 4096;
+export { PIECE };
 
 export const ABSENT = 0;
 export const DATA = 1;
@@ -47,28 +47,24 @@ export interface CacheOptions {
   key: string;
   version: ObjectVersion;
   blockSize: number;
-  /** Most bytes of block data to keep, for this object and the directory as a whole. */
+  /** Most bytes of block data the directory keeps, for every object in it (the smallest given, if they differ). */
   budget: number;
   log: (msg: string) => void;
 }
 
-export class BlockCache {
+export class BlockCache implements BudgetMember {
   readonly blocks: number;
   /** The state byte of every block (ABSENT, DATA, ZERO, PARTIAL). */
   readonly state: Uint8Array;
   /** Bytes held (DATA blocks, the pieces of PARTIAL ones) plus the room reserved by fillings. */
   used = 0;
   evictions = 0;
-  /** Bytes of one block's piece bitmap in the map file. */
-  private readonly bitmapBytes: number;
-  /**
-   * Every block's piece bitmap, all zeros unless the block is PARTIAL: 32 bytes per MiB of image
-   * whatever the block size, its pages only touched where blocks are held in part. (A map of
-   * small arrays would cost a client's random reads ~100 bytes of heap per block.)
-   */
-  private readonly bitmaps: Uint8Array;
+  /** The pieces held of PARTIAL blocks. */
+  private readonly pieces: PieceMap;
   /** DATA and PARTIAL blocks that no GET is filling and no sendfile reads, least recently used last. */
   private readonly lru: LruList;
+  /** When each block in the LRU list was last used (a tick of the directory's budget, comparable across images). */
+  private readonly uses: Float64Array;
   /** Sendfiles under way per block (see pin()): such a block is never evicted. */
   private readonly pins: Int32Array;
   private closing = false;
@@ -76,68 +72,44 @@ export class BlockCache {
   private readonly one = new Uint8Array(1);
 
   private constructor(readonly fd: number, private readonly mapFd: number, readonly path: string | null,
-    readonly blockSize: number, readonly size: number, readonly budget: number, private readonly log: (msg: string) => void) {
+    readonly blockSize: number, readonly size: number, private readonly share: DirBudget, private readonly id: string | null,
+    private readonly log: (msg: string) => void) {
     this.blocks = Math.ceil(size / blockSize);
     this.state = new Uint8Array(this.blocks);
     this.writer = new DataWriter(fd);
     this.lru = new LruList(this.blocks);
+    this.uses = new Float64Array(this.blocks);
     this.pins = new Int32Array(this.blocks);
-    this.bitmapBytes = Math.ceil(blockSize / PIECE / 8);
-    this.bitmaps = new Uint8Array(this.blocks * this.bitmapBytes);
+    this.pieces = new PieceMap(this.blocks, blockSize);
   }
 
   get persistent(): boolean { return this.path !== null; }
 
   /** Bytes of the map file: header, state bytes, bitmaps. */
-  private get mapBytes(): number { return HEADER + this.blocks * (1 + this.bitmapBytes); }
+  private get mapBytes(): number { return HEADER + this.blocks * (1 + this.pieces.bytesPerBlock); }
 
   static open(o: CacheOptions): BlockCache {
-    const budget = Math.max(o.budget, 16 * o.blockSize);
-    if (o.dir === null) return BlockCache.throwAway(o, budget);
-    mkdirSync(o.dir, { recursive: true });
-    const id = entryId(o.key, o.version);
-    const base = join(o.dir, id);
-    const mapFd = openSync(`${base}.map`, "a+");
-    closeSync(mapFd);
-    const m = openSync(`${base}.map`, "r+");
-    if (!ofdLock(m, F_WRLCK, 0, 1)) {
-      closeSync(m);
-      o.log(`cache ${base}.map is in use by another process; using a throw-away cache for ${o.key}`);
-      return BlockCache.throwAway(o, budget);
-    }
-    let d = -1;
+    const e = openEntry(o.dir, o.key, o.version, o.log);
     try {
-      d = openSync(`${base}.data`, existsSync(`${base}.data`) ? "r+" : "w+");
-      const c = new BlockCache(d, m, base, o.blockSize, o.version.size, budget, o.log);
+      const share = DirBudget.of(e.id === null ? null : o.dir, Math.max(o.budget, 16 * o.blockSize), o.log);
+      const c = new BlockCache(e.data, e.map, e.base, o.blockSize, o.version.size, share, e.id, o.log);
       const header = headerBytes({ ...o, blocks: c.blocks });
       if (!c.load(header)) {
-        ftruncateSync(m, 0);
-        ftruncateSync(d, 0);
-        writeFull(m, header, 0);
-        ftruncateSync(m, c.mapBytes);
+        ftruncateSync(e.map, 0);
+        ftruncateSync(e.data, 0);
+        writeFull(e.map, header, 0);
+        ftruncateSync(e.map, c.mapBytes);
       }
-      if (fstatSync(d).size !== o.version.size) ftruncateSync(d, o.version.size);
-      prune(o.dir, id, o.key, budget - Math.min(c.used, budget), o.log);
-      c.shrinkTo(budget);
+      if (fstatSync(e.data).size !== o.version.size) ftruncateSync(e.data, o.version.size);
+      if (e.id !== null) share.onDisk = pruneVersions(o.dir!, e.id, o.key, o.log);
+      share.join(c, e.id);
+      share.makeRoom(0);
       return c;
-    } catch (e) {
-      if (d >= 0) closeSync(d);
-      closeSync(m);
-      throw e;
+    } catch (err) {
+      closeSync(e.data);
+      closeSync(e.map);
+      throw err;
     }
-  }
-
-  private static throwAway(o: CacheOptions, budget: number): BlockCache {
-    const dir = process.env.TMPDIR || tmpdir();
-    const p = join(dir, `bun-nbd-cache-${process.pid}-${Math.random().toString(36).slice(2, 10)}`);
-    const d = openSync(`${p}.data`, "wx+", 0o600);
-    const m = openSync(`${p}.map`, "wx+", 0o600);
-    unlinkSync(`${p}.data`);
-    unlinkSync(`${p}.map`);
-    ftruncateSync(d, o.version.size);
-    const c = new BlockCache(d, m, null, o.blockSize, o.version.size, budget, o.log);
-    ftruncateSync(m, c.mapBytes);
-    return c;
   }
 
   /** Read the map; false when it is not this object's (new, another version, block size or format). */
@@ -150,18 +122,17 @@ export class BlockCache {
     for (let b = 0; b < this.blocks; b++) {
       const s = this.state[b]!;
       if (s === PARTIAL) {
-        if (!readFull(this.mapFd, this.bitmap(b), this.bitmapAt(b))) return false;
+        if (!readFull(this.mapFd, this.pieces.of(b), this.bitmapAt(b))) return false;
       } else if (s !== DATA && s !== ZERO) {
         this.state[b] = ABSENT;
         continue;
       }
-      if (s !== ZERO) { this.used += this.held(b); this.lru.pushFront(b); }
+      if (s !== ZERO) { this.used += this.held(b); this.markUsed(b); }
     }
     return true;
   }
 
-  private bitmapAt(b: number): number { return HEADER + this.blocks + b * this.bitmapBytes; }
-  private bitmap(b: number): Uint8Array { return this.bitmaps.subarray(b * this.bitmapBytes, (b + 1) * this.bitmapBytes); }
+  private bitmapAt(b: number): number { return HEADER + this.blocks + b * this.pieces.bytesPerBlock; }
 
   blockBytes(b: number): number {
     return Math.min(this.blockSize, this.size - b * this.blockSize);
@@ -171,11 +142,7 @@ export class BlockCache {
   private held(b: number): number {
     const s = this.state[b];
     if (s === DATA) return this.blockBytes(b);
-    if (s !== PARTIAL) return 0;
-    const bm = this.bitmap(b), end = this.blockBytes(b);
-    let n = 0;
-    for (let p = 0, at = 0; at < end; p++, at += PIECE) if (bm[p >> 3]! & (1 << (p & 7))) n += Math.min(PIECE, end - at);
-    return n;
+    return s === PARTIAL ? this.pieces.held(b, this.blockBytes(b)) : 0;
   }
 
   /** True if every block is held whole (DATA or ZERO): nothing will be fetched, written or evicted again. */
@@ -191,16 +158,7 @@ export class BlockCache {
     for (let b = Math.floor(pos / bs), last = Math.floor((end - 1) / bs); b <= last; b++) {
       const x = s[b];
       if (x === ABSENT) return false;
-      if (x === PARTIAL && !this.piecesHeld(b, Math.max(pos, b * bs) - b * bs, Math.min(end, (b + 1) * bs) - b * bs)) return false;
-    }
-    return true;
-  }
-
-  /** True if the pieces covering block-relative bytes [from, to) of PARTIAL block `b` are held. */
-  private piecesHeld(b: number, from: number, to: number): boolean {
-    const bm = this.bitmaps, at = b * this.bitmapBytes * 8;
-    for (let p = at + Math.floor(from / PIECE), last = at + Math.floor((to - 1) / PIECE); p <= last; p++) {
-      if ((bm[p >> 3]! & (1 << (p & 7))) === 0) return false;
+      if (x === PARTIAL && !this.pieces.covers(b, Math.max(pos, b * bs) - b * bs, Math.min(end, (b + 1) * bs) - b * bs)) return false;
     }
     return true;
   }
@@ -208,6 +166,22 @@ export class BlockCache {
   /** Mark `b` as just used (eviction takes the least recently used first); blocks being filled are not in the list. */
   touch(b: number): void {
     this.lru.touch(b);
+    this.uses[b] = this.share.now();
+  }
+
+  /** Put `b` in the LRU list as just used. */
+  private markUsed(b: number): void {
+    this.lru.pushFront(b);
+    this.uses[b] = this.share.now();
+  }
+
+  oldestUse(): number {
+    const b = this.lru.tail;
+    return b < 0 ? Infinity : this.uses[b]!;
+  }
+
+  evictOldest(): void {
+    if (this.lru.tail >= 0) this.evict(this.lru.tail);
   }
 
   /**
@@ -227,7 +201,7 @@ export class BlockCache {
     for (let b = first; b <= last; b++) {
       if (--this.pins[b]! > 0) continue;
       const s = this.state[b];
-      if ((s === DATA || s === PARTIAL) && !this.filling.has(b)) this.lru.pushFront(b);
+      if ((s === DATA || s === PARTIAL) && !this.filling.has(b)) this.markUsed(b);
     }
   }
 
@@ -259,7 +233,7 @@ export class BlockCache {
     if (s === DATA || s === ZERO) return; // held already: its writes are skipped
     const reserve = this.blockBytes(b) - this.held(b);
     if (s === PARTIAL) this.lru.unlink(b);
-    while (this.used + reserve > this.budget && this.lru.tail >= 0) this.evict(this.lru.tail);
+    this.share.makeRoom(reserve);
     this.used += reserve;
     this.filling.set(b, { open: 1, reserve, nonzero: false, failed: false, pending: 0, whole: false, pieces: [], done: [] });
   }
@@ -348,7 +322,7 @@ export class BlockCache {
     }
     this.used += this.held(b) - before - f.reserve;
     const s = this.state[b];
-    if ((s === DATA || s === PARTIAL) && this.pins[b] === 0) this.lru.pushFront(b);
+    if ((s === DATA || s === PARTIAL) && this.pins[b] === 0) this.markUsed(b);
     // Unmarked bytes are never read: give their room back (after close the fd may be another file's).
     else if (s === ABSENT && f.nonzero && !this.closed) this.punch(b);
     for (const d of f.done) d(cached);
@@ -356,22 +330,15 @@ export class BlockCache {
 
   private markWhole(b: number, s: number): void {
     this.setState(b, s);
-    this.bitmap(b).fill(0);
+    this.pieces.clear(b);
   }
 
   /** Set the pieces of `ranges` (block-relative pairs): the bitmap is written before the state byte says to read it. */
   private markPieces(b: number, ranges: number[]): void {
     const s = this.state[b];
     if (s === DATA || s === ZERO) return;
-    const bm = this.bitmap(b); // all zeros unless PARTIAL
-    for (let i = 0; i < ranges.length; i += 2) {
-      for (let p = Math.floor(ranges[i]! / PIECE), last = Math.floor((ranges[i + 1]! - 1) / PIECE); p <= last; p++) bm[p >> 3]! |= 1 << (p & 7);
-    }
-    const pieces = Math.ceil(this.blockBytes(b) / PIECE);
-    let all = true;
-    for (let p = 0; p < pieces && all; p++) all = (bm[p >> 3]! & (1 << (p & 7))) !== 0;
-    if (all) { this.markWhole(b, DATA); return; }
-    writeFull(this.mapFd, bm, this.bitmapAt(b));
+    if (this.pieces.add(b, ranges, this.blockBytes(b))) { this.markWhole(b, DATA); return; }
+    writeFull(this.mapFd, this.pieces.of(b), this.bitmapAt(b));
     if (s !== PARTIAL) this.setState(b, PARTIAL);
   }
 
@@ -394,7 +361,7 @@ export class BlockCache {
     const bytes = this.held(b);
     this.lru.unlink(b);
     this.setState(b, ABSENT); // the map first: a crash between leaves unmarked bytes, never a marked hole
-    this.bitmap(b).fill(0);
+    this.pieces.clear(b);
     this.punch(b);
     this.used -= bytes;
     this.evictions++;
@@ -406,16 +373,13 @@ export class BlockCache {
     } catch { /* no hole punching: the bytes stay allocated but unmarked */ }
   }
 
-  private shrinkTo(budget: number): void {
-    while (this.used > budget && this.lru.tail >= 0) this.evict(this.lru.tail);
-  }
-
   /** Close once the writes in flight have ended (an fd closed under them could be reused by another file). */
   async close(): Promise<void> {
     if (this.closing) return;
     this.closing = true; // no new writes; those in flight still mark their blocks
     await this.writer.idle();
     this.closed = true;
+    this.share.leave(this, this.id); // before its files close: no other image evicts from it after
     if (this.path !== null) { try { ofdLock(this.mapFd, F_UNLCK, 0, 1); } catch { /* closing anyway */ } }
     closeSync(this.fd);
     closeSync(this.mapFd);
