@@ -26,7 +26,7 @@ export interface FetchJob {
 
 /** Receives a GET's bytes as they arrive, cut at unit (block) boundaries, in order. */
 export interface ChunkSink {
-  /** Bytes [offset, offset + chunk.length) of one unit (the view is valid only during the call). */
+  /** Bytes [offset, offset + chunk.length) of one unit: a view of a body chunk nothing reuses, which the sink may keep (the cache writes it later). */
   data(offset: number, chunk: Uint8Array): void;
   /** Every byte of the unit [offset, offset + length) has been given to data(). */
   unit(offset: number, length: number): void;
