@@ -35,6 +35,17 @@ export function s3Settings(over: S3Settings = {}, env: Record<string, string | u
   };
 }
 
+/**
+ * The endpoint to give Bun.S3Client: with virtual-hosted style, BUCKET.host (Bun adds the bucket to
+ * the host only for AWS's own endpoints; given one, it drops the bucket from the URL altogether).
+ */
+export function s3ClientEndpoint(s3: S3Settings, bucket: string): string | undefined {
+  if (!s3.endpoint || !s3.virtualHostedStyle) return s3.endpoint;
+  const u = new URL(s3.endpoint);
+  u.hostname = `${bucket}.${u.hostname}`;
+  return u.href.replace(/\/$/, "");
+}
+
 /** Query parameters that carry signatures or credentials (presigned S3, Azure SAS, GCS). */
 const SECRET_PARAMS = /^(x-amz-(signature|credential|security-token|date|expires|algorithm|signedheaders)|signature|awsaccesskeyid|expires|x-goog-(signature|credential|date|expires|algorithm|signedheaders)|sig|se|sp|sv|sr|st|spr|skoid|sktid|skt|ske|sks|skv|token|access_token)$/i;
 

@@ -2,7 +2,7 @@
 // upload through Bun.S3Client's writer, read in part-sized chunks, refusing to replace an object
 // unless asked, and checked by a stat of the result. Cold code.
 import { isPromise, type BlockDevice } from "../types.ts";
-import { parseLocation, s3Settings, type S3Settings } from "./location.ts";
+import { parseLocation, s3ClientEndpoint, s3Settings, type S3Settings } from "./location.ts";
 import { networkReason } from "./store.ts";
 
 export interface PublishOptions {
@@ -29,7 +29,7 @@ export async function publish(source: BlockDevice, dest: string, o: PublishOptio
   if (!loc.s3.accessKeyId || !loc.s3.secretAccessKey) throw new Error(`${loc.display}: uploading needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY`);
   if (!(o.partSize >= 5 * 1024 * 1024 && o.partSize <= 5 * 1024 ** 3)) throw new Error(`part size ${o.partSize}: S3 parts are 5 MiB to 5 GiB`);
   const client = new Bun.S3Client({
-    bucket: loc.bucket, endpoint: loc.s3.endpoint, region: loc.s3.region, accessKeyId: loc.s3.accessKeyId,
+    bucket: loc.bucket, endpoint: s3ClientEndpoint(loc.s3, loc.bucket), region: loc.s3.region, accessKeyId: loc.s3.accessKeyId,
     secretAccessKey: loc.s3.secretAccessKey, sessionToken: loc.s3.sessionToken, virtualHostedStyle: loc.s3.virtualHostedStyle,
   });
   const file = client.file(loc.objectKey);

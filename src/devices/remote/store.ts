@@ -2,7 +2,7 @@
 // Bun.S3Client (S3File hides statuses and misreads edges). Every GET is conditional on the pinned
 // version (If-Match) and its answer checked (ETag, Content-Range, length): two versions never mix.
 import { VERSION } from "../../version.ts";
-import { type RemoteLocation } from "./location.ts";
+import { s3ClientEndpoint, type RemoteLocation } from "./location.ts";
 
 /** What identifies the object's bytes: pinned at open, checked on every GET. */
 export interface ObjectVersion {
@@ -45,7 +45,7 @@ export class ObjectStore {
     }
     if (loc.kind === "s3" && loc.s3.accessKeyId && loc.s3.secretAccessKey) {
       this.s3 = new Bun.S3Client({
-        bucket: loc.bucket, endpoint: loc.s3.endpoint, region: loc.s3.region, accessKeyId: loc.s3.accessKeyId,
+        bucket: loc.bucket, endpoint: s3ClientEndpoint(loc.s3, loc.bucket), region: loc.s3.region, accessKeyId: loc.s3.accessKeyId,
         secretAccessKey: loc.s3.secretAccessKey, sessionToken: loc.s3.sessionToken, virtualHostedStyle: loc.s3.virtualHostedStyle,
       });
     }
