@@ -1,93 +1,63 @@
-// `bun-nbd serve s3://bucket/key` end to end against a real Ceph RGW (started by this file with
-// our copy of the recipe; skipped, saying why, only where the Ceph packages cannot be installed):
-// a byte-exact nbdcopy of a big object and a second pass served from the cache (RGW's ops log
-// counts the GETs), clear errors at start (bad secret, no such key or bucket, store down),
-// credentials kept out of output and LIST, RGW stopped mid-copy (EIO, the server survives, the
-// next copy is exact), an object replaced while served (EIO, a log line, never bytes of the new
-// version) and a CUE sheet whose BINs are found relative to its key. Overlays: QEMU boots
-// examples/boot.img from a bucket through --snapshot; two bun-nbd processes on one bucket serve two
-// clients (QEMU guests) with separate overlays; publish uploads an overlay merged with its base;
-// a persistent overlay refuses a replaced object and overlay commit refuses a remote base.
-// BUN_NBD_REMOTE_S3_MIB sets the big object's size: 256 MiB by default, so that CI does not spend a
-// minute uploading; BUN_NBD_REMOTE_S3_MIB=1024 runs the 1 GiB copy the issue asks for.
+// `bun-nbd serve s3://bucket/key` end to end against a real Ceph RGW (test/helpers/remote-s3.ts):
+// a byte-exact nbdcopy of a 1 GiB object and a second pass served from the cache (radosgw's perf
+// counters count the GETs: many, then none), the edges where Bun's S3File goes wrong (the last
+// bytes, a 1-byte object, empty and out-of-range slices) through our device and store layers, RGW
+// stopped mid-copy (EIO, the server survives, the next copy is exact), an object replaced while
+// served (EIO, a log line, never bytes of the new version) and a CUE sheet whose BINs are found
+// relative to its key. Settings and credentials: remote-s3-settings.ts; overlays: remote-s3-overlay.ts.
+// BUN_NBD_REMOTE_S3_MIB sets the big object's size (default 1024, as the issue asks: uploading it
+// takes 5-15 s on the 2-core machine, the cold copy about 5 s, the whole file about a minute).
 import * as assert from "uvu/assert";
 import { readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
-import { bytesEqual, deadline, rejects } from "./helpers/assert.ts";
+import { bytesEqual, rejects } from "./helpers/assert.ts";
 import { openRemoteImage } from "../src/devices/remote/index.ts";
-import { BUN, CLI, need, ROOT, run, runOk, scratch } from "./helpers/env.ts";
+import { parseLocation } from "../src/devices/remote/location.ts";
+import { ObjectStore, RemoteError, type ObjectVersion } from "../src/devices/remote/store.ts";
+import { ROOT, run, runOk, scratch } from "./helpers/env.ts";
+import { BUCKET, MiB, s3Suite, same, stopped, waitFor } from "./helpers/remote-s3.ts";
 import { makeImage, whoseBlocks } from "./helpers/remote-images.ts";
-import { serve, type Served } from "./helpers/server.ts";
-import { guardedSuite, nbdpy } from "./interop-lib.ts";
-import { ACCESS_KEY, SECRET_KEY, startRgw, type Rgw } from "./services/rgw.ts";
-import { boot, fileBytes } from "./e2e/boot.ts";
-import { expectedWrittenSector, hdExpectations } from "./e2e/images.ts";
-import { nbdRead, nbdWrite } from "./e2e/nbdhost.ts";
+import { serve } from "./helpers/server.ts";
+import { nbdpy } from "./interop-lib.ts";
+import { ACCESS_KEY, SECRET_KEY } from "./services/rgw.ts";
 
-const MiB = 1024 * 1024;
-const BIG = Number(process.env.BUN_NBD_REMOTE_S3_MIB ?? 256) * MiB;
-const BUCKET = "images";
+const BIG = Number(process.env.BUN_NBD_REMOTE_S3_MIB ?? 1024) * MiB;
+const ODD = 3 * MiB + 7;
 const dir = scratch("bun-nbd-remote-s3-");
-let rgw: Rgw | null = null;
-let big = "", mid = "";
+let big = "", mid = "", odd = "";
 
-const { test, run: runSuite } = guardedSuite("remote over S3 (Ceph RGW)", async () => {
-  need("nbdcopy", "nbdinfo", "cmp", "curl");
-  rgw = await startRgw();
-  if (rgw === null) return;
-  await rgw.createBucket(BUCKET);
+const { s3test, run: runSuite } = s3Suite("remote over S3 (Ceph RGW)", async (g) => {
   big = makeImage(join(dir, "big.img"), BIG, 31, { dataEvery: 4 });
   mid = makeImage(join(dir, "mid.img"), 48 * MiB + 2352, 32, { zeroEvery: 5 });
+  odd = makeImage(join(dir, "odd.img"), ODD, 33);
   const t0 = Date.now();
-  await rgw.putFile(BUCKET, "golden/big.img", big);
-  await rgw.putFile(BUCKET, "golden/mid.img", mid);
-  console.log(`  RGW up at ${rgw.endpoint}; uploaded ${((BIG + 48 * MiB) / MiB).toFixed(0)} MiB in ${((Date.now() - t0) / 1000).toFixed(1)} s`);
+  await g.putFile(BUCKET, "golden/big.img", big);
+  await g.putFile(BUCKET, "golden/mid.img", mid);
+  await g.putFile(BUCKET, "edge/odd.img", odd);
+  const c = g.client(BUCKET);
+  await c.write("edge/one.img", new Uint8Array([0x7f]));
+  await c.write("edge/empty.img", new Uint8Array(0));
+  console.log(`  RGW up at ${g.endpoint}; uploaded ${((BIG + 51 * MiB) / MiB).toFixed(0)} MiB in ${((Date.now() - t0) / 1000).toFixed(1)} s`);
 });
 
-/** A test that needs the store: skipped (with the reason printed once at setup) when there is none. */
-const s3test = (name: string, ms: number, fn: (rgw: Rgw) => Promise<void>) =>
-  test(name, () => rgw === null ? Promise.resolve() : deadline(ms, name, () => fn(rgw!)));
-
-const getsOf = (g: Rgw, key: string) => g.ops().filter((o) => o.op === "get_obj" && o.status === "206" && o.uri.startsWith(`GET /${BUCKET}/${key}?`)).length;
-async function same(a: string, b: string): Promise<void> {
-  const r = await run(["cmp", a, b], { timeoutMs: 120_000 });
-  assert.is(r.code, 0, `${a} and ${b} differ: ${r.stdout}${r.stderr}`);
-}
-async function stopped(s: Served): Promise<void> {
-  assert.is(await s.stop(), 0, `server exit status; output:\n${s.output()}`);
-}
-async function waitFor(cond: () => boolean, what: string, s: Served, ms = 5000): Promise<void> {
-  for (const end = Date.now() + ms; !cond(); await Bun.sleep(25)) {
-    if (Date.now() > end) assert.unreachable(`${what}: not seen in ${ms} ms; server output:\n${s.output().slice(-3000)}`);
-  }
-}
-
-/** `count()` once it has stopped changing for a second (RGW writes its ops log after the responses, later under load). */
-async function settled(count: () => number, ms = 20_000): Promise<number> {
-  let last = count();
-  for (const end = Date.now() + ms; Date.now() < end;) {
-    await Bun.sleep(1000);
-    const now = count();
-    if (now === last) return now;
-    last = now;
-  }
-  return last;
-}
-
-s3test("nbdcopy of the big object is byte-exact; the second pass comes from the cache (no GET in the ops log)", 900_000, async (g) => {
+s3test("nbdcopy of the big object is byte-exact; the second pass comes from the cache (RGW's counters: many GETs, then none)", 900_000, async (g) => {
   const s = await serve(["-v", "--cache-dir", join(dir, "cache-big"), `s3://${BUCKET}/golden/big.img`], { env: g.env });
   try {
+    const p0 = await g.perf(); // after the open (its probe and first reads)
     const t0 = Date.now();
     await runOk(["nbdcopy", s.uri("big"), join(dir, "big1.out")], { timeoutMs: 600_000 });
     const cold = (Date.now() - t0) / 1000;
-    // the ops log is written after the responses, later under load: count once it stops growing
-    const gets = await settled(() => getsOf(g, "golden/big.img"));
-    assert.ok(gets > 0, "GETs in the ops log");
+    const p1 = await g.perf();
+    const gets = p1.gets - p0.gets, bytes = p1.getBytes - p0.getBytes + gets; // RGW counts each ranged GET one byte short
+    // every byte not fetched at open came from RGW, at most 32 MiB (the readahead window) a GET
+    assert.ok(gets >= BIG / (32 * MiB), `${gets} GETs for ${BIG / MiB} MiB`);
+    assert.ok(bytes >= BIG - 2 * MiB && bytes <= BIG, `${bytes} bytes fetched for a ${BIG}-byte object`);
     const t1 = Date.now();
     await runOk(["nbdcopy", s.uri("big"), join(dir, "big2.out")], { timeoutMs: 600_000 });
     const warm = (Date.now() - t1) / 1000;
-    assert.is(await settled(() => getsOf(g, "golden/big.img")), gets, "no GET for the second pass");
-    console.log(`  ${BIG / MiB} MiB over S3: cold ${cold.toFixed(1)} s, warm ${warm.toFixed(1)} s, ${gets} GETs`);
+    const p2 = await g.perf();
+    assert.equal([p2.gets - p1.gets, p2.getBytes - p1.getBytes], [0, 0], "GETs (and bytes) for the second pass");
+    console.log(`  ${BIG / MiB} MiB over S3: cold ${cold.toFixed(1)} s (${gets} GETs), warm ${warm.toFixed(1)} s (none)`);
   } finally { await stopped(s); }
   await same(join(dir, "big1.out"), big);
   await same(join(dir, "big2.out"), big);
@@ -95,19 +65,14 @@ s3test("nbdcopy of the big object is byte-exact; the second pass comes from the 
   for (const secret of [SECRET_KEY, ACCESS_KEY, "X-Amz-Signature"]) assert.not.ok(out.includes(secret), `server output shows ${secret}`);
 });
 
-s3test("edges (where S3File slices go wrong): the last byte, a partial last block, a 1-byte object, an empty one", 60_000, async (g) => {
-  const c = g.client(BUCKET);
-  const odd = makeImage(join(dir, "odd.img"), 3 * MiB + 7, 33);
-  await g.putFile(BUCKET, "edge/odd.img", odd);
-  await c.write("edge/one.img", new Uint8Array([0x7f]));
-  await c.write("edge/empty.img", new Uint8Array(0));
+s3test("edges through the device (where S3File slices go wrong): the last byte, a partial last block, a 1-byte object, an empty one", 60_000, async (g) => {
   const s3 = { endpoint: g.endpoint, accessKeyId: ACCESS_KEY, secretAccessKey: SECRET_KEY };
   const opts = { cacheDir: null, blockSize: 64 * 1024, s3 };
   const want = readFileSync(odd);
   const d = await openRemoteImage(`s3://${BUCKET}/edge/odd.img`, opts, () => {});
   try {
-    assert.is(d.size(), 3 * MiB + 7);
-    for (const [off, len] of [[3 * MiB + 6, 1], [3 * MiB, 7], [3 * MiB - 70_000, 70_007], [0, 1], [65535, 2], [0, 3 * MiB + 7]] as const) {
+    assert.is(d.size(), ODD);
+    for (const [off, len] of [[ODD - 1, 1], [3 * MiB, 7], [3 * MiB - 70_000, 70_007], [0, 1], [65535, 2], [0, ODD], [ODD, 0], [ODD - 3, 0]] as const) {
       const b = new Uint8Array(len);
       await d.pread(b, off, 0);
       bytesEqual(b, want.subarray(off, off + len), `[${off}, +${len})`);
@@ -123,39 +88,46 @@ s3test("edges (where S3File slices go wrong): the last byte, a partial last bloc
   assert.match(e.message, /s3:\/\/images\/edge\/empty\.img is empty/);
 });
 
-s3test("credentials never appear in LIST or in the server's output", 60_000, async (g) => {
-  const s = await serve(["-v", "--no-cache", `s3://${BUCKET}/golden/mid.img`], { env: g.env });
-  let list;
-  try {
-    list = await runOk(["nbdinfo", "--list", s.uri()]);
-    await nbdpy(s.uri("mid"), "h.pread(65536, 0)");
-  } finally { await stopped(s); }
-  assert.ok(list.stdout.includes(`s3://${BUCKET}/golden/mid.img`), list.stdout);
-  for (const text of [list.stdout, s.output()]) {
-    for (const secret of [SECRET_KEY, ACCESS_KEY, "X-Amz-"]) assert.not.ok(text.includes(secret), `${secret} shown:\n${text}`);
+s3test("the store layer: sizes from Content-Range (never NaN), exact ranges to the end, and empty, negative or out-of-range slices refused before any request", 60_000, async (g) => {
+  const s3 = { endpoint: g.endpoint, accessKeyId: ACCESS_KEY, secretAccessKey: SECRET_KEY };
+  const open = async (key: string) => {
+    const store = new ObjectStore(parseLocation(`s3://${BUCKET}/${key}`, s3));
+    return { store, pin: await store.probe() };
+  };
+  const get = async (o: { store: ObjectStore; pin: ObjectVersion }, start: number, end: number) => {
+    const parts: Uint8Array[] = [];
+    await o.store.get(start, end, o.pin, new AbortController().signal, 10_000, (c) => parts.push(c.slice()));
+    return new Uint8Array(Buffer.concat(parts));
+  };
+  const want = readFileSync(odd);
+  const o = await open("edge/odd.img"), one = await open("edge/one.img");
+  assert.equal([o.pin.size, one.pin.size], [ODD, 1]);
+  const p0 = await g.perf();
+  const ok: [number, number][] = [[ODD - 1, ODD], [ODD - 7, ODD], [ODD - 65536 - 7, ODD], [3 * MiB, ODD], [0, ODD], [0, 1], [ODD - 2, ODD - 1]];
+  for (const [s, e] of ok) bytesEqual(await get(o, s, e), want.subarray(s, e), `bytes [${s}, ${e})`);
+  bytesEqual(await get(one, 0, 1), new Uint8Array([0x7f]), "the 1-byte object");
+  const p1 = await g.perf();
+  assert.is(p1.gets - p0.gets, ok.length + 1, "one GET per range");
+  // what S3File gets wrong (slice(n, n) is 1 byte, negative slices count from the end, a start past
+  // the end is InvalidRange) and what RGW would cut short: refused here, with no request at all
+  const bad: [number, number][] = [[ODD, ODD + 1], [ODD + 10, ODD + 20], [ODD - 1, ODD + 1], [0, ODD + 1], [5, 5], [ODD, ODD], [0, 0],
+    [10, 5], [-1, 1], [-7, 0], [-7, -1], [NaN, 1], [0, NaN], [0, Infinity]];
+  for (const [s, e] of bad) {
+    const err = await rejects(() => get(o, s, e), `[${s}, ${e})`);
+    assert.ok(err instanceof RemoteError, `[${s}, ${e}): ${err}`);
+    assert.match(err.message, new RegExp(`s3://images/edge/odd\\.img: bad range \\[${s}, ${e}\\)`));
   }
-});
-
-s3test("errors at start name the object and the status", 60_000, async (g) => {
-  const attempt = (url: string, env: Record<string, string>) => run([BUN, CLI, "serve", "-p", "0", "--no-cache", url], { env: { ...g.env, ...env } });
-  let r = await attempt(`s3://${BUCKET}/golden/mid.img`, { AWS_SECRET_ACCESS_KEY: "wrong-secret" });
-  assert.is(r.code, 1);
-  assert.match(r.stderr, new RegExp(`s3://${BUCKET}/golden/mid\\.img: HTTP 403 Forbidden \\(SignatureDoesNotMatch\\)`));
-  assert.not.ok(r.stderr.includes("wrong-secret"));
-  r = await attempt(`s3://${BUCKET}/golden/none.img`, {});
-  assert.match(r.stderr, /s3:\/\/images\/golden\/none\.img: HTTP 404 Not Found \(NoSuchKey\)/);
-  r = await attempt("s3://no-such-bucket/x.img", {});
-  assert.match(r.stderr, /s3:\/\/no-such-bucket\/x\.img: HTTP 404 Not Found \(NoSuchBucket\)/);
-  r = await attempt(`s3://${BUCKET}/golden/mid.img`, { AWS_ENDPOINT_URL: "http://127.0.0.1:9" });
-  assert.match(r.stderr, /cannot reach s3:\/\/images\/golden\/mid\.img: connection refused/);
+  await rejects(() => get(one, 1, 2), "[1, 2) of the 1-byte object");
+  await rejects(() => get(one, 0, 0), "[0, 0) of the 1-byte object");
+  assert.is((await g.perf()).gets, p1.gets, "no refused range reached RGW");
 });
 
 s3test("RGW stopped mid-copy: EIO for the reads it hits, the server survives, the next copy is exact", 180_000, async (g) => {
   const s = await serve(["--no-cache", "--remote-deadline", "2", "--block-size", "64K", "--readahead", "0", "--remote-connections", "1", `s3://${BUCKET}/golden/mid.img`], { env: g.env });
   try {
-    const before = getsOf(g, "golden/mid.img");
+    const before = (await g.perf()).gets;
     const copy = run(["nbdcopy", s.uri("mid"), join(dir, "down.out")], { timeoutMs: 120_000 });
-    for (let i = 0; i < 500 && getsOf(g, "golden/mid.img") - before < 4; i++) await Bun.sleep(20);
+    for (let i = 0; i < 500 && (await g.perf()).gets - before < 4; i++) await Bun.sleep(20);
     await g.stopGateway();
     const r = await copy;
     assert.ok(r.code !== 0, "nbdcopy fails while RGW is down");
@@ -196,104 +168,5 @@ s3test("a CUE sheet in a bucket: its BINs are found relative to its key", 120_00
     }
   } finally { await stopped(remote); await stopped(here); }
 });
-
-s3test("QEMU boots examples/boot.img from an S3 object through --snapshot; the object stays as it was", 120_000, async (g) => {
-  await g.putFile(BUCKET, "golden/boot.img", join(ROOT, "examples/boot.img"));
-  const before = await g.client(BUCKET).stat("golden/boot.img");
-  const want = hdExpectations(4 * MiB);
-  const s = await serve(["--snapshot", "--cache-dir", join(dir, "cache-boot"), `s3://${BUCKET}/golden/boot.img`], { env: g.env });
-  try {
-    const { problems } = await boot("ide", s.uri("boot"), want.expect, join(dir, "log-boot"));
-    assert.ok(problems.length === 0, problems.join("\n"));
-    bytesEqual(await nbdRead(s.uri("boot"), want.writeLba * 512, 512), expectedWrittenSector(), "the written sector over a fresh connection");
-  } finally { await stopped(s); }
-  const after = await g.client(BUCKET).stat("golden/boot.img");
-  assert.equal([after.etag, after.size], [before.etag, before.size], "the object is unchanged");
-});
-
-const A = new Uint8Array(4096).fill(0xaa), B = new Uint8Array(4096).fill(0xbb);
-const ovA = join(dir, "host-a.qcow2"), ovB = join(dir, "host-b.qcow2");
-
-s3test("two bun-nbd processes on one bucket serve two clients, each writing to its own overlay", 180_000, async (g) => {
-  const url = `s3://${BUCKET}/golden/boot.img`;
-  const a = await serve(["--overlay", ovA, "--cache-dir", join(dir, "cache-a"), url], { env: g.env });
-  const b = await serve(["--overlay", ovB, "--cache-dir", join(dir, "cache-b"), url], { env: g.env });
-  const want = hdExpectations(4 * MiB);
-  try {
-    const [ra, rb] = await Promise.all([
-      boot("virtio", a.uri("boot"), want.expect, join(dir, "log-a")),
-      boot("ide", b.uri("boot"), want.expect, join(dir, "log-b")),
-    ]);
-    assert.ok(ra.problems.length === 0 && rb.problems.length === 0, [...ra.problems, ...rb.problems].join("\n"));
-    await nbdWrite(a.uri("boot"), 100 * 512, A);
-    await nbdWrite(b.uri("boot"), 100 * 512, B);
-    bytesEqual(await nbdRead(a.uri("boot"), 100 * 512, 4096), A, "host A reads its own write");
-    bytesEqual(await nbdRead(b.uri("boot"), 100 * 512, 4096), B, "host B reads its own write");
-  } finally { await stopped(a); await stopped(b); }
-  const plain = await serve(["--no-cache", url], { env: g.env });
-  try {
-    bytesEqual(await nbdRead(plain.uri("boot"), 100 * 512, 4096), fileBytes(join(ROOT, "examples/boot.img"), 100 * 512, 4096), "the object itself is untouched");
-  } finally { await stopped(plain); }
-  const again = await serve(["--overlay", ovA, "--cache-dir", join(dir, "cache-a"), url], { env: g.env });
-  try {
-    bytesEqual(await nbdRead(again.uri("boot"), 100 * 512, 4096), A, "host A's overlay after a restart");
-  } finally { await stopped(again); }
-});
-
-s3test("publish uploads an overlay merged with its base as a new object (multipart, progress)", 180_000, async (g) => {
-  const dest = `s3://${BUCKET}/published/boot-a.img`;
-  // under script(1), so that stderr is a terminal and the progress bar is drawn
-  const cmd = [BUN, CLI, "publish", "--part-size", "5M", ovA, dest].map((a) => `'${a}'`).join(" ");
-  const r = await run(["script", "-qec", cmd, "/dev/null"], { env: g.env, timeoutMs: 120_000 });
-  assert.is(r.code, 0, r.stdout);
-  assert.match(r.stdout, /uploading \[#+\] 100% 4 MiB \/ 4 MiB/);
-  assert.match(r.stdout, /published s3:\/\/images\/published\/boot-a\.img: 4194304 bytes in 1 part in/);
-  const pub = await serve(["--no-cache", dest], { env: g.env });
-  const ov = await serve(["-r", "--no-cache", "--overlay", ovA, `s3://${BUCKET}/golden/boot.img`], { env: g.env });
-  try {
-    await runOk(["nbdcopy", pub.uri("boot-a"), join(dir, "published.out")]);
-    await runOk(["nbdcopy", ov.uri("boot"), join(dir, "overlay-view.out")]);
-  } finally { await stopped(pub); await stopped(ov); }
-  await same(join(dir, "published.out"), join(dir, "overlay-view.out"));
-  bytesEqual(fileBytes(join(dir, "published.out"), 100 * 512, 4096), A, "host A's write is in the published object");
-  const again = await run([BUN, CLI, "publish", "-q", ovA, dest], { env: g.env });
-  assert.is(again.code, 1);
-  assert.match(again.stderr, /exists; publish never replaces an object unless given --force/);
-});
-
-s3test("overlay create over an S3 object, then publish in several parts: the new object is the base with the writes", 180_000, async (g) => {
-  const ov = join(dir, "mid.qcow2");
-  await runOk([BUN, CLI, "overlay", "create", ov, `s3://${BUCKET}/golden/mid.img`], { env: g.env });
-  const s = await serve(["--overlay", ov, "--no-cache", `s3://${BUCKET}/golden/mid.img`], { env: g.env });
-  const patch = new Uint8Array(3 * MiB).fill(0x5c);
-  try { await nbdWrite(s.uri("mid"), 20 * MiB + 512, patch); } finally { await stopped(s); }
-  const r = await run([BUN, CLI, "publish", "-q", "--part-size", "8M", ov, `s3://${BUCKET}/published/mid.img`], { env: g.env, timeoutMs: 120_000 });
-  assert.is(r.code, 0, r.stderr);
-  const size = Math.ceil((48 * MiB + 2352) / 512) * 512; // an overlay's size is the base's, rounded up to whole sectors
-  assert.match(r.stdout, new RegExp(`published s3://images/published/mid\\.img: ${size} bytes in 7 parts`));
-  // S3's ETag of a multipart object ends in "-<parts>" (RGW's ops log, tried before, drops entries)
-  const st = await g.client(BUCKET).stat("published/mid.img");
-  assert.match(String(st.etag), /-7"?$/, `an object uploaded in 7 parts (its ETag: ${st.etag})`);
-  assert.is(st.size, size);
-  const expected = new Uint8Array(size);
-  expected.set(readFileSync(mid));
-  expected.set(patch, 20 * MiB + 512);
-  const pub = await serve(["--no-cache", `s3://${BUCKET}/published/mid.img`], { env: g.env });
-  try { await runOk(["nbdcopy", pub.uri("mid"), join(dir, "pub-mid.out")]); } finally { await stopped(pub); }
-  bytesEqual(readFileSync(join(dir, "pub-mid.out")), expected, "the published object");
-});
-
-s3test("a persistent overlay refuses a replaced base; overlay commit refuses a remote base", 60_000, async (g) => {
-  const r0 = await run([BUN, CLI, "overlay", "commit", ovB], { env: g.env });
-  assert.is(r0.code, 1);
-  assert.match(r0.stderr, /refusing to commit .*host-b\.qcow2: its base is the remote object s3 s3:\/\/images\/golden\/boot\.img/);
-  assert.match(r0.stderr, /bun-nbd publish/);
-  await g.putFile(BUCKET, "golden/boot.img", join(dir, "published.out")); // another version of the object
-  const r = await run([BUN, CLI, "serve", "-p", "0", "--no-cache", "--overlay", ovB, `s3://${BUCKET}/golden/boot.img`], { env: g.env });
-  assert.is(r.code, 1);
-  assert.match(r.stderr, /host-b\.qcow2: its base differs \(version\): it was made over s3 s3:\/\/images\/golden\/boot\.img/);
-});
-
-test("stop the store", async () => { await rgw?.stop(); });
 
 runSuite();
