@@ -2,6 +2,7 @@
 // module as an independent client, sparse image builders, and starting nbdkit for comparisons.
 import { existsSync, openSync, writeSync, closeSync, ftruncateSync } from "node:fs";
 import { suite } from "uvu";
+import * as assert from "uvu/assert";
 import { join } from "node:path";
 import type { Subprocess } from "bun";
 import { runOk, SYSTEM_PATH } from "./helpers/env.ts";
@@ -88,6 +89,18 @@ export const KiB = 1024;
 export const MiB = 1024 * 1024;
 export const GiB = 1024 * MiB;
 export { join };
+
+/**
+ * Per-client overlays over one base: client vm1 of export `name` on server `s` writes 4 KiB at 8 KiB
+ * and reads its write back, while vm2 still reads `base`'s bytes there.
+ */
+export async function checkPerClient(s: { uri(name?: string): string }, name: string, base: string): Promise<void> {
+  await nbdpy(s.uri(`${name}@vm1`), `h.pwrite(b"vm1!" * 1024, 8192)\nh.flush()`);
+  const o = await nbdpy(s.uri(`${name}@vm1`), `out["w"] = h.pread(4, 8192).decode()`);
+  assert.is(o.w, "vm1!");
+  const other = await nbdpy(s.uri(`${name}@vm2`), `out["w"] = h.pread(4, 8192) == open(${JSON.stringify(base)}, "rb").read(8196)[8192:]`);
+  assert.ok(other.w, "another client sees the base, not vm1's write");
+}
 
 /**
  * A uvu suite whose setup errors fail every test. uvu 0.5.6 swallows errors thrown by before/after
