@@ -152,6 +152,13 @@ test("a damaged .xz: EIO for the damaged block, other reads fine; a truncated .x
   assert.not.match(r.stdout + r.stderr, /^\s+at /m, "no stack trace");
 }));
 
+test("a .gz whose compressed bytes do not fit in the cache: a clear error at start, naming --cache-size", () => deadline(120_000, "gz too big", async () => {
+  const r = await run([BUN, CLI, "serve", "-p", "0", "--no-cache", "--block-size", "64K", "--cache-size", "2M", ngx.url("g.img.gz")], { timeoutMs: 60_000, env: env("idx-toobig") });
+  assert.is.not(r.code, 0, "serve refuses it");
+  assert.match(r.stdout + r.stderr, /g\.img\.gz: indexing needs all [\d.]+ MiB of compressed data in the cache at once; it does not stay there \(raise --cache-size\)/);
+  assert.not.match(r.stdout + r.stderr, /^\s+at /m, "no stack trace");
+}));
+
 test("--snapshot and --overlay over a remote .xz: writes land in the overlay; the overlay records the URL and ETag", () => deadline(120_000, "overlay", async () => {
   let s = await serve(["--no-cache", "--snapshot", ngx.url("x.img.xz")], { env: env("idx-ov") });
   try {

@@ -4,7 +4,7 @@
 import { closeSync, fstatSync, openSync } from "node:fs";
 import { basename } from "node:path";
 import { FileSlice } from "../slice.ts";
-import { untilLocal } from "../staged.ts";
+import { NotLocal, untilLocal } from "../staged.ts";
 import type { BlockDevice, Maybe } from "../types.ts";
 import { cacheDir, contentKey } from "./cache.ts";
 import { gzipFraming } from "./gzip.ts";
@@ -138,7 +138,10 @@ async function openDeflate(c: Container, start: number, end: number, framing: ()
     const t0 = performance.now();
     await c.prefetch(start, end - start);
     // (a run cut short by NotLocal, should the bytes not stay local, is started again from scratch)
-    const built = await untilLocal(() => buildIndex(c.input, start, end, framing(), store, (buf, len, pos) => spill.writeSparse(buf, 0, len, pos)), 8);
+    const built = await untilLocal(() => buildIndex(c.input, start, end, framing(), store, (buf, len, pos) => spill.writeSparse(buf, 0, len, pos)), 8).catch((e) => {
+      // the pass needs every compressed byte local at once: a remote object's cache must hold them all
+      throw e instanceof NotLocal ? new Error(`indexing needs all ${mib(end - start)} of compressed data in the cache at once; it does not stay there (raise --cache-size)`) : e;
+    });
     const secs = (performance.now() - t0) / 1000;
     opts.info(`${c.where}: indexed ${mib(built.size)} in ${secs.toFixed(2)} s, ${built.points.out.length} access points${store.dir ? ` (cached in ${store.dir})` : " (not cached: no cache directory)"}`);
     const src = new DeflateSource(c.label, c.input, end, built.points, built.size, built.file, () => c.close());
